@@ -1,0 +1,98 @@
+//! Error policy of the appliance.
+//!
+//! * Each module returns its own `thiserror` enum whose message tells the operator or client what
+//!   to do next. Messages never contain secrets.
+//! * [`ApplianceError`] is the boundary error: it knows whether a failure is the caller's fault
+//!   (bad input), transient (retry), or internal.
+//! * `impl From<ApplianceError> for tonic::Status` below is the only place that maps errors to gRPC
+//!   status codes.
+
+use std::path::PathBuf;
+
+/// Problems with the repository on disk.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error("{0} is not a coffer repository (no coffer.repo); create one with `coffer-appliance init --repo {0}`")]
+    NotARepository(PathBuf),
+    #[error("{0} already holds a coffer repository; refusing to overwrite it")]
+    AlreadyExists(PathBuf),
+    #[error("invalid repository: {0}")]
+    Invalid(String),
+    #[error("wrong repository password (the key file could not be unlocked)")]
+    WrongPassword,
+    #[error("the index is missing ({0}) while pack files exist; run `coffer-appliance rebuild-index --repo <DIR>` before serving")]
+    IndexMissing(PathBuf),
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+    #[error("index database error: {0}")]
+    Index(String),
+}
+
+/// Why a chunk upload was refused or failed.
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum IngestError {
+    #[error(
+        "chunk {id}: the data does not hash to its id (keyed BLAKE3 mismatch); nothing stored"
+    )]
+    IdMismatch { id: String },
+    #[error("chunk {id}: {len} bytes exceeds the maximum chunk size of {max} bytes")]
+    TooLarge { id: String, len: u64, max: u32 },
+    #[error("chunk {id}: {why}")]
+    BadFrame { id: String, why: String },
+    #[error("storage failure, nothing acknowledged (retry later): {0}")]
+    Storage(String),
+    #[error("the appliance is shutting down; retry later")]
+    ShuttingDown,
+}
+
+/// The appliance's boundary error.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplianceError {
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    Internal(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl ApplianceError {
+    /// Whether the same request may succeed if retried later.
+    #[must_use]
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::Unavailable(_)
+                | Self::Ingest(IngestError::Storage(_) | IngestError::ShuttingDown)
+        )
+    }
+}
+
+impl From<ApplianceError> for tonic::Status {
+    fn from(e: ApplianceError) -> Self {
+        use tonic::Status;
+        let msg = e.to_string();
+        match e {
+            ApplianceError::Ingest(
+                IngestError::IdMismatch { .. }
+                | IngestError::TooLarge { .. }
+                | IngestError::BadFrame { .. },
+            )
+            | ApplianceError::InvalidArgument(_) => Status::invalid_argument(msg),
+            ApplianceError::Ingest(IngestError::Storage(_) | IngestError::ShuttingDown)
+            | ApplianceError::Unavailable(_) => Status::unavailable(msg),
+            ApplianceError::Unauthenticated(_) => Status::unauthenticated(msg),
+            ApplianceError::NotFound(_) => Status::not_found(msg),
+            ApplianceError::FailedPrecondition(_) => Status::failed_precondition(msg),
+            ApplianceError::Internal(_) => Status::internal(msg),
+        }
+    }
+}

@@ -1,0 +1,424 @@
+//! `coffer-appliance`: command-line entry point.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use coffer_appliance::catalog::{Catalog, UserRecord};
+use coffer_appliance::index::{ChunkIndex, OpenMode, RocksIndex};
+use coffer_appliance::keys::{KdfParams, MasterKey};
+use coffer_appliance::repo::{ChunkerParams, Mode, RepoConfig, RepoPaths, Sharding};
+use coffer_appliance::{auth, maintenance, pack, server, tls};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "coffer-appliance",
+    version,
+    about = "The coffer deduplicating backup appliance"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Debug)]
+struct RepoArg {
+    /// Repository directory.
+    #[arg(long, value_name = "DIR")]
+    repo: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+struct RepoPassword {
+    /// File whose first line is the repository password (else COFFER_REPO_PASSWORD, else a prompt).
+    #[arg(long, value_name = "FILE")]
+    password_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create a new repository.
+    Init {
+        #[command(flatten)]
+        repo: RepoArg,
+        #[command(flatten)]
+        password: RepoPassword,
+        /// Number of shards (one per core when serving). Default: the CPUs available now.
+        #[arg(long)]
+        shards: Option<u16>,
+        /// FastCDC average chunk size in bytes (min = avg/4, max = avg*4).
+        #[arg(long, default_value_t = ChunkerParams::DEFAULT.avg)]
+        chunk_avg: u32,
+    },
+    /// Serve the repository over gRPC + TLS until SIGTERM/SIGINT.
+    Serve {
+        #[command(flatten)]
+        repo: RepoArg,
+        #[command(flatten)]
+        password: RepoPassword,
+        /// Address to listen on, HOST:PORT (port 0 picks a free port; the chosen one is printed).
+        #[arg(long, default_value = "127.0.0.1:5151")]
+        listen: String,
+        /// Create a self-signed certificate at --tls-cert-file/--tls-key-file (never overwrites).
+        #[arg(long)]
+        tls_generate_cert: bool,
+        /// PEM certificate file.
+        #[arg(long, value_name = "FILE")]
+        tls_cert_file: PathBuf,
+        /// PEM private key file.
+        #[arg(long, value_name = "FILE")]
+        tls_key_file: PathBuf,
+        /// Host names to put in a generated certificate.
+        #[arg(long, value_delimiter = ',', default_value = "localhost")]
+        tls_names: Vec<String>,
+        /// Pack size target in bytes (default from the tuning plan).
+        #[arg(long, hide = true)]
+        pack_target: Option<u64>,
+    },
+    /// Manage accounts.
+    User {
+        #[command(subcommand)]
+        cmd: UserCmd,
+    },
+    /// Check invariants I1 (with --read-data), I2 and I5; exit 1 on any error.
+    Verify {
+        #[command(flatten)]
+        repo: RepoArg,
+        #[command(flatten)]
+        password: RepoPassword,
+        /// Decrypt every chunk and check that it hashes to its id.
+        #[arg(long)]
+        read_data: bool,
+    },
+    /// Rebuild the whole index from pack files (the old index, if any, is moved aside).
+    RebuildIndex {
+        #[command(flatten)]
+        repo: RepoArg,
+        #[command(flatten)]
+        password: RepoPassword,
+    },
+    /// Print the hardware found and the placement plan.
+    Tune {
+        /// Shards to plan for (default: all CPUs).
+        #[arg(long)]
+        shards: Option<usize>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum UserCmd {
+    /// Add an account `username@hostname`.
+    Add {
+        /// `username@hostname`.
+        identity: String,
+        #[command(flatten)]
+        repo: RepoArg,
+        /// File whose first line is the password (else COFFER_USER_PASSWORD, else a prompt).
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+    },
+    /// List accounts (never shows secrets).
+    List {
+        #[command(flatten)]
+        repo: RepoArg,
+    },
+}
+
+fn read_secret(
+    file: Option<&Path>,
+    env: &str,
+    prompt: &str,
+    confirm: bool,
+) -> anyhow::Result<String> {
+    if let Some(f) = file {
+        let s = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        return Ok(s.lines().next().unwrap_or_default().to_string());
+    }
+    if let Ok(s) = std::env::var(env) {
+        return Ok(s);
+    }
+    let p = rpassword::prompt_password(prompt).with_context(|| {
+        format!("no terminal to ask for the password on: use --password-file or {env}")
+    })?;
+    if confirm && rpassword::prompt_password("Repeat: ")? != p {
+        bail!("the passwords do not match");
+    }
+    Ok(p)
+}
+
+fn repo_password(p: &RepoPassword, confirm: bool) -> anyhow::Result<String> {
+    let pw = read_secret(
+        p.password_file.as_deref(),
+        "COFFER_REPO_PASSWORD",
+        "Repository password: ",
+        confirm,
+    )?;
+    if pw.is_empty() {
+        bail!("the repository password must not be empty");
+    }
+    Ok(pw)
+}
+
+fn unlock(paths: &RepoPaths, p: &RepoPassword) -> anyhow::Result<MasterKey> {
+    paths.load_config()?;
+    Ok(MasterKey::load(
+        &paths.master_key(),
+        repo_password(p, false)?.as_bytes(),
+    )?)
+}
+
+fn init(
+    paths: &RepoPaths,
+    password: &RepoPassword,
+    shards: Option<u16>,
+    avg: u32,
+) -> anyhow::Result<()> {
+    if paths.config().exists() {
+        return Err(coffer_appliance::RepoError::AlreadyExists(paths.root.clone()).into());
+    }
+    let chunker = ChunkerParams {
+        min: (avg / 4).max(64),
+        avg,
+        max: avg.saturating_mul(4),
+    };
+    chunker.validate()?;
+    let shards = match shards {
+        Some(0) => bail!("--shards must be at least 1"),
+        Some(n) => n,
+        None => u16::try_from(coffer_tuning::Hardware::detect().cpus.len()).unwrap_or(u16::MAX),
+    };
+    let pw = repo_password(password, true)?;
+    std::fs::create_dir_all(&paths.root)?;
+    let cfg = RepoConfig {
+        id: rand::random(),
+        mode: Mode::Managed,
+        sharding: Sharding::Le64Mod,
+        shards,
+        chunker,
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()
+            .cast_signed(),
+    };
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(paths.keys())?;
+    std::fs::create_dir_all(paths.packs())?;
+    let key = MasterKey::generate().wrap(pw.as_bytes(), KdfParams::DEFAULT)?;
+    std::fs::write(paths.master_key(), key)?;
+    std::fs::set_permissions(paths.master_key(), std::fs::Permissions::from_mode(0o600))?;
+    for s in 0..shards {
+        RocksIndex::open(&paths.shard_index(s), OpenMode::Create, 8 << 20)?;
+    }
+    Catalog::open(&paths.catalog(), true)?;
+    // The repository file is written last: its presence means the repository is complete.
+    let tmp = paths.root.join("coffer.repo.tmp");
+    std::fs::write(&tmp, cfg.encode())?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, paths.config())?;
+    std::fs::File::open(&paths.root)?.sync_all()?;
+    println!(
+        "created repository {} in {} ({} shards, chunks {}..{}..{} bytes)",
+        hex::encode(cfg.id),
+        paths.root.display(),
+        shards,
+        chunker.min,
+        chunker.avg,
+        chunker.max
+    );
+    Ok(())
+}
+
+fn rebuild_index(paths: &RepoPaths, password: &RepoPassword) -> anyhow::Result<()> {
+    let cfg = paths.load_config()?;
+    let master = unlock(paths, password)?;
+    let tmp = paths.root.join("index.rebuild");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    let indexes: Vec<RocksIndex> = (0..cfg.shards)
+        .map(|s| RocksIndex::open(&tmp.join(format!("shard-{s}")), OpenMode::Create, 64 << 20))
+        .collect::<Result<_, _>>()?;
+    let refs: Vec<&dyn ChunkIndex> = indexes.iter().map(|i| i as &dyn ChunkIndex).collect();
+    let stats = pack::recover::rebuild(paths, &master, &refs)
+        .map_err(|e| anyhow::anyhow!("rebuild aborted: {e}"))?;
+    drop(refs);
+    drop(indexes);
+    if paths.index().exists() {
+        let aside = paths.root.join(format!(
+            "index.old-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs()
+        ));
+        std::fs::rename(paths.index(), &aside)?;
+        println!("moved the previous index aside to {}", aside.display());
+    }
+    std::fs::rename(&tmp, paths.index())?;
+    println!(
+        "rebuilt the index from {} packs: {} chunks ({} unsealed packs sealed)",
+        stats.packs, stats.chunks, stats.unsealed_packs_sealed
+    );
+    Ok(())
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Init {
+            repo,
+            password,
+            shards,
+            chunk_avg,
+        } => {
+            init(&RepoPaths::new(&repo.repo), &password, shards, chunk_avg)?;
+        }
+        Cmd::Serve {
+            repo,
+            password,
+            listen,
+            tls_generate_cert,
+            tls_cert_file,
+            tls_key_file,
+            tls_names,
+            pack_target,
+        } => {
+            let paths = RepoPaths::new(&repo.repo);
+            let master = unlock(&paths, &password)?;
+            let tls = if tls_generate_cert {
+                tls::generate(&tls_cert_file, &tls_key_file, tls_names)
+            } else {
+                tls::load(&tls_cert_file, &tls_key_file)
+            }
+            .map_err(|e| anyhow::anyhow!(e))?;
+            server::serve(
+                &paths,
+                master,
+                server::ServeOptions {
+                    listen,
+                    tls,
+                    pack_target,
+                },
+            )?;
+        }
+        Cmd::User {
+            cmd:
+                UserCmd::Add {
+                    identity,
+                    repo,
+                    password_file,
+                },
+        } => {
+            let paths = RepoPaths::new(&repo.repo);
+            paths.load_config()?;
+            let identity = auth::normalise_identity(&identity)?;
+            let pw = read_secret(
+                password_file.as_deref(),
+                "COFFER_USER_PASSWORD",
+                "Password: ",
+                true,
+            )?;
+            if pw.len() < 8 {
+                bail!("passwords must be at least 8 characters");
+            }
+            let catalog = Catalog::open(&paths.catalog(), false)?;
+            catalog.add_user(&UserRecord {
+                identity: identity.clone(),
+                password_hash: auth::hash_password(&pw)?,
+                created_unix: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)?
+                    .as_secs()
+                    .cast_signed(),
+            })?;
+            println!("added user {identity}");
+        }
+        Cmd::User {
+            cmd: UserCmd::List { repo },
+        } => {
+            let paths = RepoPaths::new(&repo.repo);
+            paths.load_config()?;
+            for u in Catalog::open(&paths.catalog(), false)?.users()? {
+                println!("{}", u.identity);
+            }
+        }
+        Cmd::Verify {
+            repo,
+            password,
+            read_data,
+        } => {
+            let paths = RepoPaths::new(&repo.repo);
+            let cfg = paths.load_config()?;
+            let master = if read_data {
+                Some(unlock(&paths, &password)?)
+            } else {
+                None
+            };
+            let rep = maintenance::verify(&paths, &cfg, master.as_ref())
+                .map_err(|e| anyhow::anyhow!(e))?;
+            for e in &rep.errors {
+                eprintln!("error: {e}");
+            }
+            println!(
+                "verify: {} chunks in {} packs checked{}, {} errors",
+                rep.chunks,
+                rep.packs,
+                if read_data {
+                    " (data read and hashed)"
+                } else {
+                    ""
+                },
+                rep.errors.len()
+            );
+            if !rep.errors.is_empty() {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Cmd::RebuildIndex { repo, password } => {
+            rebuild_index(&RepoPaths::new(&repo.repo), &password)?
+        }
+        Cmd::Tune { shards, json } => {
+            let hw = coffer_tuning::Hardware::detect();
+            let plan = coffer_tuning::Plan::new(&hw, shards.unwrap_or(hw.cpus.len()))?;
+            if json {
+                println!("{}", serde_json::json!({ "hardware": hw, "plan": plan }));
+            } else {
+                println!(
+                    "cpus: {:?}\nfeatures: {:?}\nmemlock: {}",
+                    hw.cpus, hw.features, hw.memlock_bytes
+                );
+                for s in &plan.shards {
+                    println!("shard {} -> cpu {}", s.shard, s.cpu);
+                }
+                println!("network threads: {}", plan.network_threads);
+                for a in &plan.advice {
+                    println!("advice: {a}");
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("COFFER_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,401 @@
+//! The network island: tonic over rustls. Handlers authenticate, split batches by shard and hand
+//! them to shards through [`ShardHandle`]s. They never touch RocksDB indexes or pack files.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use coffer_proto::v1::{self, coffer_server::Coffer};
+use coffer_proto::{bitmap_len, bitmap_set, unpack_ids, ChunkId, ShardId, SnapshotId};
+use futures::{Stream, StreamExt, TryStreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::{Auth, Session};
+use crate::catalog::Catalog;
+use crate::error::ApplianceError;
+use crate::shard::{IncomingChunk, PutOutcome, ShardHandle, StoredChunk};
+
+/// Batches of one stream processed concurrently (pipelining; answers stay in order).
+const PIPELINE_DEPTH: usize = 4;
+
+/// What `Hello` tells a client.
+#[derive(Debug, Clone)]
+pub struct HelloInfo {
+    pub repository_id: [u8; 16],
+    pub chunker: v1::ChunkerParams,
+    pub dedup_key: [u8; 32],
+    pub limits: v1::Limits,
+}
+
+/// The `coffer.v1.Coffer` service.
+#[derive(Debug, Clone)]
+pub struct CofferService {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    shards: Vec<ShardHandle>,
+    catalog: Arc<Catalog>,
+    auth: Auth,
+    hello: HelloInfo,
+}
+
+impl CofferService {
+    #[must_use]
+    pub fn new(
+        shards: Vec<ShardHandle>,
+        catalog: Arc<Catalog>,
+        auth: Auth,
+        hello: HelloInfo,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                shards,
+                catalog,
+                auth,
+                hello,
+            }),
+        }
+    }
+}
+
+fn shard_count(shards: &[ShardHandle]) -> u16 {
+    u16::try_from(shards.len()).expect("shard count comes from a u16")
+}
+
+/// Splits `items` by shard, remembering each item's position.
+fn split<T>(shards: u16, items: Vec<T>, id: impl Fn(&T) -> ChunkId) -> Vec<(Vec<usize>, Vec<T>)> {
+    let mut out: Vec<(Vec<usize>, Vec<T>)> =
+        (0..shards).map(|_| (Vec::new(), Vec::new())).collect();
+    for (i, item) in items.into_iter().enumerate() {
+        let s = ShardId::for_chunk(&id(&item), shards).index();
+        out[s].0.push(i);
+        out[s].1.push(item);
+    }
+    out
+}
+
+impl Inner {
+    fn session<T>(&self, req: &Request<T>) -> Result<Session, Status> {
+        let token = req
+            .metadata()
+            .get(coffer_proto::SESSION_HEADER)
+            .and_then(|v| v.to_str().ok());
+        Ok(self.auth.session(token)?)
+    }
+
+    async fn find_missing(&self, ids: Bytes) -> Result<v1::FindMissingResponse, ApplianceError> {
+        let max = self.hello.limits.max_ids_per_batch as usize;
+        let ids =
+            unpack_ids(&ids, max).map_err(|e| ApplianceError::InvalidArgument(e.to_string()))?;
+        let n = ids.len();
+        let parts = split(shard_count(&self.shards), ids, |id| *id);
+        let answers = futures::future::try_join_all(
+            parts
+                .into_iter()
+                .zip(&self.shards)
+                .filter(|((pos, _), _)| !pos.is_empty())
+                .map(|((pos, ids), shard)| async move {
+                    Ok::<_, ApplianceError>((pos, shard.need(ids).await?))
+                }),
+        )
+        .await?;
+        let mut missing = vec![0u8; bitmap_len(n)];
+        for (pos, present) in answers {
+            for (i, p) in pos.into_iter().zip(present) {
+                if !p {
+                    bitmap_set(&mut missing, i);
+                }
+            }
+        }
+        Ok(v1::FindMissingResponse {
+            missing: missing.into(),
+            count: u32::try_from(n).unwrap_or(u32::MAX),
+        })
+    }
+
+    async fn put(
+        &self,
+        req: v1::PutChunksRequest,
+    ) -> Result<v1::PutChunksResponse, ApplianceError> {
+        let max = self.hello.limits.max_chunks_per_batch as usize;
+        if req.chunks.len() > max {
+            return Err(ApplianceError::InvalidArgument(format!(
+                "{} chunks in one batch; at most {max}",
+                req.chunks.len()
+            )));
+        }
+        let mut chunks = Vec::with_capacity(req.chunks.len());
+        for f in req.chunks {
+            let id = ChunkId::from_slice(&f.id)
+                .map_err(|e| ApplianceError::InvalidArgument(format!("chunk id: {e}")))?;
+            let zstd = match v1::Compression::try_from(f.compression) {
+                Ok(v1::Compression::None) => false,
+                Ok(v1::Compression::Zstd) => true,
+                Err(_) => {
+                    return Err(ApplianceError::InvalidArgument(format!(
+                        "chunk {id}: unknown compression {}",
+                        f.compression
+                    )))
+                }
+            };
+            chunks.push(IncomingChunk {
+                id,
+                raw_len: f.raw_len,
+                zstd,
+                data: f.data,
+            });
+        }
+        let parts = split(shard_count(&self.shards), chunks, |c| c.id);
+        let outcomes = futures::future::try_join_all(
+            parts
+                .into_iter()
+                .zip(&self.shards)
+                .filter(|((pos, _), _)| !pos.is_empty())
+                .map(|((_, chunks), shard)| shard.put(chunks)),
+        )
+        .await?;
+        let mut total = PutOutcome::default();
+        for o in outcomes {
+            total += o;
+        }
+        Ok(v1::PutChunksResponse {
+            batch: req.batch,
+            stored: total.stored,
+            deduplicated: total.deduplicated,
+            stored_bytes: total.stored_bytes,
+        })
+    }
+
+    async fn get(&self, ids: Bytes) -> Result<Vec<v1::GetChunksResponse>, ApplianceError> {
+        let max = self.hello.limits.max_ids_per_batch as usize;
+        let ids =
+            unpack_ids(&ids, max).map_err(|e| ApplianceError::InvalidArgument(e.to_string()))?;
+        let n = ids.len();
+        let parts = split(shard_count(&self.shards), ids, |id| *id);
+        let answers = futures::future::try_join_all(
+            parts
+                .into_iter()
+                .zip(&self.shards)
+                .filter(|((pos, _), _)| !pos.is_empty())
+                .map(|((pos, ids), shard)| async move {
+                    Ok::<_, ApplianceError>((pos, shard.get(ids).await?))
+                }),
+        )
+        .await?;
+        let mut ordered: Vec<Option<StoredChunk>> = vec![None; n];
+        for (pos, chunks) in answers {
+            for (i, c) in pos.into_iter().zip(chunks) {
+                ordered[i] = Some(c);
+            }
+        }
+        // Split the answer so that no message exceeds half the message limit.
+        let budget = (self.hello.limits.max_message_size / 2) as usize;
+        let mut out = Vec::new();
+        let mut cur = v1::GetChunksResponse::default();
+        let mut cur_bytes = 0;
+        for c in ordered.into_iter().flatten() {
+            if !cur.chunks.is_empty() && cur_bytes + c.data.len() > budget {
+                out.push(std::mem::take(&mut cur));
+                cur_bytes = 0;
+            }
+            cur_bytes += c.data.len();
+            cur.chunks.push(v1::ChunkFrame {
+                id: Bytes::copy_from_slice(c.id.as_bytes()),
+                raw_len: c.raw_len,
+                compression: if c.zstd {
+                    v1::Compression::Zstd
+                } else {
+                    v1::Compression::None
+                }
+                .into(),
+                data: c.data,
+            });
+        }
+        if !cur.chunks.is_empty() || out.is_empty() {
+            out.push(cur);
+        }
+        Ok(out)
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+#[tonic::async_trait]
+impl Coffer for CofferService {
+    async fn hello(
+        &self,
+        req: Request<v1::HelloRequest>,
+    ) -> Result<Response<v1::HelloResponse>, Status> {
+        let req = req.into_inner();
+        // The protocol version is checked before anything else, credentials included.
+        if req.protocol_version != coffer_proto::PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "this client speaks coffer protocol {} but the appliance speaks {}; upgrade the \
+                 older side",
+                req.protocol_version,
+                coffer_proto::PROTOCOL_VERSION
+            )));
+        }
+        let (token, identity) = self.inner.auth.login(&req.identity, &req.password).await?;
+        let h = &self.inner.hello;
+        Ok(Response::new(v1::HelloResponse {
+            protocol_version: coffer_proto::PROTOCOL_VERSION,
+            session_token: token,
+            repository_id: Bytes::copy_from_slice(&h.repository_id),
+            mode: v1::EncryptionMode::Managed.into(),
+            chunker: Some(h.chunker),
+            dedup_key: Bytes::copy_from_slice(&h.dedup_key),
+            limits: Some(h.limits),
+            appliance_version: env!("CARGO_PKG_VERSION").to_string(),
+            identity,
+        }))
+    }
+
+    type FindMissingStream = BoxStream<v1::FindMissingResponse>;
+
+    async fn find_missing(
+        &self,
+        req: Request<Streaming<v1::FindMissingRequest>>,
+    ) -> Result<Response<Self::FindMissingStream>, Status> {
+        self.inner.session(&req)?;
+        let inner = self.inner.clone();
+        let out = req
+            .into_inner()
+            .map(move |m| {
+                let inner = inner.clone();
+                async move { Ok::<_, Status>(inner.find_missing(m?.ids).await?) }
+            })
+            .buffered(PIPELINE_DEPTH);
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    type PutChunksStream = BoxStream<v1::PutChunksResponse>;
+
+    async fn put_chunks(
+        &self,
+        req: Request<Streaming<v1::PutChunksRequest>>,
+    ) -> Result<Response<Self::PutChunksStream>, Status> {
+        self.inner.session(&req)?;
+        let inner = self.inner.clone();
+        let out = req
+            .into_inner()
+            .map(move |m| {
+                let inner = inner.clone();
+                async move { Ok::<_, Status>(inner.put(m?).await?) }
+            })
+            .buffered(PIPELINE_DEPTH);
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    type GetChunksStream = BoxStream<v1::GetChunksResponse>;
+
+    async fn get_chunks(
+        &self,
+        req: Request<Streaming<v1::GetChunksRequest>>,
+    ) -> Result<Response<Self::GetChunksStream>, Status> {
+        self.inner.session(&req)?;
+        let inner = self.inner.clone();
+        let out = req
+            .into_inner()
+            .map(move |m| {
+                let inner = inner.clone();
+                async move {
+                    let parts = inner.get(m?.ids).await?;
+                    Ok::<_, Status>(futures::stream::iter(
+                        parts.into_iter().map(Ok::<_, Status>),
+                    ))
+                }
+            })
+            .buffered(PIPELINE_DEPTH)
+            .try_flatten();
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    async fn commit_snapshot(
+        &self,
+        req: Request<v1::CommitSnapshotRequest>,
+    ) -> Result<Response<v1::CommitSnapshotResponse>, Status> {
+        let session = self.inner.session(&req)?;
+        let mut snap = req
+            .into_inner()
+            .snapshot
+            .ok_or_else(|| Status::invalid_argument("commit without a snapshot"))?;
+        let root = ChunkId::from_slice(&snap.root)
+            .map_err(|e| Status::invalid_argument(format!("snapshot root: {e}")))?;
+        let shard = ShardId::for_chunk(&root, shard_count(&self.inner.shards));
+        let present = self.inner.shards[shard.index()].need(vec![root]).await?;
+        if present.first() != Some(&true) {
+            return Err(Status::failed_precondition(format!(
+                "snapshot root {root} is not stored; upload it before committing"
+            )));
+        }
+        let id = SnapshotId::from_bytes(rand::random());
+        snap.id = Bytes::copy_from_slice(id.as_bytes());
+        snap.identity.clone_from(&session.identity);
+        if snap.hostname.is_empty() {
+            snap.hostname = session
+                .identity
+                .split_once('@')
+                .map_or("", |(_, h)| h)
+                .to_string();
+        }
+        if snap.time_us == 0 {
+            snap.time_us = now_us();
+        }
+        let catalog = self.inner.catalog.clone();
+        let s2 = snap.clone();
+        tokio::task::spawn_blocking(move || catalog.commit_snapshot(&s2))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(v1::CommitSnapshotResponse { id: snap.id }))
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<v1::ListSnapshotsRequest>,
+    ) -> Result<Response<v1::ListSnapshotsResponse>, Status> {
+        let session = self.inner.session(&req)?;
+        let path = req.into_inner().path;
+        let catalog = self.inner.catalog.clone();
+        let all = tokio::task::spawn_blocking(move || catalog.snapshots())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let mut snapshots: Vec<_> = all
+            .into_iter()
+            .filter(|s| s.identity == session.identity && (path.is_empty() || s.path == path))
+            .collect();
+        snapshots.sort_by_key(|s| s.time_us);
+        Ok(Response::new(v1::ListSnapshotsResponse { snapshots }))
+    }
+
+    async fn get_snapshot(
+        &self,
+        req: Request<v1::GetSnapshotRequest>,
+    ) -> Result<Response<v1::GetSnapshotResponse>, Status> {
+        let session = self.inner.session(&req)?;
+        let id = SnapshotId::from_slice(&req.into_inner().id)
+            .map_err(|e| Status::invalid_argument(format!("snapshot id: {e}")))?;
+        let catalog = self.inner.catalog.clone();
+        let snap = tokio::task::spawn_blocking(move || catalog.snapshot(&id))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        match snap {
+            // Another user's snapshot is reported exactly like a missing one.
+            Some(s) if s.identity == session.identity => {
+                Ok(Response::new(v1::GetSnapshotResponse { snapshot: Some(s) }))
+            }
+            _ => Err(Status::not_found(format!("no snapshot {id}"))),
+        }
+    }
+}

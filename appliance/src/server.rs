@@ -1,0 +1,169 @@
+//! `serve`: opens the repository, starts one pinned shard per planned core, then the network
+//! island (tokio + tonic + rustls) on the listening socket.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use coffer_proto::v1;
+use coffer_tuning::{Hardware, Plan};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::auth::Auth;
+use crate::catalog::Catalog;
+use crate::error::RepoError;
+use crate::keys::MasterKey;
+use crate::repo::{RepoConfig, RepoPaths};
+use crate::rpc::{CofferService, HelloInfo};
+use crate::shard::{self, RunningShard, ShardConfig};
+use crate::tls::TlsIdentity;
+
+/// Options of `serve`, as plain data.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub listen: String,
+    pub tls: TlsIdentity,
+    /// Override of the pack size target (tests use small packs).
+    pub pack_target: Option<u64>,
+}
+
+/// Message size limit for a repository with chunks of at most `max_chunk` bytes.
+#[must_use]
+pub fn max_message_size(max_chunk: u32) -> u32 {
+    (2 * max_chunk + (1 << 20)).max(16 << 20)
+}
+
+/// Refuses to serve an index that is missing while packs exist (C7).
+///
+/// # Errors
+/// [`RepoError::IndexMissing`].
+pub fn check_index_present(paths: &RepoPaths, cfg: &RepoConfig) -> Result<(), RepoError> {
+    for s in 0..cfg.shards {
+        let p = paths.shard_index(s);
+        if !p.join("CURRENT").exists() {
+            return Err(RepoError::IndexMissing(p));
+        }
+    }
+    Ok(())
+}
+
+/// Runs the appliance until SIGTERM or SIGINT.
+///
+/// # Errors
+/// Startup failures, with what to do about them.
+pub fn serve(paths: &RepoPaths, master: MasterKey, opts: ServeOptions) -> anyhow::Result<()> {
+    let cfg = paths.load_config()?;
+    check_index_present(paths, &cfg)?;
+    let hw = Hardware::detect();
+    let plan = Plan::new(&hw, usize::from(cfg.shards))?;
+    if hw.memlock_bytes < coffer_tuning::MIN_MEMLOCK_BYTES {
+        anyhow::bail!(
+            "RLIMIT_MEMLOCK is {} bytes; io_uring needs at least {} (set LimitMEMLOCK=infinity in \
+             the systemd unit or raise `ulimit -l`)",
+            hw.memlock_bytes,
+            coffer_tuning::MIN_MEMLOCK_BYTES
+        );
+    }
+    let master = Arc::new(master);
+    let mut shards: Vec<RunningShard> = Vec::new();
+    for p in &plan.shards {
+        let s = shard::spawn(ShardConfig {
+            shard: p.shard,
+            cpu: Some(p.cpu),
+            io_memory: plan.io_memory_per_shard,
+            paths: paths.clone(),
+            master: master.clone(),
+            repo_id: cfg.id,
+            max_chunk: cfg.chunker.max,
+            pack_target: opts.pack_target.unwrap_or(plan.pack_target_bytes),
+            cache_bytes: plan.index_cache_bytes,
+            queue_limit: 256 << 20,
+        })
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        shards.push(s);
+    }
+    let catalog = Arc::new(Catalog::open(&paths.catalog(), false)?);
+    let max_msg = max_message_size(cfg.chunker.max);
+    let hello = HelloInfo {
+        repository_id: cfg.id,
+        chunker: v1::ChunkerParams {
+            min_size: cfg.chunker.min,
+            avg_size: cfg.chunker.avg,
+            max_size: cfg.chunker.max,
+        },
+        dedup_key: *master.dedup_key(),
+        limits: v1::Limits {
+            max_chunk_size: cfg.chunker.max,
+            max_message_size: max_msg,
+            max_ids_per_batch: 1 << 16,
+            max_chunks_per_batch: 4096,
+        },
+    };
+    let handles = shards.iter().map(|s| s.handle.clone()).collect();
+    let service = CofferService::new(handles, catalog.clone(), Auth::new(catalog)?, hello);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(plan.network_threads)
+        .thread_name("net")
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(run_network(service, &opts, max_msg as usize));
+    // The service (and with it every shard handle) is gone: shards finish what is in flight,
+    // seal their open packs and stop.
+    drop(rt);
+    for s in shards {
+        drop(s.handle);
+        s.join
+            .join()
+            .map_err(|e| anyhow::anyhow!("shard stopped abnormally: {e}"))?;
+    }
+    result
+}
+
+async fn run_network(
+    service: CofferService,
+    opts: &ServeOptions,
+    max_msg: usize,
+) -> anyhow::Result<()> {
+    let addr: SocketAddr = opts
+        .listen
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--listen {}: {e} (expected HOST:PORT)", opts.listen))?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let local = listener.local_addr()?;
+    println!("SERVER CERT SHA256: {}", opts.tls.fingerprint);
+    println!("LISTENING ON: {local}");
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    tracing::info!(%local, "serving");
+
+    let identity = tonic::transport::Identity::from_pem(&opts.tls.cert_pem, &opts.tls.key_pem);
+    let svc = v1::coffer_server::CofferServer::new(service)
+        .max_decoding_message_size(max_msg)
+        .max_encoding_message_size(max_msg);
+    let incoming = TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(32 << 20))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, shutdown_signal())
+        .await?;
+    tracing::info!("stopped accepting; finishing in-flight work");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

@@ -1,0 +1,117 @@
+//! The ingest stage of a shard: verify every chunk of a request (size, decompression bound,
+//! keyed BLAKE3 against its claimed id) before anything of it is queued, dedupe against the index
+//! and against chunks in flight, then wait until the group commit that holds them is durable.
+
+use std::rc::Rc;
+
+use crate::error::IngestError;
+use crate::pack::format::FLAG_ZSTD;
+use crate::pack::writer::PendingChunk;
+
+use super::{IncomingChunk, PutOutcome, ShardState};
+
+/// Checks one chunk. Returns the form that will be stored.
+///
+/// # Errors
+/// [`IngestError`] naming the chunk and what is wrong with it.
+pub fn verify(
+    dedup_key: &[u8; 32],
+    max_chunk: u32,
+    c: IncomingChunk,
+) -> Result<PendingChunk, IngestError> {
+    let id = || c.id.to_hex();
+    if c.raw_len > max_chunk {
+        return Err(IngestError::TooLarge {
+            id: id(),
+            len: u64::from(c.raw_len),
+            max: max_chunk,
+        });
+    }
+    let bound = zstd::zstd_safe::compress_bound(max_chunk as usize) as u64;
+    if c.data.len() as u64 > bound {
+        return Err(IngestError::TooLarge {
+            id: id(),
+            len: c.data.len() as u64,
+            max: max_chunk,
+        });
+    }
+    let ok = if c.zstd {
+        // Bounded by the declared length: a compression bomb fails here, never allocates more.
+        let raw = zstd::bulk::decompress(&c.data, c.raw_len as usize).map_err(|e| {
+            IngestError::BadFrame {
+                id: id(),
+                why: format!(
+                    "zstd frame does not decompress within raw_len {}: {e}",
+                    c.raw_len
+                ),
+            }
+        })?;
+        if raw.len() != c.raw_len as usize {
+            return Err(IngestError::BadFrame {
+                id: id(),
+                why: format!(
+                    "decompressed to {} bytes, raw_len says {}",
+                    raw.len(),
+                    c.raw_len
+                ),
+            });
+        }
+        coffer_proto::chunk_id(dedup_key, &raw) == c.id
+    } else {
+        if c.data.len() != c.raw_len as usize {
+            return Err(IngestError::BadFrame {
+                id: id(),
+                why: format!("{} data bytes, raw_len says {}", c.data.len(), c.raw_len),
+            });
+        }
+        coffer_proto::chunk_id(dedup_key, &c.data) == c.id
+    };
+    if !ok {
+        return Err(IngestError::IdMismatch { id: id() });
+    }
+    Ok(PendingChunk {
+        id: c.id,
+        raw_len: c.raw_len,
+        flags: if c.zstd { FLAG_ZSTD } else { 0 },
+        data: c.data,
+    })
+}
+
+pub(super) async fn put(
+    state: &Rc<ShardState>,
+    chunks: Vec<IncomingChunk>,
+) -> Result<PutOutcome, IngestError> {
+    // Bound the bytes waiting for a group commit on this shard; the permit is held until this
+    // request's chunks are durable.
+    let bytes: u64 = chunks.iter().map(|c| c.data.len() as u64).sum();
+    let kib = (bytes >> 10).clamp(1, state.budget_kib);
+    let _permit = state
+        .budget
+        .acquire_static_permit(kib)
+        .await
+        .map_err(|_| IngestError::ShuttingDown)?;
+
+    let mut verified = Vec::with_capacity(chunks.len());
+    for c in chunks {
+        verified.push(verify(&state.dedup_key, state.max_chunk, c)?);
+        glommio::yield_if_needed().await;
+    }
+    let ids: Vec<_> = verified.iter().map(|c| c.id).collect();
+    let present = state
+        .index
+        .get_many(&ids)
+        .map_err(|e| IngestError::Storage(e.to_string()))?;
+    let mut outcome = PutOutcome::default();
+    let mut candidates = Vec::with_capacity(verified.len());
+    for (c, p) in verified.into_iter().zip(present) {
+        if p.is_some() {
+            outcome.deduplicated += 1;
+        } else {
+            candidates.push(c);
+        }
+    }
+    for rx in state.enqueue(candidates, &mut outcome) {
+        rx.await.map_err(|_| IngestError::ShuttingDown)??;
+    }
+    Ok(outcome)
+}

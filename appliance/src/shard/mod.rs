@@ -1,0 +1,393 @@
+//! Shards: one glommio executor per core, each exclusively owning one slice of the chunk-id
+//! space — its RocksDB index, its open pack writer and its AES-256-GCM keys.
+//!
+//! The network island talks to a shard only through [`ShardHandle`] (a bounded flume channel,
+//! replies by oneshot). Nothing here takes a lock on the hot path: shard state is `Rc<RefCell>`
+//! owned by one thread. What runs where is written down in `docs/concurrency.md`.
+
+mod ingest;
+mod read;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use coffer_proto::{ChunkId, PackId};
+use futures::channel::mpsc;
+use futures::StreamExt;
+use glommio::{LocalExecutorBuilder, Placement};
+use tokio::sync::oneshot;
+
+use crate::error::{ApplianceError, IngestError};
+use crate::index::{ChunkIndex, OpenMode, RocksIndex};
+use crate::keys::MasterKey;
+use crate::pack::recover::recover_open_pack;
+use crate::pack::writer::{PackWriter, PendingChunk};
+use crate::repo::RepoPaths;
+
+/// A chunk as it arrives from the network, not yet verified.
+#[derive(Debug, Clone)]
+pub struct IncomingChunk {
+    pub id: ChunkId,
+    pub raw_len: u32,
+    pub zstd: bool,
+    pub data: Bytes,
+}
+
+/// A chunk as read back: the stored form (plaintext or zstd frame), already authenticated.
+#[derive(Debug, Clone)]
+pub struct StoredChunk {
+    pub id: ChunkId,
+    pub raw_len: u32,
+    pub zstd: bool,
+    pub data: Bytes,
+}
+
+/// What a put did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PutOutcome {
+    pub stored: u32,
+    pub deduplicated: u32,
+    pub stored_bytes: u64,
+}
+
+impl std::ops::AddAssign for PutOutcome {
+    fn add_assign(&mut self, o: Self) {
+        self.stored += o.stored;
+        self.deduplicated += o.deduplicated;
+        self.stored_bytes += o.stored_bytes;
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, ApplianceError>>;
+
+/// Work a shard does for the network island.
+#[derive(Debug)]
+pub enum ShardRequest {
+    /// Which of these ids are durably stored (true = present).
+    Need {
+        ids: Vec<ChunkId>,
+        reply: Reply<Vec<bool>>,
+    },
+    /// Verify, dedupe, encrypt, pack and index; answer once durable.
+    Put {
+        chunks: Vec<IncomingChunk>,
+        reply: Reply<PutOutcome>,
+    },
+    /// Read chunks back.
+    Get {
+        ids: Vec<ChunkId>,
+        reply: Reply<Vec<StoredChunk>>,
+    },
+}
+
+/// The network island's end of a shard.
+#[derive(Debug, Clone)]
+pub struct ShardHandle {
+    tx: flume::Sender<ShardRequest>,
+}
+
+impl ShardHandle {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> ShardRequest,
+    ) -> Result<T, ApplianceError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send_async(make(tx))
+            .await
+            .map_err(|_| ApplianceError::Ingest(IngestError::ShuttingDown))?;
+        rx.await
+            .map_err(|_| ApplianceError::Ingest(IngestError::ShuttingDown))?
+    }
+
+    /// See [`ShardRequest::Need`].
+    ///
+    /// # Errors
+    /// Index errors, shutdown.
+    pub async fn need(&self, ids: Vec<ChunkId>) -> Result<Vec<bool>, ApplianceError> {
+        self.call(|reply| ShardRequest::Need { ids, reply }).await
+    }
+
+    /// See [`ShardRequest::Put`].
+    ///
+    /// # Errors
+    /// [`IngestError`]s (bad chunks, storage failure), shutdown.
+    pub async fn put(&self, chunks: Vec<IncomingChunk>) -> Result<PutOutcome, ApplianceError> {
+        self.call(|reply| ShardRequest::Put { chunks, reply }).await
+    }
+
+    /// See [`ShardRequest::Get`].
+    ///
+    /// # Errors
+    /// Not found, corruption, shutdown.
+    pub async fn get(&self, ids: Vec<ChunkId>) -> Result<Vec<StoredChunk>, ApplianceError> {
+        self.call(|reply| ShardRequest::Get { ids, reply }).await
+    }
+}
+
+/// Everything a shard needs to start.
+#[derive(Debug, Clone)]
+pub struct ShardConfig {
+    pub shard: u16,
+    pub cpu: Option<usize>,
+    pub io_memory: usize,
+    pub paths: RepoPaths,
+    pub master: Arc<MasterKey>,
+    pub repo_id: [u8; 16],
+    pub max_chunk: u32,
+    pub pack_target: u64,
+    pub cache_bytes: usize,
+    /// Bytes of verified chunks that may wait for the next group commit.
+    pub queue_limit: u64,
+}
+
+/// A running shard.
+#[derive(Debug)]
+pub struct RunningShard {
+    pub handle: ShardHandle,
+    pub join: glommio::ExecutorJoinHandle<()>,
+}
+
+/// Starts a shard on its own pinned executor. Returns once the shard has opened its index and
+/// recovered any pack a crash left open, or with the reason it could not.
+///
+/// # Errors
+/// Index missing or damaged, recovery failure, executor setup failure (io_uring, memlock).
+pub fn spawn(cfg: ShardConfig) -> Result<RunningShard, String> {
+    let (tx, rx) = flume::bounded(256);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let placement = cfg.cpu.map_or(Placement::Unbound, Placement::Fixed);
+    let name = format!("shard-{}", cfg.shard);
+    let join = LocalExecutorBuilder::new(placement)
+        .name(&name)
+        .io_memory(cfg.io_memory)
+        .spawn(move || async move {
+            match ShardState::open(&cfg) {
+                Ok((state, writer)) => {
+                    let _ = ready_tx.send(Ok(()));
+                    run(state, writer, rx).await;
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+        })
+        .map_err(|e| format!("starting {name}: {e}"))?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(RunningShard {
+            handle: ShardHandle { tx },
+            join,
+        }),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(format!("{name} stopped while starting")),
+    }
+}
+
+struct Queue {
+    chunks: Vec<PendingChunk>,
+    /// Generation of the group commit now being filled.
+    gen: u64,
+    /// Chunks queued or being written, and the generation that will make them durable.
+    inflight: HashMap<ChunkId, u64>,
+    waiters: HashMap<u64, Vec<oneshot::Sender<Result<(), IngestError>>>>,
+}
+
+pub(crate) struct ShardState {
+    pub(crate) index: Arc<dyn ChunkIndex>,
+    pub(crate) dedup_key: [u8; 32],
+    pub(crate) max_chunk: u32,
+    pub(crate) paths: RepoPaths,
+    pub(crate) master: Arc<MasterKey>,
+    q: RefCell<Queue>,
+    bell: RefCell<Option<mpsc::UnboundedSender<()>>>,
+    pub(crate) budget: Rc<glommio::sync::Semaphore>,
+    pub(crate) budget_kib: u64,
+    pub(crate) readers: RefCell<HashMap<PackId, Rc<glommio::io::DmaFile>>>,
+    active: Cell<usize>,
+}
+
+impl ShardState {
+    fn open(cfg: &ShardConfig) -> Result<(Rc<Self>, PackWriter), String> {
+        let index: Arc<dyn ChunkIndex> = Arc::new(
+            RocksIndex::open(
+                &cfg.paths.shard_index(cfg.shard),
+                OpenMode::Existing,
+                cfg.cache_bytes,
+            )
+            .map_err(|e| e.to_string())?,
+        );
+        let recovered = recover_open_pack(&cfg.paths, &cfg.master, index.as_ref())
+            .map_err(|e| format!("shard {}: recovering the open pack: {e}", cfg.shard))?;
+        if recovered > 0 {
+            tracing::info!(
+                shard = cfg.shard,
+                recovered,
+                "sealed the pack left open by a crash"
+            );
+        }
+        let writer = PackWriter::new(
+            cfg.paths.clone(),
+            cfg.master.clone(),
+            index.clone(),
+            cfg.shard,
+            cfg.repo_id,
+            cfg.pack_target,
+        );
+        let budget_kib = (cfg.queue_limit >> 10).max(64 << 10);
+        let state = Rc::new(Self {
+            index,
+            dedup_key: *cfg.master.dedup_key(),
+            max_chunk: cfg.max_chunk,
+            paths: cfg.paths.clone(),
+            master: cfg.master.clone(),
+            q: RefCell::new(Queue {
+                chunks: Vec::new(),
+                gen: 1,
+                inflight: HashMap::new(),
+                waiters: HashMap::new(),
+            }),
+            bell: RefCell::new(None),
+            budget: Rc::new(glommio::sync::Semaphore::new(budget_kib)),
+            budget_kib,
+            readers: RefCell::new(HashMap::new()),
+            active: Cell::new(0),
+        });
+        Ok((state, writer))
+    }
+
+    /// Queues verified chunks that are not durable yet and returns the generations to wait for.
+    /// Synchronous: nothing else runs on this shard in between, so a chunk is queued at most once.
+    pub(crate) fn enqueue(
+        &self,
+        candidates: Vec<PendingChunk>,
+        outcome: &mut PutOutcome,
+    ) -> Vec<oneshot::Receiver<Result<(), IngestError>>> {
+        let mut q = self.q.borrow_mut();
+        let gen = q.gen;
+        let mut gens = Vec::new();
+        let mut pushed = false;
+        for c in candidates {
+            if let Some(&g) = q.inflight.get(&c.id) {
+                outcome.deduplicated += 1;
+                gens.push(g);
+            } else {
+                outcome.stored += 1;
+                outcome.stored_bytes += c.data.len() as u64;
+                q.inflight.insert(c.id, gen);
+                q.chunks.push(c);
+                pushed = true;
+                gens.push(gen);
+            }
+        }
+        gens.sort_unstable();
+        gens.dedup();
+        let rx = gens
+            .into_iter()
+            .map(|g| {
+                let (tx, rx) = oneshot::channel();
+                q.waiters.entry(g).or_default().push(tx);
+                rx
+            })
+            .collect();
+        drop(q);
+        if pushed {
+            if let Some(bell) = self.bell.borrow().as_ref() {
+                let _ = bell.unbounded_send(());
+            }
+        }
+        rx
+    }
+}
+
+async fn run(state: Rc<ShardState>, writer: PackWriter, rx: flume::Receiver<ShardRequest>) {
+    let (bell_tx, bell_rx) = mpsc::unbounded();
+    *state.bell.borrow_mut() = Some(bell_tx);
+    let packer = glommio::spawn_local(pack_loop(state.clone(), writer, bell_rx));
+    while let Ok(req) = rx.recv_async().await {
+        let st = state.clone();
+        st.active.set(st.active.get() + 1);
+        glommio::spawn_local(async move {
+            handle(&st, req).await;
+            st.active.set(st.active.get() - 1);
+        })
+        .detach();
+    }
+    // Every handle is gone: let requests in progress finish, then seal.
+    while state.active.get() > 0 {
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+    state.bell.borrow_mut().take();
+    packer.await;
+}
+
+async fn handle(state: &Rc<ShardState>, req: ShardRequest) {
+    match req {
+        ShardRequest::Need { ids, reply } => {
+            let res = state
+                .index
+                .get_many(&ids)
+                .map(|v| v.into_iter().map(|e| e.is_some()).collect())
+                .map_err(|e| ApplianceError::Internal(e.to_string()));
+            let _ = reply.send(res);
+        }
+        ShardRequest::Put { chunks, reply } => {
+            let _ = reply.send(
+                ingest::put(state, chunks)
+                    .await
+                    .map_err(ApplianceError::from),
+            );
+        }
+        ShardRequest::Get { ids, reply } => {
+            let _ = reply.send(read::get(state, &ids).await);
+        }
+    }
+}
+
+/// The pack stage: one group commit per turn of the loop. While one commit is being written and
+/// fsynced, new chunks gather in the queue for the next.
+async fn pack_loop(
+    state: Rc<ShardState>,
+    mut writer: PackWriter,
+    mut bell: mpsc::UnboundedReceiver<()>,
+) {
+    loop {
+        let closed = bell.next().await.is_none();
+        loop {
+            let (batch, gen) = {
+                let mut q = state.q.borrow_mut();
+                if q.chunks.is_empty() {
+                    break;
+                }
+                let g = q.gen;
+                q.gen += 1;
+                (std::mem::take(&mut q.chunks), g)
+            };
+            let res = writer
+                .write(&batch)
+                .await
+                .map_err(|e| IngestError::Storage(e.to_string()));
+            if let Err(e) = &res {
+                tracing::error!(error = %e, "group commit failed; the pack is poisoned and abandoned");
+            }
+            let mut q = state.q.borrow_mut();
+            for c in &batch {
+                if q.inflight.get(&c.id) == Some(&gen) {
+                    q.inflight.remove(&c.id);
+                }
+            }
+            for w in q.waiters.remove(&gen).unwrap_or_default() {
+                let _ = w.send(res.clone());
+            }
+        }
+        if closed {
+            if let Err(e) = writer.seal().await {
+                tracing::error!(error = %e, "sealing the open pack at shutdown failed");
+            }
+            break;
+        }
+    }
+}

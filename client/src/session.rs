@@ -1,0 +1,353 @@
+//! An authenticated session: `Hello` first (protocol version, credentials), then calls that carry
+//! the session token.
+
+use bytes::Bytes;
+use coffer_proto::v1::coffer_client::CofferClient;
+use coffer_proto::v1::{self};
+use coffer_proto::{bitmap_get, pack_ids, ChunkId, SnapshotId};
+use futures::StreamExt;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+use crate::connect::{channel, Target};
+use crate::ClientError;
+
+/// Credentials and where to connect.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    pub target: Target,
+    /// `username@hostname`.
+    pub identity: String,
+    pub password: String,
+}
+
+#[derive(Clone)]
+struct Token(MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Token {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        req.metadata_mut()
+            .insert(coffer_proto::SESSION_HEADER, self.0.clone());
+        Ok(req)
+    }
+}
+
+type Client = CofferClient<InterceptedService<Channel, Token>>;
+
+/// A chunk to upload.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub id: ChunkId,
+    pub raw_len: u32,
+    pub zstd: bool,
+    /// Plaintext, or its zstd frame when `zstd`.
+    pub data: Bytes,
+}
+
+impl Frame {
+    /// Builds a frame from plaintext, compressing with zstd `level` when that saves space.
+    #[must_use]
+    pub fn new(id: ChunkId, plain: Bytes, zstd_level: Option<i32>) -> Self {
+        let raw_len = u32::try_from(plain.len()).expect("chunks are < 4 GiB");
+        if let Some(level) = zstd_level {
+            if let Ok(c) = zstd::bulk::compress(&plain, level) {
+                if c.len() < plain.len() {
+                    return Self {
+                        id,
+                        raw_len,
+                        zstd: true,
+                        data: c.into(),
+                    };
+                }
+            }
+        }
+        Self {
+            id,
+            raw_len,
+            zstd: false,
+            data: plain,
+        }
+    }
+}
+
+/// Totals of an upload.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PutStats {
+    pub stored: u64,
+    pub deduplicated: u64,
+    pub stored_bytes: u64,
+    pub sent_bytes: u64,
+}
+
+/// A logged-in connection to an appliance.
+#[derive(Clone)]
+pub struct Session {
+    client: Client,
+    /// What the appliance said in `Hello`.
+    pub hello: v1::HelloResponse,
+    dedup_key: [u8; 32],
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Session({})", self.hello.identity)
+    }
+}
+
+impl Session {
+    /// Connects (TLS, pinned), checks the protocol version and logs in.
+    ///
+    /// # Errors
+    /// Connection, version or credential failures.
+    pub async fn connect(opts: &SessionOptions) -> Result<Self, ClientError> {
+        let ch = channel(&opts.target).await?;
+        let mut raw = CofferClient::new(ch.clone());
+        let hello = raw
+            .hello(v1::HelloRequest {
+                protocol_version: coffer_proto::PROTOCOL_VERSION,
+                identity: opts.identity.clone(),
+                password: opts.password.clone(),
+                client_name: format!("coffer {}", env!("CARGO_PKG_VERSION")),
+            })
+            .await?
+            .into_inner();
+        let dedup_key: [u8; 32] = hello.dedup_key[..]
+            .try_into()
+            .map_err(|_| ClientError::Protocol("dedup key is not 32 bytes".into()))?;
+        let limits = hello
+            .limits
+            .ok_or_else(|| ClientError::Protocol("Hello without limits".into()))?;
+        let token = MetadataValue::try_from(hello.session_token.as_str())
+            .map_err(|_| ClientError::Protocol("session token is not ASCII".into()))?;
+        let max = limits.max_message_size as usize;
+        let client = CofferClient::with_interceptor(ch, Token(token))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
+        Ok(Self {
+            client,
+            hello,
+            dedup_key,
+        })
+    }
+
+    /// The limits the appliance announced.
+    #[must_use]
+    pub fn limits(&self) -> v1::Limits {
+        self.hello.limits.unwrap_or_default()
+    }
+
+    /// The repository's dedup key (chunk ids are keyed BLAKE3 under it).
+    #[must_use]
+    pub fn dedup_key(&self) -> &[u8; 32] {
+        &self.dedup_key
+    }
+
+    /// The id of `plain`.
+    #[must_use]
+    pub fn chunk_id(&self, plain: &[u8]) -> ChunkId {
+        coffer_proto::chunk_id(&self.dedup_key, plain)
+    }
+
+    /// For each id, whether the appliance lacks it (one stream, batches pipelined).
+    ///
+    /// # Errors
+    /// RPC failures.
+    pub async fn find_missing(&self, ids: &[ChunkId]) -> Result<Vec<bool>, ClientError> {
+        let per = (self.limits().max_ids_per_batch as usize).clamp(1, 16 * 1024);
+        let batches: Vec<Vec<ChunkId>> = ids.chunks(per).map(<[ChunkId]>::to_vec).collect();
+        let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
+        let reqs = batches.into_iter().map(|b| v1::FindMissingRequest {
+            ids: pack_ids(&b).into(),
+        });
+        let mut resp = self
+            .client
+            .clone()
+            .find_missing(tokio_stream::iter(reqs))
+            .await?
+            .into_inner();
+        let mut out = Vec::with_capacity(ids.len());
+        for n in sizes {
+            let r = resp
+                .message()
+                .await?
+                .ok_or_else(|| ClientError::Protocol("FindMissing ended early".into()))?;
+            if r.count as usize != n {
+                return Err(ClientError::Protocol(
+                    "FindMissing answered another batch size".into(),
+                ));
+            }
+            out.extend((0..n).map(|i| bitmap_get(&r.missing, i)));
+        }
+        Ok(out)
+    }
+
+    /// Uploads frames in batches of about `batch_bytes`, pipelined on one stream. Returns once
+    /// every batch was acknowledged (durable on the appliance).
+    ///
+    /// # Errors
+    /// RPC failures, including `INVALID_ARGUMENT` for chunks the appliance rejects.
+    pub async fn put(
+        &self,
+        frames: Vec<Frame>,
+        batch_bytes: usize,
+    ) -> Result<PutStats, ClientError> {
+        let limits = self.limits();
+        let max_bytes = batch_bytes.min(limits.max_message_size as usize / 2).max(1);
+        let max_n = (limits.max_chunks_per_batch as usize).max(1);
+        let mut batches = Vec::new();
+        let mut cur: Vec<v1::ChunkFrame> = Vec::new();
+        let mut cur_bytes = 0;
+        let mut sent_bytes = 0u64;
+        for f in frames {
+            if !cur.is_empty() && (cur_bytes + f.data.len() > max_bytes || cur.len() >= max_n) {
+                batches.push(std::mem::take(&mut cur));
+                cur_bytes = 0;
+            }
+            cur_bytes += f.data.len();
+            sent_bytes += f.data.len() as u64;
+            cur.push(v1::ChunkFrame {
+                id: Bytes::copy_from_slice(f.id.as_bytes()),
+                raw_len: f.raw_len,
+                compression: if f.zstd {
+                    v1::Compression::Zstd
+                } else {
+                    v1::Compression::None
+                }
+                .into(),
+                data: f.data,
+            });
+        }
+        if !cur.is_empty() {
+            batches.push(cur);
+        }
+        let n = batches.len();
+        let reqs = batches
+            .into_iter()
+            .enumerate()
+            .map(|(i, chunks)| v1::PutChunksRequest {
+                batch: i as u64,
+                chunks,
+            });
+        let mut resp = self
+            .client
+            .clone()
+            .put_chunks(tokio_stream::iter(reqs))
+            .await?
+            .into_inner();
+        let mut stats = PutStats {
+            sent_bytes,
+            ..PutStats::default()
+        };
+        for i in 0..n {
+            let r = resp.message().await?.ok_or_else(|| {
+                ClientError::Protocol("PutChunks ended before every batch was acknowledged".into())
+            })?;
+            if r.batch != i as u64 {
+                return Err(ClientError::Protocol(format!(
+                    "acknowledgement for batch {} instead of {i}",
+                    r.batch
+                )));
+            }
+            stats.stored += u64::from(r.stored);
+            stats.deduplicated += u64::from(r.deduplicated);
+            stats.stored_bytes += r.stored_bytes;
+        }
+        Ok(stats)
+    }
+
+    /// Reads chunks back and checks each against its id. Returns plaintexts in request order.
+    ///
+    /// # Errors
+    /// RPC failures; [`ClientError::Corrupt`] when bytes do not hash to their id.
+    pub async fn get(&self, ids: &[ChunkId]) -> Result<Vec<Bytes>, ClientError> {
+        let per = 256;
+        let reqs: Vec<v1::GetChunksRequest> = ids
+            .chunks(per)
+            .map(|b| v1::GetChunksRequest {
+                ids: pack_ids(b).into(),
+            })
+            .collect();
+        let mut resp = self
+            .client
+            .clone()
+            .get_chunks(tokio_stream::iter(reqs))
+            .await?
+            .into_inner();
+        let mut out = Vec::with_capacity(ids.len());
+        while out.len() < ids.len() {
+            let Some(r) = resp.next().await.transpose()? else {
+                return Err(ClientError::Protocol("GetChunks ended early".into()));
+            };
+            for f in r.chunks {
+                let want = ids
+                    .get(out.len())
+                    .ok_or_else(|| ClientError::Protocol("too many chunks".into()))?;
+                if f.id[..] != want.as_bytes()[..] {
+                    return Err(ClientError::Protocol(format!("expected chunk {want}")));
+                }
+                let plain: Bytes = if f.compression == i32::from(v1::Compression::Zstd) {
+                    zstd::bulk::decompress(&f.data, f.raw_len as usize)
+                        .map_err(|_| ClientError::Corrupt(want.to_hex()))?
+                        .into()
+                } else {
+                    f.data
+                };
+                if self.chunk_id(&plain) != *want {
+                    return Err(ClientError::Corrupt(want.to_hex()));
+                }
+                out.push(plain);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Commits a snapshot whose root tree chunk is already stored.
+    ///
+    /// # Errors
+    /// RPC failures.
+    pub async fn commit(&self, snap: v1::Snapshot) -> Result<SnapshotId, ClientError> {
+        let r = self
+            .client
+            .clone()
+            .commit_snapshot(v1::CommitSnapshotRequest {
+                snapshot: Some(snap),
+            })
+            .await?
+            .into_inner();
+        SnapshotId::from_slice(&r.id).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// Snapshots visible to this user, oldest first; `path` filters when not empty.
+    ///
+    /// # Errors
+    /// RPC failures.
+    pub async fn list(&self, path: &str) -> Result<Vec<v1::Snapshot>, ClientError> {
+        Ok(self
+            .client
+            .clone()
+            .list_snapshots(v1::ListSnapshotsRequest {
+                path: path.to_string(),
+            })
+            .await?
+            .into_inner()
+            .snapshots)
+    }
+
+    /// One snapshot.
+    ///
+    /// # Errors
+    /// RPC failures (`NOT_FOUND` for unknown or invisible snapshots).
+    pub async fn snapshot(&self, id: &SnapshotId) -> Result<v1::Snapshot, ClientError> {
+        self.client
+            .clone()
+            .get_snapshot(v1::GetSnapshotRequest {
+                id: Bytes::copy_from_slice(id.as_bytes()),
+            })
+            .await?
+            .into_inner()
+            .snapshot
+            .ok_or_else(|| ClientError::Protocol("GetSnapshot without a snapshot".into()))
+    }
+}

@@ -1,0 +1,287 @@
+//! Test support: runs the real `coffer-appliance` binary on `127.0.0.1:0` with a generated
+//! certificate, and hands out logged-in client sessions pinned to its fingerprint.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use anyhow::{bail, Context};
+use coffer_client::{Session, SessionOptions, Target};
+
+/// Repository password used by every test.
+pub const REPO_PASSWORD: &str = "test-repo-password";
+/// Password of every test user.
+pub const USER_PASSWORD: &str = "test-user-password";
+
+/// Directory holding the workspace's built binaries (`target/<profile>`), found from the running
+/// test executable (`target/<profile>/deps/<test>`).
+#[must_use]
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binaries live in target/<profile>/deps");
+    dir.to_path_buf()
+}
+
+/// Path of a workspace binary; panics with a hint when it was not built.
+#[must_use]
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --release --bins` first (the test script does)",
+        p.display()
+    );
+    p
+}
+
+/// A repository and, when started, the appliance serving it.
+#[derive(Debug)]
+pub struct Appliance {
+    pub dir: PathBuf,
+    pub repo: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    pub pack_target: Option<u64>,
+    child: Option<Child>,
+    pub addr: Option<String>,
+    pub fingerprint: Option<String>,
+    log: PathBuf,
+}
+
+impl Appliance {
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(bin("coffer-appliance"));
+        c.env("COFFER_REPO_PASSWORD", REPO_PASSWORD)
+            .env("COFFER_USER_PASSWORD", USER_PASSWORD)
+            .env("COFFER_LOG", "info")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs a subcommand to completion.
+    ///
+    /// # Errors
+    /// When the binary cannot be started.
+    pub fn run(&self, args: &[&str]) -> anyhow::Result<Output> {
+        Ok(self.cmd().args(args).output()?)
+    }
+
+    /// `init` a repository in `dir/repo` with `shards` shards and the given average chunk size,
+    /// and add the users.
+    ///
+    /// # Errors
+    /// When a command fails.
+    pub fn init(dir: &Path, shards: u16, chunk_avg: u32, users: &[&str]) -> anyhow::Result<Self> {
+        let a = Self {
+            dir: dir.to_path_buf(),
+            repo: dir.join("repo"),
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            pack_target: None,
+            child: None,
+            addr: None,
+            fingerprint: None,
+            log: dir.join("appliance.log"),
+        };
+        let repo = a.repo.to_str().context("utf-8 path")?.to_string();
+        let shards = shards.to_string();
+        let avg = chunk_avg.to_string();
+        let out = a.run(&[
+            "init",
+            "--repo",
+            &repo,
+            "--shards",
+            &shards,
+            "--chunk-avg",
+            &avg,
+        ])?;
+        if !out.status.success() {
+            bail!("init failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        for u in users {
+            let out = a.run(&["user", "add", u, "--repo", &repo])?;
+            if !out.status.success() {
+                bail!("user add failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        Ok(a)
+    }
+
+    /// Repository path as a string.
+    #[must_use]
+    pub fn repo_str(&self) -> String {
+        self.repo.to_string_lossy().into_owned()
+    }
+
+    /// Starts `serve`; returns when the appliance printed its fingerprint and address. Any
+    /// startup failure is returned with the appliance's own message.
+    ///
+    /// # Errors
+    /// When the appliance exits instead of listening.
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        let mut c = self.cmd();
+        c.args([
+            "serve",
+            "--repo",
+            &self.repo_str(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--tls-cert-file")
+        .arg(&self.cert)
+        .arg("--tls-key-file")
+        .arg(&self.key);
+        if !self.cert.exists() {
+            c.arg("--tls-generate-cert");
+        }
+        if let Some(t) = self.pack_target {
+            c.args(["--pack-target", &t.to_string()]);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let mut child = c.stdout(Stdio::piped()).stderr(log).spawn()?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let mut fp = None;
+        loop {
+            let Some(line) = lines.next().transpose()? else {
+                let status = child.wait()?;
+                bail!(
+                    "appliance exited ({status}) before listening: {}",
+                    self.log_tail()
+                );
+            };
+            if let Some(f) = line.strip_prefix("SERVER CERT SHA256: ") {
+                fp = Some(f.trim().to_string());
+            }
+            if let Some(a) = line.strip_prefix("LISTENING ON: ") {
+                self.addr = Some(a.trim().to_string());
+                break;
+            }
+        }
+        // Keep draining stdout so the appliance never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        self.fingerprint = fp;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// The last lines of the appliance log.
+    #[must_use]
+    pub fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    ///
+    /// # Errors
+    /// When waiting fails.
+    pub fn stop(&mut self) -> anyhow::Result<Option<i32>> {
+        let Some(mut c) = self.child.take() else {
+            return Ok(None);
+        };
+        let pid = i32::try_from(c.id())?;
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        Ok(c.wait()?.code())
+    }
+
+    /// Session options for `identity` against the running appliance.
+    ///
+    /// # Panics
+    /// When the appliance is not running.
+    #[must_use]
+    pub fn options(&self, identity: &str) -> SessionOptions {
+        let url = format!("https://{}", self.addr.as_ref().expect("started"));
+        SessionOptions {
+            target: Target::parse(&url, self.fingerprint.as_ref().expect("started"))
+                .expect("valid target"),
+            identity: identity.to_string(),
+            password: USER_PASSWORD.to_string(),
+        }
+    }
+
+    /// A logged-in session.
+    ///
+    /// # Errors
+    /// Connection or login failures.
+    pub async fn session(&self, identity: &str) -> anyhow::Result<Session> {
+        Ok(Session::connect(&self.options(identity)).await?)
+    }
+
+    /// `verify [--read-data]`: (exit code, stdout+stderr).
+    ///
+    /// # Errors
+    /// When the binary cannot be run.
+    pub fn verify(&self, read_data: bool) -> anyhow::Result<(i32, String)> {
+        let repo = self.repo_str();
+        let mut args = vec!["verify", "--repo", &repo];
+        if read_data {
+            args.push("--read-data");
+        }
+        let out = self.run(&args)?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok((out.status.code().unwrap_or(-1), text))
+    }
+
+    /// Total bytes of all pack files.
+    ///
+    /// # Errors
+    /// Listing errors.
+    pub fn pack_bytes(&self) -> anyhow::Result<(u64, u64)> {
+        let mut total = 0;
+        let mut n = 0;
+        for sub in std::fs::read_dir(self.repo.join("packs"))? {
+            for f in std::fs::read_dir(sub?.path())? {
+                total += f?.metadata()?.len();
+                n += 1;
+            }
+        }
+        Ok((total, n))
+    }
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), `compressible` halves of them repeated text.
+#[must_use]
+pub fn data(seed: u64, len: usize, compressible: bool) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        if compressible && (x & 1 == 0) {
+            out.extend_from_slice(b"the quick brown fox jumps over the lazy dog ");
+        } else {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    out.truncate(len);
+    out
+}
