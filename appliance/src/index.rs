@@ -101,7 +101,7 @@ impl RocksIndex {
         opts.set_memtable_prefix_bloom_ratio(0.1);
         opts.set_compression_type(rocksdb::DBCompressionType::None);
         opts.set_max_background_jobs(2);
-        opts.set_write_buffer_size(64 << 20);
+        opts.set_write_buffer_size(8 << 20);
         let db = match mode {
             // Opened with the default column family named, so that `cf_handle` finds it for
             // `batched_multi_get_cf`.

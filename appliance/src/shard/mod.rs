@@ -6,7 +6,10 @@
 //! owned by one thread. What runs where is written down in `docs/concurrency.md`.
 
 mod ingest;
+mod need;
 mod read;
+
+pub use need::NeedSet;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -207,6 +210,8 @@ pub(crate) struct ShardState {
     pub(crate) budget: Rc<glommio::sync::Semaphore>,
     pub(crate) budget_kib: u64,
     pub(crate) readers: RefCell<HashMap<PackId, Rc<glommio::io::DmaFile>>>,
+    /// Ids durably stored on this shard (see `need`).
+    need: RefCell<NeedSet>,
     active: Cell<usize>,
 }
 
@@ -237,6 +242,9 @@ impl ShardState {
             cfg.repo_id,
             cfg.pack_target,
         );
+        let need = NeedSet::load(index.as_ref())
+            .map_err(|e| format!("shard {}: loading the index: {e}", cfg.shard))?;
+        tracing::info!(shard = cfg.shard, chunks = need.len(), "index loaded");
         let budget_kib = (cfg.queue_limit >> 10).max(64 << 10);
         let state = Rc::new(Self {
             index,
@@ -254,6 +262,7 @@ impl ShardState {
             budget: Rc::new(glommio::sync::Semaphore::new(budget_kib)),
             budget_kib,
             readers: RefCell::new(HashMap::new()),
+            need: RefCell::new(need),
             active: Cell::new(0),
         });
         Ok((state, writer))
@@ -327,12 +336,8 @@ async fn run(state: Rc<ShardState>, writer: PackWriter, rx: flume::Receiver<Shar
 async fn handle(state: &Rc<ShardState>, req: ShardRequest) {
     match req {
         ShardRequest::Need { ids, reply } => {
-            let res = state
-                .index
-                .get_many(&ids)
-                .map(|v| v.into_iter().map(|e| e.is_some()).collect())
-                .map_err(|e| ApplianceError::Internal(e.to_string()));
-            let _ = reply.send(res);
+            let need = state.need.borrow();
+            let _ = reply.send(Ok(ids.iter().map(|id| need.contains(id)).collect()));
         }
         ShardRequest::Put { chunks, reply } => {
             let _ = reply.send(
@@ -372,6 +377,12 @@ async fn pack_loop(
                 .map_err(|e| IngestError::Storage(e.to_string()));
             if let Err(e) = &res {
                 tracing::error!(error = %e, "group commit failed; the pack is poisoned and abandoned");
+            }
+            if res.is_ok() {
+                let mut need = state.need.borrow_mut();
+                for c in &batch {
+                    need.insert(&c.id);
+                }
             }
             let mut q = state.q.borrow_mut();
             for c in &batch {

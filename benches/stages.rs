@@ -1,0 +1,240 @@
+//! Per-stage benches with in-memory inputs: chunking (FastCDC), hashing (keyed BLAKE3),
+//! AES-256-GCM (RustCrypto `aes-gcm` against `ring`), zstd, the RocksDB index (lookup, insert)
+//! and the glommio pack writer (append + fdatasync).
+//!
+//! Run with `cargo bench -p coffer-benches --bench stages`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coffer_appliance::index::{ChunkIndex, MemIndex, OpenMode, RocksIndex};
+use coffer_appliance::keys::MasterKey;
+use coffer_appliance::pack::format::IndexEntry;
+use coffer_appliance::pack::writer::{PackWriter, PendingChunk};
+use coffer_appliance::repo::RepoPaths;
+use coffer_proto::{ChunkId, PackId};
+use coffer_tests::data;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+
+const MIB: usize = 1 << 20;
+
+fn chunking(c: &mut Criterion) {
+    let buf = data(1, 64 * MIB, true);
+    let mut g = c.benchmark_group("chunk");
+    g.throughput(Throughput::Bytes(buf.len() as u64))
+        .sample_size(10);
+    for avg in [64 << 10, 1 << 20] {
+        g.bench_with_input(BenchmarkId::new("fastcdc_v2020", avg), &avg, |b, &avg| {
+            b.iter(|| {
+                fastcdc::v2020::FastCDC::new(&buf, avg / 4, avg, avg * 4)
+                    .map(|c| c.length)
+                    .sum::<usize>()
+            });
+        });
+    }
+    g.finish();
+}
+
+fn hashing(c: &mut Criterion) {
+    let buf = data(2, MIB, false);
+    let key = [7u8; 32];
+    let mut g = c.benchmark_group("hash");
+    g.throughput(Throughput::Bytes(buf.len() as u64));
+    g.bench_function("blake3_keyed_1MiB", |b| {
+        b.iter(|| blake3::keyed_hash(&key, &buf))
+    });
+    g.bench_function("blake3_keyed_1MiB_rayon_free_update", |b| {
+        b.iter(|| blake3::Hasher::new_keyed(&key).update(&buf).finalize());
+    });
+    g.finish();
+}
+
+fn aes(c: &mut Criterion) {
+    use aes_gcm::aead::{AeadInPlace, KeyInit};
+    let key = [9u8; 32];
+    let rc = aes_gcm::Aes256Gcm::new_from_slice(&key).expect("key");
+    let ring_key = ring::aead::LessSafeKey::new(
+        ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &key).expect("key"),
+    );
+    let mut g = c.benchmark_group("aes256gcm");
+    for size in [64 << 10, MIB] {
+        let src = data(3, size, false);
+        let mut buf = src.clone();
+        g.throughput(Throughput::Bytes(size as u64));
+        // Both include the copy into the destination buffer, as the pack writer does.
+        g.bench_with_input(
+            BenchmarkId::new("rustcrypto_aes_gcm", size),
+            &size,
+            |b, _| {
+                b.iter(|| {
+                    buf.copy_from_slice(&src);
+                    rc.encrypt_in_place_detached(&[0u8; 12].into(), b"aad", &mut buf)
+                        .expect("seal")
+                });
+            },
+        );
+        g.bench_with_input(BenchmarkId::new("ring", size), &size, |b, _| {
+            b.iter(|| {
+                buf.copy_from_slice(&src);
+                ring_key
+                    .seal_in_place_separate_tag(
+                        ring::aead::Nonce::assume_unique_for_key([0; 12]),
+                        ring::aead::Aad::from(b"aad"),
+                        &mut buf,
+                    )
+                    .expect("seal")
+            });
+        });
+    }
+    g.finish();
+}
+
+fn compression(c: &mut Criterion) {
+    let buf = data(4, MIB, true);
+    let mut g = c.benchmark_group("zstd");
+    g.throughput(Throughput::Bytes(buf.len() as u64));
+    for level in [1, 3] {
+        g.bench_with_input(BenchmarkId::new("compress", level), &level, |b, &l| {
+            b.iter(|| zstd::bulk::compress(&buf, l).expect("zstd"));
+        });
+    }
+    let z = zstd::bulk::compress(&buf, 3).expect("zstd");
+    g.bench_function("decompress_bounded", |b| {
+        b.iter(|| zstd::bulk::decompress(&z, MIB).expect("unzstd"))
+    });
+    g.finish();
+}
+
+fn ids(n: usize, salt: u64) -> Vec<ChunkId> {
+    (0..n as u64)
+        .map(|i| ChunkId::from_bytes(*blake3::hash(&(i ^ (salt << 40)).to_le_bytes()).as_bytes()))
+        .collect()
+}
+
+fn entry(i: usize) -> IndexEntry {
+    IndexEntry {
+        flags: 0,
+        pack: PackId::from_bytes([1; 16]),
+        offset: i as u64 * 100,
+        len: 100,
+        raw_len: 50,
+    }
+}
+
+fn index(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rocks =
+        RocksIndex::open(&dir.path().join("shard-0"), OpenMode::Create, 128 << 20).expect("open");
+    let mem = MemIndex::default();
+    let n = 1usize << 19;
+    let present = ids(n, 1);
+    for part in present.chunks(4096).enumerate() {
+        let batch: Vec<_> = part
+            .1
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (*id, entry(part.0 * 4096 + i)))
+            .collect();
+        rocks.insert_batch(&batch, false).expect("insert");
+        mem.insert_batch(&batch, false).expect("insert");
+    }
+    let absent = ids(n, 2);
+    let mut g = c.benchmark_group("index");
+    let batch = 1024;
+    g.throughput(Throughput::Elements(batch as u64));
+    for (name, idx) in [
+        ("rocksdb", &rocks as &dyn ChunkIndex),
+        ("memory", &mem as &dyn ChunkIndex),
+    ] {
+        let mut k = 0;
+        g.bench_function(BenchmarkId::new("lookup_hit_512k", name), |b| {
+            b.iter(|| {
+                k = (k + batch) % (n - batch);
+                idx.get_many(&present[k..k + batch]).expect("get")
+            });
+        });
+        g.bench_function(BenchmarkId::new("lookup_miss_512k", name), |b| {
+            b.iter(|| {
+                k = (k + batch) % (n - batch);
+                idx.get_many(&absent[k..k + batch]).expect("get")
+            });
+        });
+    }
+    let fresh = ids(1 << 22, 3);
+    let mut k = 0;
+    g.bench_function("insert_rocksdb", |b| {
+        b.iter(|| {
+            let batch: Vec<_> = fresh[k..k + batch]
+                .iter()
+                .map(|id| (*id, entry(k)))
+                .collect();
+            k = (k + batch.len()) % (fresh.len() - batch.len());
+            rocks.insert_batch(&batch, false).expect("insert");
+        });
+    });
+    g.finish();
+}
+
+fn pack_append(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pack");
+    let per = 64usize;
+    g.throughput(Throughput::Bytes((per * MIB) as u64))
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10));
+    g.bench_function("append_fsync_64x1MiB", |b| {
+        b.iter_custom(|iters| {
+            let base =
+                std::env::var_os("COFFER_BENCH_DIR").map_or_else(std::env::temp_dir, Into::into);
+            let dir = tempfile::tempdir_in(base).expect("tempdir");
+            let paths = RepoPaths::new(dir.path());
+            let chunk = bytes::Bytes::from(data(5, MIB, false));
+            let ex = glommio::LocalExecutorBuilder::default()
+                .make()
+                .expect("executor");
+            ex.run(async move {
+                let index: Arc<dyn ChunkIndex> = Arc::new(MemIndex::default());
+                let mut w = PackWriter::new(
+                    paths,
+                    Arc::new(MasterKey::generate()),
+                    index,
+                    0,
+                    [0; 16],
+                    1 << 30,
+                );
+                let mut total = Duration::ZERO;
+                let mut n = 0u64;
+                for _ in 0..iters {
+                    let batch: Vec<PendingChunk> = (0..per)
+                        .map(|_| {
+                            n += 1;
+                            let mut id = [0u8; 32];
+                            id[..8].copy_from_slice(&n.to_le_bytes());
+                            PendingChunk {
+                                id: ChunkId::from_bytes(id),
+                                raw_len: MIB as u32,
+                                flags: 0,
+                                data: chunk.clone(),
+                            }
+                        })
+                        .collect();
+                    let t = Instant::now();
+                    w.write(&batch).await.expect("write");
+                    total += t.elapsed();
+                }
+                total
+            })
+        });
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    chunking,
+    hashing,
+    aes,
+    compression,
+    index,
+    pack_append
+);
+criterion_main!(benches);
