@@ -1,12 +1,18 @@
 //! `coffer-client`: the client every fleet machine runs.
 //!
 //! Owns the connection to an appliance (TLS pinned by SHA-256 fingerprint, session token) and
-//! the backup stages `walk -> chunk -> hash -> need -> upload`. Must never depend on
-//! `coffer-appliance`, RocksDB or glommio: the client stays small.
+//! the backup stages `walk -> chunk -> hash -> need -> upload` ([`pipeline`]), tree objects and
+//! restore. Must never depend on `coffer-appliance`, RocksDB or glommio: the client stays small.
 
+pub mod chunk;
+pub mod config;
 mod connect;
 mod error;
+pub mod pipeline;
+pub mod restore;
 mod session;
+pub mod tree;
+pub mod walk;
 
 pub use connect::{channel, PinnedVerifier, Target};
 pub use error::ClientError;

@@ -1,0 +1,256 @@
+//! The client's half of a backup, in order: `walk -> chunk -> hash -> need -> upload`, then the
+//! tree objects and the snapshot commit. The only place that spells the order.
+//!
+//! * walk: one thread stats the tree ([`crate::walk`]).
+//! * chunk + hash: a pool of worker threads (one per core) reads files, cuts them with FastCDC
+//!   and hashes every chunk ([`crate::chunk`]); results flow through a bounded channel, so
+//!   memory stays bounded whatever the tree size.
+//! * need: chunks not seen earlier in this run are batched and asked for with `FindMissing`.
+//! * upload: only the missing ones are sent (`PutChunks`, zstd when it helps); a batch counts
+//!   once the appliance acknowledged it durable.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use coffer_proto::{v1, ChunkId, SnapshotId};
+use tokio::sync::mpsc;
+
+use crate::chunk::{chunk_file, Chunk, ChunkerParams};
+use crate::session::{Frame, Session};
+use crate::walk::walk;
+use crate::ClientError;
+
+/// How to back up.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// zstd level for uploads (`None`: no compression).
+    pub zstd_level: Option<i32>,
+    /// Reader/chunker threads.
+    pub workers: usize,
+    /// Target bytes per need/upload batch.
+    pub batch_bytes: usize,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        Self {
+            zstd_level: Some(1),
+            workers: std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
+            batch_bytes: 8 << 20,
+        }
+    }
+}
+
+/// What a backup did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct BackupSummary {
+    pub snapshot: String,
+    pub path: String,
+    pub files: u64,
+    pub bytes_read: u64,
+    pub chunks: u64,
+    pub new_chunks: u64,
+    pub uploaded_bytes: u64,
+    pub errors: Vec<String>,
+    pub partial: bool,
+    pub seconds: f64,
+}
+
+enum Msg {
+    Chunk {
+        file: usize,
+        chunk: Chunk,
+    },
+    Done {
+        file: usize,
+        result: Result<u64, String>,
+    },
+}
+
+struct Uploader<'a> {
+    session: &'a Session,
+    opts: &'a BackupOptions,
+    seen: HashSet<ChunkId>,
+    pending: Vec<Chunk>,
+    pending_bytes: usize,
+    summary: BackupSummary,
+}
+
+impl Uploader<'_> {
+    async fn add(&mut self, c: Chunk) -> Result<(), ClientError> {
+        self.summary.chunks += 1;
+        if !self.seen.insert(c.id) {
+            return Ok(());
+        }
+        self.pending_bytes += c.data.len();
+        self.pending.push(c);
+        if self.pending_bytes >= self.opts.batch_bytes || self.pending.len() >= 4096 {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), ClientError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        let ids: Vec<ChunkId> = batch.iter().map(|c| c.id).collect();
+        let missing = self.session.find_missing(&ids).await?;
+        let level = self.opts.zstd_level;
+        let todo: Vec<Chunk> = batch
+            .into_iter()
+            .zip(missing)
+            .filter(|(_, m)| *m)
+            .map(|(c, _)| c)
+            .collect();
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let frames = tokio::task::spawn_blocking(move || {
+            todo.into_iter()
+                .map(|c| Frame::new(c.id, c.data, level))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let st = self.session.put(frames, self.opts.batch_bytes).await?;
+        self.summary.new_chunks += st.stored;
+        self.summary.uploaded_bytes += st.sent_bytes;
+        Ok(())
+    }
+}
+
+/// Backs up the directory `path` and commits a snapshot of it.
+///
+/// # Errors
+/// Connection and RPC failures; `path` not being a readable directory. Unreadable entries inside
+/// it do not fail the backup: they are listed in the summary and the snapshot is marked partial.
+pub async fn backup(
+    session: &Session,
+    path: &Path,
+    opts: &BackupOptions,
+) -> Result<BackupSummary, anyhow::Error> {
+    let start = Instant::now();
+    let root =
+        std::fs::canonicalize(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let root2 = root.clone();
+    let w = tokio::task::spawn_blocking(move || walk(&root2))
+        .await?
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let chunker = session
+        .hello
+        .chunker
+        .ok_or_else(|| anyhow::anyhow!("appliance sent no chunker parameters"))?;
+    let params = ChunkerParams {
+        min: chunker.min_size,
+        avg: chunker.avg_size,
+        max: chunker.max_size,
+    };
+    let key = *session.dedup_key();
+
+    // chunk + hash on worker threads
+    let (tx, mut rx) = mpsc::channel::<Msg>(256);
+    let (job_tx, job_rx) = crossbeam_channel::unbounded::<(usize, PathBuf)>();
+    for (i, f) in w.files.iter().enumerate() {
+        if f.same_as.is_none() {
+            job_tx.send((i, f.path.clone()))?;
+        }
+    }
+    drop(job_tx);
+    let mut workers = Vec::new();
+    for _ in 0..opts.workers.max(1) {
+        let (job_rx, tx) = (job_rx.clone(), tx.clone());
+        workers.push(std::thread::spawn(move || {
+            for (file, path) in job_rx {
+                let result = chunk_file(&path, params, &key, |chunk| {
+                    let _ = tx.blocking_send(Msg::Chunk { file, chunk });
+                });
+                if tx.blocking_send(Msg::Done { file, result }).is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    drop(tx);
+
+    // need + upload
+    let mut up = Uploader {
+        session,
+        opts,
+        seen: HashSet::new(),
+        pending: Vec::new(),
+        pending_bytes: 0,
+        summary: BackupSummary::default(),
+    };
+    let mut file_chunks: Vec<Option<Vec<ChunkId>>> = vec![Some(Vec::new()); w.files.len()];
+    let mut errors: Vec<String> = w
+        .errors
+        .iter()
+        .map(|(p, e)| format!("{}: {e}", p.display()))
+        .collect();
+    while let Some(m) = rx.recv().await {
+        match m {
+            Msg::Chunk { file, chunk } => {
+                if let Some(v) = file_chunks[file].as_mut() {
+                    v.push(chunk.id);
+                }
+                up.add(chunk).await?;
+            }
+            Msg::Done { file, result } => match result {
+                Ok(n) => up.summary.bytes_read += n,
+                Err(e) => {
+                    errors.push(format!("{}: {e}", w.files[file].path.display()));
+                    file_chunks[file] = None;
+                }
+            },
+        }
+    }
+    for h in workers {
+        let _ = h.join();
+    }
+    // Hard links share the chunks of the first link.
+    for i in 0..w.files.len() {
+        if let Some(first) = w.files[i].same_as {
+            file_chunks[i] = file_chunks[first].clone();
+        }
+    }
+    up.summary.files = file_chunks.iter().filter(|c| c.is_some()).count() as u64;
+
+    // trees, then the commit point
+    let mut trees = Vec::new();
+    let root_id = crate::tree::build(&w.root, &file_chunks, &key, &mut |c| trees.push(c));
+    for t in trees {
+        up.add(t).await?;
+    }
+    up.flush().await?;
+    let partial = !errors.is_empty();
+    let mut s = up.summary;
+    let snap = v1::Snapshot {
+        path: root.to_string_lossy().into_owned(),
+        root: bytes::Bytes::copy_from_slice(root_id.as_bytes()),
+        stats: Some(v1::SnapshotStats {
+            files: s.files,
+            bytes: s.bytes_read,
+            uploaded_bytes: s.uploaded_bytes,
+            chunks: s.chunks,
+        }),
+        partial,
+        ..v1::Snapshot::default()
+    };
+    let id: SnapshotId = session.commit(snap).await?;
+    s.snapshot = id.to_hex();
+    s.path = root.to_string_lossy().into_owned();
+    s.errors = errors;
+    s.partial = partial;
+    s.seconds = start.elapsed().as_secs_f64();
+    Ok(s)
+}
+
+/// Seconds as a short human string.
+#[must_use]
+pub fn human_duration(d: Duration) -> String {
+    format!("{:.2}s", d.as_secs_f64())
+}
