@@ -8,6 +8,8 @@
 //!
 //! Run with `cargo build --release --bins && cargo bench -p coffer-benches --bench e2e`.
 
+#![allow(clippy::many_single_char_names)] // criterion closures: b, c, f, g, s by convention
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;

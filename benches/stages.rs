@@ -4,6 +4,8 @@
 //!
 //! Run with `cargo bench -p coffer-benches --bench stages`.
 
+#![allow(clippy::many_single_char_names)] // criterion closures: b, c, f, g, s by convention
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,7 +43,7 @@ fn hashing(c: &mut Criterion) {
     let mut g = c.benchmark_group("hash");
     g.throughput(Throughput::Bytes(buf.len() as u64));
     g.bench_function("blake3_keyed_1MiB", |b| {
-        b.iter(|| blake3::keyed_hash(&key, &buf))
+        b.iter(|| blake3::keyed_hash(&key, &buf));
     });
     g.bench_function("blake3_keyed_1MiB_rayon_free_update", |b| {
         b.iter(|| blake3::Hasher::new_keyed(&key).update(&buf).finalize());
@@ -100,7 +102,7 @@ fn compression(c: &mut Criterion) {
     }
     let z = zstd::bulk::compress(&buf, 3).expect("zstd");
     g.bench_function("decompress_bounded", |b| {
-        b.iter(|| zstd::bulk::decompress(&z, MIB).expect("unzstd"))
+        b.iter(|| zstd::bulk::decompress(&z, MIB).expect("unzstd"));
     });
     g.finish();
 }
@@ -211,7 +213,7 @@ fn pack_append(c: &mut Criterion) {
                             id[..8].copy_from_slice(&n.to_le_bytes());
                             PendingChunk {
                                 id: ChunkId::from_bytes(id),
-                                raw_len: MIB as u32,
+                                raw_len: 1 << 20,
                                 flags: 0,
                                 data: chunk.clone(),
                             }

@@ -93,7 +93,7 @@ impl Auth {
             sessions: Mutex::new(HashMap::new()),
             hashing: Semaphore::new(2),
             dummy_hash: hash_password("coffer-dummy-password-for-unknown-users")?,
-            ttl: Duration::from_secs(24 * 3600),
+            ttl: Duration::from_hours(24),
         })
     }
 

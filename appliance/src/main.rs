@@ -1,5 +1,6 @@
 //! `coffer-appliance`: command-line entry point.
 
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -207,7 +208,6 @@ fn init(
             .as_secs()
             .cast_signed(),
     };
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(paths.keys())?;
@@ -301,7 +301,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             server::serve(
                 &paths,
                 master,
-                server::ServeOptions {
+                &server::ServeOptions {
                     listen,
                     tls,
                     pack_target,
@@ -381,7 +381,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::RebuildIndex { repo, password } => {
-            rebuild_index(&RepoPaths::new(&repo.repo), &password)?
+            rebuild_index(&RepoPaths::new(&repo.repo), &password)?;
         }
         Cmd::Tune { shards, json } => {
             let hw = coffer_tuning::Hardware::detect();

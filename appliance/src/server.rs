@@ -52,7 +52,7 @@ pub fn check_index_present(paths: &RepoPaths, cfg: &RepoConfig) -> Result<(), Re
 ///
 /// # Errors
 /// Startup failures, with what to do about them.
-pub fn serve(paths: &RepoPaths, master: MasterKey, opts: ServeOptions) -> anyhow::Result<()> {
+pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> anyhow::Result<()> {
     let cfg = paths.load_config()?;
     check_index_present(paths, &cfg)?;
     let hw = Hardware::detect();
@@ -108,7 +108,7 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: ServeOptions) -> anyhow
         .thread_name("net")
         .enable_all()
         .build()?;
-    let result = rt.block_on(run_network(service, &opts, max_msg as usize));
+    let result = rt.block_on(run_network(service, opts, max_msg as usize));
     // The service (and with it every shard handle) is gone: shards finish what is in flight,
     // seal their open packs and stop.
     drop(rt);
@@ -136,8 +136,7 @@ async fn run_network(
     let local = listener.local_addr()?;
     println!("SERVER CERT SHA256: {}", opts.tls.fingerprint);
     println!("LISTENING ON: {local}");
-    use std::io::Write;
-    std::io::stdout().flush()?;
+    std::io::Write::flush(&mut std::io::stdout())?;
     tracing::info!(%local, "serving");
 
     let identity = tonic::transport::Identity::from_pem(&opts.tls.cert_pem, &opts.tls.key_pem);

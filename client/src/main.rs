@@ -325,9 +325,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if node.is_some() {
                 bail!("{source} names a file; restore a directory (its parent) instead");
             }
-            let root = std::fs::metadata("/proc/self")
-                .map(|m| m.uid() == 0)
-                .unwrap_or(false);
+            let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
             let sum = restore(&s, tree, Path::new(&target), root).await?;
             if json {
                 println!("{}", serde_json::to_string(&sum)?);

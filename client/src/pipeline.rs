@@ -212,9 +212,10 @@ pub async fn backup(
         let _ = h.join();
     }
     // Hard links share the chunks of the first link.
-    for i in 0..w.files.len() {
-        if let Some(first) = w.files[i].same_as {
-            file_chunks[i] = file_chunks[first].clone();
+    for (i, f) in w.files.iter().enumerate() {
+        if let Some(first) = f.same_as {
+            let chunks = file_chunks[first].clone();
+            file_chunks[i] = chunks;
         }
     }
     up.summary.files = file_chunks.iter().filter(|c| c.is_some()).count() as u64;

@@ -51,22 +51,22 @@ pub struct Appliance {
     log: PathBuf,
 }
 
-impl Appliance {
-    fn cmd(&self) -> Command {
-        let mut c = Command::new(bin("coffer-appliance"));
-        c.env("COFFER_REPO_PASSWORD", REPO_PASSWORD)
-            .env("COFFER_USER_PASSWORD", USER_PASSWORD)
-            .env("COFFER_LOG", "info")
-            .stdin(Stdio::null());
-        c
-    }
+fn appliance_cmd() -> Command {
+    let mut c = Command::new(bin("coffer-appliance"));
+    c.env("COFFER_REPO_PASSWORD", REPO_PASSWORD)
+        .env("COFFER_USER_PASSWORD", USER_PASSWORD)
+        .env("COFFER_LOG", "info")
+        .stdin(Stdio::null());
+    c
+}
 
+impl Appliance {
     /// Runs a subcommand to completion.
     ///
     /// # Errors
     /// When the binary cannot be started.
     pub fn run(&self, args: &[&str]) -> anyhow::Result<Output> {
-        Ok(self.cmd().args(args).output()?)
+        Ok(appliance_cmd().args(args).output()?)
     }
 
     /// `init` a repository in `dir/repo` with `shards` shards and the given average chunk size,
@@ -122,7 +122,7 @@ impl Appliance {
     /// # Errors
     /// When the appliance exits instead of listening.
     pub fn start(&mut self) -> anyhow::Result<()> {
-        let mut c = self.cmd();
+        let mut c = appliance_cmd();
         c.args([
             "serve",
             "--repo",

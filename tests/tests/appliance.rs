@@ -17,7 +17,7 @@ const PACK_OVERHEAD: u64 = 64 + 16 + 32;
 const RECORD_OVERHEAD: u64 = 64 + 16 + 48;
 
 fn frame(s: &Session, seed: u64) -> Frame {
-    let len = 1024 + (seed as usize * 7919) % 15_000;
+    let len = 1024 + usize::try_from(seed.wrapping_mul(7919) % 15_000).expect("small");
     let plain = Bytes::from(data(seed, len, seed.is_multiple_of(3)));
     Frame::new(s.chunk_id(&plain), plain, Some(3))
 }

@@ -64,7 +64,6 @@ impl CpuFeatures {
 }
 
 fn allowed_cpus() -> Vec<usize> {
-    // SAFETY-free: sched_getaffinity via libc is in the one place that needs it.
     let n = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     let cpus = affinity::cpus();
     if cpus.is_empty() {
@@ -78,6 +77,7 @@ fn memlock_limit() -> u64 {
     affinity::memlock()
 }
 
+// The one module of the workspace allowed to use `unsafe`: two read-only libc queries.
 #[allow(unsafe_code)]
 mod affinity {
     //! The only unsafe code of this crate: two read-only libc queries.

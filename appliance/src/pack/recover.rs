@@ -148,12 +148,11 @@ pub fn rebuild(
                 header.pack
             ));
         }
-        let entries = match read_footer(&file) {
-            Ok(e) => e,
-            Err(_) => {
-                stats.unsealed_packs_sealed += 1;
-                seal_in_place(&path, master)?
-            }
+        let entries = if let Ok(e) = read_footer(&file) {
+            e
+        } else {
+            stats.unsealed_packs_sealed += 1;
+            seal_in_place(&path, master)?
         };
         let flags = record_flags(&path, &entries)?;
         let mut per_shard: Vec<Vec<_>> = vec![Vec::new(); indexes.len()];
