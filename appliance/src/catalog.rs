@@ -128,6 +128,16 @@ impl Catalog {
         }
     }
 
+    /// Deletes a snapshot (one synced write).
+    ///
+    /// # Errors
+    /// Engine errors.
+    pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), RepoError> {
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        self.db.delete_opt(format!("snap/{id}"), &wo).map_err(ce)
+    }
+
     /// Every snapshot.
     ///
     /// # Errors

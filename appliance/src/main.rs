@@ -76,6 +76,9 @@ enum Cmd {
         /// Host names to put in a generated certificate.
         #[arg(long, value_delimiter = ',', default_value = "localhost")]
         tls_names: Vec<String>,
+        /// Shut down gracefully when standard input is closed.
+        #[arg(long)]
+        shutdown_on_stdin: bool,
         /// Pack size target in bytes (default from the tuning plan).
         #[arg(long, hide = true)]
         pack_target: Option<u64>,
@@ -289,6 +292,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tls_key_file,
             tls_names,
             pack_target,
+            shutdown_on_stdin,
         } => {
             let paths = RepoPaths::new(&repo.repo);
             let master = unlock(&paths, &password)?;
@@ -305,6 +309,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     listen,
                     tls,
                     pack_target,
+                    shutdown_on_stdin,
                 },
             )?;
         }

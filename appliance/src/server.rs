@@ -26,6 +26,8 @@ pub struct ServeOptions {
     pub tls: TlsIdentity,
     /// Override of the pack size target (tests use small packs).
     pub pack_target: Option<u64>,
+    /// Shut down gracefully when standard input reaches end of file (embedding, tests).
+    pub shutdown_on_stdin: bool,
 }
 
 /// Message size limit for a repository with chunks of at most `max_chunk` bytes.
@@ -111,7 +113,8 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> anyho
     let result = rt.block_on(run_network(service, opts, max_msg as usize));
     // The service (and with it every shard handle) is gone: shards finish what is in flight,
     // seal their open packs and stop.
-    drop(rt);
+    // A blocking read of stdin (`--shutdown-on-stdin`) may still be pending: do not wait for it.
+    rt.shutdown_timeout(Duration::from_secs(2));
     for s in shards {
         drop(s.handle);
         s.join
@@ -151,18 +154,28 @@ async fn run_network(
         .initial_connection_window_size(Some(32 << 20))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(svc)
-        .serve_with_incoming_shutdown(incoming, shutdown_signal())
+        .serve_with_incoming_shutdown(incoming, shutdown_signal(opts.shutdown_on_stdin))
         .await?;
     tracing::info!("stopped accepting; finishing in-flight work");
     Ok(())
 }
 
-async fn shutdown_signal() {
+async fn shutdown_signal(on_stdin: bool) {
+    use tokio::io::AsyncReadExt;
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    let stdin_closed = async {
+        if !on_stdin {
+            return std::future::pending::<()>().await;
+        }
+        let mut buf = [0u8; 256];
+        let mut stdin = tokio::io::stdin();
+        while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
+    };
     tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        () = stdin_closed => tracing::info!("standard input closed: shutting down"),
     }
 }

@@ -7,7 +7,9 @@
 pub mod chunk;
 pub mod config;
 mod connect;
+pub mod diff;
 mod error;
+pub mod parent;
 pub mod pipeline;
 pub mod restore;
 mod session;

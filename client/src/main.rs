@@ -86,7 +86,19 @@ enum SnapCmd {
         /// Print a JSON summary per snapshot.
         #[arg(long)]
         json: bool,
+        /// Read every file, even those the previous snapshot has unchanged.
+        #[arg(long)]
+        no_parent: bool,
     },
+    /// What changed from snapshot A to snapshot B.
+    Diff {
+        a: String,
+        b: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot; its space is reclaimed later by maintenance.
+    Delete { id: String },
     /// List your snapshots, optionally of one PATH.
     List {
         path: Option<PathBuf>,
@@ -103,6 +115,14 @@ fn config_path(cli: Option<PathBuf>) -> PathBuf {
             std::env::var_os("HOME").map(Into::into),
         )
     })
+}
+
+/// `$XDG_CACHE_HOME/coffer/trees`, else `~/.cache/coffer/trees`.
+fn cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("coffer").join("trees"))
 }
 
 fn short_hostname() -> String {
@@ -230,13 +250,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Err(e) => return Err(e.into()),
         },
         Cmd::Snapshot {
-            cmd: SnapCmd::Create { paths, json },
+            cmd:
+                SnapCmd::Create {
+                    paths,
+                    json,
+                    no_parent,
+                },
         } => {
             let cfg = ClientConfig::load(&cfg_path).map_err(|e| anyhow::anyhow!(e))?;
             let s = session(&cfg).await?;
             let mut partial = false;
             for p in paths {
-                let sum = backup(&s, &p, &BackupOptions::default()).await?;
+                let opts = BackupOptions {
+                    cache_dir: cache_dir(),
+                    no_parent,
+                    ..BackupOptions::default()
+                };
+                let sum = backup(&s, &p, &opts).await?;
                 for e in &sum.errors {
                     eprintln!("warning: {e}");
                 }
@@ -244,15 +274,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if json {
                     println!("{}", serde_json::to_string(&sum)?);
                 } else {
-                    let dedup = if sum.bytes_read > 0 {
-                        1.0 - sum.uploaded_bytes as f64 / sum.bytes_read as f64
-                    } else {
-                        0.0
-                    };
                     println!(
-                        "snapshot {} of {}: {} files, {} bytes read, {} bytes uploaded ({} new chunks of {}), saved {:.1}% by dedup+compression, {:.2}s{}",
-                        sum.snapshot, sum.path, sum.files, sum.bytes_read, sum.uploaded_bytes, sum.new_chunks, sum.chunks,
-                        dedup * 100.0, sum.seconds, if sum.partial { " (PARTIAL: some entries could not be read)" } else { "" }
+                        "snapshot {} of {}: {} files ({} unchanged, not read), {} bytes ({} read), \
+                         {} bytes uploaded in {} new chunks of {}, {:.2}s{}",
+                        sum.snapshot,
+                        sum.path,
+                        sum.files,
+                        sum.files_unchanged,
+                        sum.bytes,
+                        sum.bytes_read,
+                        sum.uploaded_bytes,
+                        sum.new_chunks,
+                        sum.chunks,
+                        sum.seconds,
+                        if sum.partial { " (PARTIAL: some entries could not be read)" } else { "" }
                     );
                 }
             }
@@ -295,6 +330,35 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     );
                 }
             }
+        }
+        Cmd::Snapshot {
+            cmd: SnapCmd::Diff { a, b, json },
+        } => {
+            let cfg = ClientConfig::load(&cfg_path).map_err(|e| anyhow::anyhow!(e))?;
+            let s = session(&cfg).await?;
+            let (ta, _) = locate(&s, &a).await?;
+            let (tb, _) = locate(&s, &b).await?;
+            let cache = coffer_client::parent::TreeCache::new(cache_dir(), *s.dedup_key());
+            for c in coffer_client::diff::diff(&s, &cache, ta, tb).await? {
+                if json {
+                    println!("{}", serde_json::to_string(&c)?);
+                } else {
+                    println!("{} {}", c.kind, c.path);
+                }
+            }
+        }
+        Cmd::Snapshot {
+            cmd: SnapCmd::Delete { id },
+        } => {
+            let cfg = ClientConfig::load(&cfg_path).map_err(|e| anyhow::anyhow!(e))?;
+            let s = session(&cfg).await?;
+            let snap = resolve(&s, &id).await?;
+            let sid = SnapshotId::from_slice(&snap.id)?;
+            s.delete(&sid).await?;
+            println!(
+                "deleted snapshot {sid} of {}:{} (space is reclaimed by maintenance)",
+                snap.identity, snap.path
+            );
         }
         Cmd::Ls { target } => {
             let cfg = ClientConfig::load(&cfg_path).map_err(|e| anyhow::anyhow!(e))?;

@@ -17,6 +17,7 @@ use coffer_proto::{v1, ChunkId, SnapshotId};
 use tokio::sync::mpsc;
 
 use crate::chunk::{chunk_file, Chunk, ChunkerParams};
+use crate::parent::{match_parent, TreeCache};
 use crate::session::{Frame, Session};
 use crate::walk::walk;
 use crate::ClientError;
@@ -30,6 +31,10 @@ pub struct BackupOptions {
     pub workers: usize,
     /// Target bytes per need/upload batch.
     pub batch_bytes: usize,
+    /// Local tree cache directory (none: no cache).
+    pub cache_dir: Option<PathBuf>,
+    /// Read every file even when the parent snapshot says it is unchanged.
+    pub no_parent: bool,
 }
 
 impl Default for BackupOptions {
@@ -38,6 +43,8 @@ impl Default for BackupOptions {
             zstd_level: Some(1),
             workers: std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
             batch_bytes: 8 << 20,
+            cache_dir: None,
+            no_parent: false,
         }
     }
 }
@@ -48,6 +55,9 @@ pub struct BackupSummary {
     pub snapshot: String,
     pub path: String,
     pub files: u64,
+    /// Files not read because the parent snapshot had them unchanged.
+    pub files_unchanged: u64,
+    pub bytes: u64,
     pub bytes_read: u64,
     pub chunks: u64,
     pub new_chunks: u64,
@@ -150,12 +160,30 @@ pub async fn backup(
         max: chunker.max_size,
     };
     let key = *session.dedup_key();
+    let cache = TreeCache::new(opts.cache_dir.clone(), key);
+    let root_text = root.to_string_lossy().into_owned();
+
+    // parent snapshot: unchanged files keep their chunk lists without being read
+    let mut file_chunks: Vec<Option<Vec<ChunkId>>> = vec![None; w.files.len()];
+    let mut unchanged = 0;
+    if !opts.no_parent {
+        if let Some(parent) = session
+            .list(&root_text)
+            .await?
+            .into_iter()
+            .rfind(|s| !s.partial)
+        {
+            let proot = ChunkId::from_slice(&parent.root)?;
+            unchanged = match_parent(session, &cache, &w.root, proot, &mut file_chunks).await?;
+        }
+    }
+    let reused: Vec<bool> = file_chunks.iter().map(Option::is_some).collect();
 
     // chunk + hash on worker threads
     let (tx, mut rx) = mpsc::channel::<Msg>(256);
     let (job_tx, job_rx) = crossbeam_channel::unbounded::<(usize, PathBuf)>();
     for (i, f) in w.files.iter().enumerate() {
-        if f.same_as.is_none() {
+        if f.same_as.is_none() && !reused[i] {
             job_tx.send((i, f.path.clone()))?;
         }
     }
@@ -185,7 +213,11 @@ pub async fn backup(
         pending_bytes: 0,
         summary: BackupSummary::default(),
     };
-    let mut file_chunks: Vec<Option<Vec<ChunkId>>> = vec![Some(Vec::new()); w.files.len()];
+    for (i, c) in file_chunks.iter_mut().enumerate() {
+        if !reused[i] {
+            *c = Some(Vec::new());
+        }
+    }
     let mut errors: Vec<String> = w
         .errors
         .iter()
@@ -219,10 +251,15 @@ pub async fn backup(
         }
     }
     up.summary.files = file_chunks.iter().filter(|c| c.is_some()).count() as u64;
+    up.summary.files_unchanged = unchanged;
+    up.summary.bytes = w.bytes;
 
     // trees, then the commit point
     let mut trees = Vec::new();
     let root_id = crate::tree::build(&w.root, &file_chunks, &key, &mut |c| trees.push(c));
+    for t in &trees {
+        cache.put(&t.id, &t.data);
+    }
     for t in trees {
         up.add(t).await?;
     }
@@ -230,11 +267,11 @@ pub async fn backup(
     let partial = !errors.is_empty();
     let mut s = up.summary;
     let snap = v1::Snapshot {
-        path: root.to_string_lossy().into_owned(),
+        path: root_text.clone(),
         root: bytes::Bytes::copy_from_slice(root_id.as_bytes()),
         stats: Some(v1::SnapshotStats {
             files: s.files,
-            bytes: s.bytes_read,
+            bytes: s.bytes,
             uploaded_bytes: s.uploaded_bytes,
             chunks: s.chunks,
         }),

@@ -335,6 +335,20 @@ impl Session {
             .snapshots)
     }
 
+    /// Deletes one of this user's snapshots.
+    ///
+    /// # Errors
+    /// RPC failures (`NOT_FOUND` for unknown or invisible snapshots).
+    pub async fn delete(&self, id: &SnapshotId) -> Result<(), ClientError> {
+        self.client
+            .clone()
+            .delete_snapshot(v1::DeleteSnapshotRequest {
+                id: Bytes::copy_from_slice(id.as_bytes()),
+            })
+            .await?;
+        Ok(())
+    }
+
     /// One snapshot.
     ///
     /// # Errors

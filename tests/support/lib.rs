@@ -46,6 +46,9 @@ pub struct Appliance {
     key: PathBuf,
     pub pack_target: Option<u64>,
     child: Option<Child>,
+    /// Held open while the appliance runs: when the test process ends, the pipe closes and the
+    /// appliance (`--shutdown-on-stdin`) stops by itself.
+    stdin: Option<std::process::ChildStdin>,
     pub addr: Option<String>,
     pub fingerprint: Option<String>,
     log: PathBuf,
@@ -82,6 +85,7 @@ impl Appliance {
             key: dir.join("key.pem"),
             pack_target: None,
             child: None,
+            stdin: None,
             addr: None,
             fingerprint: None,
             log: dir.join("appliance.log"),
@@ -125,6 +129,7 @@ impl Appliance {
         let mut c = appliance_cmd();
         c.args([
             "serve",
+            "--shutdown-on-stdin",
             "--repo",
             &self.repo_str(),
             "--listen",
@@ -144,7 +149,12 @@ impl Appliance {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let mut child = c.stdout(Stdio::piped()).stderr(log).spawn()?;
+        let mut child = c
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()?;
+        self.stdin = child.stdin.take();
         let stdout = child.stdout.take().context("stdout")?;
         let mut lines = BufReader::new(stdout).lines();
         let mut fp = None;
@@ -181,6 +191,7 @@ impl Appliance {
 
     /// SIGKILL, no chance to clean up.
     pub fn kill(&mut self) {
+        self.stdin = None;
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -284,4 +295,63 @@ pub fn data(seed: u64, len: usize, compressible: bool) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// Runs the `coffer` client binary with `config` as its configuration; returns
+/// (exit code, stdout, stderr).
+///
+/// # Errors
+/// When the binary cannot be started.
+pub fn coffer(config: &Path, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
+    let out = Command::new(bin("coffer"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("COFFER_PASSWORD", USER_PASSWORD)
+        .env("XDG_CACHE_HOME", config.with_extension("cache"))
+        .stdin(Stdio::null())
+        .output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// Describes a tree for bit-exact comparison: relative path -> (kind, mode, mtime, content hash
+/// or symlink target, hardlink class). The root itself is not described.
+///
+/// # Errors
+/// I/O errors.
+pub fn describe(root: &Path) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut inodes: std::collections::HashMap<u64, String> = std::collections::HashMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let mut names: Vec<_> = std::fs::read_dir(&dir)?.collect::<Result<_, _>>()?;
+        names.sort_by_key(std::fs::DirEntry::file_name);
+        for e in names {
+            let p = e.path();
+            let rel = p.strip_prefix(root)?.to_string_lossy().into_owned();
+            let m = std::fs::symlink_metadata(&p)?;
+            let mtime = m.mtime() * 1_000_000_000 + m.mtime_nsec();
+            let desc = if m.file_type().is_symlink() {
+                format!("link {}", std::fs::read_link(&p)?.display())
+            } else if m.is_dir() {
+                stack.push(p.clone());
+                format!("dir {:o} {mtime}", m.mode() & 0o7777)
+            } else {
+                let first = inodes.entry(m.ino()).or_insert_with(|| rel.clone()).clone();
+                let hash = blake3::hash(&std::fs::read(&p)?);
+                format!(
+                    "file {:o} {mtime} {} {hash} link-class={first}",
+                    m.mode() & 0o7777,
+                    m.len()
+                )
+            };
+            out.insert(rel, desc);
+        }
+    }
+    Ok(out)
 }

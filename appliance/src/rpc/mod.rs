@@ -378,6 +378,28 @@ impl Coffer for CofferService {
         Ok(Response::new(v1::ListSnapshotsResponse { snapshots }))
     }
 
+    async fn delete_snapshot(
+        &self,
+        req: Request<v1::DeleteSnapshotRequest>,
+    ) -> Result<Response<v1::DeleteSnapshotResponse>, Status> {
+        let session = self.inner.session(&req)?;
+        let id = SnapshotId::from_slice(&req.into_inner().id)
+            .map_err(|e| Status::invalid_argument(format!("snapshot id: {e}")))?;
+        let catalog = self.inner.catalog.clone();
+        let owner = session.identity.clone();
+        tokio::task::spawn_blocking(move || match catalog.snapshot(&id)? {
+            // Another user's snapshot is reported exactly like a missing one.
+            Some(s) if s.identity == owner => catalog.delete_snapshot(&id).map(|()| true),
+            _ => Ok(false),
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(e.to_string()))?
+        .then_some(())
+        .ok_or_else(|| Status::not_found(format!("no snapshot {id}")))?;
+        Ok(Response::new(v1::DeleteSnapshotResponse {}))
+    }
+
     async fn get_snapshot(
         &self,
         req: Request<v1::GetSnapshotRequest>,
