@@ -41,7 +41,9 @@ impl Default for BackupOptions {
     fn default() -> Self {
         Self {
             zstd_level: Some(1),
-            workers: std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
+            // Reading is I/O-bound on a cold cache: many readers beat one per core (16 parallel
+            // readers read the Linux tree 2.9x faster than one on the 2-core machine).
+            workers: 16,
             batch_bytes: 8 << 20,
             cache_dir: None,
             no_parent: false,
@@ -78,13 +80,47 @@ enum Msg {
     },
 }
 
+/// Batches handed to need + upload at the same time (they overlap with reading).
+const UPLOADS_IN_FLIGHT: usize = 3;
+
 struct Uploader<'a> {
     session: &'a Session,
     opts: &'a BackupOptions,
     seen: HashSet<ChunkId>,
     pending: Vec<Chunk>,
     pending_bytes: usize,
+    in_flight: tokio::task::JoinSet<Result<(u64, u64), ClientError>>,
     summary: BackupSummary,
+}
+
+/// need + upload of one batch: `FindMissing`, then zstd and `PutChunks` for the missing ones.
+/// Returns (new chunks, bytes sent).
+async fn need_and_upload(
+    session: Session,
+    batch: Vec<Chunk>,
+    level: Option<i32>,
+    batch_bytes: usize,
+) -> Result<(u64, u64), ClientError> {
+    let ids: Vec<ChunkId> = batch.iter().map(|c| c.id).collect();
+    let missing = session.find_missing(&ids).await?;
+    let todo: Vec<Chunk> = batch
+        .into_iter()
+        .zip(missing)
+        .filter(|(_, m)| *m)
+        .map(|(c, _)| c)
+        .collect();
+    if todo.is_empty() {
+        return Ok((0, 0));
+    }
+    let frames = tokio::task::spawn_blocking(move || {
+        todo.into_iter()
+            .map(|c| Frame::new(c.id, c.data, level))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let st = session.put(frames, batch_bytes).await?;
+    Ok((st.stored, st.sent_bytes))
 }
 
 impl Uploader<'_> {
@@ -101,34 +137,43 @@ impl Uploader<'_> {
         Ok(())
     }
 
+    fn account(
+        &mut self,
+        r: Result<Result<(u64, u64), ClientError>, tokio::task::JoinError>,
+    ) -> Result<(), ClientError> {
+        let (stored, sent) = r.map_err(|e| ClientError::Protocol(e.to_string()))??;
+        self.summary.new_chunks += stored;
+        self.summary.uploaded_bytes += sent;
+        Ok(())
+    }
+
+    /// Hands the pending batch to a background task, waiting first if too many are in flight.
     async fn flush(&mut self) -> Result<(), ClientError> {
         if self.pending.is_empty() {
             return Ok(());
         }
+        while self.in_flight.len() >= UPLOADS_IN_FLIGHT {
+            if let Some(r) = self.in_flight.join_next().await {
+                self.account(r)?;
+            }
+        }
         let batch = std::mem::take(&mut self.pending);
         self.pending_bytes = 0;
-        let ids: Vec<ChunkId> = batch.iter().map(|c| c.id).collect();
-        let missing = self.session.find_missing(&ids).await?;
-        let level = self.opts.zstd_level;
-        let todo: Vec<Chunk> = batch
-            .into_iter()
-            .zip(missing)
-            .filter(|(_, m)| *m)
-            .map(|(c, _)| c)
-            .collect();
-        if todo.is_empty() {
-            return Ok(());
+        self.in_flight.spawn(need_and_upload(
+            self.session.clone(),
+            batch,
+            self.opts.zstd_level,
+            self.opts.batch_bytes,
+        ));
+        Ok(())
+    }
+
+    /// Flushes and waits until every batch is acknowledged.
+    async fn finish(&mut self) -> Result<(), ClientError> {
+        self.flush().await?;
+        while let Some(r) = self.in_flight.join_next().await {
+            self.account(r)?;
         }
-        let frames = tokio::task::spawn_blocking(move || {
-            todo.into_iter()
-                .map(|c| Frame::new(c.id, c.data, level))
-                .collect::<Vec<_>>()
-        })
-        .await
-        .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let st = self.session.put(frames, self.opts.batch_bytes).await?;
-        self.summary.new_chunks += st.stored;
-        self.summary.uploaded_bytes += st.sent_bytes;
         Ok(())
     }
 }
@@ -211,6 +256,7 @@ pub async fn backup(
         seen: HashSet::new(),
         pending: Vec::new(),
         pending_bytes: 0,
+        in_flight: tokio::task::JoinSet::new(),
         summary: BackupSummary::default(),
     };
     for (i, c) in file_chunks.iter_mut().enumerate() {
@@ -263,7 +309,7 @@ pub async fn backup(
     for t in trees {
         up.add(t).await?;
     }
-    up.flush().await?;
+    up.finish().await?;
     let partial = !errors.is_empty();
     let mut s = up.summary;
     let snap = v1::Snapshot {

@@ -17,7 +17,10 @@ use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::{StreamExt, TryStreamExt};
 
 use coffer_proto::v1::{Node, NodeKind, Tree};
 use coffer_proto::{unpack_ids, ChunkId};
@@ -70,120 +73,124 @@ fn ensure_dir(p: &Path) -> std::io::Result<()> {
 /// # Errors
 /// RPC failures, corrupt or malicious trees.
 pub async fn fetch_tree(session: &Session, id: &ChunkId) -> anyhow::Result<Tree> {
-    let bytes = session.get(&[*id]).await?;
-    let b = bytes
-        .into_iter()
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("tree {id} missing"))?;
-    Ok(decode_checked(id, &b)?)
+    Ok(fetch_trees(session, &[*id])
+        .await?
+        .pop()
+        .expect("one tree asked, one returned"))
 }
 
-struct Restorer<'a> {
-    session: &'a Session,
-    links: HashMap<u64, PathBuf>,
-    sum: RestoreSummary,
-    chown: bool,
+/// Fetches and checks many trees in one streaming call.
+///
+/// # Errors
+/// RPC failures, corrupt or malicious trees.
+pub async fn fetch_trees(session: &Session, ids: &[ChunkId]) -> anyhow::Result<Vec<Tree>> {
+    let bytes = session.get(ids).await?;
+    ids.iter()
+        .zip(bytes)
+        .map(|(id, b)| Ok(decode_checked(id, &b)?))
+        .collect()
 }
 
-impl Restorer<'_> {
-    async fn dir(&mut self, tree_id: ChunkId, path: &Path) -> anyhow::Result<()> {
-        let tree = fetch_tree(self.session, &tree_id).await?;
-        for n in &tree.nodes {
-            let p = path.join(OsStr::from_bytes(&n.name));
-            match NodeKind::try_from(n.kind) {
-                Ok(NodeKind::Dir) => {
-                    let sub = ChunkId::from_slice(&n.subtree)
-                        .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-                    ensure_dir(&p)?;
-                    Box::pin(self.dir(sub, &p)).await?;
-                    self.meta(&p, n, false)?;
-                    self.sum.dirs += 1;
-                }
-                Ok(NodeKind::File) => self.file(n, &p).await?,
-                Ok(NodeKind::Symlink) => {
-                    clear(&p)?;
-                    std::os::unix::fs::symlink(OsStr::from_bytes(&n.symlink_target), &p)?;
-                    if self.chown {
-                        let _ = std::os::unix::fs::lchown(&p, Some(n.uid), Some(n.gid));
-                    }
-                    self.sum.symlinks += 1;
-                }
-                _ => anyhow::bail!("{}: unknown node kind {}", p.display(), n.kind),
-            }
-        }
-        Ok(())
+/// Files fetched together: small files share one `GetChunks` call.
+const GROUP_CHUNKS: usize = 256;
+const GROUP_BYTES: u64 = 16 << 20;
+/// Groups restored at the same time.
+const GROUPS_IN_FLIGHT: usize = 8;
+/// `O_NOFOLLOW` on Linux.
+const O_NOFOLLOW: i32 = 0o400_000;
+
+static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+fn set_meta(p: &Path, n: &Node, chown: bool) -> std::io::Result<()> {
+    if chown {
+        let _ = std::os::unix::fs::lchown(p, Some(n.uid), Some(n.gid));
     }
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(n.mode & 0o7777))?;
+    let t = time_of(n.mtime_ns);
+    File::open(p)?.set_times(std::fs::FileTimes::new().set_modified(t).set_accessed(t))
+}
 
-    async fn file(&mut self, n: &Node, p: &Path) -> anyhow::Result<()> {
-        if n.hardlink_group != 0 {
-            if let Some(first) = self.links.get(&n.hardlink_group) {
-                clear(p)?;
-                std::fs::hard_link(first, p)?;
-                self.sum.files += 1;
-                return Ok(());
-            }
-        }
-        let ids = unpack_ids(&n.chunks, usize::MAX)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-        let dir = p.parent().unwrap_or(Path::new("."));
-        let tmp = dir.join(format!(".coffer-restore-{}", std::process::id()));
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc_o_nofollow())
-            .open(&tmp)?;
-        let mut written = 0u64;
-        for part in ids.chunks(64) {
-            for data in self.session.get(part).await? {
+/// A fresh temporary file beside `p` (`O_CREAT|O_EXCL|O_NOFOLLOW`).
+fn temp_beside(p: &Path) -> std::io::Result<(PathBuf, File)> {
+    let dir = p.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".coffer-restore-{}-{}",
+        std::process::id(),
+        TMP_SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(O_NOFOLLOW)
+        .open(&tmp)?;
+    Ok((tmp, f))
+}
+
+/// Renames a completely written temporary file over `p` and sets its metadata.
+fn install(tmp: &Path, written: u64, p: &Path, n: &Node, chown: bool) -> anyhow::Result<()> {
+    if written != n.size {
+        let _ = std::fs::remove_file(tmp);
+        anyhow::bail!(
+            "{}: restored {written} bytes but the snapshot says {}",
+            p.display(),
+            n.size
+        );
+    }
+    clear(p)?;
+    std::fs::rename(tmp, p)?;
+    set_meta(p, n, chown)?;
+    Ok(())
+}
+
+struct FileJob {
+    path: PathBuf,
+    node: Node,
+    ids: Vec<ChunkId>,
+}
+
+async fn restore_group(session: &Session, group: Vec<FileJob>, chown: bool) -> anyhow::Result<u64> {
+    let mut bytes = 0;
+    if group.len() == 1 && group[0].ids.len() > GROUP_CHUNKS {
+        // One large file: fetch and write it in parts.
+        let job = &group[0];
+        let (tmp, mut f) = temp_beside(&job.path)?;
+        let mut written = 0;
+        for part in job.ids.chunks(64) {
+            for data in session.get(part).await? {
                 f.write_all(&data)?;
                 written += data.len() as u64;
             }
         }
-        if written != n.size {
-            drop(f);
-            let _ = std::fs::remove_file(&tmp);
-            anyhow::bail!(
-                "{}: restored {written} bytes but the snapshot says {}",
-                p.display(),
-                n.size
-            );
-        }
-        f.sync_data()?;
         drop(f);
-        clear(p)?;
-        std::fs::rename(&tmp, p)?;
-        self.meta(p, n, true)?;
-        if n.hardlink_group != 0 {
-            self.links.insert(n.hardlink_group, p.to_path_buf());
-        }
-        self.sum.files += 1;
-        self.sum.bytes += written;
-        Ok(())
+        install(&tmp, written, &job.path, &job.node, chown)?;
+        return Ok(written);
     }
-
-    fn meta(&self, p: &Path, n: &Node, _file: bool) -> anyhow::Result<()> {
-        if self.chown {
-            let _ = std::os::unix::fs::lchown(p, Some(n.uid), Some(n.gid));
+    let ids: Vec<ChunkId> = group.iter().flat_map(|j| j.ids.iter().copied()).collect();
+    let mut data = session.get(&ids).await?.into_iter();
+    for job in &group {
+        let (tmp, mut f) = temp_beside(&job.path)?;
+        let mut written = 0;
+        for chunk in data.by_ref().take(job.ids.len()) {
+            f.write_all(&chunk)?;
+            written += chunk.len() as u64;
         }
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(n.mode & 0o7777))?;
-        let t = time_of(n.mtime_ns);
-        File::open(p)?.set_times(std::fs::FileTimes::new().set_modified(t).set_accessed(t))?;
-        Ok(())
+        drop(f);
+        install(&tmp, written, &job.path, &job.node, chown)?;
+        bytes += written;
     }
+    Ok(bytes)
 }
 
-const fn libc_o_nofollow() -> i32 {
-    // O_NOFOLLOW on Linux (all architectures coffer supports).
-    0o400_000
-}
-
-/// Restores the tree `root` (a directory) into `target`, creating it if needed.
+/// Restores the tree `root` (a directory) into `target`, creating it if needed. Trees are read
+/// level by level (one streaming call per level), then files are fetched in groups, several at
+/// a time, then hard links are made and directory metadata is set deepest first.
+///
+/// `chown`: also restore owners (only when running as root).
 ///
 /// # Errors
 /// RPC failures, a target that is not a directory, malicious trees, I/O errors.
-/// `chown`: also restore owners (only when running as root).
 pub async fn restore(
     session: &Session,
     root: ChunkId,
@@ -191,12 +198,90 @@ pub async fn restore(
     chown: bool,
 ) -> anyhow::Result<RestoreSummary> {
     ensure_dir(target).map_err(|e| anyhow::anyhow!("{}: {e}", target.display()))?;
-    let mut r = Restorer {
-        session,
-        links: HashMap::new(),
-        sum: RestoreSummary::default(),
-        chown,
-    };
-    r.dir(root, target).await?;
-    Ok(r.sum)
+    let mut sum = RestoreSummary::default();
+    let mut dirs: Vec<(PathBuf, Node)> = Vec::new();
+    let mut files: Vec<FileJob> = Vec::new();
+    let mut links: Vec<(PathBuf, u64)> = Vec::new();
+    let mut first_of_group: HashMap<u64, PathBuf> = HashMap::new();
+    let mut level: Vec<(PathBuf, ChunkId)> = vec![(target.to_path_buf(), root)];
+    while !level.is_empty() {
+        let ids: Vec<ChunkId> = level.iter().map(|l| l.1).collect();
+        let trees = fetch_trees(session, &ids).await?;
+        let mut next = Vec::new();
+        for ((dir, _), tree) in level.into_iter().zip(trees) {
+            for n in tree.nodes {
+                let p = dir.join(OsStr::from_bytes(&n.name));
+                match NodeKind::try_from(n.kind) {
+                    Ok(NodeKind::Dir) => {
+                        let sub = ChunkId::from_slice(&n.subtree)
+                            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+                        ensure_dir(&p)?;
+                        next.push((p.clone(), sub));
+                        dirs.push((p, n));
+                    }
+                    Ok(NodeKind::File) => {
+                        if n.hardlink_group != 0 {
+                            if first_of_group.contains_key(&n.hardlink_group) {
+                                links.push((p, n.hardlink_group));
+                                continue;
+                            }
+                            first_of_group.insert(n.hardlink_group, p.clone());
+                        }
+                        let ids = unpack_ids(&n.chunks, usize::MAX)
+                            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+                        files.push(FileJob {
+                            path: p,
+                            node: n,
+                            ids,
+                        });
+                    }
+                    Ok(NodeKind::Symlink) => {
+                        clear(&p)?;
+                        std::os::unix::fs::symlink(OsStr::from_bytes(&n.symlink_target), &p)?;
+                        if chown {
+                            let _ = std::os::unix::fs::lchown(&p, Some(n.uid), Some(n.gid));
+                        }
+                        sum.symlinks += 1;
+                    }
+                    _ => anyhow::bail!("{}: unknown node kind {}", p.display(), n.kind),
+                }
+            }
+        }
+        level = next;
+    }
+
+    let mut groups: Vec<Vec<FileJob>> = Vec::new();
+    let (mut cur_chunks, mut cur_bytes) = (0usize, 0u64);
+    sum.files = files.len() as u64;
+    for f in files {
+        if groups.is_empty()
+            || cur_chunks + f.ids.len() > GROUP_CHUNKS
+            || cur_bytes + f.node.size > GROUP_BYTES
+        {
+            groups.push(Vec::new());
+            cur_chunks = 0;
+            cur_bytes = 0;
+        }
+        cur_chunks += f.ids.len();
+        cur_bytes += f.node.size;
+        groups.last_mut().expect("pushed").push(f);
+    }
+    let written: Vec<u64> = futures::stream::iter(groups)
+        .map(|g| restore_group(session, g, chown))
+        .buffer_unordered(GROUPS_IN_FLIGHT)
+        .try_collect()
+        .await?;
+    sum.bytes = written.iter().sum();
+
+    for (p, g) in links {
+        clear(&p)?;
+        std::fs::hard_link(&first_of_group[&g], &p)?;
+        sum.files += 1;
+    }
+    // Deepest first, so that setting a directory's mtime is the last change inside it.
+    for (p, n) in dirs.iter().rev() {
+        set_meta(p, n, chown)?;
+        sum.dirs += 1;
+    }
+    Ok(sum)
 }
