@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use coffer_client::config::{default_path, ClientConfig};
-use coffer_client::pipeline::{backup, BackupOptions};
+use coffer_client::pipeline::{backup, BackupOptions, Progress};
 use coffer_client::restore::{fetch_tree, restore};
 use coffer_client::{Session, SessionOptions, Target};
 use coffer_proto::v1::NodeKind;
@@ -115,6 +115,53 @@ fn config_path(cli: Option<PathBuf>) -> PathBuf {
             std::env::var_os("HOME").map(Into::into),
         )
     })
+}
+
+/// Renders backup progress until aborted: a bar on a terminal (files, bytes, uploaded, speed,
+/// ETA), a plain line every 10 seconds otherwise.
+async fn show_progress(p: std::sync::Arc<Progress>) {
+    use std::io::IsTerminal;
+    use std::sync::atomic::Ordering::Relaxed;
+    let tty = std::io::stderr().is_terminal();
+    let bar = tty.then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let _finish = FinishOnDrop(bar.clone());
+    let start = std::time::Instant::now();
+    let mut last_line = start;
+    loop {
+        let (ft, fd) = (p.files_total.load(Relaxed), p.files_done.load(Relaxed));
+        let (bt, bd, up) = (p.bytes_total.load(Relaxed), p.bytes_done.load(Relaxed), p.bytes_uploaded.load(Relaxed));
+        if let Some(b) = &bar {
+            b.set_length(bt);
+            b.set_position(bd);
+            b.set_message(format!("{fd}/{ft} files, {} uploaded", indicatif::HumanBytes(up)));
+        } else if last_line.elapsed() >= std::time::Duration::from_secs(10) {
+            eprintln!(
+                "progress: {fd}/{ft} files, {bd}/{bt} bytes, {up} bytes uploaded, {:.0}s",
+                start.elapsed().as_secs_f64()
+            );
+            last_line = std::time::Instant::now();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+struct FinishOnDrop(Option<indicatif::ProgressBar>);
+
+impl Drop for FinishOnDrop {
+    fn drop(&mut self) {
+        if let Some(b) = &self.0 {
+            b.finish_and_clear();
+        }
+    }
 }
 
 /// `$XDG_CACHE_HOME/coffer/trees`, else `~/.cache/coffer/trees`.
@@ -261,12 +308,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let s = session(&cfg).await?;
             let mut partial = false;
             for p in paths {
+                let progress = std::sync::Arc::new(Progress::default());
                 let opts = BackupOptions {
                     cache_dir: cache_dir(),
                     no_parent,
+                    progress: Some(progress.clone()),
                     ..BackupOptions::default()
                 };
-                let sum = backup(&s, &p, &opts).await?;
+                let ticker = tokio::spawn(show_progress(progress));
+                let res = backup(&s, &p, &opts).await;
+                ticker.abort();
+                let _ = ticker.await;
+                let sum = res?;
                 for e in &sum.errors {
                     eprintln!("warning: {e}");
                 }

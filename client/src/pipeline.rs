@@ -10,6 +10,8 @@
 //!   once the appliance acknowledged it durable.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -35,6 +37,18 @@ pub struct BackupOptions {
     pub cache_dir: Option<PathBuf>,
     /// Read every file even when the parent snapshot says it is unchanged.
     pub no_parent: bool,
+    /// Counters the caller may display while the backup runs.
+    pub progress: Option<Arc<Progress>>,
+}
+
+/// Live counters of a running backup (the CLI renders them; the library never prints).
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub files_total: AtomicU64,
+    pub bytes_total: AtomicU64,
+    pub files_done: AtomicU64,
+    pub bytes_done: AtomicU64,
+    pub bytes_uploaded: AtomicU64,
 }
 
 impl Default for BackupOptions {
@@ -47,6 +61,7 @@ impl Default for BackupOptions {
             batch_bytes: 8 << 20,
             cache_dir: None,
             no_parent: false,
+            progress: None,
         }
     }
 }
@@ -91,6 +106,7 @@ struct Uploader<'a> {
     pending_bytes: usize,
     in_flight: tokio::task::JoinSet<Result<(u64, u64), ClientError>>,
     summary: BackupSummary,
+    progress: Arc<Progress>,
 }
 
 /// need + upload of one batch: `FindMissing`, then zstd and `PutChunks` for the missing ones.
@@ -144,6 +160,7 @@ impl Uploader<'_> {
         let (stored, sent) = r.map_err(|e| ClientError::Protocol(e.to_string()))??;
         self.summary.new_chunks += stored;
         self.summary.uploaded_bytes += sent;
+        self.progress.bytes_uploaded.fetch_add(sent, Ordering::Relaxed);
         Ok(())
     }
 
@@ -223,6 +240,17 @@ pub async fn backup(
         }
     }
     let reused: Vec<bool> = file_chunks.iter().map(Option::is_some).collect();
+    let progress = opts.progress.clone().unwrap_or_default();
+    progress.files_total.store(w.files.len() as u64, Ordering::Relaxed);
+    progress.bytes_total.store(w.bytes, Ordering::Relaxed);
+    for (f, r) in w.files.iter().zip(&reused) {
+        if *r || f.same_as.is_some() {
+            progress.files_done.fetch_add(1, Ordering::Relaxed);
+            if *r && f.same_as.is_none() {
+                progress.bytes_done.fetch_add(f.size, Ordering::Relaxed);
+            }
+        }
+    }
 
     // chunk + hash on worker threads
     let (tx, mut rx) = mpsc::channel::<Msg>(256);
@@ -258,6 +286,7 @@ pub async fn backup(
         pending_bytes: 0,
         in_flight: tokio::task::JoinSet::new(),
         summary: BackupSummary::default(),
+        progress: progress.clone(),
     };
     for (i, c) in file_chunks.iter_mut().enumerate() {
         if !reused[i] {
@@ -278,7 +307,11 @@ pub async fn backup(
                 up.add(chunk).await?;
             }
             Msg::Done { file, result } => match result {
-                Ok(n) => up.summary.bytes_read += n,
+                Ok(n) => {
+                    up.summary.bytes_read += n;
+                    progress.files_done.fetch_add(1, Ordering::Relaxed);
+                    progress.bytes_done.fetch_add(n, Ordering::Relaxed);
+                }
                 Err(e) => {
                     errors.push(format!("{}: {e}", w.files[file].path.display()));
                     file_chunks[file] = None;
