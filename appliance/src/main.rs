@@ -415,7 +415,9 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("COFFER_LOG")
-                .unwrap_or_else(|_| "info".into()),
+                // glommio logs a benign ERROR when it probes a file system for
+                // io_uring polled I/O and finds none; it then uses the normal ring.
+                .unwrap_or_else(|_| "info,glommio::reactor=off".into()),
         )
         .with_writer(std::io::stderr)
         .init();

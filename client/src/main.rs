@@ -89,6 +89,9 @@ enum SnapCmd {
         /// Read every file, even those the previous snapshot has unchanged.
         #[arg(long)]
         no_parent: bool,
+        /// Files read at the same time (reading is I/O-bound: more readers than cores helps).
+        #[arg(long, default_value_t = 16)]
+        readers: usize,
     },
     /// What changed from snapshot A to snapshot B.
     Diff {
@@ -138,11 +141,18 @@ async fn show_progress(p: std::sync::Arc<Progress>) {
     let mut last_line = start;
     loop {
         let (ft, fd) = (p.files_total.load(Relaxed), p.files_done.load(Relaxed));
-        let (bt, bd, up) = (p.bytes_total.load(Relaxed), p.bytes_done.load(Relaxed), p.bytes_uploaded.load(Relaxed));
+        let (bt, bd, up) = (
+            p.bytes_total.load(Relaxed),
+            p.bytes_done.load(Relaxed),
+            p.bytes_uploaded.load(Relaxed),
+        );
         if let Some(b) = &bar {
             b.set_length(bt);
             b.set_position(bd);
-            b.set_message(format!("{fd}/{ft} files, {} uploaded", indicatif::HumanBytes(up)));
+            b.set_message(format!(
+                "{fd}/{ft} files, {} uploaded",
+                indicatif::HumanBytes(up)
+            ));
         } else if last_line.elapsed() >= std::time::Duration::from_secs(10) {
             eprintln!(
                 "progress: {fd}/{ft} files, {bd}/{bt} bytes, {up} bytes uploaded, {:.0}s",
@@ -302,6 +312,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     paths,
                     json,
                     no_parent,
+                    readers,
                 },
         } => {
             let cfg = ClientConfig::load(&cfg_path).map_err(|e| anyhow::anyhow!(e))?;
@@ -312,6 +323,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let opts = BackupOptions {
                     cache_dir: cache_dir(),
                     no_parent,
+                    workers: readers.max(1),
                     progress: Some(progress.clone()),
                     ..BackupOptions::default()
                 };

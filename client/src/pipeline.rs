@@ -10,9 +10,9 @@
 //!   once the appliance acknowledged it durable.
 
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use coffer_proto::{v1, ChunkId, SnapshotId};
@@ -160,7 +160,9 @@ impl Uploader<'_> {
         let (stored, sent) = r.map_err(|e| ClientError::Protocol(e.to_string()))??;
         self.summary.new_chunks += stored;
         self.summary.uploaded_bytes += sent;
-        self.progress.bytes_uploaded.fetch_add(sent, Ordering::Relaxed);
+        self.progress
+            .bytes_uploaded
+            .fetch_add(sent, Ordering::Relaxed);
         Ok(())
     }
 
@@ -241,7 +243,9 @@ pub async fn backup(
     }
     let reused: Vec<bool> = file_chunks.iter().map(Option::is_some).collect();
     let progress = opts.progress.clone().unwrap_or_default();
-    progress.files_total.store(w.files.len() as u64, Ordering::Relaxed);
+    progress
+        .files_total
+        .store(w.files.len() as u64, Ordering::Relaxed);
     progress.bytes_total.store(w.bytes, Ordering::Relaxed);
     for (f, r) in w.files.iter().zip(&reused) {
         if *r || f.same_as.is_some() {
@@ -265,8 +269,9 @@ pub async fn backup(
     for _ in 0..opts.workers.max(1) {
         let (job_rx, tx) = (job_rx.clone(), tx.clone());
         workers.push(std::thread::spawn(move || {
+            let mut buf = Vec::new();
             for (file, path) in job_rx {
-                let result = chunk_file(&path, params, &key, |chunk| {
+                let result = chunk_file(&path, params, &key, &mut buf, |chunk| {
                     let _ = tx.blocking_send(Msg::Chunk { file, chunk });
                 });
                 if tx.blocking_send(Msg::Done { file, result }).is_err() {
