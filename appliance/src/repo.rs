@@ -55,11 +55,13 @@ pub struct ChunkerParams {
 }
 
 impl ChunkerParams {
-    /// Default: 256 KiB / 1 MiB / 4 MiB.
+    /// Default: 16 KiB / 64 KiB / 256 KiB. Small enough that a block-level change inside a disk
+    /// image re-uploads little (1 MiB chunks re-uploaded 15 % of the bench's image-v2, where 2 %
+    /// of the blocks changed), large enough that per-chunk costs stay small.
     pub const DEFAULT: Self = Self {
-        min: 256 << 10,
-        avg: 1 << 20,
-        max: 4 << 20,
+        min: 16 << 10,
+        avg: 64 << 10,
+        max: 256 << 10,
     };
 
     /// Checks the sizes FastCDC accepts and the appliance can carry.

@@ -15,7 +15,7 @@ coffer_start() {
     "$COFFER_BIN/coffer-appliance" init --repo "$REPO" > "$LOGDIR/coffer-init.log" 2>&1
     "$COFFER_BIN/coffer-appliance" user add bench@bench --repo "$REPO" >> "$LOGDIR/coffer-init.log" 2>&1
     rm -f "$WORK/coffer-cert.pem" "$WORK/coffer-key.pem" "$WORK/coffer-serve.out"
-    COFFER_LOG=warn "$COFFER_BIN/coffer-appliance" serve --repo "$REPO" --listen 127.0.0.1:0 --tls-generate-cert \
+    COFFER_LOG="warn,glommio::reactor=off" "$COFFER_BIN/coffer-appliance" serve --repo "$REPO" --listen 127.0.0.1:0 --tls-generate-cert \
         --tls-cert-file "$WORK/coffer-cert.pem" --tls-key-file "$WORK/coffer-key.pem" \
         > "$WORK/coffer-serve.out" 2> "$LOGDIR/coffer-serve.log" &
     COFFER_PID=$!

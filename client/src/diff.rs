@@ -125,7 +125,10 @@ async fn walk(
                         ChunkId::from_slice(&nb.subtree)?,
                     );
                     Box::pin(walk(session, cache, sa, sb, p, out)).await?;
-                } else if na.chunks != nb.chunks || na.symlink_target != nb.symlink_target {
+                } else if na.chunks != nb.chunks
+                    || na.chunk_lists != nb.chunk_lists
+                    || na.symlink_target != nb.symlink_target
+                {
                     out.push(Change { kind: 'M', path: p });
                 } else if na.mode != nb.mode
                     || na.mtime_ns != nb.mtime_ns

@@ -10,10 +10,10 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use coffer_proto::v1::{NodeKind, Tree};
-use coffer_proto::{unpack_ids, ChunkId};
+use coffer_proto::ChunkId;
 
 use crate::session::Session;
-use crate::tree::decode_checked;
+use crate::tree::{check_unique, decode_checked};
 use crate::walk::{Dir, Entry};
 
 /// Local cache of tree objects.
@@ -62,17 +62,30 @@ impl TreeCache {
     /// # Errors
     /// RPC failures, corrupt trees.
     pub async fn load(&self, session: &Session, id: &ChunkId) -> anyhow::Result<Tree> {
-        if let Some(b) = self.get(id) {
-            return Ok(decode_checked(id, &b)?);
+        let mut tree = Tree::default();
+        let mut part_id = *id;
+        for _ in 0..(1 << 20) {
+            let b = if let Some(b) = self.get(&part_id) {
+                b
+            } else {
+                let b = session
+                    .get(&[part_id])
+                    .await?
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| anyhow::anyhow!("tree {part_id} missing"))?;
+                self.put(&part_id, &b);
+                b.to_vec()
+            };
+            let part = decode_checked(&part_id, &b)?;
+            tree.nodes.extend(part.nodes);
+            if part.next.is_empty() {
+                check_unique(id, &tree.nodes)?;
+                return Ok(tree);
+            }
+            part_id = ChunkId::from_slice(&part.next)?;
         }
-        let b = session
-            .get(&[*id])
-            .await?
-            .into_iter()
-            .next()
-            .ok_or_else(|| anyhow::anyhow!("tree {id} missing"))?;
-        self.put(id, &b);
-        Ok(decode_checked(id, &b)?)
+        anyhow::bail!("tree {id} has too many parts (a cycle?)")
     }
 }
 
@@ -106,7 +119,7 @@ pub async fn match_parent(
                     && n.ctime_ns == meta.ctime_ns
                     && n.inode == meta.inode;
                 if same {
-                    if let Ok(ids) = unpack_ids(&n.chunks, usize::MAX) {
+                    if let Ok(ids) = crate::restore::node_chunk_ids(session, n).await {
                         reuse[*file] = Some(ids);
                         matched += 1;
                     }

@@ -340,7 +340,11 @@ pub async fn backup(
 
     // trees, then the commit point
     let mut trees = Vec::new();
-    let root_id = crate::tree::build(&w.root, &file_chunks, &key, &mut |c| trees.push(c));
+    let builder = crate::tree::TreeBuilder {
+        dedup_key: &key,
+        max_object: params.max as usize,
+    };
+    let root_id = builder.build(&w.root, &file_chunks, &mut |c| trees.push(c));
     for t in &trees {
         cache.put(&t.id, &t.data);
     }

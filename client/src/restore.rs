@@ -26,7 +26,7 @@ use coffer_proto::v1::{Node, NodeKind, Tree};
 use coffer_proto::{unpack_ids, ChunkId};
 
 use crate::session::Session;
-use crate::tree::decode_checked;
+use crate::tree::{check_unique, decode_checked};
 
 /// What a restore did.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -79,16 +79,66 @@ pub async fn fetch_tree(session: &Session, id: &ChunkId) -> anyhow::Result<Tree>
         .expect("one tree asked, one returned"))
 }
 
-/// Fetches and checks many trees in one streaming call.
+/// Most parts one listing may have (a cycle of parts must not loop forever).
+const MAX_TREE_PARTS: usize = 1 << 20;
+
+/// Fetches and checks many trees (all their parts), batching each round of parts in one call.
 ///
 /// # Errors
 /// RPC failures, corrupt or malicious trees.
 pub async fn fetch_trees(session: &Session, ids: &[ChunkId]) -> anyhow::Result<Vec<Tree>> {
     let bytes = session.get(ids).await?;
-    ids.iter()
+    let mut trees: Vec<Tree> = ids
+        .iter()
         .zip(bytes)
-        .map(|(id, b)| Ok(decode_checked(id, &b)?))
-        .collect()
+        .map(|(id, b)| decode_checked(id, &b))
+        .collect::<Result<_, _>>()?;
+    let mut pending: Vec<(usize, ChunkId)> = Vec::new();
+    for (i, t) in trees.iter_mut().enumerate() {
+        if !t.next.is_empty() {
+            pending.push((i, ChunkId::from_slice(&t.next)?));
+        }
+    }
+    let mut rounds = 0;
+    while !pending.is_empty() {
+        rounds += 1;
+        anyhow::ensure!(
+            rounds <= MAX_TREE_PARTS,
+            "a tree has more than {MAX_TREE_PARTS} parts (a cycle?)"
+        );
+        let part_ids: Vec<ChunkId> = pending.iter().map(|p| p.1).collect();
+        let parts = session.get(&part_ids).await?;
+        let mut again = Vec::new();
+        for ((i, pid), b) in pending.into_iter().zip(parts) {
+            let part = decode_checked(&pid, &b)?;
+            trees[i].nodes.extend(part.nodes);
+            if !part.next.is_empty() {
+                again.push((i, ChunkId::from_slice(&part.next)?));
+            }
+        }
+        pending = again;
+    }
+    for (id, t) in ids.iter().zip(&mut trees) {
+        check_unique(id, &t.nodes)?;
+        t.next = bytes::Bytes::new();
+    }
+    Ok(trees)
+}
+
+/// The chunk ids of a file node, following its list chunks when it has them.
+///
+/// # Errors
+/// RPC failures, malformed lists.
+pub async fn node_chunk_ids(session: &Session, n: &Node) -> anyhow::Result<Vec<ChunkId>> {
+    if n.chunk_lists.is_empty() {
+        return Ok(unpack_ids(&n.chunks, usize::MAX)?);
+    }
+    let lists = unpack_ids(&n.chunk_lists, usize::MAX)?;
+    let mut out = Vec::new();
+    for l in session.get(&lists).await? {
+        out.extend(unpack_ids(&l, usize::MAX)?);
+    }
+    Ok(out)
 }
 
 /// Files fetched together: small files share one `GetChunks` call.
@@ -110,37 +160,65 @@ fn set_meta(p: &Path, n: &Node, chown: bool) -> std::io::Result<()> {
     File::open(p)?.set_times(std::fs::FileTimes::new().set_modified(t).set_accessed(t))
 }
 
-/// A fresh temporary file beside `p` (`O_CREAT|O_EXCL|O_NOFOLLOW`).
-fn temp_beside(p: &Path) -> std::io::Result<(PathBuf, File)> {
-    let dir = p.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".coffer-restore-{}-{}",
-        std::process::id(),
-        TMP_SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_file(&tmp);
-    let f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(O_NOFOLLOW)
-        .open(&tmp)?;
-    Ok((tmp, f))
+/// Opens where `p`'s bytes go: `p` itself when nothing is there (`O_CREAT|O_EXCL|O_NOFOLLOW`
+/// never follows a symlink), else a fresh temporary name beside it that is renamed over `p` once
+/// complete, so whatever was at `p` (a planted symlink included) is replaced, never written
+/// through.
+fn open_dest(p: &Path) -> std::io::Result<(File, Option<PathBuf>)> {
+    let create = |q: &Path| {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(O_NOFOLLOW)
+            .open(q)
+    };
+    match create(p) {
+        Ok(f) => Ok((f, None)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let dir = p.parent().unwrap_or(Path::new("."));
+            let tmp = dir.join(format!(
+                ".coffer-restore-{}-{}",
+                std::process::id(),
+                TMP_SEQ.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_file(&tmp);
+            Ok((create(&tmp)?, Some(tmp)))
+        }
+        Err(e) => Err(e),
+    }
 }
 
-/// Renames a completely written temporary file over `p` and sets its metadata.
-fn install(tmp: &Path, written: u64, p: &Path, n: &Node, chown: bool) -> anyhow::Result<()> {
+/// Checks the length, sets owner, mode and times on the open file, and moves a temporary file
+/// into place.
+fn install(
+    f: File,
+    tmp: Option<PathBuf>,
+    written: u64,
+    p: &Path,
+    n: &Node,
+    chown: bool,
+) -> anyhow::Result<()> {
     if written != n.size {
-        let _ = std::fs::remove_file(tmp);
+        drop(f);
+        let _ = std::fs::remove_file(tmp.as_deref().unwrap_or(p));
         anyhow::bail!(
             "{}: restored {written} bytes but the snapshot says {}",
             p.display(),
             n.size
         );
     }
-    clear(p)?;
-    std::fs::rename(tmp, p)?;
-    set_meta(p, n, chown)?;
+    if chown {
+        let _ = std::os::unix::fs::fchown(&f, Some(n.uid), Some(n.gid));
+    }
+    f.set_permissions(std::fs::Permissions::from_mode(n.mode & 0o7777))?;
+    let t = time_of(n.mtime_ns);
+    f.set_times(std::fs::FileTimes::new().set_modified(t).set_accessed(t))?;
+    drop(f);
+    if let Some(tmp) = tmp {
+        clear(p)?;
+        std::fs::rename(&tmp, p)?;
+    }
     Ok(())
 }
 
@@ -155,7 +233,7 @@ async fn restore_group(session: &Session, group: Vec<FileJob>, chown: bool) -> a
     if group.len() == 1 && group[0].ids.len() > GROUP_CHUNKS {
         // One large file: fetch and write it in parts.
         let job = &group[0];
-        let (tmp, mut f) = temp_beside(&job.path)?;
+        let (mut f, tmp) = open_dest(&job.path)?;
         let mut written = 0;
         for part in job.ids.chunks(64) {
             for data in session.get(part).await? {
@@ -163,21 +241,19 @@ async fn restore_group(session: &Session, group: Vec<FileJob>, chown: bool) -> a
                 written += data.len() as u64;
             }
         }
-        drop(f);
-        install(&tmp, written, &job.path, &job.node, chown)?;
+        install(f, tmp, written, &job.path, &job.node, chown)?;
         return Ok(written);
     }
     let ids: Vec<ChunkId> = group.iter().flat_map(|j| j.ids.iter().copied()).collect();
     let mut data = session.get(&ids).await?.into_iter();
     for job in &group {
-        let (tmp, mut f) = temp_beside(&job.path)?;
+        let (mut f, tmp) = open_dest(&job.path)?;
         let mut written = 0;
         for chunk in data.by_ref().take(job.ids.len()) {
             f.write_all(&chunk)?;
             written += chunk.len() as u64;
         }
-        drop(f);
-        install(&tmp, written, &job.path, &job.node, chown)?;
+        install(f, tmp, written, &job.path, &job.node, chown)?;
         bytes += written;
     }
     Ok(bytes)
@@ -227,7 +303,8 @@ pub async fn restore(
                             }
                             first_of_group.insert(n.hardlink_group, p.clone());
                         }
-                        let ids = unpack_ids(&n.chunks, usize::MAX)
+                        let ids = node_chunk_ids(session, &n)
+                            .await
                             .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
                         files.push(FileJob {
                             path: p,

@@ -1,9 +1,13 @@
 //! Tree objects: a directory listing encoded as `coffer.v1.Tree` and stored as a chunk, so an
 //! unchanged subtree has the same id and costs nothing to store again.
+//!
+//! Every object must fit in one chunk (the appliance's maximum chunk size): a listing that does
+//! not is split into parts chained by `Tree.next`, and a file with more chunk ids than fit in a
+//! tree keeps them in "list chunks" named by `Node.chunk_lists`.
 
 use bytes::Bytes;
 use coffer_proto::v1::{Node, NodeKind, Tree};
-use coffer_proto::{pack_ids, ChunkId};
+use coffer_proto::{pack_ids, ChunkId, CHUNK_ID_LEN};
 use prost::Message;
 
 use crate::chunk::Chunk;
@@ -25,49 +29,96 @@ fn node(name: &[u8], kind: NodeKind, meta: &Meta) -> Node {
     }
 }
 
-/// Encodes `dir` and its subdirectories bottom-up. `file_chunks[i]` holds the chunk ids of file
-/// `i` (None when it could not be read: the entry is then left out). Every tree chunk is passed
-/// to `emit`; returns the id of `dir`'s tree.
-pub fn build(
-    dir: &Dir,
-    file_chunks: &[Option<Vec<ChunkId>>],
-    dedup_key: &[u8; 32],
-    emit: &mut impl FnMut(Chunk),
-) -> ChunkId {
-    let mut nodes = Vec::with_capacity(dir.entries.len());
-    for e in &dir.entries {
-        match e {
-            Entry::File {
-                name,
-                meta,
-                file,
-                hardlink_group,
-            } => {
-                let Some(chunks) = &file_chunks[*file] else {
-                    continue;
-                };
-                let mut n = node(name, NodeKind::File, meta);
-                n.chunks = pack_ids(chunks).into();
-                n.hardlink_group = *hardlink_group;
-                nodes.push(n);
-            }
-            Entry::Dir { name, meta, dir } => {
-                let id = build(dir, file_chunks, dedup_key, emit);
-                let mut n = node(name, NodeKind::Dir, meta);
-                n.subtree = Bytes::copy_from_slice(id.as_bytes());
-                nodes.push(n);
-            }
-            Entry::Symlink { name, meta, target } => {
-                let mut n = node(name, NodeKind::Symlink, meta);
-                n.symlink_target = Bytes::copy_from_slice(target);
-                nodes.push(n);
+/// Builds trees within `max_object` bytes each.
+pub struct TreeBuilder<'a> {
+    pub dedup_key: &'a [u8; 32],
+    /// Largest object the appliance accepts (its maximum chunk size).
+    pub max_object: usize,
+}
+
+impl TreeBuilder<'_> {
+    fn object(&self, data: Vec<u8>, emit: &mut impl FnMut(Chunk)) -> ChunkId {
+        let data = Bytes::from(data);
+        let id = coffer_proto::chunk_id(self.dedup_key, &data);
+        emit(Chunk { id, data });
+        id
+    }
+
+    /// Puts a file's chunk list into the node, indirectly when it would not fit a tree part.
+    fn set_chunks(&self, n: &mut Node, chunks: &[ChunkId], emit: &mut impl FnMut(Chunk)) {
+        let direct_max = self.max_object / 4 / CHUNK_ID_LEN;
+        if chunks.len() <= direct_max {
+            n.chunks = pack_ids(chunks).into();
+            return;
+        }
+        let per_list = (self.max_object / 2 / CHUNK_ID_LEN).max(1);
+        let lists: Vec<ChunkId> = chunks
+            .chunks(per_list)
+            .map(|part| self.object(pack_ids(part), emit))
+            .collect();
+        n.chunk_lists = pack_ids(&lists).into();
+    }
+
+    /// Encodes `dir` and its subdirectories bottom-up. `file_chunks[i]` holds the chunk ids of
+    /// file `i` (None when it could not be read: the entry is then left out). Every object is
+    /// passed to `emit`; returns the id of `dir`'s tree (its first part).
+    pub fn build(
+        &self,
+        dir: &Dir,
+        file_chunks: &[Option<Vec<ChunkId>>],
+        emit: &mut impl FnMut(Chunk),
+    ) -> ChunkId {
+        let mut nodes = Vec::with_capacity(dir.entries.len());
+        for e in &dir.entries {
+            match e {
+                Entry::File {
+                    name,
+                    meta,
+                    file,
+                    hardlink_group,
+                } => {
+                    let Some(chunks) = &file_chunks[*file] else {
+                        continue;
+                    };
+                    let mut n = node(name, NodeKind::File, meta);
+                    self.set_chunks(&mut n, chunks, emit);
+                    n.hardlink_group = *hardlink_group;
+                    nodes.push(n);
+                }
+                Entry::Dir { name, meta, dir } => {
+                    let id = self.build(dir, file_chunks, emit);
+                    let mut n = node(name, NodeKind::Dir, meta);
+                    n.subtree = Bytes::copy_from_slice(id.as_bytes());
+                    nodes.push(n);
+                }
+                Entry::Symlink { name, meta, target } => {
+                    let mut n = node(name, NodeKind::Symlink, meta);
+                    n.symlink_target = Bytes::copy_from_slice(target);
+                    nodes.push(n);
+                }
             }
         }
+        // Split into parts of at most max_object bytes (a part's `next` field takes 34 bytes).
+        let budget = self.max_object.saturating_sub(64).max(1);
+        let mut parts: Vec<Vec<Node>> = vec![Vec::new()];
+        let mut size = 0;
+        for n in nodes {
+            let len = n.encoded_len() + 8;
+            if size + len > budget && !parts.last().expect("one part").is_empty() {
+                parts.push(Vec::new());
+                size = 0;
+            }
+            size += len;
+            parts.last_mut().expect("one part").push(n);
+        }
+        let mut next = Bytes::new();
+        let mut id = ChunkId::default();
+        for part in parts.into_iter().rev() {
+            id = self.object(Tree { nodes: part, next }.encode_to_vec(), emit);
+            next = Bytes::copy_from_slice(id.as_bytes());
+        }
+        id
     }
-    let data = Bytes::from(Tree { nodes }.encode_to_vec());
-    let id = coffer_proto::chunk_id(dedup_key, &data);
-    emit(Chunk { id, data });
-    id
 }
 
 /// Why a tree read back from the appliance cannot be restored.
@@ -85,16 +136,14 @@ pub enum TreeError {
     Duplicate(String, String),
 }
 
-/// Decodes a tree and checks every name: never empty, `.`, `..`, nor containing `/` or NUL, and
-/// no duplicates (F3).
+/// Decodes one tree part and checks every name: never empty, `.`, `..`, nor containing `/` or
+/// NUL (F3). Uniqueness across parts is checked by [`check_unique`].
 ///
 /// # Errors
 /// [`TreeError`].
 pub fn decode_checked(id: &ChunkId, bytes: &[u8]) -> Result<Tree, TreeError> {
     let t = Tree::decode(bytes).map_err(|e| TreeError::Decode(id.to_hex(), e.to_string()))?;
-    let mut seen = std::collections::HashSet::new();
     for n in &t.nodes {
-        let shown = String::from_utf8_lossy(&n.name).into_owned();
         let why = if n.name.is_empty() {
             Some("empty")
         } else if &n.name[..] == b"." || &n.name[..] == b".." {
@@ -109,13 +158,95 @@ pub fn decode_checked(id: &ChunkId, bytes: &[u8]) -> Result<Tree, TreeError> {
         if let Some(why) = why {
             return Err(TreeError::BadName {
                 tree: id.to_hex(),
-                name: shown,
+                name: String::from_utf8_lossy(&n.name).into_owned(),
                 why,
             });
         }
-        if !seen.insert(n.name.clone()) {
-            return Err(TreeError::Duplicate(id.to_hex(), shown));
-        }
     }
     Ok(t)
+}
+
+/// Refuses a listing (all parts) in which a name appears twice (F3).
+///
+/// # Errors
+/// [`TreeError::Duplicate`].
+pub fn check_unique(id: &ChunkId, nodes: &[Node]) -> Result<(), TreeError> {
+    let mut seen = std::collections::HashSet::with_capacity(nodes.len());
+    for n in nodes {
+        if !seen.insert(&n.name[..]) {
+            return Err(TreeError::Duplicate(
+                id.to_hex(),
+                String::from_utf8_lossy(&n.name).into_owned(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::walk::{Dir, Entry, Meta};
+    use std::collections::HashMap;
+
+    #[test]
+    fn large_listings_and_chunk_lists_split_within_the_object_limit() {
+        let key = [3u8; 32];
+        let max = 2048;
+        let many: Vec<ChunkId> = (0..500u32)
+            .map(|i| coffer_proto::chunk_id(&key, &i.to_le_bytes()))
+            .collect();
+        let mut entries = vec![Entry::File {
+            name: b"big".to_vec(),
+            meta: Meta::default(),
+            file: 0,
+            hardlink_group: 0,
+        }];
+        for i in 0..200 {
+            entries.push(Entry::File {
+                name: format!("f{i:03}").into_bytes(),
+                meta: Meta::default(),
+                file: 1,
+                hardlink_group: 0,
+            });
+        }
+        let dir = Dir {
+            meta: Meta::default(),
+            entries,
+        };
+        let files = vec![Some(many.clone()), Some(vec![many[0]])];
+        let mut objects: HashMap<ChunkId, Bytes> = HashMap::new();
+        let root = TreeBuilder {
+            dedup_key: &key,
+            max_object: max,
+        }
+        .build(&dir, &files, &mut |c| {
+            assert!(c.data.len() <= max, "object of {} bytes", c.data.len());
+            assert_eq!(coffer_proto::chunk_id(&key, &c.data), c.id);
+            objects.insert(c.id, c.data);
+        });
+        // Follow the parts.
+        let mut nodes = Vec::new();
+        let mut part = root;
+        let mut parts = 0;
+        loop {
+            let t = decode_checked(&part, &objects[&part]).unwrap();
+            parts += 1;
+            nodes.extend(t.nodes);
+            if t.next.is_empty() {
+                break;
+            }
+            part = ChunkId::from_slice(&t.next).unwrap();
+        }
+        assert!(parts > 1, "the listing must have been split");
+        assert_eq!(nodes.len(), 201);
+        check_unique(&root, &nodes).unwrap();
+        let big = &nodes[0];
+        assert!(big.chunks.is_empty() && !big.chunk_lists.is_empty());
+        let mut ids = Vec::new();
+        for l in coffer_proto::unpack_ids(&big.chunk_lists, usize::MAX).unwrap() {
+            ids.extend(coffer_proto::unpack_ids(&objects[&l], usize::MAX).unwrap());
+        }
+        assert_eq!(ids, many);
+    }
 }

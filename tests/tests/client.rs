@@ -231,7 +231,13 @@ fn dedup_on_the_wire() {
 }
 
 fn tree_chunk(s: &Session, nodes: Vec<Node>) -> (ChunkId, Frame) {
-    let bytes = Bytes::from(Tree { nodes }.encode_to_vec());
+    let bytes = Bytes::from(
+        Tree {
+            nodes,
+            ..Tree::default()
+        }
+        .encode_to_vec(),
+    );
     let id = s.chunk_id(&bytes);
     (id, Frame::new(id, bytes, None))
 }

@@ -32,6 +32,67 @@ async fn reader(state: &ShardState, e: &IndexEntry) -> Result<Rc<DmaFile>, Appli
     Ok(f)
 }
 
+/// Records of one pack closer than this are read with one I/O.
+const COALESCE_GAP: u64 = 64 << 10;
+/// Largest single read.
+const MAX_RUN: u64 = 8 << 20;
+
+/// One read covering adjacent records of a pack: (pack entry of the first, end offset, members).
+struct Run {
+    first: IndexEntry,
+    end: u64,
+    members: Vec<(usize, IndexEntry)>,
+}
+
+/// Reads one run and opens each member's record.
+async fn read_run(
+    state: &ShardState,
+    ids: &[ChunkId],
+    run: Run,
+) -> Result<Vec<(usize, StoredChunk)>, ApplianceError> {
+    let pack = run.first.pack;
+    let f = reader(state, &run.first).await?;
+    let start = run.first.offset;
+    let len = usize::try_from(run.end - start).expect("runs are at most MAX_RUN");
+    let r = f
+        .read_at(start, len)
+        .await
+        .map_err(|x| ApplianceError::Internal(format!("reading pack {pack} at {start}: {x}")))?;
+    if r.len() != len {
+        return Err(ApplianceError::Internal(format!(
+            "pack {pack} is shorter than the index says"
+        )));
+    }
+    let key = state.master.pack_key(&pack);
+    let mut out = Vec::with_capacity(run.members.len());
+    for (i, e) in run.members {
+        let id = &ids[i];
+        let at = usize::try_from(e.offset - start).expect("inside the run");
+        let mut rec = r[at..at + e.len as usize].to_vec();
+        let (h, stored) = open_record(&key, &mut rec)
+            .map_err(|x| ApplianceError::Internal(format!("chunk {id} in pack {pack}: {x}")))?;
+        if h.id != *id {
+            return Err(ApplianceError::Internal(format!(
+                "index points chunk {id} at a record of {} in pack {pack}",
+                h.id
+            )));
+        }
+        out.push((
+            i,
+            StoredChunk {
+                id: *id,
+                raw_len: h.raw_len,
+                zstd: h.flags & FLAG_ZSTD != 0,
+                data: Bytes::copy_from_slice(stored),
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// Reads chunks. Records are sorted by pack and offset and neighbours are read together (a
+/// restore asks for chunks in backup order, which is pack order), and all reads of a request are
+/// in flight at once so that io_uring sees queue depth.
 pub(super) async fn get(
     state: &Rc<ShardState>,
     ids: &[ChunkId],
@@ -40,36 +101,41 @@ pub(super) async fn get(
         .index
         .get_many(ids)
         .map_err(|e| ApplianceError::Internal(e.to_string()))?;
-    let mut out = Vec::with_capacity(ids.len());
-    for (id, e) in ids.iter().zip(entries) {
-        let e = e.ok_or_else(|| ApplianceError::NotFound(format!("chunk {id} is not stored")))?;
-        let f = reader(state, &e).await?;
-        let r = f.read_at(e.offset, e.len as usize).await.map_err(|x| {
-            ApplianceError::Internal(format!("reading chunk {id} from pack {}: {x}", e.pack))
-        })?;
-        if r.len() != e.len as usize {
-            return Err(ApplianceError::Internal(format!(
-                "chunk {id}: pack {} is shorter than the index says",
-                e.pack
-            )));
-        }
-        let mut rec = r.to_vec();
-        let key = state.master.pack_key(&e.pack);
-        let (h, stored) = open_record(&key, &mut rec)
-            .map_err(|x| ApplianceError::Internal(format!("chunk {id} in pack {}: {x}", e.pack)))?;
-        if h.id != *id {
-            return Err(ApplianceError::Internal(format!(
-                "index points chunk {id} at a record of {} in pack {}",
-                h.id, e.pack
-            )));
-        }
-        out.push(StoredChunk {
-            id: *id,
-            raw_len: h.raw_len,
-            zstd: h.flags & FLAG_ZSTD != 0,
-            data: Bytes::copy_from_slice(stored),
-        });
-        glommio::yield_if_needed().await;
+    let mut located = Vec::with_capacity(ids.len());
+    for (i, (id, e)) in ids.iter().zip(entries).enumerate() {
+        located.push((
+            i,
+            e.ok_or_else(|| ApplianceError::NotFound(format!("chunk {id} is not stored")))?,
+        ));
     }
-    Ok(out)
+    located.sort_by_key(|(_, e)| (e.pack, e.offset));
+    let mut runs: Vec<Run> = Vec::new();
+    for (i, e) in located {
+        let end = e.offset + u64::from(e.len);
+        match runs.last_mut() {
+            Some(r)
+                if r.first.pack == e.pack
+                    && e.offset <= r.end + COALESCE_GAP
+                    && end.max(r.end) - r.first.offset <= MAX_RUN =>
+            {
+                r.end = r.end.max(end);
+                r.members.push((i, e));
+            }
+            _ => runs.push(Run {
+                first: e,
+                end,
+                members: vec![(i, e)],
+            }),
+        }
+    }
+    let parts =
+        futures::future::try_join_all(runs.into_iter().map(|r| read_run(state, ids, r))).await?;
+    let mut out: Vec<Option<StoredChunk>> = vec![None; ids.len()];
+    for (i, c) in parts.into_iter().flatten() {
+        out[i] = Some(c);
+    }
+    Ok(out
+        .into_iter()
+        .map(|c| c.expect("every id was located"))
+        .collect())
 }
