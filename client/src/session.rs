@@ -52,7 +52,7 @@ impl Frame {
     pub fn new(id: ChunkId, plain: Bytes, zstd_level: Option<i32>) -> Self {
         let raw_len = u32::try_from(plain.len()).expect("chunks are < 4 GiB");
         if let Some(level) = zstd_level {
-            if let Ok(c) = zstd::bulk::compress(&plain, level) {
+            if let Ok(c) = compress(&plain, level) {
                 if c.len() < plain.len() {
                     return Self {
                         id,
@@ -70,6 +70,39 @@ impl Frame {
             data: plain,
         }
     }
+}
+
+thread_local! {
+    /// One zstd context per thread and level: creating one per chunk costs more than
+    /// compressing a small chunk.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn compress(plain: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().is_none_or(|(l, _)| *l != level) {
+            *c = Some((level, zstd::bulk::Compressor::new(level)?));
+        }
+        c.as_mut().expect("set above").1.compress(plain)
+    })
+}
+
+/// Decompresses a frame of at most `capacity` bytes with this thread's context.
+///
+/// # Errors
+/// A malformed frame or one that would exceed `capacity`.
+pub fn decompress(frame: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new()?);
+        }
+        d.as_mut().expect("set above").decompress(frame, capacity)
+    })
 }
 
 /// Totals of an upload.
@@ -288,7 +321,7 @@ impl Session {
                     return Err(ClientError::Protocol(format!("expected chunk {want}")));
                 }
                 let plain: Bytes = if f.compression == i32::from(v1::Compression::Zstd) {
-                    zstd::bulk::decompress(&f.data, f.raw_len as usize)
+                    decompress(&f.data, f.raw_len as usize)
                         .map_err(|_| ClientError::Corrupt(want.to_hex()))?
                         .into()
                 } else {

@@ -10,6 +10,23 @@ use crate::pack::writer::PendingChunk;
 
 use super::{IncomingChunk, PutOutcome, ShardState};
 
+thread_local! {
+    /// The shard's zstd context (a shard is one thread): one per chunk would cost more than
+    /// decompressing a small chunk.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn decompress(frame: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new()?);
+        }
+        d.as_mut().expect("set above").decompress(frame, capacity)
+    })
+}
+
 /// Checks one chunk. Returns the form that will be stored.
 ///
 /// # Errors
@@ -37,14 +54,12 @@ pub fn verify(
     }
     let ok = if c.zstd {
         // Bounded by the declared length: a compression bomb fails here, never allocates more.
-        let raw = zstd::bulk::decompress(&c.data, c.raw_len as usize).map_err(|e| {
-            IngestError::BadFrame {
-                id: id(),
-                why: format!(
-                    "zstd frame does not decompress within raw_len {}: {e}",
-                    c.raw_len
-                ),
-            }
+        let raw = decompress(&c.data, c.raw_len as usize).map_err(|e| IngestError::BadFrame {
+            id: id(),
+            why: format!(
+                "zstd frame does not decompress within raw_len {}: {e}",
+                c.raw_len
+            ),
         })?;
         if raw.len() != c.raw_len as usize {
             return Err(IngestError::BadFrame {
