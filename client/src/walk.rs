@@ -83,7 +83,51 @@ pub struct Walk {
     pub bytes: u64,
 }
 
-/// Walks `root` (a directory).
+/// Directory levels below the root whose subdirectories are walked on their own threads.
+const PARALLEL_DEPTH: usize = 3;
+/// Threads stat-ing at the same time (a cold stat walk is latency-bound: 8 walkers read the
+/// Linux tree's metadata in 0.62 s against 0.9 s for one on the 2-core machine).
+const WALKERS: usize = 8;
+
+/// What the parallel scan found, before file numbering and hard-link grouping.
+enum Scanned {
+    File {
+        name: Vec<u8>,
+        meta: Meta,
+        path: PathBuf,
+        nlink: u64,
+    },
+    Dir {
+        name: Vec<u8>,
+        meta: Meta,
+        dir: ScanDir,
+    },
+    Symlink {
+        name: Vec<u8>,
+        meta: Meta,
+        target: Vec<u8>,
+    },
+}
+
+/// An entry of a directory being scanned: done, or a subdirectory scanned on its own thread.
+enum Slot<'s> {
+    Done(Scanned),
+    Spawned(
+        Vec<u8>,
+        Meta,
+        PathBuf,
+        std::thread::ScopedJoinHandle<'s, Result<ScanDir, String>>,
+    ),
+}
+
+struct ScanDir {
+    meta: Meta,
+    entries: Vec<Scanned>,
+    errors: Vec<(PathBuf, String)>,
+}
+
+/// Walks `root` (a directory): a parallel scan of metadata, then a sequential pass that numbers
+/// files in depth-first order and groups hard links.
 ///
 /// # Errors
 /// When `root` itself cannot be read.
@@ -92,95 +136,168 @@ pub fn walk(root: &Path) -> Result<Walk, String> {
     if !meta.is_dir() {
         return Err(format!("{} is not a directory", root.display()));
     }
+    let busy = std::sync::atomic::AtomicUsize::new(1);
+    let scanned = std::thread::scope(|s| scan(s, &busy, root, Meta::of(&meta), 0))?;
     let mut w = Walk::default();
     let mut links: HashMap<(u64, u64), (usize, u64)> = HashMap::new();
-    let dir = walk_dir(root, Meta::of(&meta), &mut w, &mut links)?;
-    w.root = dir;
+    w.root = number(scanned, &mut w, &mut links);
     Ok(w)
 }
 
-fn walk_dir(
+fn scan<'s>(
+    s: &'s std::thread::Scope<'s, '_>,
+    busy: &'s std::sync::atomic::AtomicUsize,
     path: &Path,
     meta: Meta,
-    w: &mut Walk,
-    links: &mut HashMap<(u64, u64), (usize, u64)>,
-) -> Result<Dir, String> {
+    depth: usize,
+) -> Result<ScanDir, String> {
+    use std::sync::atomic::Ordering::SeqCst;
     let rd = std::fs::read_dir(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut errors = Vec::new();
     let mut names: Vec<std::ffi::OsString> = Vec::new();
     for e in rd {
         match e {
             Ok(e) => names.push(e.file_name()),
-            Err(e) => w.errors.push((path.to_path_buf(), e.to_string())),
+            Err(e) => errors.push((path.to_path_buf(), e.to_string())),
         }
     }
     names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-    let mut dir = Dir {
-        meta,
-        entries: Vec::with_capacity(names.len()),
-    };
+    let mut slots: Vec<Slot<'s>> = Vec::with_capacity(names.len());
     for name in names {
         let p = path.join(&name);
         let raw = OsStr::as_bytes(&name).to_vec();
         let m = match std::fs::symlink_metadata(&p) {
             Ok(m) => m,
             Err(e) => {
-                w.errors.push((p, e.to_string()));
+                errors.push((p, e.to_string()));
                 continue;
             }
         };
         let ft = m.file_type();
         let meta = Meta::of(&m);
         if ft.is_dir() {
-            match walk_dir(&p, meta.clone(), w, links) {
-                Ok(d) => dir.entries.push(Entry::Dir {
-                    name: raw,
-                    meta,
-                    dir: Box::new(d),
-                }),
-                Err(e) => w.errors.push((p, e)),
+            let claimed = depth < PARALLEL_DEPTH
+                && busy
+                    .fetch_update(SeqCst, SeqCst, |n| (n < WALKERS).then_some(n + 1))
+                    .is_ok();
+            if claimed {
+                let (p2, m2) = (p.clone(), meta.clone());
+                let h = s.spawn(move || {
+                    let r = scan(s, busy, &p2, m2, depth + 1);
+                    busy.fetch_sub(1, SeqCst);
+                    r
+                });
+                slots.push(Slot::Spawned(raw, meta, p, h));
+            } else {
+                match scan(s, busy, &p, meta.clone(), depth + 1) {
+                    Ok(d) => slots.push(Slot::Done(Scanned::Dir {
+                        name: raw,
+                        meta,
+                        dir: d,
+                    })),
+                    Err(e) => errors.push((p, e)),
+                }
             }
         } else if ft.is_symlink() {
             match std::fs::read_link(&p) {
-                Ok(t) => dir.entries.push(Entry::Symlink {
+                Ok(t) => slots.push(Slot::Done(Scanned::Symlink {
                     name: raw,
                     meta,
                     target: t.as_os_str().as_bytes().to_vec(),
-                }),
-                Err(e) => w.errors.push((p, e.to_string())),
+                })),
+                Err(e) => errors.push((p, e.to_string())),
             }
         } else if ft.is_file() {
-            let mut group = 0;
-            let mut same_as = None;
-            if m.nlink() > 1 {
-                let key = (meta.dev, meta.inode);
-                if let Some(&(first, g)) = links.get(&key) {
-                    same_as = Some(first);
-                    group = g;
-                } else {
-                    group = links.len() as u64 + 1;
-                    links.insert(key, (w.files.len(), group));
-                }
-            }
-            if same_as.is_none() {
-                w.bytes += meta.size;
-            }
-            w.files.push(FileJob {
-                path: p,
-                size: meta.size,
-                same_as,
-            });
-            dir.entries.push(Entry::File {
+            slots.push(Slot::Done(Scanned::File {
                 name: raw,
                 meta,
-                file: w.files.len() - 1,
-                hardlink_group: group,
-            });
+                path: p,
+                nlink: m.nlink(),
+            }));
         } else {
-            w.errors.push((
+            errors.push((
                 p,
                 "special files (devices, sockets, FIFOs) are not backed up".into(),
             ));
         }
     }
-    Ok(dir)
+    let mut entries = Vec::with_capacity(slots.len());
+    for slot in slots {
+        match slot {
+            Slot::Done(e) => entries.push(e),
+            Slot::Spawned(name, meta, p, h) => match h.join() {
+                Ok(Ok(d)) => entries.push(Scanned::Dir { name, meta, dir: d }),
+                Ok(Err(e)) => errors.push((p, e)),
+                Err(_) => errors.push((p, "the walker thread panicked".into())),
+            },
+        }
+    }
+    Ok(ScanDir {
+        meta,
+        entries,
+        errors,
+    })
+}
+
+/// Numbers files depth-first and groups hard links (the first link of an inode is read; later
+/// ones reuse its chunks).
+fn number(d: ScanDir, w: &mut Walk, links: &mut HashMap<(u64, u64), (usize, u64)>) -> Dir {
+    w.errors.extend(d.errors);
+    let mut dir = Dir {
+        meta: d.meta,
+        entries: Vec::with_capacity(d.entries.len()),
+    };
+    for e in d.entries {
+        match e {
+            Scanned::Dir {
+                name,
+                meta,
+                dir: sub,
+            } => {
+                let sub = number(sub, w, links);
+                dir.entries.push(Entry::Dir {
+                    name,
+                    meta,
+                    dir: Box::new(sub),
+                });
+            }
+            Scanned::Symlink { name, meta, target } => {
+                dir.entries.push(Entry::Symlink { name, meta, target });
+            }
+            Scanned::File {
+                name,
+                meta,
+                path,
+                nlink,
+            } => {
+                let mut group = 0;
+                let mut same_as = None;
+                if nlink > 1 {
+                    let key = (meta.dev, meta.inode);
+                    if let Some(&(first, g)) = links.get(&key) {
+                        same_as = Some(first);
+                        group = g;
+                    } else {
+                        group = links.len() as u64 + 1;
+                        links.insert(key, (w.files.len(), group));
+                    }
+                }
+                if same_as.is_none() {
+                    w.bytes += meta.size;
+                }
+                w.files.push(FileJob {
+                    path,
+                    size: meta.size,
+                    same_as,
+                });
+                dir.entries.push(Entry::File {
+                    name,
+                    meta,
+                    file: w.files.len() - 1,
+                    hardlink_group: group,
+                });
+            }
+        }
+    }
+    dir
 }
