@@ -222,6 +222,39 @@ impl Inner {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
+/// Answers each message of a request stream with `f`, up to [`PIPELINE_DEPTH`] at a time, in
+/// order; the first error ends the stream with its status.
+fn pipelined<Req, Resp, F, Fut>(inner: &Arc<Inner>, input: Streaming<Req>, f: F) -> BoxStream<Resp>
+where
+    Req: Send + 'static,
+    Resp: Send + 'static,
+    F: Fn(Arc<Inner>, Req) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Resp, ApplianceError>> + Send + 'static,
+{
+    let inner = inner.clone();
+    let f = Arc::new(f);
+    Box::pin(
+        input
+            .map(move |m| {
+                let (inner, f) = (inner.clone(), f.clone());
+                async move { Ok::<_, Status>(f(inner, m?).await?) }
+            })
+            .buffered(PIPELINE_DEPTH),
+    )
+}
+
+/// Runs a catalog call on the blocking pool.
+async fn catalog_call<T: Send + 'static>(
+    catalog: &Arc<Catalog>,
+    f: impl FnOnce(&Catalog) -> Result<T, crate::error::RepoError> + Send + 'static,
+) -> Result<T, Status> {
+    let catalog = catalog.clone();
+    tokio::task::spawn_blocking(move || f(&catalog))
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(e.to_string()))
+}
+
 fn now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -266,15 +299,11 @@ impl Coffer for CofferService {
         req: Request<Streaming<v1::FindMissingRequest>>,
     ) -> Result<Response<Self::FindMissingStream>, Status> {
         self.inner.session(&req)?;
-        let inner = self.inner.clone();
-        let out = req
-            .into_inner()
-            .map(move |m| {
-                let inner = inner.clone();
-                async move { Ok::<_, Status>(inner.find_missing(m?.ids).await?) }
-            })
-            .buffered(PIPELINE_DEPTH);
-        Ok(Response::new(Box::pin(out)))
+        Ok(Response::new(pipelined(
+            &self.inner,
+            req.into_inner(),
+            |inner, m: v1::FindMissingRequest| async move { inner.find_missing(m.ids).await },
+        )))
     }
 
     type PutChunksStream = BoxStream<v1::PutChunksResponse>;
@@ -284,15 +313,11 @@ impl Coffer for CofferService {
         req: Request<Streaming<v1::PutChunksRequest>>,
     ) -> Result<Response<Self::PutChunksStream>, Status> {
         self.inner.session(&req)?;
-        let inner = self.inner.clone();
-        let out = req
-            .into_inner()
-            .map(move |m| {
-                let inner = inner.clone();
-                async move { Ok::<_, Status>(inner.put(m?).await?) }
-            })
-            .buffered(PIPELINE_DEPTH);
-        Ok(Response::new(Box::pin(out)))
+        Ok(Response::new(pipelined(
+            &self.inner,
+            req.into_inner(),
+            |inner, m| async move { inner.put(m).await },
+        )))
     }
 
     type GetChunksStream = BoxStream<v1::GetChunksResponse>;
@@ -350,12 +375,8 @@ impl Coffer for CofferService {
         if snap.time_us == 0 {
             snap.time_us = now_us();
         }
-        let catalog = self.inner.catalog.clone();
         let s2 = snap.clone();
-        tokio::task::spawn_blocking(move || catalog.commit_snapshot(&s2))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::internal(e.to_string()))?;
+        catalog_call(&self.inner.catalog, move |c| c.commit_snapshot(&s2)).await?;
         Ok(Response::new(v1::CommitSnapshotResponse { id: snap.id }))
     }
 
@@ -365,11 +386,7 @@ impl Coffer for CofferService {
     ) -> Result<Response<v1::ListSnapshotsResponse>, Status> {
         let session = self.inner.session(&req)?;
         let path = req.into_inner().path;
-        let catalog = self.inner.catalog.clone();
-        let all = tokio::task::spawn_blocking(move || catalog.snapshots())
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let all = catalog_call(&self.inner.catalog, Catalog::snapshots).await?;
         let mut snapshots: Vec<_> = all
             .into_iter()
             .filter(|s| s.identity == session.identity && (path.is_empty() || s.path == path))
@@ -385,18 +402,16 @@ impl Coffer for CofferService {
         let session = self.inner.session(&req)?;
         let id = SnapshotId::from_slice(&req.into_inner().id)
             .map_err(|e| Status::invalid_argument(format!("snapshot id: {e}")))?;
-        let catalog = self.inner.catalog.clone();
         let owner = session.identity.clone();
-        tokio::task::spawn_blocking(move || match catalog.snapshot(&id)? {
+        let deleted = catalog_call(&self.inner.catalog, move |c| match c.snapshot(&id)? {
             // Another user's snapshot is reported exactly like a missing one.
-            Some(s) if s.identity == owner => catalog.delete_snapshot(&id).map(|()| true),
+            Some(s) if s.identity == owner => c.delete_snapshot(&id).map(|()| true),
             _ => Ok(false),
         })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(|e| Status::internal(e.to_string()))?
-        .then_some(())
-        .ok_or_else(|| Status::not_found(format!("no snapshot {id}")))?;
+        .await?;
+        if !deleted {
+            return Err(Status::not_found(format!("no snapshot {id}")));
+        }
         Ok(Response::new(v1::DeleteSnapshotResponse {}))
     }
 
@@ -407,11 +422,7 @@ impl Coffer for CofferService {
         let session = self.inner.session(&req)?;
         let id = SnapshotId::from_slice(&req.into_inner().id)
             .map_err(|e| Status::invalid_argument(format!("snapshot id: {e}")))?;
-        let catalog = self.inner.catalog.clone();
-        let snap = tokio::task::spawn_blocking(move || catalog.snapshot(&id))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let snap = catalog_call(&self.inner.catalog, move |c| c.snapshot(&id)).await?;
         match snap {
             // Another user's snapshot is reported exactly like a missing one.
             Some(s) if s.identity == session.identity => {
