@@ -175,7 +175,7 @@ impl PackWriter {
             if self.open.is_none() {
                 self.open = Some(self.create().await?);
             }
-            let res = self.write_some(&chunks[i..]).await;
+            let res = self.write_some(&chunks[i..], false).await;
             match res {
                 Ok(n) => i += n,
                 Err(e) => {
@@ -188,8 +188,13 @@ impl PackWriter {
         Ok(())
     }
 
-    /// Writes as many of `chunks` as fit into the open pack (at least one); seals it when full.
-    async fn write_some(&mut self, chunks: &[PendingChunk]) -> Result<usize, PackError> {
+    /// Writes as many of `chunks` as fit into the open pack (at least one, unless there are
+    /// none); seals it when full, when chunks remain, or when `force_seal`.
+    async fn write_some(
+        &mut self,
+        chunks: &[PendingChunk],
+        force_seal: bool,
+    ) -> Result<usize, PackError> {
         let target = self.target;
         let p = self.open.as_mut().expect("caller opened a pack");
         let mut end = p.len;
@@ -201,7 +206,7 @@ impl PackWriter {
             end += c.record_len();
             n += 1;
         }
-        let seal = n < chunks.len() || end >= target;
+        let seal = force_seal || n < chunks.len() || end >= target;
         let file_end = if seal {
             end + footer_len(p.entries.len() + n) as u64
         } else {
@@ -309,7 +314,7 @@ impl PackWriter {
     /// # Errors
     /// As [`PackWriter::write`].
     pub async fn seal(&mut self) -> Result<(), PackError> {
-        let Some(p) = self.open.as_mut() else {
+        let Some(p) = self.open.as_ref() else {
             return Ok(());
         };
         if p.entries.is_empty() {
@@ -320,41 +325,11 @@ impl PackWriter {
             let _ = self.index.put_meta(META_OPEN_PACK, None);
             return Ok(());
         }
-        let end = p.len;
-        let file_end = end + footer_len(p.entries.len()) as u64;
-        let base = align_down(end);
-        let mut buf = p.file.alloc_dma_buffer(usize_of(align_up(file_end) - base));
-        let bytes = buf.as_bytes_mut();
-        bytes[..p.tail.len()].copy_from_slice(&p.tail);
-        let footer = encode_footer(&p.entries, end);
-        let pos = usize_of(end - base);
-        bytes[pos..pos + footer.len()].copy_from_slice(&footer);
-        bytes[pos + footer.len()..].fill(0);
-        let pack = p.id.to_hex();
-        let err = |what, source| PackError {
-            pack: pack.clone(),
-            what,
-            source,
-        };
-        p.file
-            .write_at(buf, base)
-            .await
-            .map_err(|e| err("writing footer", e.into()))?;
-        p.file
-            .truncate(file_end)
-            .await
-            .map_err(|e| err("truncating", e.into()))?;
-        p.file
-            .fdatasync()
-            .await
-            .map_err(|e| err("fdatasync", e.into()))?;
-        let to_io =
-            |e: crate::error::RepoError| err("indexing", std::io::Error::other(e.to_string()));
-        self.index.sync().map_err(to_io)?;
-        self.index.put_meta(META_OPEN_PACK, None).map_err(to_io)?;
-        self.open = None;
-        self.sealed += 1;
-        Ok(())
+        let res = self.write_some(&[], true).await;
+        if res.is_err() {
+            self.open = None;
+        }
+        res.map(|_| ())
     }
 }
 
