@@ -17,10 +17,6 @@ pub struct Change {
     pub path: String,
 }
 
-fn kind(n: &Node) -> i32 {
-    n.kind
-}
-
 /// Differences from tree `a` to tree `b`, with paths relative to their roots.
 ///
 /// # Errors
@@ -117,7 +113,7 @@ async fn walk(
                 }
             }
             (Some(na), Some(nb)) => {
-                if kind(na) != kind(nb) {
+                if na.kind != nb.kind {
                     out.push(Change { kind: 'T', path: p });
                 } else if is_dir(na) {
                     let (sa, sb) = (

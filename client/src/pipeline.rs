@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use coffer_proto::{v1, ChunkId, SnapshotId};
 use tokio::sync::mpsc;
@@ -368,15 +368,9 @@ pub async fn backup(
     };
     let id: SnapshotId = session.commit(snap).await?;
     s.snapshot = id.to_hex();
-    s.path = root.to_string_lossy().into_owned();
+    s.path = root_text;
     s.errors = errors;
     s.partial = partial;
     s.seconds = start.elapsed().as_secs_f64();
     Ok(s)
-}
-
-/// Seconds as a short human string.
-#[must_use]
-pub fn human_duration(d: Duration) -> String {
-    format!("{:.2}s", d.as_secs_f64())
 }
