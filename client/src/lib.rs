@@ -11,6 +11,7 @@ pub mod diff;
 mod error;
 pub mod parent;
 pub mod pipeline;
+pub mod read;
 pub mod restore;
 mod session;
 pub mod tree;

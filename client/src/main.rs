@@ -13,8 +13,9 @@ use coffer_client::{Session, SessionOptions, Target};
 use coffer_proto::v1::NodeKind;
 use coffer_proto::{ChunkId, SnapshotId};
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+// The client keeps the system allocator: in the Linux tree's first backup, with the same
+// pipeline, mimalloc peaked at 252-268 MB RSS against glibc's 155-175 MB, at equal speed (its
+// per-thread heaps hold buffers freed by other threads). The appliance uses mimalloc.
 
 /// Exit code when a snapshot was committed but some entries could not be read.
 const EXIT_PARTIAL: u8 = 3;
@@ -92,6 +93,10 @@ enum SnapCmd {
         /// Files read at the same time (reading is I/O-bound: more readers than cores helps).
         #[arg(long, default_value_t = 16)]
         readers: usize,
+        /// zstd level for new chunks (1-19; 0 = store uncompressed). Level 3 stores the Linux
+        /// tree 4% smaller than level 1 for no loss of speed on a 2-core machine.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(0..=19))]
+        compression: i32,
     },
     /// What changed from snapshot A to snapshot B.
     Diff {
@@ -313,6 +318,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     json,
                     no_parent,
                     readers,
+                    compression,
                 },
         } => {
             let cfg = ClientConfig::load(&cfg_path).map_err(|e| anyhow::anyhow!(e))?;
@@ -324,6 +330,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     cache_dir: cache_dir(),
                     no_parent,
                     workers: readers.max(1),
+                    zstd_level: (compression > 0).then_some(compression),
                     progress: Some(progress.clone()),
                     ..BackupOptions::default()
                 };
@@ -333,7 +340,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let _ = ticker.await;
                 let sum = res?;
                 for e in &sum.errors {
-                    eprintln!("warning: {e}");
+                    eprintln!("error: not saved: {e}");
+                }
+                for w in &sum.warnings {
+                    eprintln!("warning: {w}");
                 }
                 partial |= sum.partial;
                 if json {

@@ -29,6 +29,14 @@ fn node(name: &[u8], kind: NodeKind, meta: &Meta) -> Node {
     }
 }
 
+/// A file's content as backed up: the bytes read (which may differ from the size the walk saw
+/// when the file changed meanwhile) and its chunk ids.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileContent {
+    pub size: u64,
+    pub chunks: Vec<ChunkId>,
+}
+
 /// Builds trees within `max_object` bytes each.
 pub struct TreeBuilder<'a> {
     pub dedup_key: &'a [u8; 32],
@@ -59,13 +67,13 @@ impl TreeBuilder<'_> {
         n.chunk_lists = pack_ids(&lists).into();
     }
 
-    /// Encodes `dir` and its subdirectories bottom-up. `file_chunks[i]` holds the chunk ids of
-    /// file `i` (None when it could not be read: the entry is then left out). Every object is
+    /// Encodes `dir` and its subdirectories bottom-up. `files[i]` holds the content of file `i`
+    /// (None when it could not be read: the entry is then left out). Every object is
     /// passed to `emit`; returns the id of `dir`'s tree (its first part).
     pub fn build(
         &self,
         dir: &Dir,
-        file_chunks: &[Option<Vec<ChunkId>>],
+        files: &[Option<FileContent>],
         emit: &mut impl FnMut(Chunk),
     ) -> ChunkId {
         let mut nodes = Vec::with_capacity(dir.entries.len());
@@ -77,16 +85,17 @@ impl TreeBuilder<'_> {
                     file,
                     hardlink_group,
                 } => {
-                    let Some(chunks) = &file_chunks[*file] else {
+                    let Some(content) = &files[*file] else {
                         continue;
                     };
                     let mut n = node(name, NodeKind::File, meta);
-                    self.set_chunks(&mut n, chunks, emit);
+                    n.size = content.size;
+                    self.set_chunks(&mut n, &content.chunks, emit);
                     n.hardlink_group = *hardlink_group;
                     nodes.push(n);
                 }
                 Entry::Dir { name, meta, dir } => {
-                    let id = self.build(dir, file_chunks, emit);
+                    let id = self.build(dir, files, emit);
                     let mut n = node(name, NodeKind::Dir, meta);
                     n.subtree = Bytes::copy_from_slice(id.as_bytes());
                     nodes.push(n);
@@ -214,7 +223,16 @@ mod tests {
             meta: Meta::default(),
             entries,
         };
-        let files = vec![Some(many.clone()), Some(vec![many[0]])];
+        let files = vec![
+            Some(FileContent {
+                size: 1,
+                chunks: many.clone(),
+            }),
+            Some(FileContent {
+                size: 1,
+                chunks: vec![many[0]],
+            }),
+        ];
         let mut objects: HashMap<ChunkId, Bytes> = HashMap::new();
         let root = TreeBuilder {
             dedup_key: &key,
