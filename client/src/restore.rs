@@ -20,8 +20,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures::{StreamExt, TryStreamExt};
-
 use coffer_proto::v1::{Node, NodeKind, Tree};
 use coffer_proto::{unpack_ids, ChunkId};
 
@@ -228,35 +226,60 @@ struct FileJob {
     ids: Vec<ChunkId>,
 }
 
-async fn restore_group(session: &Session, group: Vec<FileJob>, chown: bool) -> anyhow::Result<u64> {
-    let mut bytes = 0;
+/// Runs blocking file-system work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| anyhow::anyhow!("restore worker failed: {e}"))?
+}
+
+/// Fetches one group's chunks (checked against their ids by [`Session::get`]) and writes its
+/// files on a blocking thread; groups run as separate tasks, so fetching, checking and writing
+/// proceed on every core at once.
+async fn restore_group(session: Session, group: Vec<FileJob>, chown: bool) -> anyhow::Result<u64> {
     if group.len() == 1 && group[0].ids.len() > GROUP_CHUNKS {
         // One large file: fetch and write it in parts.
-        let job = &group[0];
-        let (mut f, tmp) = open_dest(&job.path)?;
+        let job = group.into_iter().next().expect("one file");
+        let path = job.path.clone();
+        let (mut f, tmp) = blocking(move || Ok(open_dest(&path)?)).await?;
         let mut written = 0;
         for part in job.ids.chunks(64) {
-            for data in session.get(part).await? {
-                f.write_all(&data)?;
-                written += data.len() as u64;
-            }
+            let data = session.get(part).await?;
+            let (back, n) = blocking(move || {
+                let mut n = 0;
+                for d in &data {
+                    f.write_all(d)?;
+                    n += d.len() as u64;
+                }
+                Ok((f, n))
+            })
+            .await?;
+            f = back;
+            written += n;
         }
-        install(f, tmp, written, &job.path, &job.node, chown)?;
+        blocking(move || install(f, tmp, written, &job.path, &job.node, chown)).await?;
         return Ok(written);
     }
     let ids: Vec<ChunkId> = group.iter().flat_map(|j| j.ids.iter().copied()).collect();
-    let mut data = session.get(&ids).await?.into_iter();
-    for job in &group {
-        let (mut f, tmp) = open_dest(&job.path)?;
-        let mut written = 0;
-        for chunk in data.by_ref().take(job.ids.len()) {
-            f.write_all(&chunk)?;
-            written += chunk.len() as u64;
+    let data = session.get(&ids).await?;
+    blocking(move || {
+        let mut data = data.into_iter();
+        let mut bytes = 0;
+        for job in &group {
+            let (mut f, tmp) = open_dest(&job.path)?;
+            let mut written = 0;
+            for chunk in data.by_ref().take(job.ids.len()) {
+                f.write_all(&chunk)?;
+                written += chunk.len() as u64;
+            }
+            install(f, tmp, written, &job.path, &job.node, chown)?;
+            bytes += written;
         }
-        install(f, tmp, written, &job.path, &job.node, chown)?;
-        bytes += written;
-    }
-    Ok(bytes)
+        Ok(bytes)
+    })
+    .await
 }
 
 /// Restores the tree `root` (a directory) into `target`, creating it if needed. Trees are read
@@ -343,12 +366,21 @@ pub async fn restore(
         cur_bytes += f.node.size;
         groups.last_mut().expect("pushed").push(f);
     }
-    let written: Vec<u64> = futures::stream::iter(groups)
-        .map(|g| restore_group(session, g, chown))
-        .buffer_unordered(GROUPS_IN_FLIGHT)
-        .try_collect()
-        .await?;
-    sum.bytes = written.iter().sum();
+    let mut running = tokio::task::JoinSet::new();
+    let join = |r: Result<anyhow::Result<u64>, tokio::task::JoinError>| {
+        r.map_err(|e| anyhow::anyhow!("restore task failed: {e}"))?
+    };
+    for g in groups {
+        while running.len() >= GROUPS_IN_FLIGHT {
+            if let Some(r) = running.join_next().await {
+                sum.bytes += join(r)?;
+            }
+        }
+        running.spawn(restore_group(session.clone(), g, chown));
+    }
+    while let Some(r) = running.join_next().await {
+        sum.bytes += join(r)?;
+    }
 
     for (p, g) in links {
         clear(&p)?;
