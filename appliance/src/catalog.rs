@@ -2,7 +2,8 @@
 //! transactional: one RocksDB instance under `catalog/`, every write synced, a snapshot committed
 //! by exactly one write (its single commit point).
 //!
-//! Keys: `user/<identity>` -> JSON [`UserRecord`]; `snap/<id hex>` -> protobuf `coffer.v1.Snapshot`.
+//! Keys: `user/<identity>` -> JSON [`UserRecord`]; `snap/<id hex>` -> protobuf `coffer.v1.Snapshot`;
+//! `acl/<rule id>` -> JSON [`crate::acl::Rule`].
 
 use std::path::Path;
 
@@ -92,20 +93,91 @@ impl Catalog {
         )
     }
 
+    /// Replaces an existing user's record (password change).
+    ///
+    /// # Errors
+    /// [`RepoError::Invalid`] when the user does not exist.
+    pub fn set_user(&self, rec: &UserRecord) -> Result<(), RepoError> {
+        if self.user(&rec.identity)?.is_none() {
+            return Err(RepoError::Invalid(format!("no user {}", rec.identity)));
+        }
+        self.put(
+            format!("user/{}", rec.identity).as_bytes(),
+            &serde_json::to_vec(rec).map_err(ce)?,
+        )
+    }
+
+    /// Deletes a user (their snapshots stay, owned by the identity).
+    ///
+    /// # Errors
+    /// [`RepoError::Invalid`] when the user does not exist.
+    pub fn delete_user(&self, identity: &str) -> Result<(), RepoError> {
+        if self.user(identity)?.is_none() {
+            return Err(RepoError::Invalid(format!("no user {identity}")));
+        }
+        self.delete(format!("user/{identity}").as_bytes())
+    }
+
+    fn delete(&self, key: &[u8]) -> Result<(), RepoError> {
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        self.db.delete_opt(key, &wo).map_err(ce)
+    }
+
+    fn prefixed<T>(
+        &self,
+        prefix: &[u8],
+        decode: impl Fn(&[u8]) -> Result<T, RepoError>,
+    ) -> Result<Vec<T>, RepoError> {
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator(prefix) {
+            let (k, v) = item.map_err(ce)?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.push(decode(&v)?);
+        }
+        Ok(out)
+    }
+
+    /// Stored access rules (none: the defaults apply).
+    ///
+    /// # Errors
+    /// Engine or decoding errors.
+    pub fn acl_rules(&self) -> Result<Vec<crate::acl::Rule>, RepoError> {
+        self.prefixed(b"acl/", |v| serde_json::from_slice(v).map_err(ce))
+    }
+
+    /// Stores a rule.
+    ///
+    /// # Errors
+    /// Engine errors; [`RepoError::Invalid`] when the id exists.
+    pub fn put_rule(&self, rule: &crate::acl::Rule) -> Result<(), RepoError> {
+        let key = format!("acl/{}", rule.id);
+        if self.db.get(&key).map_err(ce)?.is_some() {
+            return Err(RepoError::Invalid(format!("rule {} exists", rule.id)));
+        }
+        self.put(key.as_bytes(), &serde_json::to_vec(rule).map_err(ce)?)
+    }
+
+    /// Deletes a rule.
+    ///
+    /// # Errors
+    /// [`RepoError::Invalid`] when there is no such rule.
+    pub fn delete_rule(&self, id: &str) -> Result<(), RepoError> {
+        let key = format!("acl/{id}");
+        if self.db.get(&key).map_err(ce)?.is_none() {
+            return Err(RepoError::Invalid(format!("no rule {id}")));
+        }
+        self.delete(key.as_bytes())
+    }
+
     /// Every user, sorted.
     ///
     /// # Errors
     /// Engine errors.
     pub fn users(&self) -> Result<Vec<UserRecord>, RepoError> {
-        let mut out = Vec::new();
-        for item in self.db.prefix_iterator(b"user/") {
-            let (k, v) = item.map_err(ce)?;
-            if !k.starts_with(b"user/") {
-                break;
-            }
-            out.push(serde_json::from_slice(&v).map_err(ce)?);
-        }
-        Ok(out)
+        self.prefixed(b"user/", |v| serde_json::from_slice(v).map_err(ce))
     }
 
     /// Commits a snapshot: one synced write is the commit point.
@@ -133,9 +205,7 @@ impl Catalog {
     /// # Errors
     /// Engine errors.
     pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), RepoError> {
-        let mut wo = rocksdb::WriteOptions::default();
-        wo.set_sync(true);
-        self.db.delete_opt(format!("snap/{id}"), &wo).map_err(ce)
+        self.delete(format!("snap/{id}").as_bytes())
     }
 
     /// Every snapshot.
@@ -143,14 +213,6 @@ impl Catalog {
     /// # Errors
     /// Engine or decoding errors.
     pub fn snapshots(&self) -> Result<Vec<v1::Snapshot>, RepoError> {
-        let mut out = Vec::new();
-        for item in self.db.prefix_iterator(b"snap/") {
-            let (k, v) = item.map_err(ce)?;
-            if !k.starts_with(b"snap/") {
-                break;
-            }
-            out.push(v1::Snapshot::decode(&v[..]).map_err(ce)?);
-        }
-        Ok(out)
+        self.prefixed(b"snap/", |v| v1::Snapshot::decode(v).map_err(ce))
     }
 }

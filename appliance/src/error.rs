@@ -57,6 +57,8 @@ pub enum ApplianceError {
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
     FailedPrecondition(String),
     #[error("{0}")]
     Internal(String),
@@ -91,6 +93,7 @@ impl From<ApplianceError> for tonic::Status {
             | ApplianceError::Unavailable(_) => Status::unavailable(msg),
             ApplianceError::Unauthenticated(_) => Status::unauthenticated(msg),
             ApplianceError::NotFound(_) => Status::not_found(msg),
+            ApplianceError::PermissionDenied(_) => Status::permission_denied(msg),
             ApplianceError::FailedPrecondition(_) => Status::failed_precondition(msg),
             ApplianceError::Internal(_) => Status::internal(msg),
         }

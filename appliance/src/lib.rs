@@ -7,6 +7,8 @@
 //! The order of the stages on the write path is `need -> ingest -> encrypt -> pack -> index`
 //! (see [`pipeline`]).
 
+pub mod acl;
+pub mod admin;
 pub mod auth;
 pub mod catalog;
 pub mod error;

@@ -10,7 +10,7 @@ use coffer_appliance::catalog::{Catalog, UserRecord};
 use coffer_appliance::index::{ChunkIndex, OpenMode, RocksIndex};
 use coffer_appliance::keys::{KdfParams, MasterKey};
 use coffer_appliance::repo::{ChunkerParams, Mode, RepoConfig, RepoPaths, Sharding};
-use coffer_appliance::{auth, maintenance, pack, server, tls};
+use coffer_appliance::{acl, admin, auth, maintenance, pack, server, tls};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -82,11 +82,25 @@ enum Cmd {
         /// Pack size target in bytes (default from the tuning plan).
         #[arg(long, hide = true)]
         pack_target: Option<u64>,
+        /// Identity (`name@host`) of the server control user, who may only call Refresh and
+        /// ServerStatus; its password comes from COFFER_SERVER_CONTROL_PASSWORD.
+        #[arg(long, value_name = "NAME@HOST")]
+        server_control_username: Option<String>,
     },
-    /// Manage accounts.
+    /// Manage accounts (through the running appliance if there is one: effective at once).
     User {
         #[command(subcommand)]
         cmd: UserCmd,
+    },
+    /// Manage access rules (through the running appliance if there is one: effective at once).
+    Acl {
+        #[command(subcommand)]
+        cmd: AclCmd,
+    },
+    /// Make the running appliance reload accounts and rules from its catalog (as SIGHUP does).
+    Refresh {
+        #[command(flatten)]
+        repo: RepoArg,
     },
     /// Check invariants I1 (with --read-data), I2 and I5; exit 1 on any error.
     Verify {
@@ -133,6 +147,99 @@ enum UserCmd {
         #[command(flatten)]
         repo: RepoArg,
     },
+    /// Change an account's password (ends its sessions).
+    Set {
+        /// `username@hostname`.
+        identity: String,
+        #[command(flatten)]
+        repo: RepoArg,
+        /// File whose first line is the new password (else COFFER_USER_PASSWORD, else a prompt).
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+    },
+    /// Delete an account (ends its sessions; its snapshots stay).
+    Delete {
+        /// `username@hostname`.
+        identity: String,
+        #[command(flatten)]
+        repo: RepoArg,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AclCmd {
+    /// Store the built-in default rules explicitly, so that rules can be added and removed.
+    Enable {
+        #[command(flatten)]
+        repo: RepoArg,
+    },
+    /// List the rules in force.
+    List {
+        #[command(flatten)]
+        repo: RepoArg,
+    },
+    /// Add a rule, e.g. `--user 'auditor@*' --access READ --target type=snapshot,hostname=db1`.
+    Add {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// `user@host` pattern; either side may be `*`.
+        #[arg(long)]
+        user: String,
+        /// READ, APPEND or FULL.
+        #[arg(long)]
+        access: String,
+        /// `type=snapshot|policy|user|acl` and labels (username, hostname, path, policyType);
+        /// values may be OWN_USER / OWN_HOST.
+        #[arg(long)]
+        target: String,
+    },
+    /// Remove rules: shows what would be removed; acts only with --delete.
+    Remove {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Rule ids (see `acl list`).
+        ids: Vec<String>,
+        /// Every stored rule (the built-in defaults then apply again).
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        /// Really remove them.
+        #[arg(long)]
+        delete: bool,
+    },
+}
+
+/// Runs an administrative request through the running appliance or on the catalog.
+fn admin_run(repo: &Path, req: &admin::Request) -> anyhow::Result<admin::Reply> {
+    let paths = RepoPaths::new(repo);
+    paths.load_config()?;
+    let (reply, live) = admin::run(&paths.admin_socket(), &paths.catalog(), req)?;
+    if !matches!(req, admin::Request::UserList | admin::Request::AclList) {
+        if live {
+            eprintln!("applied by the running appliance (in force now)");
+        } else {
+            eprintln!("written to the catalog (the appliance reads it when it starts)");
+        }
+    }
+    Ok(reply)
+}
+
+fn new_user(identity: &str, password_file: Option<&Path>) -> anyhow::Result<UserRecord> {
+    let identity = auth::normalise_identity(identity)?;
+    let pw = read_secret(password_file, "COFFER_USER_PASSWORD", "Password: ", true)?;
+    if pw.chars().count() < auth::MIN_PASSWORD_CHARS {
+        bail!(
+            "passwords must be at least {} characters",
+            auth::MIN_PASSWORD_CHARS
+        );
+    }
+    Ok(UserRecord {
+        identity,
+        password_hash: auth::hash_password(&pw)?,
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()
+            .cast_signed(),
+    })
 }
 
 fn read_secret(
@@ -293,9 +400,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tls_names,
             pack_target,
             shutdown_on_stdin,
+            server_control_username,
         } => {
             let paths = RepoPaths::new(&repo.repo);
             let master = unlock(&paths, &password)?;
+            let control = match server_control_username {
+                None => None,
+                Some(name) => {
+                    let identity = auth::normalise_identity(&name)?;
+                    let pw = std::env::var("COFFER_SERVER_CONTROL_PASSWORD").map_err(|_| {
+                        anyhow::anyhow!(
+                            "--server-control-username needs COFFER_SERVER_CONTROL_PASSWORD"
+                        )
+                    })?;
+                    if pw.chars().count() < auth::MIN_PASSWORD_CHARS {
+                        bail!(
+                            "COFFER_SERVER_CONTROL_PASSWORD must be at least {} characters",
+                            auth::MIN_PASSWORD_CHARS
+                        );
+                    }
+                    Some(auth::ControlUser {
+                        identity,
+                        phc: auth::hash_password(&pw)?,
+                    })
+                }
+            };
             let tls = if tls_generate_cert {
                 tls::generate(&tls_cert_file, &tls_key_file, tls_names)
             } else {
@@ -310,48 +439,116 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     tls,
                     pack_target,
                     shutdown_on_stdin,
+                    control,
                 },
             )?;
         }
-        Cmd::User {
-            cmd:
-                UserCmd::Add {
-                    identity,
-                    repo,
-                    password_file,
-                },
-        } => {
+        Cmd::User { cmd } => match cmd {
+            UserCmd::Add {
+                identity,
+                repo,
+                password_file,
+            } => {
+                let user = new_user(&identity, password_file.as_deref())?;
+                let id = user.identity.clone();
+                admin_run(&repo.repo, &admin::Request::UserAdd { user })?;
+                println!("added user {id}");
+            }
+            UserCmd::Set {
+                identity,
+                repo,
+                password_file,
+            } => {
+                let user = new_user(&identity, password_file.as_deref())?;
+                let id = user.identity.clone();
+                admin_run(&repo.repo, &admin::Request::UserSet { user })?;
+                println!("changed the password of {id}");
+            }
+            UserCmd::Delete { identity, repo } => {
+                let identity = auth::normalise_identity(&identity)?;
+                admin_run(
+                    &repo.repo,
+                    &admin::Request::UserDelete {
+                        identity: identity.clone(),
+                    },
+                )?;
+                println!("deleted user {identity}");
+            }
+            UserCmd::List { repo } => {
+                for u in admin_run(&repo.repo, &admin::Request::UserList)?.users {
+                    println!("{u}");
+                }
+            }
+        },
+        Cmd::Acl { cmd } => match cmd {
+            AclCmd::Enable { repo } => {
+                admin_run(&repo.repo, &admin::Request::AclEnable)?;
+                println!("default rules stored; `acl list` shows them");
+            }
+            AclCmd::List { repo } => {
+                let r = admin_run(&repo.repo, &admin::Request::AclList)?;
+                if r.defaults {
+                    println!("# no rules stored: these built-in defaults apply");
+                }
+                for rule in r.rules {
+                    println!("{rule}");
+                }
+            }
+            AclCmd::Add {
+                repo,
+                user,
+                access,
+                target,
+            } => {
+                let rule = acl::Rule::new(&user, access.parse()?, acl::Target::parse(&target)?)?;
+                println!("{rule}");
+                admin_run(&repo.repo, &admin::Request::AclAdd { rule })?;
+            }
+            AclCmd::Remove {
+                repo,
+                ids,
+                all,
+                delete,
+            } => {
+                let r = admin_run(&repo.repo, &admin::Request::AclList)?;
+                if r.defaults {
+                    bail!("no rules are stored (the built-in defaults apply); nothing to remove");
+                }
+                let chosen: Vec<&acl::Rule> = r
+                    .rules
+                    .iter()
+                    .filter(|rule| all || ids.contains(&rule.id))
+                    .collect();
+                if let Some(unknown) = ids.iter().find(|id| !r.rules.iter().any(|x| &x.id == *id)) {
+                    bail!("no rule {unknown} (see `acl list`)");
+                }
+                if chosen.is_empty() {
+                    bail!("name rule ids or --all");
+                }
+                for rule in &chosen {
+                    println!(
+                        "{}{rule}",
+                        if delete { "removing " } else { "would remove " }
+                    );
+                }
+                if !delete {
+                    println!("nothing removed: repeat with --delete to remove these rules");
+                    return Ok(ExitCode::SUCCESS);
+                }
+                let ids = chosen.iter().map(|x| x.id.clone()).collect();
+                admin_run(&repo.repo, &admin::Request::AclRemove { ids })?;
+            }
+        },
+        Cmd::Refresh { repo } => {
             let paths = RepoPaths::new(&repo.repo);
             paths.load_config()?;
-            let identity = auth::normalise_identity(&identity)?;
-            let pw = read_secret(
-                password_file.as_deref(),
-                "COFFER_USER_PASSWORD",
-                "Password: ",
-                true,
-            )?;
-            if pw.len() < 8 {
-                bail!("passwords must be at least 8 characters");
+            if admin::call_socket(&paths.admin_socket(), &admin::Request::Refresh)?.is_none() {
+                bail!(
+                    "no appliance is serving {} (nothing to refresh)",
+                    repo.repo.display()
+                );
             }
-            let catalog = Catalog::open(&paths.catalog(), false)?;
-            catalog.add_user(&UserRecord {
-                identity: identity.clone(),
-                password_hash: auth::hash_password(&pw)?,
-                created_unix: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)?
-                    .as_secs()
-                    .cast_signed(),
-            })?;
-            println!("added user {identity}");
-        }
-        Cmd::User {
-            cmd: UserCmd::List { repo },
-        } => {
-            let paths = RepoPaths::new(&repo.repo);
-            paths.load_config()?;
-            for u in Catalog::open(&paths.catalog(), false)?.users()? {
-                println!("{}", u.identity);
-            }
+            println!("refreshed");
         }
         Cmd::Verify {
             repo,

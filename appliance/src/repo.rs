@@ -233,6 +233,12 @@ impl RepoPaths {
         self.root.join("catalog")
     }
 
+    /// The running appliance's admin socket (see [`crate::admin`]).
+    #[must_use]
+    pub fn admin_socket(&self) -> PathBuf {
+        self.root.join("admin.sock")
+    }
+
     /// Every pack file under `packs/`, sorted by path.
     ///
     /// # Errors

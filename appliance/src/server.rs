@@ -2,15 +2,19 @@
 //! island (tokio + tonic + rustls) on the listening socket.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use coffer_proto::v1;
 use coffer_tuning::{Hardware, Plan};
-use tokio::net::TcpListener;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::TcpListenerStream;
 
-use crate::auth::Auth;
+use crate::admin;
+use crate::auth::{Auth, ControlUser};
 use crate::catalog::Catalog;
 use crate::error::RepoError;
 use crate::keys::MasterKey;
@@ -28,6 +32,8 @@ pub struct ServeOptions {
     pub pack_target: Option<u64>,
     /// Shut down gracefully when standard input reaches end of file (embedding, tests).
     pub shutdown_on_stdin: bool,
+    /// The server control account, if any.
+    pub control: Option<ControlUser>,
 }
 
 /// Message size limit for a repository with chunks of at most `max_chunk` bytes.
@@ -103,14 +109,28 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> anyho
         },
     };
     let handles = shards.iter().map(|s| s.handle.clone()).collect();
-    let service = CofferService::new(handles, catalog.clone(), Auth::new(catalog)?, hello);
+    if let Some(c) = &opts.control {
+        if catalog.user(&c.identity)?.is_some() {
+            anyhow::bail!(
+                "--server-control-username {} is also an account in the catalog; choose another name",
+                c.identity
+            );
+        }
+    }
+    let auth = Arc::new(Auth::new(catalog.clone(), opts.control.clone())?);
+    let service = CofferService::new(handles, catalog.clone(), auth.clone(), hello);
+    let admin = Admin {
+        socket: paths.admin_socket(),
+        catalog,
+        auth,
+    };
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(plan.network_threads)
         .thread_name("net")
         .enable_all()
         .build()?;
-    let result = rt.block_on(run_network(service, opts, max_msg as usize));
+    let result = rt.block_on(run_network(service, admin, opts, max_msg as usize));
     // The service (and with it every shard handle) is gone: shards finish what is in flight,
     // seal their open packs and stop.
     // A blocking read of stdin (`--shutdown-on-stdin`) may still be pending: do not wait for it.
@@ -124,7 +144,100 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> anyho
     result
 }
 
+/// What the admin socket and SIGHUP act on.
+struct Admin {
+    socket: PathBuf,
+    catalog: Arc<Catalog>,
+    auth: Arc<Auth>,
+}
+
+impl Admin {
+    /// Binds the admin socket (mode 0600), replacing a stale one left by a crash.
+    fn bind(&self) -> anyhow::Result<UnixListener> {
+        if self.socket.exists() {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                anyhow::bail!(
+                    "another appliance is serving this repository (its admin socket {} answers)",
+                    self.socket.display()
+                );
+            }
+            std::fs::remove_file(&self.socket)?;
+        }
+        let l = UnixListener::bind(&self.socket)
+            .map_err(|e| anyhow::anyhow!("admin socket {}: {e}", self.socket.display()))?;
+        std::fs::set_permissions(&self.socket, std::fs::Permissions::from_mode(0o600))?;
+        Ok(l)
+    }
+
+    async fn serve(self: Arc<Self>, listener: UnixListener) {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(self.clone().answer(stream));
+        }
+    }
+
+    /// One request line in, one reply line out.
+    async fn answer(self: Arc<Self>, stream: tokio::net::UnixStream) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let (r, mut w) = stream.into_split();
+        let mut line = String::new();
+        let mut r = tokio::io::BufReader::new(r.take(1 << 20));
+        if r.read_line(&mut line).await.is_err() {
+            return;
+        }
+        let me = self.clone();
+        let reply = tokio::task::spawn_blocking(move || -> Result<admin::Reply, String> {
+            let req: admin::Request =
+                serde_json::from_str(&line).map_err(|e| format!("bad request: {e}"))?;
+            let reply = admin::apply(&me.catalog, &req).map_err(|e| e.to_string())?;
+            me.auth.reload().map_err(|e| e.to_string())?;
+            tracing::info!(request = ?std::mem::discriminant(&req), "admin change applied");
+            Ok(reply)
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()))
+        .unwrap_or_else(|error| admin::Reply {
+            ok: false,
+            error,
+            ..admin::Reply::default()
+        });
+        let mut out = serde_json::to_vec(&reply).unwrap_or_default();
+        out.push(b'\n');
+        let _ = w.write_all(&out).await;
+    }
+}
+
 async fn run_network(
+    service: CofferService,
+    admin: Admin,
+    opts: &ServeOptions,
+    max_msg: usize,
+) -> anyhow::Result<()> {
+    let admin = Arc::new(admin);
+    let admin_listener = admin.bind()?;
+    let socket = admin.socket.clone();
+    tokio::spawn(admin.clone().serve(admin_listener));
+    let reloader = admin.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match reloader.auth.reload() {
+                Ok(()) => tracing::info!("SIGHUP: accounts and rules reloaded"),
+                Err(e) => tracing::error!("SIGHUP: reload failed, previous state kept: {e}"),
+            }
+        }
+    });
+    let result = serve_grpc(service, opts, max_msg).await;
+    let _ = std::fs::remove_file(&socket);
+    result
+}
+
+async fn serve_grpc(
     service: CofferService,
     opts: &ServeOptions,
     max_msg: usize,
@@ -161,7 +274,6 @@ async fn run_network(
 }
 
 async fn shutdown_signal(on_stdin: bool) {
-    use tokio::io::AsyncReadExt;
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");

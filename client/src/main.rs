@@ -112,6 +112,9 @@ enum SnapCmd {
         path: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+        /// Every snapshot you may read (other users' too, where the access rules allow).
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -214,7 +217,7 @@ async fn resolve(s: &Session, text: &str) -> anyhow::Result<coffer_proto::v1::Sn
     if text.len() < 8 {
         bail!("snapshot {text:?}: give the full id or at least 8 hex digits");
     }
-    let all = s.list("").await?;
+    let all = s.list("", true).await?;
     let hits: Vec<_> = all
         .into_iter()
         .filter(|x| hex::encode(&x.id).starts_with(&text.to_ascii_lowercase()))
@@ -371,7 +374,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Snapshot {
-            cmd: SnapCmd::List { path, json },
+            cmd: SnapCmd::List { path, json, all },
         } => {
             let cfg = ClientConfig::load(&cfg_path).map_err(|e| anyhow::anyhow!(e))?;
             let s = session(&cfg).await?;
@@ -382,7 +385,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .into_owned(),
                 None => String::new(),
             };
-            for snap in s.list(&filter).await? {
+            for snap in s.list(&filter, all).await? {
                 let st = snap.stats.unwrap_or_default();
                 if json {
                     println!(

@@ -248,7 +248,7 @@ pub async fn backup(
     let mut unchanged = 0;
     if !opts.no_parent {
         if let Some(parent) = session
-            .list(&root_text)
+            .list(&root_text, false)
             .await?
             .into_iter()
             .rfind(|s| !s.partial)

@@ -357,16 +357,18 @@ impl Session {
         SnapshotId::from_slice(&r.id).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
-    /// Snapshots visible to this user, oldest first; `path` filters when not empty.
+    /// This user's snapshots (with `all`: every snapshot it may read), oldest first; `path`
+    /// filters when not empty.
     ///
     /// # Errors
     /// RPC failures.
-    pub async fn list(&self, path: &str) -> Result<Vec<v1::Snapshot>, ClientError> {
+    pub async fn list(&self, path: &str, all: bool) -> Result<Vec<v1::Snapshot>, ClientError> {
         Ok(self
             .client
             .clone()
             .list_snapshots(v1::ListSnapshotsRequest {
                 path: path.to_string(),
+                all,
             })
             .await?
             .into_inner()

@@ -52,6 +52,9 @@ pub struct Appliance {
     pub addr: Option<String>,
     pub fingerprint: Option<String>,
     log: PathBuf,
+    /// Extra `serve` arguments and environment (e.g. a server control user).
+    pub serve_args: Vec<String>,
+    pub serve_env: Vec<(String, String)>,
 }
 
 fn appliance_cmd() -> Command {
@@ -89,6 +92,8 @@ impl Appliance {
             addr: None,
             fingerprint: None,
             log: dir.join("appliance.log"),
+            serve_args: Vec::new(),
+            serve_env: Vec::new(),
         };
         let repo = a.repo.to_str().context("utf-8 path")?.to_string();
         let shards = shards.to_string();
@@ -145,6 +150,8 @@ impl Appliance {
         if let Some(t) = self.pack_target {
             c.args(["--pack-target", &t.to_string()]);
         }
+        c.args(&self.serve_args);
+        c.envs(self.serve_env.iter().map(|(k, v)| (k, v)));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -187,6 +194,19 @@ impl Appliance {
         let s = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = s.lines().collect();
         lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    /// The running appliance's process id.
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the appliance process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// SIGKILL, no chance to clean up.

@@ -10,6 +10,7 @@ use coffer_proto::{bitmap_len, bitmap_set, unpack_ids, ChunkId, ShardId, Snapsho
 use futures::{Stream, StreamExt, TryStreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::acl::{self, Access, TargetType};
 use crate::auth::{Auth, Session};
 use crate::catalog::Catalog;
 use crate::error::ApplianceError;
@@ -37,7 +38,7 @@ pub struct CofferService {
 struct Inner {
     shards: Vec<ShardHandle>,
     catalog: Arc<Catalog>,
-    auth: Auth,
+    auth: Arc<Auth>,
     hello: HelloInfo,
 }
 
@@ -46,7 +47,7 @@ impl CofferService {
     pub fn new(
         shards: Vec<ShardHandle>,
         catalog: Arc<Catalog>,
-        auth: Auth,
+        auth: Arc<Auth>,
         hello: HelloInfo,
     ) -> Self {
         Self {
@@ -76,13 +77,48 @@ fn split<T>(shards: u16, items: Vec<T>, id: impl Fn(&T) -> ChunkId) -> Vec<(Vec<
     out
 }
 
+/// The access `who` has on snapshot `s` under `rules`.
+fn snapshot_access(rules: &[acl::Rule], who: &str, s: &v1::Snapshot) -> Option<Access> {
+    let (user, host) = s
+        .identity
+        .split_once('@')
+        .unwrap_or((s.identity.as_str(), ""));
+    acl::access(
+        rules,
+        who,
+        TargetType::Snapshot,
+        &[("username", user), ("hostname", host), ("path", &s.path)],
+    )
+}
+
 impl Inner {
-    fn session<T>(&self, req: &Request<T>) -> Result<Session, Status> {
+    fn any_session<T>(&self, req: &Request<T>) -> Result<Session, Status> {
         let token = req
             .metadata()
             .get(coffer_proto::SESSION_HEADER)
             .and_then(|v| v.to_str().ok());
         Ok(self.auth.session(token)?)
+    }
+
+    /// A user's session: the server control user may only refresh and read status.
+    fn session<T>(&self, req: &Request<T>) -> Result<Session, Status> {
+        let s = self.any_session(req)?;
+        if s.control {
+            return Err(Status::permission_denied(
+                "the server control user may only call Refresh and ServerStatus",
+            ));
+        }
+        Ok(s)
+    }
+
+    fn control_session<T>(&self, req: &Request<T>) -> Result<Session, Status> {
+        let s = self.any_session(req)?;
+        if !s.control {
+            return Err(Status::permission_denied(
+                "only the server control user may call this",
+            ));
+        }
+        Ok(s)
     }
 
     async fn find_missing(&self, ids: Bytes) -> Result<v1::FindMissingResponse, ApplianceError> {
@@ -267,17 +303,22 @@ impl Coffer for CofferService {
         &self,
         req: Request<v1::HelloRequest>,
     ) -> Result<Response<v1::HelloResponse>, Status> {
-        let req = req.into_inner();
         // The protocol version is checked before anything else, credentials included.
-        if req.protocol_version != coffer_proto::PROTOCOL_VERSION {
+        if req.get_ref().protocol_version != coffer_proto::PROTOCOL_VERSION {
             return Err(Status::failed_precondition(format!(
                 "this client speaks coffer protocol {} but the appliance speaks {}; upgrade the \
                  older side",
-                req.protocol_version,
+                req.get_ref().protocol_version,
                 coffer_proto::PROTOCOL_VERSION
             )));
         }
-        let (token, identity) = self.inner.auth.login(&req.identity, &req.password).await?;
+        let source = req.remote_addr().map(|a| a.ip());
+        let req = req.into_inner();
+        let (token, identity) = self
+            .inner
+            .auth
+            .login(&req.identity, &req.password, source)
+            .await?;
         let h = &self.inner.hello;
         Ok(Response::new(v1::HelloResponse {
             protocol_version: coffer_proto::PROTOCOL_VERSION,
@@ -364,13 +405,20 @@ impl Coffer for CofferService {
         }
         let id = SnapshotId::from_bytes(rand::random());
         snap.id = Bytes::copy_from_slice(id.as_bytes());
+        // A snapshot always belongs to the identity that commits it.
         snap.identity.clone_from(&session.identity);
-        if snap.hostname.is_empty() {
-            snap.hostname = session
-                .identity
-                .split_once('@')
-                .map_or("", |(_, h)| h)
-                .to_string();
+        snap.hostname = session
+            .identity
+            .split_once('@')
+            .map_or("", |(_, h)| h)
+            .to_string();
+        if snapshot_access(&self.inner.auth.rules(), &session.identity, &snap)
+            .is_none_or(|a| a < Access::Append)
+        {
+            return Err(Status::permission_denied(format!(
+                "{} may not add snapshots of {}",
+                session.identity, snap.path
+            )));
         }
         if snap.time_us == 0 {
             snap.time_us = now_us();
@@ -385,11 +433,14 @@ impl Coffer for CofferService {
         req: Request<v1::ListSnapshotsRequest>,
     ) -> Result<Response<v1::ListSnapshotsResponse>, Status> {
         let session = self.inner.session(&req)?;
-        let path = req.into_inner().path;
-        let all = catalog_call(&self.inner.catalog, Catalog::snapshots).await?;
-        let mut snapshots: Vec<_> = all
+        let v1::ListSnapshotsRequest { path, all } = req.into_inner();
+        let every = catalog_call(&self.inner.catalog, Catalog::snapshots).await?;
+        let rules = self.inner.auth.rules();
+        let mut snapshots: Vec<_> = every
             .into_iter()
-            .filter(|s| s.identity == session.identity && (path.is_empty() || s.path == path))
+            .filter(|s| path.is_empty() || s.path == path)
+            .filter(|s| all || s.identity == session.identity)
+            .filter(|s| snapshot_access(&rules, &session.identity, s).is_some())
             .collect();
         snapshots.sort_by_key(|s| s.time_us);
         Ok(Response::new(v1::ListSnapshotsResponse { snapshots }))
@@ -402,17 +453,28 @@ impl Coffer for CofferService {
         let session = self.inner.session(&req)?;
         let id = SnapshotId::from_slice(&req.into_inner().id)
             .map_err(|e| Status::invalid_argument(format!("snapshot id: {e}")))?;
-        let owner = session.identity.clone();
-        let deleted = catalog_call(&self.inner.catalog, move |c| match c.snapshot(&id)? {
-            // Another user's snapshot is reported exactly like a missing one.
-            Some(s) if s.identity == owner => c.delete_snapshot(&id).map(|()| true),
-            _ => Ok(false),
+        let rules = self.inner.auth.rules();
+        let who = session.identity.clone();
+        let outcome = catalog_call(&self.inner.catalog, move |c| {
+            let Some(s) = c.snapshot(&id)? else {
+                return Ok(None);
+            };
+            let a = snapshot_access(&rules, &who, &s);
+            if a == Some(Access::Full) {
+                c.delete_snapshot(&id)?;
+            }
+            Ok(a)
         })
         .await?;
-        if !deleted {
-            return Err(Status::not_found(format!("no snapshot {id}")));
+        match outcome {
+            Some(Access::Full) => Ok(Response::new(v1::DeleteSnapshotResponse {})),
+            Some(_) => Err(Status::permission_denied(format!(
+                "{} may read snapshot {id} but not delete it",
+                session.identity
+            ))),
+            // A snapshot the caller may not read is reported exactly like a missing one.
+            None => Err(Status::not_found(format!("no snapshot {id}"))),
         }
-        Ok(Response::new(v1::DeleteSnapshotResponse {}))
     }
 
     async fn get_snapshot(
@@ -424,11 +486,89 @@ impl Coffer for CofferService {
             .map_err(|e| Status::invalid_argument(format!("snapshot id: {e}")))?;
         let snap = catalog_call(&self.inner.catalog, move |c| c.snapshot(&id)).await?;
         match snap {
-            // Another user's snapshot is reported exactly like a missing one.
-            Some(s) if s.identity == session.identity => {
+            Some(s)
+                if snapshot_access(&self.inner.auth.rules(), &session.identity, &s).is_some() =>
+            {
                 Ok(Response::new(v1::GetSnapshotResponse { snapshot: Some(s) }))
             }
+            // A snapshot the caller may not read is reported exactly like a missing one.
             _ => Err(Status::not_found(format!("no snapshot {id}"))),
         }
+    }
+
+    async fn change_password(
+        &self,
+        req: Request<v1::ChangePasswordRequest>,
+    ) -> Result<Response<v1::ChangePasswordResponse>, Status> {
+        let session = self.inner.session(&req)?;
+        let (user, host) = session
+            .identity
+            .split_once('@')
+            .ok_or_else(|| Status::internal("session identity without @"))?;
+        let allowed = acl::access(
+            &self.inner.auth.rules(),
+            &session.identity,
+            TargetType::User,
+            &[("username", user), ("hostname", host)],
+        );
+        if allowed.is_none_or(|a| a < Access::Append) {
+            return Err(Status::permission_denied(format!(
+                "{} may not change its password",
+                session.identity
+            )));
+        }
+        let pw = req.into_inner().new_password;
+        if pw.chars().count() < crate::auth::MIN_PASSWORD_CHARS {
+            return Err(Status::invalid_argument(format!(
+                "passwords must be at least {} characters",
+                crate::auth::MIN_PASSWORD_CHARS
+            )));
+        }
+        let hash = tokio::task::spawn_blocking(move || crate::auth::hash_password(&pw))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        let identity = session.identity.clone();
+        catalog_call(&self.inner.catalog, move |c| {
+            let Some(mut u) = c.user(&identity)? else {
+                return Err(crate::error::RepoError::Invalid(format!(
+                    "no user {identity}"
+                )));
+            };
+            u.password_hash = hash;
+            c.set_user(&u)
+        })
+        .await?;
+        // Every session of the account ends (the caller's too): the old password is gone.
+        self.inner.auth.reload()?;
+        Ok(Response::new(v1::ChangePasswordResponse {}))
+    }
+
+    async fn refresh(
+        &self,
+        req: Request<v1::RefreshRequest>,
+    ) -> Result<Response<v1::RefreshResponse>, Status> {
+        self.inner.control_session(&req)?;
+        self.inner.auth.reload()?;
+        Ok(Response::new(v1::RefreshResponse {}))
+    }
+
+    async fn server_status(
+        &self,
+        req: Request<v1::ServerStatusRequest>,
+    ) -> Result<Response<v1::ServerStatusResponse>, Status> {
+        self.inner.control_session(&req)?;
+        let (users, stored) = catalog_call(&self.inner.catalog, |c| {
+            Ok((c.users()?.len(), c.acl_rules()?.len()))
+        })
+        .await?;
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Ok(Response::new(v1::ServerStatusResponse {
+            appliance_version: env!("CARGO_PKG_VERSION").to_string(),
+            shards: u32::from(shard_count(&self.inner.shards)),
+            users: count(users),
+            sessions: count(self.inner.auth.session_count()),
+            acl_rules: count(self.inner.auth.rules().len()),
+            acl_defaults: stored == 0,
+        }))
     }
 }

@@ -1,0 +1,190 @@
+//! Account and rule administration, the same operations two ways:
+//!
+//! * while the appliance runs, through its admin socket `<repo>/admin.sock` (mode 0600: only the
+//!   appliance's own user, normally root, can connect), so that a change is in force as soon as
+//!   the command returns: the appliance writes the catalog and reloads ([`crate::auth::Auth::reload`]);
+//! * when it does not run, directly on the catalog (the appliance reads it at start).
+//!
+//! Protocol on the socket: one JSON [`Request`] per line, one JSON [`Reply`] per line.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::acl::Rule;
+use crate::catalog::{Catalog, UserRecord};
+use crate::error::{ApplianceError, RepoError};
+
+/// One administrative operation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    UserAdd {
+        user: UserRecord,
+    },
+    /// Replaces the password hash of an existing user.
+    UserSet {
+        user: UserRecord,
+    },
+    UserDelete {
+        identity: String,
+    },
+    UserList,
+    AclList,
+    AclAdd {
+        rule: Rule,
+    },
+    AclRemove {
+        ids: Vec<String>,
+    },
+    /// Stores the default rules explicitly (when no rules are stored).
+    AclEnable,
+    /// Reloads everything from the catalog.
+    Refresh,
+}
+
+/// What an operation returned.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default)]
+    pub error: String,
+    #[serde(default)]
+    pub users: Vec<String>,
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+    /// Whether the rules listed are the built-in defaults (nothing stored).
+    #[serde(default)]
+    pub defaults: bool,
+}
+
+fn repo_err(e: RepoError) -> ApplianceError {
+    match e {
+        RepoError::Invalid(m) => ApplianceError::InvalidArgument(m),
+        e => ApplianceError::Internal(e.to_string()),
+    }
+}
+
+/// Applies `req` to the catalog.
+///
+/// # Errors
+/// What the catalog refused (an existing user, an unknown rule, …).
+pub fn apply(catalog: &Catalog, req: &Request) -> Result<Reply, ApplianceError> {
+    let mut reply = Reply {
+        ok: true,
+        ..Reply::default()
+    };
+    match req {
+        Request::UserAdd { user } => {
+            check_user(user)?;
+            catalog.add_user(user).map_err(repo_err)?;
+        }
+        Request::UserSet { user } => {
+            check_user(user)?;
+            catalog.set_user(user).map_err(repo_err)?;
+        }
+        Request::UserDelete { identity } => catalog.delete_user(identity).map_err(repo_err)?,
+        Request::UserList => {
+            reply.users = catalog
+                .users()
+                .map_err(repo_err)?
+                .into_iter()
+                .map(|u| u.identity)
+                .collect();
+        }
+        Request::AclList => {
+            reply.rules = catalog.acl_rules().map_err(repo_err)?;
+            if reply.rules.is_empty() {
+                reply.rules = crate::acl::default_rules();
+                reply.defaults = true;
+            }
+        }
+        Request::AclAdd { rule } => {
+            if catalog.acl_rules().map_err(repo_err)?.is_empty() {
+                return Err(ApplianceError::FailedPrecondition(
+                    "no rules are stored yet, so the built-in defaults apply; run `acl enable` \
+                     first so that adding a rule does not silently drop the defaults"
+                        .into(),
+                ));
+            }
+            catalog.put_rule(rule).map_err(repo_err)?;
+        }
+        Request::AclRemove { ids } => {
+            for id in ids {
+                catalog.delete_rule(id).map_err(repo_err)?;
+            }
+        }
+        Request::AclEnable => {
+            if !catalog.acl_rules().map_err(repo_err)?.is_empty() {
+                return Err(ApplianceError::FailedPrecondition(
+                    "rules are already stored".into(),
+                ));
+            }
+            for r in crate::acl::default_rules() {
+                catalog.put_rule(&r).map_err(repo_err)?;
+            }
+        }
+        Request::Refresh => {}
+    }
+    Ok(reply)
+}
+
+/// Only well-formed identities and argon2id PHC strings are ever stored.
+fn check_user(u: &UserRecord) -> Result<(), ApplianceError> {
+    if crate::auth::normalise_identity(&u.identity)? != u.identity {
+        return Err(ApplianceError::InvalidArgument(format!(
+            "identity {:?} is not in normal form",
+            u.identity
+        )));
+    }
+    if !u.password_hash.starts_with("$argon2id$") {
+        return Err(ApplianceError::InvalidArgument(
+            "only argon2id password hashes are stored".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Sends `req` to the appliance running on the repository whose admin socket is `socket`;
+/// `None` when no appliance listens there.
+///
+/// # Errors
+/// I/O errors talking to a listening appliance, or its refusal.
+pub fn call_socket(socket: &Path, req: &Request) -> Result<Option<Reply>, ApplianceError> {
+    let Ok(mut s) = UnixStream::connect(socket) else {
+        return Ok(None);
+    };
+    let io = |e: std::io::Error| {
+        ApplianceError::Unavailable(format!("admin socket {}: {e}", socket.display()))
+    };
+    let mut line = serde_json::to_vec(req).map_err(|e| ApplianceError::Internal(e.to_string()))?;
+    line.push(b'\n');
+    s.write_all(&line).map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer).map_err(io)?;
+    let reply: Reply = serde_json::from_str(&answer)
+        .map_err(|e| ApplianceError::Internal(format!("admin socket answered {answer:?}: {e}")))?;
+    if !reply.ok {
+        return Err(ApplianceError::FailedPrecondition(reply.error));
+    }
+    Ok(Some(reply))
+}
+
+/// Runs `req` on the running appliance if there is one, else directly on the catalog at
+/// `catalog_dir`. Returns the reply and whether a running appliance applied it.
+///
+/// # Errors
+/// See [`apply`] and [`call_socket`].
+pub fn run(
+    socket: &Path,
+    catalog_dir: &Path,
+    req: &Request,
+) -> Result<(Reply, bool), ApplianceError> {
+    if let Some(r) = call_socket(socket, req)? {
+        return Ok((r, true));
+    }
+    let catalog = Catalog::open(catalog_dir, false).map_err(repo_err)?;
+    Ok((apply(&catalog, req)?, false))
+}
