@@ -43,6 +43,10 @@ pub enum Request {
     AclEnable,
     /// Reloads everything from the catalog.
     Refresh,
+    /// Sets (with a value) or shows the disclosure mode: `user` or `repository`.
+    Disclosure {
+        mode: Option<String>,
+    },
 }
 
 /// What an operation returned.
@@ -58,6 +62,9 @@ pub struct Reply {
     /// Whether the rules listed are the built-in defaults (nothing stored).
     #[serde(default)]
     pub defaults: bool,
+    /// The disclosure mode in force (for `Disclosure`).
+    #[serde(default)]
+    pub disclosure: String,
 }
 
 fn repo_err(e: RepoError) -> ApplianceError {
@@ -127,6 +134,21 @@ pub fn apply(catalog: &Catalog, req: &Request) -> Result<Reply, ApplianceError> 
             }
         }
         Request::Refresh => {}
+        Request::Disclosure { mode } => {
+            if let Some(m) = mode {
+                crate::auth::parse_disclosure(Some(m))?;
+                catalog
+                    .set_setting(crate::auth::DISCLOSURE_SETTING, m)
+                    .map_err(repo_err)?;
+            }
+            let v = catalog
+                .setting(crate::auth::DISCLOSURE_SETTING)
+                .map_err(repo_err)?;
+            reply.disclosure = match crate::auth::parse_disclosure(v.as_deref())? {
+                coffer_proto::v1::Disclosure::Repository => "repository".into(),
+                _ => "user".into(),
+            };
+        }
     }
     Ok(reply)
 }

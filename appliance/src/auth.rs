@@ -3,13 +3,16 @@
 //! Unknown users cost the same as known ones (a dummy hash is verified), and hashing runs on a
 //! bounded number of blocking threads so that login floods cannot exhaust memory.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use tokio::sync::Semaphore;
+
+use coffer_proto::v1::Disclosure;
+use coffer_proto::ChunkId;
 
 use crate::acl::Rule;
 use crate::catalog::Catalog;
@@ -74,15 +77,78 @@ pub fn normalise_identity(raw: &str) -> Result<String, ApplianceError> {
     Ok(lower)
 }
 
+/// What a session knows: chunks it uploaded or proved it holds, and everything reachable from
+/// the snapshots it opened. Reads and snapshot references are limited to what it knows.
+#[derive(Debug)]
+pub struct SessionState {
+    /// Key of this session's possession proofs.
+    pub possession_key: [u8; 32],
+    uploaded: Mutex<HashSet<ChunkId>>,
+    opened: Mutex<Vec<Arc<HashSet<ChunkId>>>>,
+}
+
+impl SessionState {
+    fn new() -> Self {
+        Self {
+            possession_key: rand::random(),
+            uploaded: Mutex::new(HashSet::new()),
+            opened: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Records chunks the session uploaded (verified against their ids) or proved.
+    pub fn add_uploaded(&self, ids: impl IntoIterator<Item = ChunkId>) {
+        lock(&self.uploaded).extend(ids);
+    }
+
+    /// Records the reachable set of a snapshot the session opened.
+    pub fn add_opened(&self, reach: Arc<HashSet<ChunkId>>) {
+        let mut o = lock(&self.opened);
+        if !o.iter().any(|r| Arc::ptr_eq(r, &reach)) {
+            o.push(reach);
+        }
+    }
+
+    /// Whether `id` is reachable from a snapshot the session opened.
+    #[must_use]
+    pub fn opened(&self, id: &ChunkId) -> bool {
+        lock(&self.opened).iter().any(|r| r.contains(id))
+    }
+
+    /// Whether the session uploaded, proved or opened `id`.
+    #[must_use]
+    pub fn knows(&self, id: &ChunkId) -> bool {
+        lock(&self.uploaded).contains(id) || self.opened(id)
+    }
+}
+
 /// An authenticated session.
 #[derive(Debug, Clone)]
 pub struct Session {
     pub identity: String,
+    pub state: Arc<SessionState>,
     /// The server control user: may refresh and ask for status, nothing else.
     pub control: bool,
     expires: Instant,
     /// The password hash the session was opened with: a changed password ends the session.
     phc: String,
+}
+
+/// Catalog setting naming the repository's disclosure mode (`user` or `repository`).
+pub const DISCLOSURE_SETTING: &str = "disclosure";
+
+/// Parses the disclosure setting; absent means `user` (no existence oracle).
+///
+/// # Errors
+/// An unknown value.
+pub fn parse_disclosure(v: Option<&str>) -> Result<Disclosure, ApplianceError> {
+    match v {
+        None | Some("user") => Ok(Disclosure::User),
+        Some("repository") => Ok(Disclosure::Repository),
+        Some(other) => Err(ApplianceError::InvalidArgument(format!(
+            "disclosure {other:?}: expected user or repository"
+        ))),
+    }
 }
 
 /// Failed logins of one account or one source address.
@@ -122,6 +188,7 @@ pub struct Auth {
     catalog: Arc<Catalog>,
     sessions: Mutex<HashMap<String, Session>>,
     rules: RwLock<Arc<Vec<Rule>>>,
+    disclosure: RwLock<Disclosure>,
     failures: Mutex<HashMap<String, Failures>>,
     hashing: Semaphore,
     dummy_hash: String,
@@ -144,6 +211,7 @@ impl Auth {
             catalog,
             sessions: Mutex::new(HashMap::new()),
             rules: RwLock::new(Arc::new(Vec::new())),
+            disclosure: RwLock::new(Disclosure::User),
             failures: Mutex::new(HashMap::new()),
             // At most two argon2id hashes (19 MiB each) at a time, whatever the login rate (S4).
             hashing: Semaphore::new(2),
@@ -177,10 +245,20 @@ impl Auth {
             .into_iter()
             .map(|u| (u.identity, u.password_hash))
             .collect();
+        let disclosure = parse_disclosure(
+            self.catalog
+                .setting(DISCLOSURE_SETTING)
+                .map_err(|e| ApplianceError::Internal(e.to_string()))?
+                .as_deref(),
+        )?;
         *self
             .rules
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(rules);
+        *self
+            .disclosure
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = disclosure;
         lock(&self.sessions)
             .retain(|_, s| s.control || users.get(&s.identity).is_some_and(|h| *h == s.phc));
         Ok(())
@@ -193,6 +271,15 @@ impl Auth {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// How `FindMissing` answers chunks a session does not know.
+    #[must_use]
+    pub fn disclosure(&self) -> Disclosure {
+        *self
+            .disclosure
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Open sessions (for status).
@@ -215,6 +302,12 @@ impl Auth {
         });
         e.count = e.count.saturating_add(1);
         e.last = Instant::now();
+    }
+
+    /// The state of the session named by `token` (for Hello's answer).
+    #[must_use]
+    pub fn state_of(&self, token: &str) -> Option<Arc<SessionState>> {
+        lock(&self.sessions).get(token).map(|s| s.state.clone())
     }
 
     /// Checks credentials and opens a session; returns its token and the normalised identity.
@@ -273,6 +366,7 @@ impl Auth {
         let token = hex::encode(rand::random::<[u8; 32]>());
         let session = Session {
             identity: identity.clone(),
+            state: Arc::new(SessionState::new()),
             control: control.is_some(),
             expires: Instant::now() + self.ttl,
             phc,

@@ -3,7 +3,7 @@
 //! by exactly one write (its single commit point).
 //!
 //! Keys: `user/<identity>` -> JSON [`UserRecord`]; `snap/<id hex>` -> protobuf `coffer.v1.Snapshot`;
-//! `acl/<rule id>` -> JSON [`crate::acl::Rule`].
+//! `acl/<rule id>` -> JSON [`crate::acl::Rule`]; `setting/<name>` -> UTF-8 value.
 
 use std::path::Path;
 
@@ -170,6 +170,26 @@ impl Catalog {
             return Err(RepoError::Invalid(format!("no rule {id}")));
         }
         self.delete(key.as_bytes())
+    }
+
+    /// A repository setting (`setting/<name>`).
+    ///
+    /// # Errors
+    /// Engine errors.
+    pub fn setting(&self, name: &str) -> Result<Option<String>, RepoError> {
+        Ok(self
+            .db
+            .get(format!("setting/{name}"))
+            .map_err(ce)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Stores a repository setting.
+    ///
+    /// # Errors
+    /// Engine errors.
+    pub fn set_setting(&self, name: &str, value: &str) -> Result<(), RepoError> {
+        self.put(format!("setting/{name}").as_bytes(), value.as_bytes())
     }
 
     /// Every user, sorted.

@@ -97,6 +97,15 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AclCmd,
     },
+    /// Show or set what FindMissing reveals about chunks stored by others: `user` (default: no
+    /// existence oracle; the client uploads data it has not referenced before and nothing new is
+    /// stored) or `repository` (saves that upload, reveals that someone stored the data).
+    Disclosure {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// `user` or `repository`; omit to show the current mode.
+        mode: Option<String>,
+    },
     /// Make the running appliance reload accounts and rules from its catalog (as SIGHUP does).
     Refresh {
         #[command(flatten)]
@@ -213,7 +222,12 @@ fn admin_run(repo: &Path, req: &admin::Request) -> anyhow::Result<admin::Reply> 
     let paths = RepoPaths::new(repo);
     paths.load_config()?;
     let (reply, live) = admin::run(&paths.admin_socket(), &paths.catalog(), req)?;
-    if !matches!(req, admin::Request::UserList | admin::Request::AclList) {
+    if !matches!(
+        req,
+        admin::Request::UserList
+            | admin::Request::AclList
+            | admin::Request::Disclosure { mode: None }
+    ) {
         if live {
             eprintln!("applied by the running appliance (in force now)");
         } else {
@@ -539,6 +553,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 admin_run(&repo.repo, &admin::Request::AclRemove { ids })?;
             }
         },
+        Cmd::Disclosure { repo, mode } => {
+            let r = admin_run(&repo.repo, &admin::Request::Disclosure { mode })?;
+            println!("disclosure: {}", r.disclosure);
+        }
         Cmd::Refresh { repo } => {
             let paths = RepoPaths::new(&repo.repo);
             paths.load_config()?;

@@ -236,6 +236,8 @@ async fn locate(
 ) -> anyhow::Result<(ChunkId, Option<coffer_proto::v1::Node>)> {
     let (snap, sub) = spec.split_once(':').unwrap_or((spec, ""));
     let snap = resolve(s, snap).await?;
+    // The appliance serves only chunks of snapshots this session opened.
+    s.open(&SnapshotId::from_slice(&snap.id)?).await?;
     let mut tree = ChunkId::from_slice(&snap.root)?;
     let mut node = None;
     for comp in sub.split('/').filter(|c| !c.is_empty()) {

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use crate::chunk::{Chunk, ChunkerParams, Merge};
 use crate::parent::{match_parent, TreeCache};
 use crate::read::{self, BufPool, Job, Output};
-use crate::session::{Frame, Session};
+use crate::session::{Frame, Need, Session};
 use crate::tree::FileContent;
 use crate::walk::walk;
 use crate::ClientError;
@@ -109,6 +109,9 @@ struct FileMerge {
 /// fast as 200 did, at 155 MB peak RSS instead of 360.
 const POOL_SLACK: usize = 8;
 
+/// Own snapshots (newest per path) opened before a backup.
+const OPEN_OWN_SNAPSHOTS: usize = 16;
+
 /// Batches handed to need + upload at the same time (they overlap with reading).
 const UPLOADS_IN_FLIGHT: usize = 6;
 
@@ -132,19 +135,23 @@ async fn need_and_upload(
     batch_bytes: usize,
 ) -> Result<(u64, u64), ClientError> {
     let ids: Vec<ChunkId> = batch.iter().map(|c| c.id).collect();
-    let missing = session.find_missing(&ids).await?;
-    let todo: Vec<Chunk> = batch
+    let needs = session.need(&ids).await?;
+    let todo: Vec<(Chunk, Need)> = batch
         .into_iter()
-        .zip(missing)
-        .filter(|(_, m)| *m)
-        .map(|(c, _)| c)
+        .zip(needs)
+        .filter(|(_, n)| *n != Need::Present)
         .collect();
     if todo.is_empty() {
         return Ok((0, 0));
     }
+    let key = session.possession_key();
     let frames = tokio::task::spawn_blocking(move || {
         todo.into_iter()
-            .map(|c| Frame::new(c.id, c.data, level))
+            .map(|(c, n)| match n {
+                // Stored by someone else: prove we hold it instead of sending it.
+                Need::Prove => Frame::proof(c.id, &c.data, &key),
+                _ => Frame::new(c.id, c.data, level),
+            })
             .collect::<Vec<_>>()
     })
     .await
@@ -246,14 +253,28 @@ pub async fn backup(
     // parent snapshot: unchanged files keep their chunk lists without being read
     let mut contents: Vec<Option<FileContent>> = vec![None; w.files.len()];
     let mut unchanged = 0;
+    // Open the newest snapshot of each of the user's paths (the parent among them): the
+    // appliance then counts their chunks as known to this session, so that data this user
+    // already backed up, from any path, is not sent again, and the new snapshot may reference
+    // it (the appliance refuses references to chunks a session neither sent nor opened).
+    let own = session.list("", false).await?;
+    let mut newest: HashMap<&str, &v1::Snapshot> = HashMap::new();
+    for s in own.iter().filter(|s| !s.partial) {
+        newest.insert(&s.path, s);
+    }
+    let mut newest: Vec<&v1::Snapshot> = newest.into_values().collect();
+    newest.sort_by_key(|s| std::cmp::Reverse(s.time_us));
+    for s in newest.iter().take(OPEN_OWN_SNAPSHOTS) {
+        session.open(&SnapshotId::from_slice(&s.id)?).await?;
+    }
     if !opts.no_parent {
-        if let Some(parent) = session
-            .list(&root_text, false)
-            .await?
-            .into_iter()
+        if let Some(parent) = own
+            .iter()
+            .filter(|s| s.path == root_text)
             .rfind(|s| !s.partial)
         {
             let proot = ChunkId::from_slice(&parent.root)?;
+            session.open(&SnapshotId::from_slice(&parent.id)?).await?;
             unchanged = match_parent(session, &cache, &w.root, proot, &mut contents).await?;
         }
     }

@@ -42,8 +42,23 @@ pub struct Frame {
     pub id: ChunkId,
     pub raw_len: u32,
     pub zstd: bool,
-    /// Plaintext, or its zstd frame when `zstd`.
+    /// Plaintext, or its zstd frame when `zstd`, or a possession proof when `proof`.
     pub data: Bytes,
+    /// `data` is a possession proof (keyed BLAKE3 of the plaintext under the session's
+    /// possession key), not the chunk.
+    pub proof: bool,
+}
+
+/// What the appliance needs for a chunk (`FindMissing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Stored and known to this session: nothing to send.
+    Present,
+    /// Send the chunk.
+    Missing,
+    /// Stored, but unknown to this session: send a possession proof before a snapshot may
+    /// reference it (repository disclosure).
+    Prove,
 }
 
 impl Frame {
@@ -58,6 +73,7 @@ impl Frame {
                     raw_len,
                     zstd: true,
                     data: c,
+                    proof: false,
                 };
             }
         }
@@ -66,6 +82,19 @@ impl Frame {
             raw_len,
             zstd: false,
             data: plain,
+            proof: false,
+        }
+    }
+
+    /// A possession proof of `plain` (whose id is `id`) under the session key `key`.
+    #[must_use]
+    pub fn proof(id: ChunkId, plain: &[u8], key: &[u8; 32]) -> Self {
+        Self {
+            id,
+            raw_len: u32::try_from(plain.len()).expect("chunks are < 4 GiB"),
+            zstd: false,
+            data: Bytes::copy_from_slice(blake3::keyed_hash(key, plain).as_bytes()),
+            proof: true,
         }
     }
 }
@@ -188,11 +217,52 @@ impl Session {
         coffer_proto::chunk_id(&self.dedup_key, plain)
     }
 
-    /// For each id, whether the appliance lacks it (one stream, batches pipelined).
+    /// For each id, whether the appliance lacks it (only [`Need::Missing`] counts; see
+    /// [`Session::need`]).
     ///
     /// # Errors
     /// RPC failures.
     pub async fn find_missing(&self, ids: &[ChunkId]) -> Result<Vec<bool>, ClientError> {
+        Ok(self
+            .need(ids)
+            .await?
+            .into_iter()
+            .map(|n| n == Need::Missing)
+            .collect())
+    }
+
+    /// The key of this session's possession proofs.
+    #[must_use]
+    pub fn possession_key(&self) -> [u8; 32] {
+        let mut k = [0u8; 32];
+        if self.hello.possession_key.len() == 32 {
+            k.copy_from_slice(&self.hello.possession_key);
+        }
+        k
+    }
+
+    /// Makes a snapshot's chunks readable (and referable) in this session; returns how many
+    /// trees and chunks it reaches.
+    ///
+    /// # Errors
+    /// RPC failures; `NOT_FOUND` for snapshots the user may not read.
+    pub async fn open(&self, id: &SnapshotId) -> Result<u64, ClientError> {
+        Ok(self
+            .client
+            .clone()
+            .open_snapshot(v1::OpenSnapshotRequest {
+                id: Bytes::copy_from_slice(id.as_bytes()),
+            })
+            .await?
+            .into_inner()
+            .reachable)
+    }
+
+    /// What the appliance needs for each id (one stream, batches pipelined).
+    ///
+    /// # Errors
+    /// RPC failures.
+    pub async fn need(&self, ids: &[ChunkId]) -> Result<Vec<Need>, ClientError> {
         let per = (self.limits().max_ids_per_batch as usize).clamp(1, 16 * 1024);
         let batches: Vec<Vec<ChunkId>> = ids.chunks(per).map(<[ChunkId]>::to_vec).collect();
         let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
@@ -216,7 +286,15 @@ impl Session {
                     "FindMissing answered another batch size".into(),
                 ));
             }
-            out.extend((0..n).map(|i| bitmap_get(&r.missing, i)));
+            out.extend((0..n).map(|i| {
+                if bitmap_get(&r.missing, i) {
+                    Need::Missing
+                } else if i / 8 < r.prove.len() && bitmap_get(&r.prove, i) {
+                    Need::Prove
+                } else {
+                    Need::Present
+                }
+            }));
         }
         Ok(out)
     }
@@ -248,7 +326,9 @@ impl Session {
             cur.push(v1::ChunkFrame {
                 id: Bytes::copy_from_slice(f.id.as_bytes()),
                 raw_len: f.raw_len,
-                compression: if f.zstd {
+                compression: if f.proof {
+                    v1::Compression::Proof
+                } else if f.zstd {
                     v1::Compression::Zstd
                 } else {
                     v1::Compression::None

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
 use anyhow::{bail, Context};
-use coffer_client::{Session, SessionOptions, Target};
+use bytes::Bytes;
+use coffer_client::{Frame, Need, Session, SessionOptions, Target};
 
 /// Repository password used by every test.
 pub const REPO_PASSWORD: &str = "test-repo-password";
@@ -196,6 +197,21 @@ impl Appliance {
         lines[lines.len().saturating_sub(15)..].join("\n")
     }
 
+    /// Sets the repository's disclosure mode (`user` or `repository`) with the CLI.
+    ///
+    /// # Errors
+    /// When the command fails.
+    pub fn set_disclosure(&self, mode: &str) -> anyhow::Result<()> {
+        let out = self.run(&["disclosure", mode, "--repo", &self.repo_str()])?;
+        if !out.status.success() {
+            bail!(
+                "disclosure failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
     /// The running appliance's process id.
     #[must_use]
     pub fn pid(&self) -> Option<u32> {
@@ -315,6 +331,33 @@ pub fn data(seed: u64, len: usize, compressible: bool) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// Reads back chunks acknowledged in earlier sessions, given their plaintexts. The repository
+/// must be in `repository` disclosure: every chunk must be answered stored (present or "prove"),
+/// the session proves it holds each (the appliance checks every proof against the stored data),
+/// then reads them; the plaintexts read are returned in order.
+///
+/// # Errors
+/// A chunk that is missing, a refused proof, RPC failures.
+pub async fn read_back(s: &Session, plains: &[Bytes]) -> anyhow::Result<Vec<Bytes>> {
+    let ids: Vec<coffer_proto::ChunkId> = plains.iter().map(|p| s.chunk_id(p)).collect();
+    let needs = s.need(&ids).await?;
+    if let Some(i) = needs.iter().position(|n| *n == Need::Missing) {
+        bail!("chunk {} is not stored", ids[i]);
+    }
+    let key = s.possession_key();
+    let proofs: Vec<Frame> = ids
+        .iter()
+        .zip(plains)
+        .zip(&needs)
+        .filter(|(_, n)| **n == Need::Prove)
+        .map(|((id, p), _)| Frame::proof(*id, p, &key))
+        .collect();
+    if !proofs.is_empty() {
+        s.put(proofs, 8 << 20).await?;
+    }
+    Ok(s.get(&ids).await?)
 }
 
 /// Runs the `coffer` client binary with `config` as its configuration; returns

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use coffer_client::{ClientError, Frame, Session};
 use coffer_proto::ChunkId;
-use coffer_tests::{data, Appliance};
+use coffer_tests::{data, read_back, Appliance};
 
 const ALICE: &str = "alice@laptop";
 const BOB: &str = "bob@server";
@@ -20,6 +20,15 @@ fn frame(s: &Session, seed: u64) -> Frame {
     let len = 1024 + usize::try_from(seed.wrapping_mul(7919) % 15_000).expect("small");
     let plain = Bytes::from(data(seed, len, seed.is_multiple_of(3)));
     Frame::new(s.chunk_id(&plain), plain, Some(3))
+}
+
+/// The plaintext of a frame built by [`frame`].
+fn plain_of(f: &Frame) -> anyhow::Result<Bytes> {
+    Ok(if f.zstd {
+        zstd::bulk::decompress(&f.data, f.raw_len as usize)?.into()
+    } else {
+        f.data.clone()
+    })
 }
 
 fn code(e: &ClientError) -> Option<tonic::Code> {
@@ -37,6 +46,7 @@ async fn concurrent_dedup_ingest_survives_restart() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut app = Appliance::init(dir.path(), 2, 64 << 10, &[ALICE, BOB])?;
     app.pack_target = Some(4 << 20); // many packs: exercises sealing and rotation
+    app.set_disclosure("repository")?; // so that the read-back can prove what it holds
     app.start()?;
     let probe = app.session(ALICE).await?;
 
@@ -87,25 +97,24 @@ async fn concurrent_dedup_ingest_survives_restart() -> anyhow::Result<()> {
     assert_eq!(stored + dedup, uploaded as u64);
     assert_eq!(stored_bytes, unique_payload);
 
-    // Restart, then read everything back from a different user's session too (no ACLs yet).
+    // Restart, then read everything back from another user's session: it proves it holds
+    // each chunk (the appliance checks the proof against what it stored), then reads it.
     assert_eq!(app.stop()?, Some(0), "graceful stop exits 0");
     app.start()?;
     let s = app.session(BOB).await?;
     let ids: Vec<ChunkId> = unique.keys().copied().collect();
-    let missing = s.find_missing(&ids).await?;
-    assert!(
-        missing.iter().all(|m| !m),
-        "every acknowledged chunk is present after restart"
+    let originals: Vec<Bytes> = ids
+        .iter()
+        .map(|id| plain_of(&unique[id]))
+        .collect::<anyhow::Result<_>>()?;
+    assert_eq!(
+        s.get(&ids[..1]).await.err().and_then(|e| code(&e)),
+        Some(tonic::Code::NotFound),
+        "a chunk id alone reads nothing"
     );
-    let back = s.get(&ids).await?;
-    for (id, plain) in ids.iter().zip(back) {
-        let f = &unique[id];
-        let expect = if f.zstd {
-            zstd::bulk::decompress(&f.data, f.raw_len as usize)?
-        } else {
-            f.data.to_vec()
-        };
-        assert_eq!(plain.as_ref(), &expect[..], "chunk {id} bit-exact");
+    let back = read_back(&s, &originals).await?;
+    for ((id, plain), expect) in ids.iter().zip(back).zip(&originals) {
+        assert_eq!(plain, expect, "chunk {id} bit-exact");
     }
     app.stop()?;
 
@@ -137,6 +146,7 @@ async fn c1_sigkill_during_uploads_loses_nothing_acknowledged() -> anyhow::Resul
     let dir = tempfile::tempdir()?;
     let mut app = Appliance::init(dir.path(), 2, 64 << 10, &[ALICE])?;
     app.pack_target = Some(2 << 20);
+    app.set_disclosure("repository")?; // the read-back proves possession of what it reads
     let oracle: Arc<Mutex<Vec<(ChunkId, u64)>>> = Arc::new(Mutex::new(Vec::new()));
     let mut next_seed = 1_000_000u64;
     for round in 0..10u64 {
@@ -144,19 +154,16 @@ async fn c1_sigkill_during_uploads_loses_nothing_acknowledged() -> anyhow::Resul
         // Every acknowledged chunk so far is readable and exact.
         let s = app.session(ALICE).await?;
         let known: Vec<(ChunkId, u64)> = oracle.lock().unwrap().clone();
-        let ids: Vec<ChunkId> = known.iter().map(|k| k.0).collect();
-        let back = s.get(&ids).await?;
-        for ((id, seed), plain) in known.iter().zip(back) {
+        let mut plains = Vec::new();
+        for (id, seed) in &known {
             let f = frame(&s, *seed);
             assert_eq!(f.id, *id);
-            let expect = if f.zstd {
-                zstd::bulk::decompress(&f.data, f.raw_len as usize)?
-            } else {
-                f.data.to_vec()
-            };
+            plains.push(plain_of(&f)?);
+        }
+        let back = read_back(&s, &plains).await?;
+        for (((id, _), plain), expect) in known.iter().zip(back).zip(&plains) {
             assert_eq!(
-                plain.as_ref(),
-                &expect[..],
+                &plain, expect,
                 "round {round}: acknowledged chunk {id} differs"
             );
         }
@@ -217,6 +224,7 @@ async fn c7_lost_index_is_refused_then_rebuilt() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut app = Appliance::init(dir.path(), 2, 64 << 10, &[ALICE])?;
     app.pack_target = Some(1 << 20);
+    app.set_disclosure("repository")?; // the read-back proves possession of what it reads
     app.start()?;
     let s = app.session(ALICE).await?;
     let frames: Vec<Frame> = (0..600).map(|i| frame(&s, 77_000 + i)).collect();
@@ -244,9 +252,9 @@ async fn c7_lost_index_is_refused_then_rebuilt() -> anyhow::Result<()> {
     );
     app.start()?;
     let s = app.session(ALICE).await?;
-    let ids: Vec<ChunkId> = frames.iter().map(|f| f.id).collect();
-    let back = s.get(&ids).await?;
-    assert_eq!(back.len(), frames.len());
+    let plains: Vec<Bytes> = frames.iter().map(plain_of).collect::<anyhow::Result<_>>()?;
+    let back = read_back(&s, &plains).await?;
+    assert_eq!(back, plains);
     app.stop()?;
     let (rc, out) = app.verify(true)?;
     assert_eq!(rc, 0, "{out}");
@@ -271,6 +279,7 @@ async fn s1_f5_s5_bad_input_is_rejected_and_nothing_stored() -> anyhow::Result<(
         raw_len: 5000,
         zstd: false,
         data: Bytes::from(data(6, 5000, false)),
+        proof: false,
     };
     let big_plain = Bytes::from(data(7, max + 1, false));
     let big = Frame {
@@ -278,6 +287,7 @@ async fn s1_f5_s5_bad_input_is_rejected_and_nothing_stored() -> anyhow::Result<(
         raw_len: u32::try_from(max + 1)?,
         zstd: false,
         data: big_plain,
+        proof: false,
     };
     let bomb_plain = vec![0u8; max * 4];
     let bomb = Frame {
@@ -285,12 +295,14 @@ async fn s1_f5_s5_bad_input_is_rejected_and_nothing_stored() -> anyhow::Result<(
         raw_len: 1000,
         zstd: true,
         data: zstd::bulk::compress(&bomb_plain, 3)?.into(),
+        proof: false,
     };
     let short = Frame {
         id: victim_id,
         raw_len: 5000,
         zstd: false,
         data: victim.slice(..4000),
+        proof: false,
     };
     for (what, f) in [
         ("lying id", lie),

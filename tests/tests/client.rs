@@ -487,7 +487,9 @@ mod f4 {
             let opts = BackupOptions { workers: 2, ..BackupOptions::default() };
             let sum = rt.block_on(backup(s, &src, &opts)).unwrap();
             prop_assert!(!sum.partial);
-            let snap = rt.block_on(s.snapshot(&coffer_proto::SnapshotId::from_hex(&sum.snapshot).unwrap())).unwrap();
+            let sid = coffer_proto::SnapshotId::from_hex(&sum.snapshot).unwrap();
+            let snap = rt.block_on(s.snapshot(&sid)).unwrap();
+            rt.block_on(s.open(&sid)).unwrap();
             let target = dir.path().join(format!("dst-{n}"));
             rt.block_on(restore(s, ChunkId::from_slice(&snap.root).unwrap(), &target, false)).unwrap();
             prop_assert_eq!(describe(&src).unwrap(), describe(&target).unwrap());

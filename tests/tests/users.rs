@@ -257,6 +257,7 @@ fn s7_access_matrix() {
             ("CommitSnapshot", [y, y, y, y, y, pd, u, u, u]),
             ("ListSnapshots", [y, nf, y, y, y, pd, u, u, u]),
             ("GetSnapshot", [y, nf, y, y, y, pd, u, u, u]),
+            ("OpenSnapshot", [y, nf, y, y, y, pd, u, u, u]),
             ("DeleteSnapshot", [y, nf, pd, pd, y, pd, u, u, u]),
             ("ChangePassword", [y, y, y, y, y, pd, u, u, u]),
             ("Refresh", [pd, pd, pd, pd, pd, y, u, u, u]),
@@ -316,6 +317,12 @@ fn s7_access_matrix() {
                     "GetSnapshot" => c
                         .client
                         .get_snapshot(c.req(v1::GetSnapshotRequest { id: alices.clone() }))
+                        .await
+                        .err()
+                        .map_or(Code::Ok, |s| s.code()),
+                    "OpenSnapshot" => c
+                        .client
+                        .open_snapshot(c.req(v1::OpenSnapshotRequest { id: alices.clone() }))
                         .await
                         .err()
                         .map_or(Code::Ok, |s| s.code()),

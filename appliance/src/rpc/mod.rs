@@ -1,6 +1,7 @@
 //! The network island: tonic over rustls. Handlers authenticate, split batches by shard and hand
 //! them to shards through [`ShardHandle`]s. They never touch RocksDB indexes or pack files.
 
+use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -8,6 +9,7 @@ use bytes::Bytes;
 use coffer_proto::v1::{self, coffer_server::Coffer};
 use coffer_proto::{bitmap_len, bitmap_set, unpack_ids, ChunkId, ShardId, SnapshotId};
 use futures::{Stream, StreamExt, TryStreamExt};
+use prost::Message as _;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::acl::{self, Access, TargetType};
@@ -40,6 +42,33 @@ struct Inner {
     catalog: Arc<Catalog>,
     auth: Arc<Auth>,
     hello: HelloInfo,
+    /// Reachable sets of recently opened or committed snapshots, most recent last.
+    reach_cache: std::sync::Mutex<Vec<(SnapshotId, Arc<HashSet<ChunkId>>)>>,
+}
+
+/// Snapshots whose reachable sets stay cached (a Linux-tree snapshot's set is ~5 MB).
+const REACH_CACHE: usize = 8;
+/// Most trees and chunks one snapshot may reach (a bound on what a malicious tree can cost).
+const MAX_REACH: usize = 50_000_000;
+
+/// What a walk from a snapshot root found.
+#[derive(Debug, Default)]
+struct Walk {
+    trees: HashSet<ChunkId>,
+    /// File chunks and list chunks.
+    leaves: HashSet<ChunkId>,
+    /// Whether some subtree was not descended into.
+    skipped: bool,
+}
+
+/// The plaintext of a stored chunk.
+fn plaintext(c: &StoredChunk) -> Result<Bytes, ApplianceError> {
+    if !c.zstd {
+        return Ok(c.data.clone());
+    }
+    zstd::bulk::decompress(&c.data, c.raw_len as usize)
+        .map(Bytes::from)
+        .map_err(|e| ApplianceError::Internal(format!("chunk {}: {e}", c.id)))
 }
 
 impl CofferService {
@@ -56,6 +85,7 @@ impl CofferService {
                 catalog,
                 auth,
                 hello,
+                reach_cache: std::sync::Mutex::new(Vec::new()),
             }),
         }
     }
@@ -121,12 +151,16 @@ impl Inner {
         Ok(s)
     }
 
-    async fn find_missing(&self, ids: Bytes) -> Result<v1::FindMissingResponse, ApplianceError> {
+    async fn find_missing(
+        &self,
+        session: &Session,
+        ids: Bytes,
+    ) -> Result<v1::FindMissingResponse, ApplianceError> {
         let max = self.hello.limits.max_ids_per_batch as usize;
         let ids =
             unpack_ids(&ids, max).map_err(|e| ApplianceError::InvalidArgument(e.to_string()))?;
         let n = ids.len();
-        let parts = split(shard_count(&self.shards), ids, |id| *id);
+        let parts = split(shard_count(&self.shards), ids.clone(), |id| *id);
         let answers = futures::future::try_join_all(
             parts
                 .into_iter()
@@ -137,22 +171,62 @@ impl Inner {
                 }),
         )
         .await?;
+        let mut present = vec![false; n];
+        for (pos, p) in answers {
+            for (i, p) in pos.into_iter().zip(p) {
+                present[i] = p;
+            }
+        }
+        let disclosure = self.auth.disclosure();
         let mut missing = vec![0u8; bitmap_len(n)];
-        for (pos, present) in answers {
-            for (i, p) in pos.into_iter().zip(present) {
-                if !p {
-                    bitmap_set(&mut missing, i);
-                }
+        let mut prove = vec![0u8; bitmap_len(n)];
+        for (i, id) in ids.iter().enumerate() {
+            if present[i] && session.state.knows(id) {
+                continue;
+            }
+            if present[i] && disclosure == v1::Disclosure::Repository {
+                bitmap_set(&mut prove, i);
+            } else {
+                // Stored by someone else but unknown to this session: answered exactly like a
+                // chunk nobody holds (user disclosure).
+                bitmap_set(&mut missing, i);
             }
         }
         Ok(v1::FindMissingResponse {
             missing: missing.into(),
             count: u32::try_from(n).unwrap_or(u32::MAX),
+            prove: prove.into(),
         })
+    }
+
+    /// Checks possession proofs: keyed BLAKE3 of each chunk's plaintext under the session's key.
+    async fn check_proofs(
+        &self,
+        session: &Session,
+        proofs: Vec<(ChunkId, Bytes)>,
+    ) -> Result<(), ApplianceError> {
+        let ids: Vec<ChunkId> = proofs.iter().map(|p| p.0).collect();
+        let stored = self.fetch(ids.clone()).await.map_err(|e| match e {
+            ApplianceError::NotFound(m) => {
+                ApplianceError::InvalidArgument(format!("possession proof: {m}"))
+            }
+            e => e,
+        })?;
+        for ((id, proof), c) in proofs.iter().zip(stored) {
+            let want = blake3::keyed_hash(&session.state.possession_key, &plaintext(&c)?);
+            if want.as_bytes()[..] != proof[..] {
+                return Err(ApplianceError::InvalidArgument(format!(
+                    "possession proof for chunk {id} does not match its data"
+                )));
+            }
+        }
+        session.state.add_uploaded(ids);
+        Ok(())
     }
 
     async fn put(
         &self,
+        session: &Session,
         req: v1::PutChunksRequest,
     ) -> Result<v1::PutChunksResponse, ApplianceError> {
         let max = self.hello.limits.max_chunks_per_batch as usize;
@@ -163,12 +237,17 @@ impl Inner {
             )));
         }
         let mut chunks = Vec::with_capacity(req.chunks.len());
+        let mut proofs = Vec::new();
         for f in req.chunks {
             let id = ChunkId::from_slice(&f.id)
                 .map_err(|e| ApplianceError::InvalidArgument(format!("chunk id: {e}")))?;
             let zstd = match v1::Compression::try_from(f.compression) {
                 Ok(v1::Compression::None) => false,
                 Ok(v1::Compression::Zstd) => true,
+                Ok(v1::Compression::Proof) => {
+                    proofs.push((id, f.data));
+                    continue;
+                }
                 Err(_) => {
                     return Err(ApplianceError::InvalidArgument(format!(
                         "chunk {id}: unknown compression {}",
@@ -183,6 +262,22 @@ impl Inner {
                 data: f.data,
             });
         }
+        if !proofs.is_empty() {
+            self.check_proofs(session, proofs).await?;
+        }
+        // What an upload of data nobody holds would be answered: new to this session means
+        // stored (user disclosure hides whether someone else had it).
+        let mut masked = PutOutcome::default();
+        let mut seen = HashSet::new();
+        for c in &chunks {
+            if session.state.knows(&c.id) || !seen.insert(c.id) {
+                masked.deduplicated += 1;
+            } else {
+                masked.stored += 1;
+                masked.stored_bytes += c.data.len() as u64;
+            }
+        }
+        let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
         let parts = split(shard_count(&self.shards), chunks, |c| c.id);
         let outcomes = futures::future::try_join_all(
             parts
@@ -192,9 +287,14 @@ impl Inner {
                 .map(|((_, chunks), shard)| shard.put(chunks)),
         )
         .await?;
+        // Verified against their ids and durable: the session holds these chunks.
+        session.state.add_uploaded(ids);
         let mut total = PutOutcome::default();
         for o in outcomes {
             total += o;
+        }
+        if self.auth.disclosure() == v1::Disclosure::User {
+            total = masked;
         }
         Ok(v1::PutChunksResponse {
             batch: req.batch,
@@ -204,10 +304,8 @@ impl Inner {
         })
     }
 
-    async fn get(&self, ids: Bytes) -> Result<Vec<v1::GetChunksResponse>, ApplianceError> {
-        let max = self.hello.limits.max_ids_per_batch as usize;
-        let ids =
-            unpack_ids(&ids, max).map_err(|e| ApplianceError::InvalidArgument(e.to_string()))?;
+    /// Stored chunks in request order.
+    async fn fetch(&self, ids: Vec<ChunkId>) -> Result<Vec<StoredChunk>, ApplianceError> {
         let n = ids.len();
         let parts = split(shard_count(&self.shards), ids, |id| *id);
         let answers = futures::future::try_join_all(
@@ -226,12 +324,32 @@ impl Inner {
                 ordered[i] = Some(c);
             }
         }
+        Ok(ordered.into_iter().flatten().collect())
+    }
+
+    /// `GetChunks` for one message: only chunks the session knows (uploaded, proved, or
+    /// reachable from a snapshot it opened); any other id is answered exactly like a chunk
+    /// that is not stored.
+    async fn get(
+        &self,
+        session: &Session,
+        ids: Bytes,
+    ) -> Result<Vec<v1::GetChunksResponse>, ApplianceError> {
+        let max = self.hello.limits.max_ids_per_batch as usize;
+        let ids =
+            unpack_ids(&ids, max).map_err(|e| ApplianceError::InvalidArgument(e.to_string()))?;
+        if let Some(id) = ids.iter().find(|id| !session.state.knows(id)) {
+            return Err(ApplianceError::NotFound(format!(
+                "chunk {id} is not stored (or not reachable from a snapshot this session opened)"
+            )));
+        }
+        let ordered = self.fetch(ids).await?;
         // Split the answer so that no message exceeds half the message limit.
         let budget = (self.hello.limits.max_message_size / 2) as usize;
         let mut out = Vec::new();
         let mut cur = v1::GetChunksResponse::default();
         let mut cur_bytes = 0;
-        for c in ordered.into_iter().flatten() {
+        for c in ordered {
             if !cur.chunks.is_empty() && cur_bytes + c.data.len() > budget {
                 out.push(std::mem::take(&mut cur));
                 cur_bytes = 0;
@@ -253,6 +371,109 @@ impl Inner {
             out.push(cur);
         }
         Ok(out)
+    }
+}
+
+impl Inner {
+    /// Walks the trees from `root` level by level, not descending into trees for which `skip`
+    /// holds.
+    async fn walk(
+        &self,
+        root: ChunkId,
+        skip: &(dyn Fn(&ChunkId) -> bool + Send + Sync),
+    ) -> Result<Walk, ApplianceError> {
+        let bad = |e: String| ApplianceError::FailedPrecondition(e);
+        let mut w = Walk::default();
+        let mut level = vec![root];
+        while !level.is_empty() {
+            let mut todo = Vec::new();
+            for id in level {
+                if skip(&id) {
+                    w.skipped = true;
+                } else if w.trees.insert(id) {
+                    todo.push(id);
+                }
+            }
+            let mut next = Vec::new();
+            let mut lists = Vec::new();
+            for part in todo.chunks(4096) {
+                for c in self.fetch(part.to_vec()).await? {
+                    let t = v1::Tree::decode(&plaintext(&c)?[..])
+                        .map_err(|e| bad(format!("chunk {} is not a tree object: {e}", c.id)))?;
+                    let id_of = |b: &Bytes| {
+                        ChunkId::from_slice(b)
+                            .map_err(|e| bad(format!("tree {}: bad id: {e}", c.id)))
+                    };
+                    if !t.next.is_empty() {
+                        next.push(id_of(&t.next)?);
+                    }
+                    for n in &t.nodes {
+                        if !n.subtree.is_empty() {
+                            next.push(id_of(&n.subtree)?);
+                        }
+                        let packed = |b: &Bytes| {
+                            unpack_ids(b, usize::MAX)
+                                .map_err(|e| bad(format!("tree {}: {e}", c.id)))
+                        };
+                        w.leaves.extend(packed(&n.chunks)?);
+                        lists.extend(packed(&n.chunk_lists)?);
+                    }
+                }
+            }
+            let lists: Vec<ChunkId> = lists.into_iter().filter(|l| w.leaves.insert(*l)).collect();
+            for part in lists.chunks(4096) {
+                for c in self.fetch(part.to_vec()).await? {
+                    w.leaves.extend(
+                        unpack_ids(&plaintext(&c)?, usize::MAX)
+                            .map_err(|e| bad(format!("list chunk {}: {e}", c.id)))?,
+                    );
+                }
+            }
+            if w.trees.len() + w.leaves.len() > MAX_REACH {
+                return Err(bad(format!(
+                    "a snapshot may reach at most {MAX_REACH} chunks"
+                )));
+            }
+            level = next;
+        }
+        Ok(w)
+    }
+
+    fn cached_reach(&self, id: &SnapshotId) -> Option<Arc<HashSet<ChunkId>>> {
+        let c = self
+            .reach_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        c.iter().find(|(s, _)| s == id).map(|(_, r)| r.clone())
+    }
+
+    fn cache_reach(&self, id: SnapshotId, reach: Arc<HashSet<ChunkId>>) {
+        let mut c = self
+            .reach_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        c.retain(|(s, _)| *s != id);
+        c.push((id, reach));
+        if c.len() > REACH_CACHE {
+            c.remove(0);
+        }
+    }
+
+    /// Everything reachable from snapshot `snap` (cached).
+    async fn reach(&self, snap: &v1::Snapshot) -> Result<Arc<HashSet<ChunkId>>, ApplianceError> {
+        let id = SnapshotId::from_slice(&snap.id)
+            .map_err(|e| ApplianceError::Internal(e.to_string()))?;
+        if let Some(r) = self.cached_reach(&id) {
+            return Ok(r);
+        }
+        let root =
+            ChunkId::from_slice(&snap.root).map_err(|e| ApplianceError::Internal(e.to_string()))?;
+        let w = self.walk(root, &|_| false).await?;
+        let mut all = w.trees;
+        all.extend(w.leaves);
+        let all = Arc::new(all);
+        self.cache_reach(id, all.clone());
+        Ok(all)
     }
 }
 
@@ -322,14 +543,21 @@ impl Coffer for CofferService {
         let h = &self.inner.hello;
         Ok(Response::new(v1::HelloResponse {
             protocol_version: coffer_proto::PROTOCOL_VERSION,
-            session_token: token,
             repository_id: Bytes::copy_from_slice(&h.repository_id),
             mode: v1::EncryptionMode::Managed.into(),
             chunker: Some(h.chunker),
             dedup_key: Bytes::copy_from_slice(&h.dedup_key),
             limits: Some(h.limits),
             appliance_version: env!("CARGO_PKG_VERSION").to_string(),
+            disclosure: self.inner.auth.disclosure().into(),
+            possession_key: self
+                .inner
+                .auth
+                .state_of(&token)
+                .map(|s| Bytes::copy_from_slice(&s.possession_key))
+                .unwrap_or_default(),
             identity,
+            session_token: token,
         }))
     }
 
@@ -339,11 +567,14 @@ impl Coffer for CofferService {
         &self,
         req: Request<Streaming<v1::FindMissingRequest>>,
     ) -> Result<Response<Self::FindMissingStream>, Status> {
-        self.inner.session(&req)?;
+        let session = self.inner.session(&req)?;
         Ok(Response::new(pipelined(
             &self.inner,
             req.into_inner(),
-            |inner, m: v1::FindMissingRequest| async move { inner.find_missing(m.ids).await },
+            move |inner, m: v1::FindMissingRequest| {
+                let session = session.clone();
+                async move { inner.find_missing(&session, m.ids).await }
+            },
         )))
     }
 
@@ -353,11 +584,14 @@ impl Coffer for CofferService {
         &self,
         req: Request<Streaming<v1::PutChunksRequest>>,
     ) -> Result<Response<Self::PutChunksStream>, Status> {
-        self.inner.session(&req)?;
+        let session = self.inner.session(&req)?;
         Ok(Response::new(pipelined(
             &self.inner,
             req.into_inner(),
-            |inner, m| async move { inner.put(m).await },
+            move |inner, m| {
+                let session = session.clone();
+                async move { inner.put(&session, m).await }
+            },
         )))
     }
 
@@ -367,14 +601,14 @@ impl Coffer for CofferService {
         &self,
         req: Request<Streaming<v1::GetChunksRequest>>,
     ) -> Result<Response<Self::GetChunksStream>, Status> {
-        self.inner.session(&req)?;
+        let session = self.inner.session(&req)?;
         let inner = self.inner.clone();
         let out = req
             .into_inner()
             .map(move |m| {
-                let inner = inner.clone();
+                let (inner, session) = (inner.clone(), session.clone());
                 async move {
-                    let parts = inner.get(m?.ids).await?;
+                    let parts = inner.get(&session, m?.ids).await?;
                     Ok::<_, Status>(futures::stream::iter(
                         parts.into_iter().map(Ok::<_, Status>),
                     ))
@@ -420,12 +654,65 @@ impl Coffer for CofferService {
                 session.identity, snap.path
             )));
         }
+        // Every tree and chunk the snapshot references must be known to this session: uploaded
+        // (verified against its id), proved, or reachable from a snapshot it opened (S2: a chunk
+        // id alone never lets anyone put someone else's data into their snapshot). Subtrees
+        // reachable from an opened snapshot are not walked again.
+        let state = session.state.clone();
+        let walk = self
+            .inner
+            .walk(root, &move |t| state.opened(t))
+            .await
+            .map_err(|e| Status::failed_precondition(format!("snapshot not committed: {e}")))?;
+        let unknown: Vec<&ChunkId> = walk
+            .trees
+            .iter()
+            .chain(&walk.leaves)
+            .filter(|id| !session.state.knows(id))
+            .collect();
+        if let Some(first) = unknown.first() {
+            return Err(Status::failed_precondition(format!(
+                "snapshot not committed: it references {} chunks this session neither uploaded, \
+                 proved nor opened (first: {first}); upload them or open the snapshot they \
+                 come from",
+                unknown.len()
+            )));
+        }
         if snap.time_us == 0 {
             snap.time_us = now_us();
         }
         let s2 = snap.clone();
         catalog_call(&self.inner.catalog, move |c| c.commit_snapshot(&s2)).await?;
+        if !walk.skipped {
+            // The walk saw everything: the new snapshot's reachable set, ready for restores.
+            let mut all = walk.trees;
+            all.extend(walk.leaves);
+            self.inner.cache_reach(id, Arc::new(all));
+        }
         Ok(Response::new(v1::CommitSnapshotResponse { id: snap.id }))
+    }
+
+    async fn open_snapshot(
+        &self,
+        req: Request<v1::OpenSnapshotRequest>,
+    ) -> Result<Response<v1::OpenSnapshotResponse>, Status> {
+        let session = self.inner.session(&req)?;
+        let id = SnapshotId::from_slice(&req.into_inner().id)
+            .map_err(|e| Status::invalid_argument(format!("snapshot id: {e}")))?;
+        let snap = catalog_call(&self.inner.catalog, move |c| c.snapshot(&id)).await?;
+        let snap = match snap {
+            Some(s)
+                if snapshot_access(&self.inner.auth.rules(), &session.identity, &s).is_some() =>
+            {
+                s
+            }
+            // A snapshot the caller may not read is reported exactly like a missing one.
+            _ => return Err(Status::not_found(format!("no snapshot {id}"))),
+        };
+        let reach = self.inner.reach(&snap).await?;
+        let reachable = reach.len() as u64;
+        session.state.add_opened(reach);
+        Ok(Response::new(v1::OpenSnapshotResponse { reachable }))
     }
 
     async fn list_snapshots(
