@@ -333,6 +333,46 @@ pub fn data(seed: u64, len: usize, compressible: bool) -> Vec<u8> {
     out
 }
 
+/// `coffer connect server` for `user@host` against the running appliance, with `config`.
+///
+/// # Panics
+/// When the appliance is not running or the client fails.
+pub fn connect_client(app: &Appliance, config: &Path, user: &str, host: &str) {
+    let url = format!("https://{}", app.addr.as_ref().expect("started"));
+    let (rc, out, err) = coffer(
+        config,
+        &[
+            "connect",
+            "server",
+            "--url",
+            &url,
+            "--server-cert-fingerprint",
+            app.fingerprint.as_ref().expect("started"),
+            "--override-username",
+            user,
+            "--override-hostname",
+            host,
+        ],
+    )
+    .expect("coffer runs");
+    assert_eq!(rc, 0, "{out}{err}");
+}
+
+/// `coffer snapshot create --json SRC`: the summary.
+///
+/// # Panics
+/// When the backup fails.
+#[must_use]
+pub fn create_snapshot(config: &Path, src: &Path) -> serde_json::Value {
+    let (rc, out, err) = coffer(
+        config,
+        &["snapshot", "create", "--json", src.to_str().expect("utf-8")],
+    )
+    .expect("coffer runs");
+    assert_eq!(rc, 0, "{out}{err}");
+    serde_json::from_str(out.lines().last().expect("a summary line")).expect("JSON summary")
+}
+
 /// Reads back chunks acknowledged in earlier sessions, given their plaintexts. The repository
 /// must be in `repository` disclosure: every chunk must be answered stored (present or "prove"),
 /// the session proves it holds each (the appliance checks every proof against the stored data),

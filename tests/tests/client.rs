@@ -11,7 +11,7 @@ use coffer_client::restore::restore;
 use coffer_client::{Frame, Session};
 use coffer_proto::v1::{Node, NodeKind, Snapshot, Tree};
 use coffer_proto::{pack_ids, ChunkId};
-use coffer_tests::{coffer, data, describe, Appliance};
+use coffer_tests::{coffer, connect_client, create_snapshot, data, describe, Appliance};
 use prost::Message;
 
 const ALICE: &str = "alice@laptop";
@@ -51,37 +51,6 @@ fn make_tree(root: &Path) {
     set_mtime(&root.join("dir/sub"), 1_500_000_000, 5);
 }
 
-fn connect(app: &Appliance, cfg: &Path, user: &str, host: &str) {
-    let url = format!("https://{}", app.addr.as_ref().unwrap());
-    let (rc, out, err) = coffer(
-        cfg,
-        &[
-            "connect",
-            "server",
-            "--url",
-            &url,
-            "--server-cert-fingerprint",
-            app.fingerprint.as_ref().unwrap(),
-            "--override-username",
-            user,
-            "--override-hostname",
-            host,
-        ],
-    )
-    .unwrap();
-    assert_eq!(rc, 0, "{out}{err}");
-}
-
-fn create(cfg: &Path, src: &Path) -> serde_json::Value {
-    let (rc, out, err) = coffer(
-        cfg,
-        &["snapshot", "create", "--json", src.to_str().unwrap()],
-    )
-    .unwrap();
-    assert_eq!(rc, 0, "{out}{err}");
-    serde_json::from_str(out.lines().last().unwrap()).unwrap()
-}
-
 /// Every file type backs up and restores bit-exact (content, mode, mtime, symlink targets,
 /// hardlink identity); a second backup reads nothing; diff, ls, list, delete work.
 #[test]
@@ -90,14 +59,14 @@ fn backup_restore_every_file_type_bit_exact() {
     let mut app = Appliance::init(dir.path(), 2, 64 << 10, &[ALICE]).unwrap();
     app.start().unwrap();
     let cfg = dir.path().join("client.json");
-    connect(&app, &cfg, "alice", "laptop");
+    connect_client(&app, &cfg, "alice", "laptop");
     let src = dir.path().join("src");
     make_tree(&src);
 
-    let first = create(&cfg, &src);
+    let first = create_snapshot(&cfg, &src);
     assert_eq!(first["partial"], false);
     assert!(first["uploaded_bytes"].as_u64().unwrap() > 0);
-    let again = create(&cfg, &src);
+    let again = create_snapshot(&cfg, &src);
     assert_eq!(
         again["bytes_read"], 0,
         "unchanged files are not read again: {again}"
@@ -133,7 +102,7 @@ fn backup_restore_every_file_type_bit_exact() {
     // diff after a change
     std::fs::write(src.join("small.txt"), b"changed").unwrap();
     std::fs::remove_file(src.join("empty-file")).unwrap();
-    let third = create(&cfg, &src);
+    let third = create_snapshot(&cfg, &src);
     let (rc, out, _) = coffer(
         &cfg,
         &["snapshot", "diff", &id, third["snapshot"].as_str().unwrap()],
@@ -170,7 +139,7 @@ fn dedup_on_the_wire() {
     let mut app = Appliance::init(dir.path(), 2, 64 << 10, &[ALICE]).unwrap();
     app.start().unwrap();
     let cfg = dir.path().join("client.json");
-    connect(&app, &cfg, "alice", "laptop");
+    connect_client(&app, &cfg, "alice", "laptop");
     let src = dir.path().join("a");
     for i in 0..200u64 {
         let d = src.join(format!("d{}", i % 10));
@@ -185,7 +154,7 @@ fn dedup_on_the_wire() {
         )
         .unwrap();
     }
-    let first = create(&cfg, &src);
+    let first = create_snapshot(&cfg, &src);
     let total = first["bytes"].as_u64().unwrap();
     let copy = dir.path().join("b");
     std::fs::create_dir_all(&copy).unwrap();
@@ -196,7 +165,7 @@ fn dedup_on_the_wire() {
         .status()
         .unwrap()
         .success());
-    let second = create(&cfg, &copy.join("a"));
+    let second = create_snapshot(&cfg, &copy.join("a"));
     let up = second["uploaded_bytes"].as_u64().unwrap();
     eprintln!(
         "copy under another path: {total} bytes, {up} uploaded ({:.3}%)",
@@ -216,7 +185,7 @@ fn dedup_on_the_wire() {
         changed += new.len() as u64;
         std::fs::write(p, new).unwrap();
     }
-    let third = create(&cfg, &src);
+    let third = create_snapshot(&cfg, &src);
     let up = third["uploaded_bytes"].as_u64().unwrap();
     eprintln!("1% of files changed: {changed} bytes changed, {up} uploaded");
     assert!(
@@ -240,14 +209,14 @@ fn big_file_changes_upload_only_the_changed_chunks() {
     let mut app = Appliance::init(dir.path(), 2, 64 << 10, &[ALICE]).unwrap();
     app.start().unwrap();
     let cfg = dir.path().join("client.json");
-    connect(&app, &cfg, "alice", "laptop");
+    connect_client(&app, &cfg, "alice", "laptop");
     let src = dir.path().join("img");
     std::fs::create_dir_all(&src).unwrap();
     let file = src.join("disk.img");
     let size = 24usize << 20;
     let mut img = data(77, size, false);
     std::fs::write(&file, &img).unwrap();
-    let first = create(&cfg, &src);
+    let first = create_snapshot(&cfg, &src);
     assert!(first["uploaded_bytes"].as_u64().unwrap() >= size as u64);
 
     let restore_and_compare = |snap: &serde_json::Value, want: &[u8], name: &str| {
@@ -271,7 +240,7 @@ fn big_file_changes_upload_only_the_changed_chunks() {
         changed += 1;
     }
     std::fs::write(&file, &img).unwrap();
-    let second = create(&cfg, &src);
+    let second = create_snapshot(&cfg, &src);
     let up = second["uploaded_bytes"].as_u64().unwrap();
     eprintln!("{changed} blocks changed in place: {up} bytes uploaded of {size}");
     assert!(up * 100 < 5 * size as u64, "uploaded {up} of {size}");
@@ -281,7 +250,7 @@ fn big_file_changes_upload_only_the_changed_chunks() {
     let mut shifted = data(5, 100, false);
     shifted.extend_from_slice(&img);
     std::fs::write(&file, &shifted).unwrap();
-    let third = create(&cfg, &src);
+    let third = create_snapshot(&cfg, &src);
     let up = third["uploaded_bytes"].as_u64().unwrap();
     eprintln!("100 bytes inserted at the start: {up} bytes uploaded");
     assert!(up < 1 << 20, "uploaded {up} after a 100-byte insertion");

@@ -2,13 +2,11 @@
 //! grants its data (S2); `user` disclosure gives no existence oracle (S3); identical data is
 //! stored once across users in both disclosure modes.
 
-use std::path::Path;
-
 use bytes::Bytes;
 use coffer_client::{ClientError, Frame, Need, Session};
 use coffer_proto::v1::{self, Node, NodeKind, Tree};
 use coffer_proto::{pack_ids, ChunkId, SnapshotId};
-use coffer_tests::{coffer, data, describe, Appliance};
+use coffer_tests::{coffer, connect_client, create_snapshot, data, describe, Appliance};
 use prost::Message as _;
 
 const ALICE: &str = "alice@laptop";
@@ -19,38 +17,6 @@ fn code(e: &ClientError) -> Option<tonic::Code> {
         ClientError::Rpc(s) => Some(s.code()),
         _ => None,
     }
-}
-
-fn connect(app: &Appliance, cfg: &Path, identity: &str) {
-    let (user, host) = identity.split_once('@').unwrap();
-    let url = format!("https://{}", app.addr.as_ref().unwrap());
-    let (rc, out, err) = coffer(
-        cfg,
-        &[
-            "connect",
-            "server",
-            "--url",
-            &url,
-            "--server-cert-fingerprint",
-            app.fingerprint.as_ref().unwrap(),
-            "--override-username",
-            user,
-            "--override-hostname",
-            host,
-        ],
-    )
-    .unwrap();
-    assert_eq!(rc, 0, "{out}{err}");
-}
-
-fn create(cfg: &Path, src: &Path) -> serde_json::Value {
-    let (rc, out, err) = coffer(
-        cfg,
-        &["snapshot", "create", "--json", src.to_str().unwrap()],
-    )
-    .unwrap();
-    assert_eq!(rc, 0, "{out}{err}");
-    serde_json::from_str(out.lines().last().unwrap()).unwrap()
 }
 
 /// A tree object with one file node listing `chunks`.
@@ -91,8 +57,8 @@ fn s2_a_chunk_id_never_grants_its_data() {
     let secret = data(4242, 50_000, true);
     std::fs::write(src.join("secret.txt"), &secret).unwrap();
     let acfg = dir.path().join("alice.json");
-    connect(&app, &acfg, ALICE);
-    let snap = create(&acfg, &src);
+    connect_client(&app, &acfg, "alice", "laptop");
+    let snap = create_snapshot(&acfg, &src);
     let snap_id = SnapshotId::from_hex(snap["snapshot"].as_str().unwrap()).unwrap();
 
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -247,11 +213,11 @@ fn two_users_share_storage_in_both_disclosure_modes() {
             .unwrap();
         }
         let (acfg, bcfg) = (dir.path().join("a.json"), dir.path().join("b.json"));
-        connect(&app, &acfg, ALICE);
-        connect(&app, &bcfg, BOB);
-        let a = create(&acfg, &src);
+        connect_client(&app, &acfg, "alice", "laptop");
+        connect_client(&app, &bcfg, "bob", "desktop");
+        let a = create_snapshot(&acfg, &src);
         let before = app.pack_bytes().unwrap().0;
-        let b = create(&bcfg, &src);
+        let b = create_snapshot(&bcfg, &src);
         let after = app.pack_bytes().unwrap().0;
         eprintln!(
             "{mode}: bob uploaded {} bytes, stored {} new bytes",
