@@ -61,9 +61,13 @@ enum Cmd {
         repo: RepoArg,
         #[command(flatten)]
         password: RepoPassword,
-        /// Address to listen on, HOST:PORT (port 0 picks a free port; the chosen one is printed).
+        /// Where to listen: HOST:PORT (port 0 picks a free port; the chosen one is printed) or
+        /// unix:/path/to/socket. Ignored when systemd passes a socket (LISTEN_FDS).
         #[arg(long, default_value = "127.0.0.1:5151")]
         listen: String,
+        /// Permissions of a unix:/… listening socket, in octal.
+        #[arg(long, default_value = "660", value_parser = parse_mode)]
+        listen_mode: u32,
         /// Create a self-signed certificate at --tls-cert-file/--tls-key-file (never overwrites).
         #[arg(long)]
         tls_generate_cert: bool,
@@ -215,6 +219,13 @@ enum AclCmd {
         #[arg(long)]
         delete: bool,
     },
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal mode like 660"))
 }
 
 /// Runs an administrative request through the running appliance or on the catalog.
@@ -415,6 +426,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             pack_target,
             shutdown_on_stdin,
             server_control_username,
+            listen_mode,
         } => {
             let paths = RepoPaths::new(&repo.repo);
             let master = unlock(&paths, &password)?;
@@ -454,6 +466,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     pack_target,
                     shutdown_on_stdin,
                     control,
+                    listen_mode,
                 },
             )?;
         }

@@ -11,7 +11,7 @@ use coffer_proto::v1;
 use coffer_tuning::{Hardware, Plan};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 
 use crate::admin;
 use crate::auth::{Auth, ControlUser};
@@ -34,6 +34,8 @@ pub struct ServeOptions {
     pub shutdown_on_stdin: bool,
     /// The server control account, if any.
     pub control: Option<ControlUser>,
+    /// Permissions of a `unix:` listening socket.
+    pub listen_mode: u32,
 }
 
 /// Message size limit for a repository with chunks of at most `max_chunk` bytes.
@@ -237,38 +239,116 @@ async fn run_network(
     result
 }
 
+/// Where the appliance accepts connections.
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+/// The listening socket: one passed by systemd (`LISTEN_FDS`/`LISTEN_PID`, fd 3; `--listen` is
+/// then ignored, as systemd users expect), else `--listen` (`HOST:PORT` or `unix:/path`).
+fn listener(opts: &ServeOptions) -> anyhow::Result<(Listener, String)> {
+    let mut fds = listenfd::ListenFd::from_env();
+    if fds.len() > 0 {
+        if fds.len() > 1 {
+            tracing::warn!(
+                count = fds.len(),
+                "systemd passed several sockets; using the first"
+            );
+        }
+        if let Ok(Some(l)) = fds.take_tcp_listener(0) {
+            l.set_nonblocking(true)?;
+            let l = TcpListener::from_std(l)?;
+            let name = l.local_addr()?.to_string();
+            tracing::info!("using the TCP socket passed by systemd; --listen ignored");
+            return Ok((Listener::Tcp(l), name));
+        }
+        let l = fds
+            .take_unix_listener(0)
+            .map_err(|e| anyhow::anyhow!("the socket passed by systemd (fd 3): {e}"))?
+            .ok_or_else(|| anyhow::anyhow!("LISTEN_FDS is set but fd 3 is not a socket"))?;
+        l.set_nonblocking(true)?;
+        let path = l
+            .local_addr()?
+            .as_pathname()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_default();
+        tracing::info!("using the unix socket passed by systemd; --listen ignored");
+        // systemd owns the socket file: never removed here.
+        return Ok((
+            Listener::Unix(UnixListener::from_std(l)?, PathBuf::new()),
+            format!("unix:{}", path.display()),
+        ));
+    }
+    if let Some(path) = opts.listen.strip_prefix("unix:") {
+        let path = PathBuf::from(path);
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                anyhow::bail!("{} is in use by a running server", path.display());
+            }
+            // A socket file left by a crash.
+            std::fs::remove_file(&path)
+                .map_err(|e| anyhow::anyhow!("removing stale socket {}: {e}", path.display()))?;
+        }
+        let l = UnixListener::bind(&path)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(opts.listen_mode))?;
+        let name = format!("unix:{}", path.display());
+        return Ok((Listener::Unix(l, path), name));
+    }
+    let addr: SocketAddr = opts.listen.parse().map_err(|e| {
+        anyhow::anyhow!(
+            "--listen {}: {e} (expected HOST:PORT or unix:/path)",
+            opts.listen
+        )
+    })?;
+    let l = std::net::TcpListener::bind(addr)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    l.set_nonblocking(true)?;
+    let l = TcpListener::from_std(l)?;
+    let name = l.local_addr()?.to_string();
+    Ok((Listener::Tcp(l), name))
+}
+
 async fn serve_grpc(
     service: CofferService,
     opts: &ServeOptions,
     max_msg: usize,
 ) -> anyhow::Result<()> {
-    let addr: SocketAddr = opts
-        .listen
-        .parse()
-        .map_err(|e| anyhow::anyhow!("--listen {}: {e} (expected HOST:PORT)", opts.listen))?;
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
-    let local = listener.local_addr()?;
+    let (listener, name) = listener(opts)?;
     println!("SERVER CERT SHA256: {}", opts.tls.fingerprint);
-    println!("LISTENING ON: {local}");
+    println!("LISTENING ON: {name}");
     std::io::Write::flush(&mut std::io::stdout())?;
-    tracing::info!(%local, "serving");
+    tracing::info!(listen = %name, "serving");
 
     let identity = tonic::transport::Identity::from_pem(&opts.tls.cert_pem, &opts.tls.key_pem);
     let svc = v1::coffer_server::CofferServer::new(service)
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);
-    let incoming = TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder()
         .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(32 << 20))
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(svc)
-        .serve_with_incoming_shutdown(incoming, shutdown_signal(opts.shutdown_on_stdin))
-        .await?;
+        .http2_keepalive_interval(Some(Duration::from_secs(30)));
+    let router = builder.add_service(svc);
+    let stop = shutdown_signal(opts.shutdown_on_stdin);
+    match listener {
+        Listener::Tcp(l) => {
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(l), stop)
+                .await?;
+        }
+        Listener::Unix(l, path) => {
+            let r = router
+                .serve_with_incoming_shutdown(UnixListenerStream::new(l), stop)
+                .await;
+            if !path.as_os_str().is_empty() {
+                let _ = std::fs::remove_file(&path);
+            }
+            r?;
+        }
+    }
     tracing::info!("stopped accepting; finishing in-flight work");
     Ok(())
 }

@@ -19,16 +19,35 @@ use crate::ClientError;
 pub struct Target {
     pub host: String,
     pub port: u16,
+    /// Connect to this unix socket instead of `host:port` (TLS all the same).
+    pub unix: Option<std::path::PathBuf>,
     /// Expected SHA-256 of the server certificate (DER).
     pub fingerprint: [u8; 32],
 }
 
+/// A connected byte stream (TCP or unix), for the TLS layer.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
 impl Target {
-    /// Parses `https://HOST:PORT` and a 64-hex-digit fingerprint (colons allowed).
+    /// Parses `https://HOST:PORT` or `unix:/path/to/socket`, and a 64-hex-digit fingerprint
+    /// (colons allowed).
     ///
     /// # Errors
     /// [`ClientError::Url`] or [`ClientError::Fingerprint`].
     pub fn parse(url: &str, fingerprint: &str) -> Result<Self, ClientError> {
+        let fp = parse_fingerprint(fingerprint)?;
+        if let Some(path) = url.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(ClientError::Url(url.into()));
+            }
+            return Ok(Self {
+                host: "localhost".into(),
+                port: 0,
+                unix: Some(path.into()),
+                fingerprint: fp,
+            });
+        }
         let rest = url
             .strip_prefix("https://")
             .ok_or_else(|| ClientError::Url(url.into()))?;
@@ -44,16 +63,21 @@ impl Target {
         if host.is_empty() {
             return Err(ClientError::Url(url.into()));
         }
-        let clean: String = fingerprint.chars().filter(|c| *c != ':').collect();
-        let mut fp = [0u8; 32];
-        hex::decode_to_slice(clean.to_ascii_lowercase(), &mut fp)
-            .map_err(|_| ClientError::Fingerprint(fingerprint.into()))?;
         Ok(Self {
             host,
             port,
+            unix: None,
             fingerprint: fp,
         })
     }
+}
+
+fn parse_fingerprint(fingerprint: &str) -> Result<[u8; 32], ClientError> {
+    let clean: String = fingerprint.chars().filter(|c| *c != ':').collect();
+    let mut fp = [0u8; 32];
+    hex::decode_to_slice(clean.to_ascii_lowercase(), &mut fp)
+        .map_err(|_| ClientError::Fingerprint(fingerprint.into()))?;
+    Ok(fp)
 }
 
 /// Accepts exactly one certificate, by fingerprint; handshake signatures are still verified.
@@ -151,13 +175,16 @@ pub async fn channel(target: &Target) -> Result<Channel, ClientError> {
         .with_no_client_auth();
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-    let addr = format!("{}:{}", target.host, target.port);
+    let addr = match &target.unix {
+        Some(p) => format!("unix:{}", p.display()),
+        None => format!("{}:{}", target.host, target.port),
+    };
     let server_name =
         ServerName::try_from(target.host.clone()).map_err(|e| ClientError::Connect {
             target: addr.clone(),
             why: e.to_string(),
         })?;
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+    let endpoint = Endpoint::from_shared(format!("http://{}:{}", target.host, target.port.max(1)))
         .map_err(|e| ClientError::Connect {
             target: addr.clone(),
             why: e.to_string(),
@@ -165,16 +192,22 @@ pub async fn channel(target: &Target) -> Result<Channel, ClientError> {
         .tcp_nodelay(true)
         .initial_stream_window_size(8 << 20)
         .initial_connection_window_size(32 << 20);
-    let addr2 = addr.clone();
+    let tcp_addr = format!("{}:{}", target.host, target.port);
+    let unix = target.unix.clone();
     let res = endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let connector = connector.clone();
             let server_name = server_name.clone();
-            let addr = addr2.clone();
+            let (tcp_addr, unix) = (tcp_addr.clone(), unix.clone());
             async move {
-                let tcp = tokio::net::TcpStream::connect(&addr).await?;
-                tcp.set_nodelay(true)?;
-                let tls = connector.connect(server_name, tcp).await?;
+                let io: Box<dyn Io> = if let Some(p) = unix {
+                    Box::new(tokio::net::UnixStream::connect(p).await?)
+                } else {
+                    let tcp = tokio::net::TcpStream::connect(&tcp_addr).await?;
+                    tcp.set_nodelay(true)?;
+                    Box::new(tcp)
+                };
+                let tls = connector.connect(server_name, io).await?;
                 Ok::<_, std::io::Error>(TokioIo::new(tls))
             }
         }))
@@ -215,6 +248,12 @@ mod tests {
         assert!(Target::parse("http://x:1", &fp).is_err());
         assert!(Target::parse("https://x", &fp).is_err());
         assert!(Target::parse("https://x:1", "abc").is_err());
+        let u = Target::parse("unix:/run/coffer.sock", &fp).unwrap();
+        assert_eq!(
+            u.unix.as_deref(),
+            Some(std::path::Path::new("/run/coffer.sock"))
+        );
+        assert!(Target::parse("unix:relative.sock", &fp).is_err());
         let colons: Vec<String> = (0..32).map(|_| "AB".to_string()).collect();
         assert_eq!(
             Target::parse("https://x:1", &colons.join(":"))
