@@ -458,3 +458,39 @@ pub fn describe(root: &Path) -> anyhow::Result<std::collections::BTreeMap<String
     }
     Ok(out)
 }
+
+/// Reads a started appliance's stdout until it says where it listens: (listen, fingerprint).
+///
+/// # Panics
+/// When the appliance exits first.
+pub fn listening(child: &mut std::process::Child) -> (String, String) {
+    let out = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(out).lines();
+    let mut fp = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(f) = line.strip_prefix("SERVER CERT SHA256: ") {
+            fp = f.trim().to_string();
+        }
+        if let Some(a) = line.strip_prefix("LISTENING ON: ") {
+            std::thread::spawn(move || for _ in lines {});
+            return (a.trim().to_string(), fp);
+        }
+    }
+    panic!("the appliance exited before listening");
+}
+
+/// SIGTERM and wait: the exit code.
+///
+/// # Panics
+/// When the signal cannot be sent.
+#[must_use]
+pub fn sigterm(child: &mut std::process::Child) -> Option<i32> {
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    child.wait().unwrap().code()
+}

@@ -1,14 +1,14 @@
 //! Issue 5: listeners (unix socket, systemd socket activation), graceful SIGTERM, the tuning
 //! plan and the refusals that protect a misconfigured start.
 
-use std::io::{BufRead, BufReader};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
 use coffer_tests::{
-    bin, coffer, create_snapshot, data, describe, Appliance, REPO_PASSWORD, USER_PASSWORD,
+    bin, coffer, create_snapshot, data, describe, listening, sigterm, Appliance, REPO_PASSWORD,
+    USER_PASSWORD,
 };
 
 fn appliance() -> Command {
@@ -17,34 +17,6 @@ fn appliance() -> Command {
         .env("COFFER_USER_PASSWORD", USER_PASSWORD)
         .env("COFFER_LOG", "info");
     c
-}
-
-/// Reads the appliance's stdout until it says where it listens.
-fn listening(child: &mut std::process::Child) -> (String, String) {
-    let out = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(out).lines();
-    let mut fp = String::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        if let Some(f) = line.strip_prefix("SERVER CERT SHA256: ") {
-            fp = f.trim().to_string();
-        }
-        if let Some(a) = line.strip_prefix("LISTENING ON: ") {
-            std::thread::spawn(move || for _ in lines {});
-            return (a.trim().to_string(), fp);
-        }
-    }
-    panic!("the appliance exited before listening");
-}
-
-fn sigterm(child: &mut std::process::Child) -> Option<i32> {
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    child.wait().unwrap().code()
 }
 
 fn tree(root: &Path) {
