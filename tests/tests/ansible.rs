@@ -1,0 +1,163 @@
+//! Issue 5: `ansible-playbook -i ansible/inventory/local.yml ansible/site.yml` (connection local,
+//! the no-systemd mode) provisions an appliance, an nginx front and a client on this machine,
+//! under a temporary root; a second run changes nothing; the client's scheduled snapshot runs
+//! and restores bit-exact; `ansible-lint` is clean. `.ci/run` installs ansible-core and
+//! ansible-lint from PyPI.
+
+use std::path::Path;
+use std::process::Command;
+
+use coffer_tests::{bin_dir, data, describe};
+
+fn ansible_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../ansible")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn playbook(vars: &Path) -> String {
+    let dir = ansible_dir();
+    let out = Command::new("ansible-playbook")
+        .current_dir(&dir)
+        .args(["-i", "inventory/local.yml", "site.yml", "-e"])
+        .arg(format!("@{}", vars.display()))
+        .env("ANSIBLE_NOCOLOR", "1")
+        .env("ANSIBLE_FORCE_COLOR", "0")
+        .output()
+        .expect("ansible-playbook is not installed: `bash .ci/run` installs it (pip install ansible-core)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "ansible-playbook failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// The PLAY RECAP lines: (host, changed).
+fn changed(recap: &str) -> Vec<(String, u32)> {
+    recap
+        .lines()
+        .filter(|l| l.contains(" ok=") && l.contains("changed="))
+        .map(|l| {
+            let host = l.split_whitespace().next().unwrap().to_string();
+            let n = l
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("changed="))
+                .unwrap()
+                .parse()
+                .unwrap();
+            (host, n)
+        })
+        .collect()
+}
+
+fn stop(pidfile: &Path) {
+    if let Ok(pid) = std::fs::read_to_string(pidfile) {
+        let _ = Command::new("kill").args(["-TERM", pid.trim()]).status();
+    }
+}
+
+#[test]
+fn playbook_provisions_idempotently_and_the_scheduled_snapshot_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let src = dir.path().join("data");
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    for i in 0..20u64 {
+        std::fs::write(src.join("etc").join(format!("f{i}")), data(i, 5_000, true)).unwrap();
+    }
+    std::fs::write(src.join("blob"), data(99, 3 << 20, false)).unwrap();
+    let vars = serde_json::json!({
+        "coffer_root": root,
+        "coffer_bin_src": bin_dir(),
+        "coffer_listen": format!("127.0.0.1:{}", free_port()),
+        "coffer_front_listen": format!("127.0.0.1:{}", free_port()),
+        "coffer_backup_paths": [src],
+    });
+    let vars_file = dir.path().join("vars.json");
+    std::fs::write(&vars_file, vars.to_string()).unwrap();
+
+    let first = playbook(&vars_file);
+    let hosts = changed(&first);
+    assert_eq!(hosts.len(), 3, "{first}");
+    assert!(
+        hosts.iter().all(|(_, n)| *n > 0),
+        "the first run changes things: {hosts:?}"
+    );
+    let second = playbook(&vars_file);
+    let again = changed(&second);
+    assert!(
+        again.iter().all(|(_, n)| *n == 0),
+        "a second run must report changed=0: {again:?}\n{second}"
+    );
+
+    // The client's scheduled snapshot, run by hand (no systemd here), then a restore.
+    let script = root.join("usr/local/bin/coffer-backup");
+    let out = Command::new(&script).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let coffer = root.join("usr/local/bin/coffer");
+    let cfg = root.join("etc/coffer-client/client.json");
+    let list = Command::new(&coffer)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["snapshot", "list", "--json"])
+        .output()
+        .unwrap();
+    let line = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .to_string();
+    let snap: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(snap["identity"], "alice@laptop");
+    let target = dir.path().join("restored");
+    let out = Command::new(&coffer)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["restore", snap["id"].as_str().unwrap()])
+        .arg(&target)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(describe(&src).unwrap(), describe(&target).unwrap());
+    // The inventory's access rule is in force.
+    let acl = Command::new(root.join("usr/local/bin/coffer-appliance"))
+        .args(["acl", "list", "--repo"])
+        .arg(root.join("srv/coffer"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&acl.stdout).contains("user=auditor@*  access=READ"));
+
+    stop(&root.join("etc/coffer-front/nginx.pid"));
+    stop(&root.join("run/coffer/appliance.pid"));
+
+    let linted = Command::new("ansible-lint")
+        .current_dir(ansible_dir().join(".."))
+        .args(["--offline", "--nocolor", "ansible/"])
+        .output()
+        .expect(
+            "ansible-lint is not installed: `bash .ci/run` installs it (pip install ansible-lint)",
+        );
+    assert!(
+        linted.status.success(),
+        "ansible-lint:\n{}{}",
+        String::from_utf8_lossy(&linted.stdout),
+        String::from_utf8_lossy(&linted.stderr)
+    );
+}
