@@ -132,11 +132,15 @@ enum Cmd {
         #[command(flatten)]
         password: RepoPassword,
     },
-    /// Print the hardware found and the placement plan.
+    /// Print the hardware found, the plan `serve` would apply (which core runs which shard,
+    /// network threads, queue depth, pack size, index cache) and what to change, with reasons.
     Tune {
-        /// Shards to plan for (default: all CPUs).
+        /// Shards to plan for (default: the repository's with --repo, else all CPUs).
         #[arg(long)]
         shards: Option<usize>,
+        /// Repository to plan for (its shard count and the disks under it).
+        #[arg(long, value_name = "DIR")]
+        repo: Option<PathBuf>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -616,20 +620,47 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::RebuildIndex { repo, password } => {
             rebuild_index(&RepoPaths::new(&repo.repo), &password)?;
         }
-        Cmd::Tune { shards, json } => {
-            let hw = coffer_tuning::Hardware::detect();
-            let plan = coffer_tuning::Plan::new(&hw, shards.unwrap_or(hw.cpus.len()))?;
+        Cmd::Tune { shards, repo, json } => {
+            let (hw, repo_shards) = match &repo {
+                Some(r) => {
+                    let cfg = RepoPaths::new(r).load_config()?;
+                    (
+                        coffer_tuning::Hardware::detect_for(r),
+                        Some(usize::from(cfg.shards)),
+                    )
+                }
+                None => (coffer_tuning::Hardware::detect(), None),
+            };
+            let n = shards.or(repo_shards).unwrap_or(hw.cpus.len());
+            let plan = coffer_tuning::Plan::new(&hw, n)?;
             if json {
                 println!("{}", serde_json::json!({ "hardware": hw, "plan": plan }));
             } else {
                 println!(
-                    "cpus: {:?}\nfeatures: {:?}\nmemlock: {}",
-                    hw.cpus, hw.features, hw.memlock_bytes
+                    "cpus: {:?} ({} physical cores: {:?})\nfeatures: {:?}\nmemlock: {}\n\
+                     memory: {} MiB\nio_uring: kernel {}, io_uring_disabled={}\ndisks: {:?}",
+                    hw.cpus,
+                    hw.cores.len(),
+                    hw.cores,
+                    hw.features,
+                    hw.memlock_bytes,
+                    hw.memory_bytes >> 20,
+                    hw.io_uring.kernel,
+                    hw.io_uring.disabled,
+                    hw.disks
                 );
                 for s in &plan.shards {
                     println!("shard {} -> cpu {}", s.shard, s.cpu);
                 }
-                println!("network threads: {}", plan.network_threads);
+                println!(
+                    "network threads: {} (floating)\nio_uring depth: {}, registered buffers: {} KiB \
+                     per shard\npack target: {} MiB\nindex cache: {} MiB per shard",
+                    plan.network_threads,
+                    plan.ring_depth,
+                    plan.io_memory_per_shard >> 10,
+                    plan.pack_target_bytes >> 20,
+                    plan.index_cache_bytes >> 20
+                );
                 for a in &plan.advice {
                     println!("advice: {a}");
                 }

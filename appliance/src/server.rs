@@ -65,7 +65,7 @@ pub fn check_index_present(paths: &RepoPaths, cfg: &RepoConfig) -> Result<(), Re
 pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> anyhow::Result<()> {
     let cfg = paths.load_config()?;
     check_index_present(paths, &cfg)?;
-    let hw = Hardware::detect();
+    let hw = Hardware::detect_for(&paths.root);
     let plan = Plan::new(&hw, usize::from(cfg.shards))?;
     if hw.memlock_bytes < coffer_tuning::MIN_MEMLOCK_BYTES {
         anyhow::bail!(

@@ -159,6 +159,21 @@ fn tuning_plan_and_refusals() {
     used.dedup();
     assert_eq!(used.len(), cpus, "each shard on its own CPU");
     assert!(v["plan"]["network_threads"].as_u64().unwrap() >= 1);
+    let in_cores: usize = v["hardware"]["cores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g.as_array().unwrap().len())
+        .sum();
+    assert_eq!(in_cores, cpus, "every CPU belongs to one physical core");
+    assert!(v["hardware"]["memory_bytes"].as_u64().unwrap() > 0);
+    assert!(!v["hardware"]["io_uring"]["kernel"]
+        .as_str()
+        .unwrap()
+        .is_empty());
+    assert!(v["plan"]["index_cache_bytes"].as_u64().unwrap() > 0);
+    assert!(v["plan"]["pack_target_bytes"].as_u64().unwrap() > 0);
+    assert!(v["plan"]["ring_depth"].as_u64().unwrap() > 0);
 
     let dir = tempfile::tempdir().unwrap();
     let serve = |repo: &str, prefix: &[&str]| {
@@ -195,6 +210,24 @@ fn tuning_plan_and_refusals() {
 
     std::fs::create_dir_all(dir.path().join("one")).unwrap();
     let app = Appliance::init(&dir.path().join("one"), 1, 64 << 10, &[]).unwrap();
+    // With a repository: its shard count, and the disk under it.
+    let out = appliance()
+        .args(["tune", "--json", "--repo", &app.repo_str()])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["plan"]["shards"].as_array().unwrap().len(), 1);
+    let dev = std::os::unix::fs::MetadataExt::dev(&std::fs::metadata(&app.repo).unwrap());
+    let (major, minor) = (
+        ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff),
+        (dev & 0xff) | ((dev >> 12) & !0xff),
+    );
+    if Path::new(&format!("/sys/dev/block/{major}:{minor}")).exists() {
+        assert!(
+            !v["hardware"]["disks"].as_array().unwrap().is_empty(),
+            "the disk under the repository: {v}"
+        );
+    }
     let out = serve(&app.repo_str(), &["prlimit", "--memlock=65536:65536", "--"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());

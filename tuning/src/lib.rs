@@ -11,10 +11,33 @@ use serde::Serialize;
 pub struct Hardware {
     /// CPUs this process may run on (its affinity mask), in ascending order.
     pub cpus: Vec<usize>,
+    /// Hyperthread siblings: groups of allowed CPUs that share one physical core.
+    pub cores: Vec<Vec<usize>>,
     /// Feature flags relevant to the hot path.
     pub features: CpuFeatures,
     /// `RLIMIT_MEMLOCK` soft limit in bytes (`u64::MAX` for unlimited).
     pub memlock_bytes: u64,
+    /// Physical memory in bytes (0 when unknown).
+    pub memory_bytes: u64,
+    pub io_uring: IoUring,
+    /// Block devices under the repository (when one was given).
+    pub disks: Vec<Disk>,
+}
+
+/// io_uring availability.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, Default)]
+pub struct IoUring {
+    /// Kernel release (`uname -r`).
+    pub kernel: String,
+    /// `kernel.io_uring_disabled`: 0 enabled, 1 restricted to a group, 2 disabled (absent: 0).
+    pub disabled: u8,
+}
+
+/// A block device holding the repository.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Disk {
+    pub name: String,
+    pub rotational: bool,
 }
 
 /// CPU features the hot path uses.
@@ -33,12 +56,109 @@ impl Hardware {
     /// Reads the machine this process runs on.
     #[must_use]
     pub fn detect() -> Self {
+        let cpus = allowed_cpus();
         Self {
-            cpus: allowed_cpus(),
+            cores: cores(&cpus),
+            cpus,
             features: CpuFeatures::detect(),
             memlock_bytes: memlock_limit(),
+            memory_bytes: memory(),
+            io_uring: IoUring {
+                kernel: read_trim("/proc/sys/kernel/osrelease"),
+                disabled: read_trim("/proc/sys/kernel/io_uring_disabled")
+                    .parse()
+                    .unwrap_or(0),
+            },
+            disks: Vec::new(),
         }
     }
+
+    /// [`Hardware::detect`] plus the disks under `repo`.
+    #[must_use]
+    pub fn detect_for(repo: &std::path::Path) -> Self {
+        let mut hw = Self::detect();
+        hw.disks = disks_under(repo);
+        hw
+    }
+}
+
+fn read_trim(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Parses a kernel CPU list such as `0-3,8,10-11`.
+fn cpu_list(s: &str) -> Vec<usize> {
+    let mut out = Vec::new();
+    for part in s.trim().split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                if let (Ok(a), Ok(b)) = (a.parse::<usize>(), b.parse::<usize>()) {
+                    out.extend(a..=b);
+                }
+            }
+            None => out.extend(part.parse::<usize>()),
+        }
+    }
+    out
+}
+
+/// Groups allowed CPUs by physical core (sysfs `thread_siblings_list`).
+fn cores(cpus: &[usize]) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for &c in cpus {
+        if groups.iter().any(|g| g.contains(&c)) {
+            continue;
+        }
+        let path = format!("/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list");
+        let mut g: Vec<usize> = cpu_list(&read_trim(&path))
+            .into_iter()
+            .filter(|x| cpus.contains(x))
+            .collect();
+        if !g.contains(&c) {
+            g = vec![c];
+        }
+        groups.push(g);
+    }
+    groups
+}
+
+fn memory() -> u64 {
+    read_trim("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// The block device of the file system holding `path` (and its parent disk for a partition).
+fn disks_under(path: &std::path::Path) -> Vec<Disk> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Vec::new();
+    };
+    let dev = meta.dev();
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let sys = std::path::PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    let Ok(real) = std::fs::canonicalize(&sys) else {
+        return Vec::new();
+    };
+    // A partition's queue/ lives in its parent device.
+    let disk = if real.join("partition").exists() {
+        real.parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or(real)
+    } else {
+        real
+    };
+    let name = disk
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let rotational = read_trim(&format!("{}/queue/rotational", disk.display())) == "1";
+    vec![Disk { name, rotational }]
 }
 
 impl CpuFeatures {
@@ -143,6 +263,8 @@ pub enum PlanError {
     TooManyShards { shards: usize, cpus: usize },
     /// Zero shards.
     NoShards,
+    /// `kernel.io_uring_disabled=2`.
+    IoUringDisabled,
 }
 
 impl std::fmt::Display for PlanError {
@@ -155,6 +277,10 @@ impl std::fmt::Display for PlanError {
                  its own core)"
             ),
             Self::NoShards => f.write_str("a repository needs at least one shard"),
+            Self::IoUringDisabled => f.write_str(
+                "io_uring is disabled on this kernel (sysctl kernel.io_uring_disabled=2); the \
+                 appliance needs it: set `sysctl kernel.io_uring_disabled=0`",
+            ),
         }
     }
 }
@@ -179,8 +305,20 @@ impl Plan {
                 cpus: hw.cpus.len(),
             });
         }
-        let placements = hw
-            .cpus
+        if hw.io_uring.disabled >= 2 {
+            return Err(PlanError::IoUringDisabled);
+        }
+        // One shard per physical core first; hyperthread siblings only when cores run out.
+        let mut order: Vec<usize> = hw.cores.iter().filter_map(|g| g.first().copied()).collect();
+        for g in &hw.cores {
+            order.extend(g.iter().skip(1));
+        }
+        order.extend(
+            hw.cpus
+                .iter()
+                .filter(|c| !hw.cores.iter().flatten().any(|x| x == *c)),
+        );
+        let placements: Vec<ShardPlacement> = order
             .iter()
             .take(shards)
             .enumerate()
@@ -190,6 +328,27 @@ impl Plan {
             })
             .collect();
         let mut advice = Vec::new();
+        if shards > hw.cores.len() && !hw.cores.is_empty() {
+            advice.push(format!(
+                "{shards} shards on {} physical cores: some shards share a core with a \
+                 hyperthread sibling (each is slower than on a core of its own)",
+                hw.cores.len()
+            ));
+        }
+        if hw.io_uring.disabled == 1 {
+            advice.push(
+                "kernel.io_uring_disabled=1: only members of kernel.io_uring_group may use \
+                 io_uring; run the appliance in that group or set the sysctl to 0"
+                    .to_string(),
+            );
+        }
+        if hw.disks.iter().any(|d| d.rotational) {
+            advice.push(
+                "the repository is on a rotational disk: packs are written sequentially, but \
+                 restores read randomly; prefer SSD for the index (index/ may be a symlink)"
+                    .to_string(),
+            );
+        }
         if !hw.features.aes_ni {
             advice.push(
                 "no AES-NI: AES-256-GCM runs in software and will be the slowest stage".to_string(),
@@ -202,13 +361,20 @@ impl Plan {
                 hw.memlock_bytes
             ));
         }
+        // RocksDB block cache: 128 MiB per shard, at most 1/16 of memory over all shards.
+        let cache_cap = usize::try_from(hw.memory_bytes / 16 / shards as u64).unwrap_or(usize::MAX);
+        let index_cache_bytes = if hw.memory_bytes == 0 {
+            128 << 20
+        } else {
+            (128usize << 20).min(cache_cap).max(8 << 20)
+        };
         Ok(Self {
             shards: placements,
             network_threads: hw.cpus.len().clamp(1, 8),
             io_memory_per_shard: 4 << 20,
             ring_depth: 128,
             pack_target_bytes: 128 << 20,
-            index_cache_bytes: 128 << 20,
+            index_cache_bytes,
             advice,
         })
     }
@@ -221,12 +387,38 @@ mod tests {
     fn hw(n: usize) -> Hardware {
         Hardware {
             cpus: (0..n).collect(),
+            cores: (0..n).map(|c| vec![c]).collect(),
             features: CpuFeatures {
                 aes_ni: true,
                 ..CpuFeatures::default()
             },
             memlock_bytes: u64::MAX,
+            memory_bytes: 64 << 30,
+            io_uring: IoUring::default(),
+            disks: Vec::new(),
         }
+    }
+
+    #[test]
+    fn physical_cores_before_siblings() {
+        let mut h = hw(4);
+        h.cores = vec![vec![0, 2], vec![1, 3]];
+        let plan = Plan::new(&h, 3).unwrap();
+        let cpus: Vec<usize> = plan.shards.iter().map(|p| p.cpu).collect();
+        assert_eq!(cpus, vec![0, 1, 2]);
+        assert!(plan.advice.iter().any(|a| a.contains("hyperthread")));
+        assert_eq!(cpu_list("0-2,5,7-8"), vec![0, 1, 2, 5, 7, 8]);
+    }
+
+    #[test]
+    fn refuses_disabled_io_uring_and_sizes_caches_by_memory() {
+        let mut h = hw(2);
+        h.io_uring.disabled = 2;
+        assert_eq!(Plan::new(&h, 1), Err(PlanError::IoUringDisabled));
+        let mut small = hw(2);
+        small.memory_bytes = 1 << 30;
+        assert_eq!(Plan::new(&small, 2).unwrap().index_cache_bytes, 32 << 20);
+        assert_eq!(Plan::new(&hw(2), 2).unwrap().index_cache_bytes, 128 << 20);
     }
 
     #[test]
@@ -248,8 +440,11 @@ mod tests {
 
     #[test]
     fn detects_this_machine() {
-        let hw = Hardware::detect();
+        let hw = Hardware::detect_for(std::path::Path::new("/"));
         assert!(!hw.cpus.is_empty());
         assert!(hw.memlock_bytes > 0);
+        assert!(hw.memory_bytes > 0);
+        assert_eq!(hw.cores.iter().flatten().count(), hw.cpus.len());
+        assert!(!hw.io_uring.kernel.is_empty());
     }
 }
