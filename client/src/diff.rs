@@ -123,6 +123,8 @@ async fn walk(
                     Box::pin(walk(session, cache, sa, sb, p, out)).await?;
                 } else if na.chunks != nb.chunks
                     || na.chunk_lists != nb.chunk_lists
+                    || na.bundle != nb.bundle
+                    || na.bundle_offset != nb.bundle_offset
                     || na.symlink_target != nb.symlink_target
                 {
                     out.push(Change { kind: 'M', path: p });

@@ -191,10 +191,20 @@ pub async fn match_parent(
                     && n.ctime_ns == meta.ctime_ns
                     && n.inode == meta.inode;
                 if same {
-                    if let Ok(ids) = crate::restore::node_chunk_ids(session, n).await {
+                    if !n.bundle.is_empty() {
+                        if let Ok(id) = ChunkId::from_slice(&n.bundle) {
+                            reuse[*file] = Some(FileContent {
+                                size: n.size,
+                                chunks: Vec::new(),
+                                bundle: Some((id, n.bundle_offset)),
+                            });
+                            matched += 1;
+                        }
+                    } else if let Ok(ids) = crate::restore::node_chunk_ids(session, n).await {
                         reuse[*file] = Some(FileContent {
                             size: n.size,
                             chunks: ids,
+                            bundle: None,
                         });
                         matched += 1;
                     }

@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 
 use crate::chunk::{Chunk, ChunkerParams, Merge};
 use crate::parent::{match_parent, TreeCache};
-use crate::read::{self, BufPool, Job, Output};
+use crate::read::{self, BufPool, Job, Output, Stored};
 use crate::session::{Frame, Need, Session};
 use crate::tree::FileContent;
 use crate::walk::walk;
@@ -391,9 +391,13 @@ pub async fn backup(
                     up.flush().await?;
                 }
             }
-            Msg::Read(Output::Group(files)) => {
+            Msg::Read(Output::Group { files, bundles }) => {
+                let bundle_ids: Vec<ChunkId> = bundles.iter().map(|b| b.id).collect();
+                for b in bundles {
+                    up.add(b).await?;
+                }
                 for fr in files {
-                    let (n, chunks) = match fr.result {
+                    let (n, stored) = match fr.result {
                         Ok(r) => r,
                         Err(e) => {
                             errors.push(format!("{}: {e}", w.files[fr.file].path.display()));
@@ -406,12 +410,24 @@ pub async fn backup(
                             w.files[fr.file].path.display()
                         ));
                     }
-                    contents[fr.file] = Some(FileContent {
-                        size: n,
-                        chunks: chunks.iter().map(|c| c.id).collect(),
-                    });
-                    for c in chunks {
-                        up.add(c).await?;
+                    match stored {
+                        Stored::Chunks(chunks) => {
+                            contents[fr.file] = Some(FileContent {
+                                size: n,
+                                chunks: chunks.iter().map(|c| c.id).collect(),
+                                bundle: None,
+                            });
+                            for c in chunks {
+                                up.add(c).await?;
+                            }
+                        }
+                        Stored::Bundled { bundle, offset } => {
+                            contents[fr.file] = Some(FileContent {
+                                size: n,
+                                chunks: Vec::new(),
+                                bundle: Some((bundle_ids[bundle], offset)),
+                            });
+                        }
                     }
                     up.summary.bytes_read += n;
                     progress.files_done.fetch_add(1, Ordering::Relaxed);
@@ -449,6 +465,7 @@ pub async fn backup(
                     contents[file] = Some(FileContent {
                         size,
                         chunks: std::mem::take(&mut st.ids),
+                        bundle: None,
                     });
                     merges.remove(&file);
                     progress.files_done.fetch_add(1, Ordering::Relaxed);

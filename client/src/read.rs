@@ -229,20 +229,50 @@ pub fn extents_of(size: u64, segment: usize) -> u64 {
     }
 }
 
-/// A small file read and cut.
+/// A file of a group, read.
 #[derive(Debug)]
 pub struct FileRead {
     pub file: usize,
-    /// (bytes read, chunks), or why it could not be read.
-    pub result: Result<(u64, Vec<Chunk>), String>,
+    /// (bytes read, where they are), or why it could not be read.
+    pub result: Result<(u64, Stored), String>,
     /// The file had more bytes than at walk time: the walk-time prefix was kept.
     pub grew: bool,
+}
+
+/// Where a file's bytes went.
+#[derive(Debug)]
+pub enum Stored {
+    /// Its own chunks, in order.
+    Chunks(Vec<Chunk>),
+    /// `size` bytes at `offset` in bundle number `bundle` of the group.
+    Bundled { bundle: usize, offset: u64 },
+}
+
+/// Files smaller than this (and not empty) go into bundles with their neighbours in the group.
+pub const BUNDLE_FILE_MAX: usize = 16 << 10;
+/// A bundle is closed once it holds this much.
+pub const BUNDLE_TARGET: usize = 64 << 10;
+
+/// A file of a group as read: (file, (bytes read, its cuts or (bundle, offset), grew) or the
+/// error).
+type GroupRead = (
+    usize,
+    Result<(u64, Result<Vec<Cut>, (usize, usize)>, bool), String>,
+);
+
+/// Bundle limits for chunker maximum `max`: a bundle never exceeds `max`.
+fn bundle_limits(max: usize) -> (usize, usize) {
+    (BUNDLE_FILE_MAX.min(max / 4), BUNDLE_TARGET.min(max / 2))
 }
 
 /// What a reader produces.
 #[derive(Debug)]
 pub enum Output {
-    Group(Vec<FileRead>),
+    /// The files of a group, and the bundles their small files were packed into.
+    Group {
+        files: Vec<FileRead>,
+        bundles: Vec<Chunk>,
+    },
     Extent {
         file: usize,
         k: u64,
@@ -281,32 +311,73 @@ pub fn run(
 ) -> Output {
     match job {
         Job::Group(files) => {
-            // (file, (bytes read, cuts, grew) or the error)
-            type Cuts = (usize, Result<(u64, Vec<Cut>, bool), String>);
-            let mut cut_files: Vec<Cuts> = Vec::with_capacity(files.len());
+            let (small, target) = bundle_limits(params.max as usize);
+            // Small files land next to each other in the buffer (a failed read adds nothing),
+            // so a run of them is one contiguous slice: a bundle. The runs depend only on the
+            // files and their order, so the same tree bundles the same way (dedup holds).
+            let mut bundles: Vec<(usize, usize)> = Vec::new(); // (start, end) in the buffer
+            let mut open: Option<usize> = None;
+            let mut read: Vec<GroupRead> = Vec::with_capacity(files.len());
             for (file, path, size) in files {
                 let room = (pool.capacity() - buf.used) as u64;
                 let r = File::open(&path)
                     .and_then(|mut f| read_prefix(&mut f, &mut buf, size.min(room)))
                     .map(|(got, grew)| {
                         let at = buf.used - got;
+                        if got > 0 && got < small {
+                            let start = *open.get_or_insert(at);
+                            let b = bundles.len();
+                            if buf.used - start >= target {
+                                bundles.push((start, buf.used));
+                                open = None;
+                            }
+                            return (got as u64, Err((b, at - start)), grew);
+                        }
+                        if let Some(start) = open.take() {
+                            bundles.push((start, at));
+                        }
                         let mut cuts = cut(&buf.data[at..buf.used], got, params, dedup_key);
                         for c in &mut cuts {
                             c.offset += at;
                         }
-                        (got as u64, cuts, grew)
+                        (got as u64, Ok(cuts), grew)
                     })
                     .map_err(|e| e.to_string());
-                cut_files.push((file, r));
+                read.push((file, r));
             }
+            if let Some(start) = open.take() {
+                bundles.push((start, buf.used));
+            }
+            let bundle_cuts: Vec<Cut> = bundles
+                .iter()
+                .map(|&(a, b)| Cut {
+                    offset: a,
+                    len: b - a,
+                    id: coffer_proto::chunk_id(dedup_key, &buf.data[a..b]),
+                })
+                .collect();
             let data = freeze(buf, pool);
-            Output::Group(
-                cut_files
+            Output::Group {
+                files: read
                     .into_iter()
                     .map(|(file, r)| match r {
-                        Ok((n, cuts, grew)) => FileRead {
+                        Ok((n, Ok(cuts), grew)) => FileRead {
                             file,
-                            result: Ok((n, crate::chunk::chunk_slice(&data, &cuts))),
+                            result: Ok((
+                                n,
+                                Stored::Chunks(crate::chunk::chunk_slice(&data, &cuts)),
+                            )),
+                            grew,
+                        },
+                        Ok((n, Err((bundle, offset)), grew)) => FileRead {
+                            file,
+                            result: Ok((
+                                n,
+                                Stored::Bundled {
+                                    bundle,
+                                    offset: offset as u64,
+                                },
+                            )),
                             grew,
                         },
                         Err(e) => FileRead {
@@ -316,7 +387,8 @@ pub fn run(
                         },
                     })
                     .collect(),
-            )
+                bundles: crate::chunk::chunk_slice(&data, &bundle_cuts),
+            }
         }
         Job::Extent {
             file,

@@ -123,11 +123,15 @@ pub async fn fetch_trees(session: &Session, ids: &[ChunkId]) -> anyhow::Result<V
     Ok(trees)
 }
 
-/// The chunk ids of a file node, following its list chunks when it has them.
+/// The chunk ids of a file node, following its list chunks when it has them; for a bundled file,
+/// its bundle.
 ///
 /// # Errors
 /// RPC failures, malformed lists.
 pub async fn node_chunk_ids(session: &Session, n: &Node) -> anyhow::Result<Vec<ChunkId>> {
+    if !n.bundle.is_empty() {
+        return Ok(vec![ChunkId::from_slice(&n.bundle)?]);
+    }
     if n.chunk_lists.is_empty() {
         return Ok(unpack_ids(&n.chunks, usize::MAX)?);
     }
@@ -262,17 +266,45 @@ async fn restore_group(session: Session, group: Vec<FileJob>, chown: bool) -> an
         blocking(move || install(f, tmp, written, &job.path, &job.node, chown)).await?;
         return Ok(written);
     }
-    let ids: Vec<ChunkId> = group.iter().flat_map(|j| j.ids.iter().copied()).collect();
-    let data = session.get(&ids).await?;
+    // Bundled files of a group often share a bundle: fetch each chunk once.
+    let mut ids: Vec<ChunkId> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for id in group.iter().flat_map(|j| j.ids.iter()) {
+        if seen.insert(*id) {
+            ids.push(*id);
+        }
+    }
+    let data: HashMap<ChunkId, bytes::Bytes> =
+        ids.iter().copied().zip(session.get(&ids).await?).collect();
     blocking(move || {
-        let mut data = data.into_iter();
         let mut bytes = 0;
         for job in &group {
             let (mut f, tmp) = open_dest(&job.path)?;
             let mut written = 0;
-            for chunk in data.by_ref().take(job.ids.len()) {
-                f.write_all(&chunk)?;
-                written += chunk.len() as u64;
+            if job.node.bundle.is_empty() {
+                for id in &job.ids {
+                    let chunk = &data[id];
+                    f.write_all(chunk)?;
+                    written += chunk.len() as u64;
+                }
+            } else {
+                // The file is `size` bytes at `bundle_offset` of its bundle (checked bounds: a
+                // malformed tree writes nothing wrong).
+                let bundle = &data[&job.ids[0]];
+                let start = usize::try_from(job.node.bundle_offset).unwrap_or(usize::MAX);
+                let end =
+                    start.saturating_add(usize::try_from(job.node.size).unwrap_or(usize::MAX));
+                let Some(slice) = bundle.get(start..end) else {
+                    drop(f);
+                    let _ = std::fs::remove_file(tmp.as_deref().unwrap_or(&job.path));
+                    anyhow::bail!(
+                        "{}: the snapshot places it outside its bundle ({} bytes)",
+                        job.path.display(),
+                        bundle.len()
+                    );
+                };
+                f.write_all(slice)?;
+                written = slice.len() as u64;
             }
             install(f, tmp, written, &job.path, &job.node, chown)?;
             bytes += written;

@@ -30,11 +30,12 @@ fn node(name: &[u8], kind: NodeKind, meta: &Meta) -> Node {
 }
 
 /// A file's content as backed up: the bytes read (which may differ from the size the walk saw
-/// when the file changed meanwhile) and its chunk ids.
+/// when the file changed meanwhile) and its chunk ids, or the bundle and offset holding it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FileContent {
     pub size: u64,
     pub chunks: Vec<ChunkId>,
+    pub bundle: Option<(ChunkId, u64)>,
 }
 
 /// Builds trees within `max_object` bytes each.
@@ -90,7 +91,12 @@ impl TreeBuilder<'_> {
                     };
                     let mut n = node(name, NodeKind::File, meta);
                     n.size = content.size;
-                    self.set_chunks(&mut n, &content.chunks, emit);
+                    if let Some((id, offset)) = content.bundle {
+                        n.bundle = Bytes::copy_from_slice(id.as_bytes());
+                        n.bundle_offset = offset;
+                    } else {
+                        self.set_chunks(&mut n, &content.chunks, emit);
+                    }
                     n.hardlink_group = *hardlink_group;
                     nodes.push(n);
                 }
@@ -227,10 +233,12 @@ mod tests {
             Some(FileContent {
                 size: 1,
                 chunks: many.clone(),
+                bundle: None,
             }),
             Some(FileContent {
                 size: 1,
                 chunks: vec![many[0]],
+                bundle: None,
             }),
         ];
         let mut objects: HashMap<ChunkId, Bytes> = HashMap::new();

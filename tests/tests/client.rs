@@ -309,6 +309,12 @@ fn f3_malicious_trees_never_escape_the_target() {
         ("empty", vec![evil_file(b"")]),
         ("duplicate", vec![evil_file(b"x"), evil_file(b"x")]),
     ];
+    // A bundled file placed beyond the end of its bundle: refused, no short or wrong file.
+    let mut outside = node(b"outside", NodeKind::File);
+    outside.bundle = Bytes::copy_from_slice(pid.as_bytes());
+    outside.bundle_offset = 4;
+    outside.size = payload.len() as u64;
+    cases.push(("bundle-range", vec![outside]));
     // symlink-then-file: a symlink "l" -> canary, then a directory "l" whose file would land in it
     let (inner, inner_frame) = tree_chunk(&s, vec![evil_file(b"keep")]);
     let mut link = node(b"l", NodeKind::Symlink);
@@ -339,6 +345,10 @@ fn f3_malicious_trees_never_escape_the_target() {
         assert!(!Path::new("/tmp/evil").exists());
         // symlink-then-dir is refused too: it names "l" twice.
         assert!(res.is_err(), "{name} must be refused");
+        assert!(
+            !target.join("outside").exists(),
+            "{name}: no partial file left"
+        );
     }
     let target = dir.path().join("t-planted");
     std::fs::create_dir_all(&target).unwrap();

@@ -417,6 +417,9 @@ impl Inner {
                         };
                         w.leaves.extend(packed(&n.chunks)?);
                         lists.extend(packed(&n.chunk_lists)?);
+                        if !n.bundle.is_empty() {
+                            w.leaves.insert(id_of(&n.bundle)?);
+                        }
                     }
                 }
             }
