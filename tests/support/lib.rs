@@ -339,15 +339,29 @@ pub fn data(seed: u64, len: usize, compressible: bool) -> Vec<u8> {
 /// When the appliance is not running or the client fails.
 pub fn connect_client(app: &Appliance, config: &Path, user: &str, host: &str) {
     let url = format!("https://{}", app.addr.as_ref().expect("started"));
+    connect_url(
+        config,
+        &url,
+        app.fingerprint.as_ref().expect("started"),
+        user,
+        host,
+    );
+}
+
+/// `coffer connect server` for `user@host` to `url` pinned to `fingerprint`, with `config`.
+///
+/// # Panics
+/// When the client fails.
+pub fn connect_url(config: &Path, url: &str, fingerprint: &str, user: &str, host: &str) {
     let (rc, out, err) = coffer(
         config,
         &[
             "connect",
             "server",
             "--url",
-            &url,
+            url,
             "--server-cert-fingerprint",
-            app.fingerprint.as_ref().expect("started"),
+            fingerprint,
             "--override-username",
             user,
             "--override-hostname",

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use coffer_tests::{
-    bin, coffer, create_snapshot, data, describe, listening, sigterm, Appliance, REPO_PASSWORD,
-    USER_PASSWORD,
+    bin, coffer, connect_url, create_snapshot, data, describe, listening, sigterm, Appliance,
+    REPO_PASSWORD, USER_PASSWORD,
 };
 
 fn appliance() -> Command {
@@ -29,26 +29,6 @@ fn tree(root: &Path) {
         )
         .unwrap();
     }
-}
-
-fn connect_to(cfg: &Path, url: &str, fp: &str) {
-    let (rc, out, err) = coffer(
-        cfg,
-        &[
-            "connect",
-            "server",
-            "--url",
-            url,
-            "--server-cert-fingerprint",
-            fp,
-            "--override-username",
-            "alice",
-            "--override-hostname",
-            "laptop",
-        ],
-    )
-    .unwrap();
-    assert_eq!(rc, 0, "{out}{err}");
 }
 
 fn backup_restore_exact(dir: &Path, cfg: &Path, src: &Path, name: &str) {
@@ -96,7 +76,7 @@ fn socket_activation_serves_on_the_passed_socket() {
     let (listen, fp) = listening(&mut child);
     assert_eq!(listen, addr.to_string(), "the passed socket, not --listen");
     let cfg = dir.path().join("client.json");
-    connect_to(&cfg, &format!("https://{addr}"), &fp);
+    connect_url(&cfg, &format!("https://{addr}"), &fp, "alice", "laptop");
     let src = dir.path().join("src");
     tree(&src);
     backup_restore_exact(dir.path(), &cfg, &src, "restored");
@@ -129,7 +109,7 @@ fn unix_socket_listener() {
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let cfg = dir.path().join("client.json");
-    connect_to(&cfg, &listen, &fp);
+    connect_url(&cfg, &listen, &fp, "alice", "laptop");
     let src = dir.path().join("src");
     tree(&src);
     backup_restore_exact(dir.path(), &cfg, &src, "restored");

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use coffer_tests::{
-    bin, coffer, create_snapshot, data, describe, listening, sigterm, Appliance, REPO_PASSWORD,
+    bin, coffer, connect_url, create_snapshot, data, describe, listening, sigterm, Appliance,
+    REPO_PASSWORD,
 };
 
 /// nginx's own certificate (what clients see): (cert, key).
@@ -138,23 +139,7 @@ fn run_through_nginx(upstream_unix: bool) {
     let fp = fingerprint_of(&dir.path().join("front.pem"));
 
     let cfg = dir.path().join("client.json");
-    let (rc, out, err) = coffer(
-        &cfg,
-        &[
-            "connect",
-            "server",
-            "--url",
-            &format!("https://{front}"),
-            "--server-cert-fingerprint",
-            &fp,
-            "--override-username",
-            "alice",
-            "--override-hostname",
-            "laptop",
-        ],
-    )
-    .unwrap();
-    assert_eq!(rc, 0, "{out}{err}");
+    connect_url(&cfg, &format!("https://{front}"), &fp, "alice", "laptop");
     let src = dir.path().join("src");
     std::fs::create_dir_all(src.join("sub")).unwrap();
     // A large file: many upload batches and a long restore stream through nginx.
