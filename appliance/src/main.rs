@@ -602,8 +602,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for e in &rep.errors {
                 eprintln!("error: {e}");
             }
+            for w in &rep.warnings {
+                eprintln!("warning: {w}");
+            }
             println!(
-                "verify: {} chunks in {} packs checked{}, {} errors",
+                "verify: {} chunks in {} packs checked{}, {} errors, {} warnings",
                 rep.chunks,
                 rep.packs,
                 if read_data {
@@ -611,7 +614,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 } else {
                     ""
                 },
-                rep.errors.len()
+                rep.errors.len(),
+                rep.warnings.len()
             );
             if !rep.errors.is_empty() {
                 return Ok(ExitCode::from(1));

@@ -24,6 +24,8 @@ pub struct VerifyReport {
     pub packs: u64,
     pub bytes_read: u64,
     pub errors: Vec<String>,
+    /// Not wrong, but worth an operator's look (e.g. packs nothing in the index points at).
+    pub warnings: Vec<String>,
 }
 
 struct PackView {
@@ -136,5 +138,21 @@ pub fn verify(
         }
     }
     rep.packs = packs.len() as u64;
+    // Packs the index never points at: left by a crash before their first group commit was
+    // indexed (a running appliance's newest pack can be one for a moment), or copied in.
+    match paths.list_packs() {
+        Ok(all) => {
+            for (id, path) in all {
+                if !packs.contains_key(&id) {
+                    rep.warnings.push(format!(
+                        "pack {id} ({}) holds no indexed chunk: its space serves nothing; \
+                         `rebuild-index` re-indexes whatever valid records it holds",
+                        path.display()
+                    ));
+                }
+            }
+        }
+        Err(e) => rep.errors.push(format!("cannot list the pack files: {e}")),
+    }
     Ok(rep)
 }

@@ -258,6 +258,24 @@ async fn c7_lost_index_is_refused_then_rebuilt() -> anyhow::Result<()> {
     app.stop()?;
     let (rc, out) = app.verify(true)?;
     assert_eq!(rc, 0, "{out}");
+    assert!(out.contains(", 0 warnings"), "{out}");
+
+    // A pack nothing in the index points at is reported (not an error: no data is wrong).
+    let some_pack = std::fs::read_dir(app.repo.join("packs"))?
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .next()
+        .expect("a pack file")
+        .path();
+    let stray = app.repo.join("packs").join("ff").join("ff".repeat(16));
+    std::fs::create_dir_all(stray.parent().unwrap())?;
+    std::fs::copy(&some_pack, &stray)?;
+    let (rc, out) = app.verify(false)?;
+    assert_eq!(rc, 0, "{out}");
+    assert!(
+        out.contains("holds no indexed chunk") && out.contains(&"ff".repeat(16)),
+        "{out}"
+    );
     Ok(())
 }
 
