@@ -90,7 +90,12 @@ pub fn apply(catalog: &Catalog, req: &Request) -> Result<Reply, ApplianceError> 
         }
         Request::UserSet { user } => {
             check_user(user)?;
-            catalog.set_user(user).map_err(repo_err)?;
+            // A password change keeps the account's creation time.
+            let mut rec = user.clone();
+            if let Some(old) = catalog.user(&user.identity).map_err(repo_err)? {
+                rec.created_unix = old.created_unix;
+            }
+            catalog.set_user(&rec).map_err(repo_err)?;
         }
         Request::UserDelete { identity } => catalog.delete_user(identity).map_err(repo_err)?,
         Request::UserList => {
