@@ -9,6 +9,8 @@
 //!   renamed into place, so a planted symlink at the final name is replaced, never written
 //!   through. Every chunk is checked against its id before a byte of it is written.
 //! * Re-running an interrupted restore is safe: everything is overwritten in place.
+//! * A restore reported complete is on disk: the target's file system is synced before the
+//!   summary is returned (and written back in the background while the restore runs).
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -152,6 +154,13 @@ const GROUPS_IN_FLIGHT: usize = 8;
 const O_NOFOLLOW: i32 = 0o400_000;
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+/// Files are created one at a time, whatever the number of writers: ext4 looks for a free inode
+/// by scanning its group, and without a journal it also skips every inode freed in the last
+/// minutes (`recently_deleted`). Parallel creators multiply that kernel work: restoring the Linux
+/// tree right after a similar tree was deleted took 8.7–10.6 s of kernel CPU with 8 creators and
+/// 3.5 s with creation serialised (and 0.1–0.3 s more wall time on a journalled ext4, where the
+/// scan does not happen). Writing the data stays parallel.
+static CREATE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn set_meta(p: &Path, n: &Node, chown: bool) -> std::io::Result<()> {
     if chown {
@@ -175,7 +184,12 @@ fn open_dest(p: &Path) -> std::io::Result<(File, Option<PathBuf>)> {
             .custom_flags(O_NOFOLLOW)
             .open(q)
     };
-    match create(p) {
+    let guard = CREATE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let first = create(p);
+    drop(guard);
+    match first {
         Ok(f) => Ok((f, None)),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             let dir = p.parent().unwrap_or(Path::new("."));
@@ -223,6 +237,51 @@ fn install(
     }
     Ok(())
 }
+
+/// Writes restored data back to disk while the restore runs (`syncfs` on the target's file
+/// system in a loop), so that the disk works in parallel with fetching and decoding, and makes
+/// the whole restore durable before it is reported complete.
+struct Flusher {
+    dir: File,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Flusher {
+    fn start(target: &Path) -> anyhow::Result<Self> {
+        let dir = File::open(target).map_err(|e| anyhow::anyhow!("{}: {e}", target.display()))?;
+        let bg = dir.try_clone()?;
+        let (stop, rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("restore-flush".into())
+            .spawn(move || {
+                // Errors here only cost speed: the final flush reports them.
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    rx.recv_timeout(FLUSH_EVERY)
+                {
+                    let _ = rustix::fs::syncfs(&bg);
+                }
+            })?;
+        Ok(Self {
+            dir,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the background flushing and writes everything still dirty.
+    fn finish(mut self) -> anyhow::Result<()> {
+        self.stop.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        rustix::fs::syncfs(&self.dir)
+            .map_err(|e| anyhow::anyhow!("writing the restored files to disk failed: {e}"))
+    }
+}
+
+/// How often the restore asks the kernel to write back what it has restored so far.
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
 struct FileJob {
     path: PathBuf,
@@ -382,6 +441,7 @@ pub async fn restore(
         level = next;
     }
 
+    let flusher = Flusher::start(target)?;
     let mut groups: Vec<Vec<FileJob>> = Vec::new();
     let (mut cur_chunks, mut cur_bytes) = (0usize, 0u64);
     sum.files = files.len() as u64;
@@ -424,5 +484,6 @@ pub async fn restore(
         set_meta(p, n, chown)?;
         sum.dirs += 1;
     }
+    flusher.finish()?;
     Ok(sum)
 }
