@@ -1,4 +1,4 @@
-//! Per-stage benches with in-memory inputs: chunking (FastCDC), hashing (keyed BLAKE3),
+//! Per-stage benches with in-memory inputs: chunking (the FastCDC crate against coffer's cutter), hashing (keyed BLAKE3),
 //! AES-256-GCM (RustCrypto `aes-gcm` against `ring`), zstd, the RocksDB index (lookup, insert)
 //! and the glommio pack writer (append + fdatasync).
 //!
@@ -20,19 +20,55 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 
 const MIB: usize = 1 << 20;
 
+/// Counts the chunks of `data` with coffer's cutter (the crate's cut points, zero runs skipped).
+fn coffer_cdc(data: &[u8], avg: u32) -> usize {
+    let cdc = coffer_client::chunk::Cdc::new(coffer_client::chunk::ChunkerParams {
+        min: avg / 4,
+        avg,
+        max: avg * 4,
+    });
+    let (mut pos, mut n) = (0, 0);
+    while pos < data.len() {
+        pos += cdc.first_len(&data[pos..]);
+        n += 1;
+    }
+    n
+}
+
+/// FastCDC: the crate against coffer's cutter (same cut points, checked here and by the
+/// client's proptest), on noise and on a disk-image-like input with 30 % zero runs.
 fn chunking(c: &mut Criterion) {
-    let buf = data(1, 64 * MIB, true);
+    let noise = data(1, 64 * MIB, true);
+    let mut image = noise.clone();
+    for (i, mib) in image.chunks_mut(MIB).enumerate() {
+        if i % 10 < 3 {
+            mib.fill(0);
+        }
+    }
     let mut g = c.benchmark_group("chunk");
-    g.throughput(Throughput::Bytes(buf.len() as u64))
+    g.throughput(Throughput::Bytes(noise.len() as u64))
         .sample_size(10);
-    for avg in [64 << 10, 1 << 20] {
-        g.bench_with_input(BenchmarkId::new("fastcdc_v2020", avg), &avg, |b, &avg| {
-            b.iter(|| {
-                fastcdc::v2020::FastCDC::new(&buf, avg / 4, avg, avg * 4)
-                    .map(|c| c.length)
-                    .sum::<usize>()
-            });
-        });
+    for (name, buf) in [("noise", &noise), ("image", &image)] {
+        for avg in [128 << 10, 1 << 20] {
+            let krate = fastcdc::v2020::FastCDC::new(buf, avg / 4, avg, avg * 4).count();
+            assert_eq!(coffer_cdc(buf, avg), krate, "same cut points");
+            g.bench_with_input(
+                BenchmarkId::new(format!("fastcdc_crate_{name}"), avg),
+                &avg,
+                |b, &avg| {
+                    b.iter(|| {
+                        fastcdc::v2020::FastCDC::new(buf, avg / 4, avg, avg * 4)
+                            .map(|c| c.length)
+                            .sum::<usize>()
+                    });
+                },
+            );
+            g.bench_with_input(
+                BenchmarkId::new(format!("coffer_cdc_{name}"), avg),
+                &avg,
+                |b, &avg| b.iter(|| coffer_cdc(buf, avg)),
+            );
+        }
     }
     g.finish();
 }

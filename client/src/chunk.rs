@@ -68,11 +68,129 @@ pub struct Cut {
     pub id: ChunkId,
 }
 
-/// Length of the chunk that starts at `data[0]`. `data` must hold at least `max` bytes unless
-/// it ends at the end of the file.
-fn first_len(data: &[u8], p: ChunkerParams) -> usize {
-    let cdc = fastcdc::v2020::FastCDC::new(data, p.min, p.avg, p.max);
-    cdc.cut(0, data.len()).1
+/// FastCDC v2020 (normalized chunking, level 1, the crate's gear tables): the same cut points as
+/// `fastcdc::v2020::FastCDC`, with one addition. The gear hash only remembers the last 64 bytes,
+/// so after 64 zero bytes it settles at a fixed value, `zero`, and stays there for as long as
+/// zeros follow. When that value cannot cut in the current phase, the run is skipped at memory
+/// speed instead of hashed byte by byte (disk images are full of zeros). The proptest below
+/// checks the cut points against the crate.
+#[derive(Debug, Clone, Copy)]
+pub struct Cdc {
+    min: usize,
+    avg: usize,
+    max: usize,
+    mask_s: u64,
+    mask_l: u64,
+    gear: &'static [u64; 256],
+    gear_ls: &'static [u64; 256],
+    zero: u64,
+}
+
+/// The crate's gear table and its left-shifted twin.
+type Gears = (Box<[u64; 256]>, Box<[u64; 256]>);
+
+fn gears() -> &'static Gears {
+    static GEARS: std::sync::OnceLock<Gears> = std::sync::OnceLock::new();
+    GEARS.get_or_init(|| fastcdc::v2020::get_gear_with_seed(0))
+}
+
+impl Cdc {
+    #[must_use]
+    pub fn new(p: ChunkerParams) -> Self {
+        use fastcdc::v2020::{logarithm2, MASKS};
+        let bits = logarithm2(p.avg) as usize;
+        let (gear, gear_ls) = gears();
+        // The fixed point of `h = (h << 1) + gear[0]`.
+        let zero = gear[0].wrapping_neg();
+        debug_assert_eq!((zero << 1).wrapping_add(gear[0]), zero);
+        Self {
+            min: p.min as usize,
+            avg: p.avg as usize,
+            max: p.max as usize,
+            mask_s: MASKS[bits + 1],
+            mask_l: MASKS[bits - 1],
+            gear,
+            gear_ls,
+            zero,
+        }
+    }
+
+    /// Length of the chunk that starts at `data[0]`. `data` must hold at least `max` bytes
+    /// unless it ends at the end of the file.
+    #[must_use]
+    pub fn first_len(&self, data: &[u8]) -> usize {
+        let mut remaining = data.len();
+        if remaining <= self.min {
+            return remaining;
+        }
+        let mut center = self.avg;
+        if remaining > self.max {
+            remaining = self.max;
+        } else if remaining < center {
+            center = remaining;
+        }
+        // Bytes are hashed in pairs: `i` counts pairs, the first byte of a pair is checked with
+        // the mask shifted left by one (the crate's "roll two bytes" form).
+        let mut i = self.min / 2;
+        let mut hash: u64 = 0;
+        for (end, mask) in [(center / 2, self.mask_s), (remaining / 2, self.mask_l)] {
+            let mask_ls = mask << 1;
+            let zero_cuts = (self.zero << 1) & mask_ls == 0 || self.zero & mask == 0;
+            while i < end {
+                let a = 2 * i;
+                hash = (hash << 2).wrapping_add(self.gear_ls[usize::from(data[a])]);
+                if hash & mask_ls == 0 {
+                    return a;
+                }
+                hash = hash.wrapping_add(self.gear[usize::from(data[a + 1])]);
+                if hash & mask == 0 {
+                    return a + 1;
+                }
+                i += 1;
+                if hash == self.zero && !zero_cuts {
+                    // Zero pairs keep the hash at `zero`, which cannot cut in this phase.
+                    i += zero_prefix(&data[2 * i..2 * end]) / 2;
+                }
+            }
+        }
+        remaining
+    }
+}
+
+/// How many bytes at the start of `data` are zero.
+fn zero_prefix(data: &[u8]) -> usize {
+    let words = data
+        .chunks_exact(32)
+        .take_while(|w| w.iter().fold(0u8, |acc, &b| acc | b) == 0)
+        .count()
+        * 32;
+    words + data[words..].iter().take_while(|&&b| b == 0).count()
+}
+
+/// The keyed id of a chunk. All-zero chunks (whole runs of a disk image's free space) are
+/// hashed once per length and key and remembered.
+#[must_use]
+pub fn id_of(dedup_key: &[u8; 32], data: &[u8]) -> ChunkId {
+    const ZERO_IDS: usize = 8;
+    thread_local! {
+        static ZEROS: std::cell::RefCell<Vec<([u8; 32], usize, ChunkId)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+    if data.len() < 4096 || data[0] != 0 || zero_prefix(data) != data.len() {
+        return coffer_proto::chunk_id(dedup_key, data);
+    }
+    ZEROS.with(|z| {
+        let mut z = z.borrow_mut();
+        if let Some(hit) = z.iter().find(|e| e.0 == *dedup_key && e.1 == data.len()) {
+            return hit.2;
+        }
+        let id = coffer_proto::chunk_id(dedup_key, data);
+        if z.len() == ZERO_IDS {
+            z.remove(0);
+        }
+        z.push((*dedup_key, data.len(), id));
+        id
+    })
 }
 
 /// Cuts `data` from its start until a chunk ends at or beyond `own_len` (all of it when
@@ -81,15 +199,15 @@ fn first_len(data: &[u8], p: ChunkerParams) -> usize {
 /// `data` must extend at least `max` bytes beyond `own_len` unless it ends at end of file.
 #[must_use]
 pub fn cut(data: &[u8], own_len: usize, p: ChunkerParams, dedup_key: &[u8; 32]) -> Vec<Cut> {
-    let cdc = fastcdc::v2020::FastCDC::new(data, p.min, p.avg, p.max);
+    let cdc = Cdc::new(p);
     let mut cuts = Vec::with_capacity(own_len / p.avg as usize + 1);
     let mut offset = 0;
     while offset < own_len {
-        let end = cdc.cut(offset, data.len() - offset).1;
+        let end = offset + cdc.first_len(&data[offset..]);
         cuts.push(Cut {
             offset,
             len: end - offset,
-            id: coffer_proto::chunk_id(dedup_key, &data[offset..end]),
+            id: id_of(dedup_key, &data[offset..end]),
         });
         offset = end;
     }
@@ -168,10 +286,10 @@ impl Merge {
                 self.pos = e.start + (last.offset + last.len) as u64;
                 return;
             }
-            let len = first_len(&e.data[rel..], self.params);
+            let len = Cdc::new(self.params).first_len(&e.data[rel..]);
             let data = e.data.slice(rel..rel + len);
             out.push(Chunk {
-                id: coffer_proto::chunk_id(dedup_key, &data),
+                id: id_of(dedup_key, &data),
                 data,
             });
             self.pos += len as u64;
@@ -268,6 +386,88 @@ mod tests {
             let seg = P.max as usize * seg_factor + extra;
             prop_assert_eq!(merged(&data, seg, &order, P), sequential(&data, P));
         }
+    }
+
+    fn params_for(avg: u32) -> ChunkerParams {
+        ChunkerParams {
+            min: (avg / 4).max(64),
+            avg,
+            max: avg * 4,
+        }
+    }
+
+    fn cdc_sequential(data: &[u8], p: ChunkerParams) -> Vec<(usize, usize)> {
+        let cdc = Cdc::new(p);
+        let mut out = Vec::new();
+        let mut pos = 0;
+        while pos < data.len() {
+            let len = cdc.first_len(&data[pos..]);
+            out.push((pos, len));
+            pos += len;
+        }
+        out
+    }
+
+    /// Pseudo-random bytes (proptest's own vectors are too slow at these sizes).
+    fn noise(seed: u64, n: usize) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()[3]
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        /// The zero-run skip never moves a cut point: same chunks as the crate, for every
+        /// average size an appliance may announce, on data made of noise, zero runs of every
+        /// length (shorter and longer than the 64 bytes the hash remembers) and other runs.
+        #[test]
+        fn cdc_cuts_where_the_crate_cuts(
+            avg_bits in 8u32..18,
+            parts in prop::collection::vec((0u8..3, any::<u64>(), 1usize..4096), 1..24),
+            scale in 1usize..64,
+        ) {
+            let p = params_for(1 << avg_bits);
+            let mut data = Vec::new();
+            for (kind, seed, len) in parts {
+                let len = len * scale;
+                match kind {
+                    0 => data.extend(noise(seed, len)),
+                    1 => data.resize(data.len() + len, 0),
+                    _ => data.resize(data.len() + len, seed.to_le_bytes()[0]),
+                }
+            }
+            prop_assert_eq!(cdc_sequential(&data, p), sequential(&data, p));
+        }
+    }
+
+    #[test]
+    fn zero_runs_are_skipped_for_the_default_sizes_and_cut_like_the_crate() {
+        // For the default average the zero state cuts in neither phase, so the skip is used.
+        let p = params_for(128 << 10);
+        let cdc = Cdc::new(p);
+        let (s, l) = (cdc.mask_s, cdc.mask_l);
+        assert!((cdc.zero << 1) & (s << 1) != 0 && cdc.zero & s != 0);
+        assert!((cdc.zero << 1) & (l << 1) != 0 && cdc.zero & l != 0);
+        let mut data = noise(1, 300_000);
+        data.resize(data.len() + 5_000_000, 0);
+        data.extend(noise(2, 700_000));
+        data[3_000_000] = 1;
+        assert_eq!(cdc_sequential(&data, p), sequential(&data, p));
+        // All-zero chunks get the same id as hashing them would give, whatever the length.
+        let zeros = vec![0u8; p.max as usize];
+        for len in [4096, 4097, p.max as usize, 4096] {
+            assert_eq!(
+                id_of(&KEY, &zeros[..len]),
+                coffer_proto::chunk_id(&KEY, &zeros[..len])
+            );
+        }
+        assert_ne!(id_of(&[1; 32], &zeros), id_of(&KEY, &zeros));
     }
 
     #[test]
