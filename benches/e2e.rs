@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use coffer_client::{Frame, Session};
+use coffer_client::{Codec, Frame, Session};
 use coffer_proto::ChunkId;
 use coffer_tests::{data, Appliance};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -72,7 +72,7 @@ fn ingest(c: &mut Criterion) {
                     plans[i % sessions.len()].push(Frame::new(
                         sessions[0].chunk_id(&plain),
                         plain,
-                        None,
+                        Codec::None,
                     ));
                 }
                 let start = Instant::now();
@@ -102,7 +102,7 @@ fn find_missing(c: &mut Criterion) {
             let frames: Vec<Frame> = (0..n as u64 / 16)
                 .map(|i| {
                     let plain = Bytes::copy_from_slice(&(part << 32 | i).to_le_bytes());
-                    Frame::new(s.chunk_id(&plain), plain, None)
+                    Frame::new(s.chunk_id(&plain), plain, Codec::None)
                 })
                 .collect();
             present.extend(frames.iter().map(|f| f.id));

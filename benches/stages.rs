@@ -127,20 +127,64 @@ fn aes(c: &mut Criterion) {
     g.finish();
 }
 
-fn compression(c: &mut Criterion) {
-    let buf = data(4, MIB, true);
-    let mut g = c.benchmark_group("zstd");
-    g.throughput(Throughput::Bytes(buf.len() as u64));
-    for level in [1, 3] {
-        g.bench_with_input(BenchmarkId::new("compress", level), &level, |b, &l| {
-            b.iter(|| zstd::bulk::compress(&buf, l).expect("zstd"));
-        });
+/// About 1 MiB of source text (this repository's Rust and Markdown files).
+fn source_text() -> Vec<u8> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<u8>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let mut entries: Vec<_> = rd.flatten().map(|e| e.path()).collect();
+        entries.sort();
+        for p in entries {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if p.is_dir() && !name.starts_with('.') && name != "target" {
+                walk(&p, out);
+            } else if matches!(p.extension().and_then(|e| e.to_str()), Some("rs" | "md")) {
+                out.extend(std::fs::read(&p).unwrap_or_default());
+            }
+        }
     }
-    let z = zstd::bulk::compress(&buf, 3).expect("zstd");
-    g.bench_function("decompress_bounded", |b| {
-        b.iter(|| zstd::bulk::decompress(&z, MIB).expect("unzstd"));
-    });
-    g.finish();
+    let mut out = Vec::new();
+    walk(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/..").as_ref(),
+        &mut out,
+    );
+    while out.len() < MIB {
+        out.extend_from_within(..);
+    }
+    out.truncate(MIB);
+    out
+}
+
+/// zstd (levels 1 and 3) against LZ4 (`lz4_flex`, block format), on synthetic half-text data
+/// and on source text.
+fn compression(c: &mut Criterion) {
+    for (name, buf) in [("halftext", data(4, MIB, true)), ("source", source_text())] {
+        let mut g = c.benchmark_group(format!("compress_{name}"));
+        g.throughput(Throughput::Bytes(buf.len() as u64));
+        for level in [1, 3] {
+            g.bench_with_input(BenchmarkId::new("zstd", level), &level, |b, &l| {
+                b.iter(|| zstd::bulk::compress(&buf, l).expect("zstd"));
+            });
+        }
+        g.bench_function("lz4", |b| b.iter(|| lz4_flex::block::compress(&buf)));
+        let z = zstd::bulk::compress(&buf, 1).expect("zstd");
+        let l = lz4_flex::block::compress(&buf);
+        eprintln!(
+            "{name}: zstd 1 {} bytes, lz4 {} bytes of {}",
+            z.len(),
+            l.len(),
+            buf.len()
+        );
+        g.bench_function("zstd_decompress_bounded", |b| {
+            b.iter(|| zstd::bulk::decompress(&z, MIB).expect("unzstd"));
+        });
+        g.bench_function("lz4_decompress_bounded", |b| {
+            let mut out = vec![0u8; MIB];
+            b.iter(|| lz4_flex::block::decompress_into(&l, &mut out).expect("unlz4"));
+        });
+        g.finish();
+    }
 }
 
 fn ids(n: usize, salt: u64) -> Vec<ChunkId> {

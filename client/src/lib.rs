@@ -19,4 +19,4 @@ pub mod walk;
 
 pub use connect::{channel, PinnedVerifier, Target};
 pub use error::ClientError;
-pub use session::{Frame, Need, PutStats, Session, SessionOptions};
+pub use session::{Codec, Frame, Need, PutStats, Session, SessionOptions};

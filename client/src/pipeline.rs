@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use crate::chunk::{Chunk, ChunkerParams, Merge};
 use crate::parent::{match_parent, TreeCache};
 use crate::read::{self, BufPool, Job, Output, Stored};
-use crate::session::{Frame, Need, Session};
+use crate::session::{Codec, Frame, Need, Session};
 use crate::tree::FileContent;
 use crate::walk::walk;
 use crate::ClientError;
@@ -109,11 +109,6 @@ struct FileMerge {
 /// fast as 200 did, at 155 MB peak RSS instead of 360.
 const POOL_SLACK: usize = 8;
 
-/// zstd level cap for chunks of big files (read as extents): the 2 GiB image of the peer bench
-/// is CPU-bound on 2 cores (level 3 cost it ~0.25 s over level 1); the repository-size goal is
-/// about trees of small files, which keep the configured level.
-const BIG_FILE_LEVEL: i32 = 1;
-
 /// Own snapshots (newest per path) opened before a backup.
 const OPEN_OWN_SNAPSHOTS: usize = 16;
 
@@ -132,7 +127,8 @@ struct Uploader<'a> {
     progress: Arc<Progress>,
 }
 
-/// need + upload of one batch: `FindMissing`, then zstd and `PutChunks` for the missing ones.
+/// need + upload of one batch: `FindMissing`, then compression and `PutChunks` for the missing
+/// ones.
 /// Returns (new chunks, bytes sent).
 async fn need_and_upload(
     session: Session,
@@ -151,13 +147,18 @@ async fn need_and_upload(
         return Ok((0, 0));
     }
     let key = session.possession_key();
+    // Chunks of big files (read as extents) go as LZ4: the 2 GiB image of the peer bench is
+    // CPU-bound on 2 cores, and the repository-size goal is about trees of small files, which
+    // keep the configured zstd level.
+    let big_codec = session.big_file_codec(level);
+    let codec = level.map_or(Codec::None, Codec::Zstd);
     let frames = tokio::task::spawn_blocking(move || {
         todo.into_iter()
             .map(|((c, big), n)| match n {
                 // Stored by someone else: prove we hold it instead of sending it.
                 Need::Prove => Frame::proof(c.id, &c.data, &key),
-                _ if big => Frame::new(c.id, c.data, level.map(|l| l.min(BIG_FILE_LEVEL))),
-                _ => Frame::new(c.id, c.data, level),
+                _ if big => Frame::new(c.id, c.data, big_codec),
+                _ => Frame::new(c.id, c.data, codec),
             })
             .collect::<Vec<_>>()
     })

@@ -6,6 +6,7 @@
 //!
 //! Must never depend on `coffer-client`, `coffer-appliance` or `coffer-tuning`.
 
+pub mod codec;
 mod ids;
 mod packed;
 

@@ -4,8 +4,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use coffer_client::{ClientError, Frame, Session};
-use coffer_proto::ChunkId;
+use coffer_client::{ClientError, Codec, Frame, Session};
+use coffer_proto::{v1, ChunkId};
 use coffer_tests::{data, read_back, Appliance};
 
 const ALICE: &str = "alice@laptop";
@@ -19,16 +19,18 @@ const RECORD_OVERHEAD: u64 = 64 + 16 + 48;
 fn frame(s: &Session, seed: u64) -> Frame {
     let len = 1024 + usize::try_from(seed.wrapping_mul(7919) % 15_000).expect("small");
     let plain = Bytes::from(data(seed, len, seed.is_multiple_of(3)));
-    Frame::new(s.chunk_id(&plain), plain, Some(3))
+    // Both compressions the appliance accepts, so that durability tests cover both records.
+    let codec = if seed.is_multiple_of(2) {
+        Codec::Lz4
+    } else {
+        Codec::Zstd(3)
+    };
+    Frame::new(s.chunk_id(&plain), plain, codec)
 }
 
 /// The plaintext of a frame built by [`frame`].
 fn plain_of(f: &Frame) -> anyhow::Result<Bytes> {
-    Ok(if f.zstd {
-        zstd::bulk::decompress(&f.data, f.raw_len as usize)?.into()
-    } else {
-        f.data.clone()
-    })
+    Ok(coffer_proto::codec::decode(f.compression, &f.data, f.raw_len as usize)?.into())
 }
 
 fn code(e: &ClientError) -> Option<tonic::Code> {
@@ -295,37 +297,47 @@ async fn s1_f5_s5_bad_input_is_rejected_and_nothing_stored() -> anyhow::Result<(
     let lie = Frame {
         id: victim_id,
         raw_len: 5000,
-        zstd: false,
+        compression: v1::Compression::None,
         data: Bytes::from(data(6, 5000, false)),
-        proof: false,
     };
     let big_plain = Bytes::from(data(7, max + 1, false));
     let big = Frame {
         id: s.chunk_id(&big_plain),
         raw_len: u32::try_from(max + 1)?,
-        zstd: false,
+        compression: v1::Compression::None,
         data: big_plain,
-        proof: false,
     };
     let bomb_plain = vec![0u8; max * 4];
     let bomb = Frame {
         id: s.chunk_id(&bomb_plain[..1000]),
         raw_len: 1000,
-        zstd: true,
+        compression: v1::Compression::Zstd,
         data: zstd::bulk::compress(&bomb_plain, 3)?.into(),
-        proof: false,
+    };
+    let lz4_bomb = Frame {
+        id: s.chunk_id(&bomb_plain[..1000]),
+        raw_len: 1000,
+        compression: v1::Compression::Lz4,
+        data: lz4_flex::block::compress(&bomb_plain).into(),
+    };
+    let lz4_garbage = Frame {
+        id: victim_id,
+        raw_len: 5000,
+        compression: v1::Compression::Lz4,
+        data: Bytes::from(vec![0xf0; 300]),
     };
     let short = Frame {
         id: victim_id,
         raw_len: 5000,
-        zstd: false,
+        compression: v1::Compression::None,
         data: victim.slice(..4000),
-        proof: false,
     };
     for (what, f) in [
         ("lying id", lie),
         ("oversized", big),
         ("zstd bomb", bomb),
+        ("lz4 bomb", lz4_bomb),
+        ("lz4 garbage", lz4_garbage),
         ("short data", short),
     ] {
         let err = s.put(vec![f.clone()], 1 << 20).await.expect_err(what);
@@ -341,8 +353,11 @@ async fn s1_f5_s5_bad_input_is_rejected_and_nothing_stored() -> anyhow::Result<(
         );
     }
     // The victim's real upload afterwards is stored and reads back exactly (S1).
-    s.put(vec![Frame::new(victim_id, victim.clone(), None)], 1 << 20)
-        .await?;
+    s.put(
+        vec![Frame::new(victim_id, victim.clone(), Codec::None)],
+        1 << 20,
+    )
+    .await?;
     assert_eq!(s.get(&[victim_id]).await?[0], victim);
     app.stop()?;
     let (rc, out) = app.verify(true)?;

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use coffer_client::pipeline::{backup, BackupOptions};
 use coffer_client::restore::restore;
-use coffer_client::{Frame, Session};
+use coffer_client::{Codec, Frame, Session};
 use coffer_proto::v1::{Node, NodeKind, Snapshot, Tree};
 use coffer_proto::{pack_ids, ChunkId};
 use coffer_tests::{coffer, connect_client, create_snapshot, data, describe, Appliance};
@@ -266,7 +266,7 @@ fn tree_chunk(s: &Session, nodes: Vec<Node>) -> (ChunkId, Frame) {
         .encode_to_vec(),
     );
     let id = s.chunk_id(&bytes);
-    (id, Frame::new(id, bytes, None))
+    (id, Frame::new(id, bytes, Codec::None))
 }
 
 fn node(name: &[u8], kind: NodeKind) -> Node {
@@ -322,7 +322,7 @@ fn f3_malicious_trees_never_escape_the_target() {
     let mut sub = node(b"l", NodeKind::Dir);
     sub.subtree = Bytes::copy_from_slice(inner.as_bytes());
     cases.push(("symlink-then-dir", vec![link, sub]));
-    let mut frames = vec![Frame::new(pid, payload.clone(), None), inner_frame];
+    let mut frames = vec![Frame::new(pid, payload.clone(), Codec::None), inner_frame];
     let mut roots = Vec::new();
     for (name, nodes) in cases {
         let (id, f) = tree_chunk(&s, nodes);

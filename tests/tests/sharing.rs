@@ -3,7 +3,7 @@
 //! stored once across users in both disclosure modes.
 
 use bytes::Bytes;
-use coffer_client::{ClientError, Frame, Need, Session};
+use coffer_client::{ClientError, Codec, Frame, Need, Session};
 use coffer_proto::v1::{self, Node, NodeKind, Tree};
 use coffer_proto::{pack_ids, ChunkId, SnapshotId};
 use coffer_tests::{coffer, connect_client, create_snapshot, data, describe, Appliance};
@@ -33,7 +33,7 @@ fn tree_with(s: &Session, chunks: &[ChunkId]) -> Frame {
         next: Bytes::new(),
     };
     let plain = Bytes::from(t.encode_to_vec());
-    Frame::new(s.chunk_id(&plain), plain, None)
+    Frame::new(s.chunk_id(&plain), plain, Codec::None)
 }
 
 fn snapshot_of(root: ChunkId) -> v1::Snapshot {
@@ -128,7 +128,11 @@ fn s2_a_chunk_id_never_grants_its_data() {
             let before = app.pack_bytes().unwrap().0;
             if mode == "user" {
                 bob.put(
-                    vec![Frame::new(secret_id, Bytes::from(secret.clone()), Some(3))],
+                    vec![Frame::new(
+                        secret_id,
+                        Bytes::from(secret.clone()),
+                        Codec::Zstd(3),
+                    )],
                     1 << 20,
                 )
                 .await
@@ -163,7 +167,7 @@ fn s3_user_disclosure_has_no_existence_oracle() {
         let fresh = Bytes::from(data(8, 40_000, false));
         alice
             .put(
-                vec![Frame::new(alice.chunk_id(&held), held.clone(), None)],
+                vec![Frame::new(alice.chunk_id(&held), held.clone(), Codec::None)],
                 1 << 20,
             )
             .await
@@ -176,12 +180,12 @@ fn s3_user_disclosure_has_no_existence_oracle() {
         );
         let before = app.pack_bytes().unwrap().0;
         let ack_held = bob
-            .put(vec![Frame::new(h, held, None)], 1 << 20)
+            .put(vec![Frame::new(h, held, Codec::None)], 1 << 20)
             .await
             .unwrap();
         let stored_by_held = app.pack_bytes().unwrap().0 - before;
         let ack_fresh = bob
-            .put(vec![Frame::new(f, fresh, None)], 1 << 20)
+            .put(vec![Frame::new(f, fresh, Codec::None)], 1 << 20)
             .await
             .unwrap();
         assert_eq!(ack_held, ack_fresh, "acknowledgements reveal nothing");

@@ -7,6 +7,7 @@
 //! record = record_header(64) payload(stored_len)        payload = AES-256-GCM ciphertext || tag
 //! ```
 
+use coffer_proto::v1::Compression;
 use coffer_proto::{ChunkId, PackId};
 
 use crate::repo::{le_u32, le_u64};
@@ -31,6 +32,32 @@ pub const FLAG_ZSTD: u8 = 0b0000_0001;
 /// Record flag (reserved for sealed mode): the payload was encrypted by the client and is opaque
 /// to the appliance; the id is then keyed within a keyring, not by the repository dedup key.
 pub const FLAG_SEALED: u8 = 0b0000_0010;
+/// Record flag: the payload plaintext is an LZ4 block (never together with [`FLAG_ZSTD`]).
+pub const FLAG_LZ4: u8 = 0b0000_0100;
+
+/// The compression of a record's stored plaintext. Unknown flag bits, or zstd and LZ4 together,
+/// make the record unreadable rather than misread.
+///
+/// # Errors
+/// [`FormatError::Corrupt`] for flags this build does not understand.
+pub fn compression_of(flags: u8) -> Result<Compression, FormatError> {
+    match flags & !FLAG_SEALED {
+        0 => Ok(Compression::None),
+        FLAG_ZSTD => Ok(Compression::Zstd),
+        FLAG_LZ4 => Ok(Compression::Lz4),
+        _ => Err(corrupt(format!("record flags {flags:#04x} not understood"))),
+    }
+}
+
+/// The record flags of a stored plaintext in `compression` (`None`, `Zstd` or `Lz4`).
+#[must_use]
+pub fn flags_of(compression: Compression) -> u8 {
+    match compression {
+        Compression::Zstd => FLAG_ZSTD,
+        Compression::Lz4 => FLAG_LZ4,
+        Compression::None | Compression::Proof => 0,
+    }
+}
 
 /// A pack whose bytes do not parse.
 #[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
@@ -131,6 +158,7 @@ impl RecordHeader {
         }
         let mut nonce = [0u8; 12];
         nonce.copy_from_slice(&b[48..60]);
+        compression_of(b[4])?;
         Ok(Self {
             flags: b[4],
             id: ChunkId::from_slice(&b[8..40]).map_err(|e| corrupt(e.to_string()))?,
@@ -325,6 +353,25 @@ mod tests {
             let mut d = b;
             d[i] ^= 0x40;
             assert!(RecordHeader::decode(&d).is_err(), "flip at {i} undetected");
+        }
+    }
+
+    #[test]
+    fn record_flags_name_one_compression_or_the_record_is_refused() {
+        for c in [Compression::None, Compression::Zstd, Compression::Lz4] {
+            assert_eq!(compression_of(flags_of(c)).unwrap(), c);
+        }
+        let h = RecordHeader {
+            flags: FLAG_LZ4,
+            id: ChunkId::from_bytes([3; 32]),
+            raw_len: 1000,
+            stored_len: 500,
+            nonce: record_nonce(7),
+        };
+        assert_eq!(RecordHeader::decode(&h.encode()).unwrap(), h);
+        for flags in [FLAG_ZSTD | FLAG_LZ4, 0b1000, 0x80] {
+            let bad = RecordHeader { flags, ..h };
+            assert!(RecordHeader::decode(&bad.encode()).is_err(), "{flags:#x}");
         }
     }
 

@@ -8,8 +8,8 @@ use std::path::Path;
 use coffer_proto::ChunkId;
 
 use super::format::{
-    decode_footer, decode_trailer, FooterEntry, FormatError, PackHeader, RecordHeader, FLAG_ZSTD,
-    PACK_HEADER_LEN, RECORD_AAD_LEN, RECORD_HEADER_LEN, TRAILER_LEN,
+    compression_of, decode_footer, decode_trailer, FooterEntry, FormatError, PackHeader,
+    RecordHeader, PACK_HEADER_LEN, RECORD_AAD_LEN, RECORD_HEADER_LEN, TRAILER_LEN,
 };
 use crate::keys::{PackKey, TAG_LEN};
 
@@ -45,21 +45,8 @@ pub fn open_record<'a>(
 /// # Errors
 /// [`FormatError`] when decompression fails or the length differs.
 pub fn raw_plaintext(h: &RecordHeader, stored: &[u8]) -> Result<Vec<u8>, FormatError> {
-    let raw = if h.flags & FLAG_ZSTD != 0 {
-        zstd::bulk::decompress(stored, h.raw_len as usize)
-            .map_err(|e| corrupt(format!("chunk {}: zstd: {e}", h.id)))?
-    } else {
-        stored.to_vec()
-    };
-    if raw.len() != h.raw_len as usize {
-        return Err(corrupt(format!(
-            "chunk {}: length {} != {}",
-            h.id,
-            raw.len(),
-            h.raw_len
-        )));
-    }
-    Ok(raw)
+    coffer_proto::codec::decode(compression_of(h.flags)?, stored, h.raw_len as usize)
+        .map_err(|e| corrupt(format!("chunk {}: {e}", h.id)))
 }
 
 /// A record found while scanning a pack from its start.

@@ -63,10 +63,10 @@ struct Walk {
 
 /// The plaintext of a stored chunk.
 fn plaintext(c: &StoredChunk) -> Result<Bytes, ApplianceError> {
-    if !c.zstd {
+    if c.compression == v1::Compression::None {
         return Ok(c.data.clone());
     }
-    zstd::bulk::decompress(&c.data, c.raw_len as usize)
+    coffer_proto::codec::decode(c.compression, &c.data, c.raw_len as usize)
         .map(Bytes::from)
         .map_err(|e| ApplianceError::Internal(format!("chunk {}: {e}", c.id)))
 }
@@ -241,9 +241,8 @@ impl Inner {
         for f in req.chunks {
             let id = ChunkId::from_slice(&f.id)
                 .map_err(|e| ApplianceError::InvalidArgument(format!("chunk id: {e}")))?;
-            let zstd = match v1::Compression::try_from(f.compression) {
-                Ok(v1::Compression::None) => false,
-                Ok(v1::Compression::Zstd) => true,
+            let compression = match v1::Compression::try_from(f.compression) {
+                Ok(c @ (v1::Compression::None | v1::Compression::Zstd | v1::Compression::Lz4)) => c,
                 Ok(v1::Compression::Proof) => {
                     proofs.push((id, f.data));
                     continue;
@@ -258,7 +257,7 @@ impl Inner {
             chunks.push(IncomingChunk {
                 id,
                 raw_len: f.raw_len,
-                zstd,
+                compression,
                 data: f.data,
             });
         }
@@ -358,12 +357,7 @@ impl Inner {
             cur.chunks.push(v1::ChunkFrame {
                 id: Bytes::copy_from_slice(c.id.as_bytes()),
                 raw_len: c.raw_len,
-                compression: if c.zstd {
-                    v1::Compression::Zstd
-                } else {
-                    v1::Compression::None
-                }
-                .into(),
+                compression: c.compression.into(),
                 data: c.data,
             });
         }
@@ -559,6 +553,7 @@ impl Coffer for CofferService {
                 .state_of(&token)
                 .map(|s| Bytes::copy_from_slice(&s.possession_key))
                 .unwrap_or_default(),
+            compressions: vec![v1::Compression::Lz4.into()],
             identity,
             session_token: token,
         }))

@@ -4,28 +4,13 @@
 
 use std::rc::Rc;
 
+use coffer_proto::v1::Compression;
+
 use crate::error::IngestError;
-use crate::pack::format::FLAG_ZSTD;
+use crate::pack::format::flags_of;
 use crate::pack::writer::PendingChunk;
 
 use super::{IncomingChunk, PutOutcome, ShardState};
-
-thread_local! {
-    /// The shard's zstd context (a shard is one thread): one per chunk would cost more than
-    /// decompressing a small chunk.
-    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-fn decompress(frame: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
-    DECOMPRESSOR.with(|d| {
-        let mut d = d.borrow_mut();
-        if d.is_none() {
-            *d = Some(zstd::bulk::Decompressor::new()?);
-        }
-        d.as_mut().expect("set above").decompress(frame, capacity)
-    })
-}
 
 /// Checks one chunk. Returns the form that will be stored.
 ///
@@ -52,27 +37,7 @@ pub fn verify(
             max: max_chunk,
         });
     }
-    let ok = if c.zstd {
-        // Bounded by the declared length: a compression bomb fails here, never allocates more.
-        let raw = decompress(&c.data, c.raw_len as usize).map_err(|e| IngestError::BadFrame {
-            id: id(),
-            why: format!(
-                "zstd frame does not decompress within raw_len {}: {e}",
-                c.raw_len
-            ),
-        })?;
-        if raw.len() != c.raw_len as usize {
-            return Err(IngestError::BadFrame {
-                id: id(),
-                why: format!(
-                    "decompressed to {} bytes, raw_len says {}",
-                    raw.len(),
-                    c.raw_len
-                ),
-            });
-        }
-        coffer_proto::chunk_id(dedup_key, &raw) == c.id
-    } else {
+    let ok = if c.compression == Compression::None {
         if c.data.len() != c.raw_len as usize {
             return Err(IngestError::BadFrame {
                 id: id(),
@@ -80,6 +45,15 @@ pub fn verify(
             });
         }
         coffer_proto::chunk_id(dedup_key, &c.data) == c.id
+    } else {
+        // Bounded by the declared length: a compression bomb fails here, never allocates more.
+        let raw = coffer_proto::codec::decode(c.compression, &c.data, c.raw_len as usize).map_err(
+            |e| IngestError::BadFrame {
+                id: id(),
+                why: e.to_string(),
+            },
+        )?;
+        coffer_proto::chunk_id(dedup_key, &raw) == c.id
     };
     if !ok {
         return Err(IngestError::IdMismatch { id: id() });
@@ -87,7 +61,7 @@ pub fn verify(
     Ok(PendingChunk {
         id: c.id,
         raw_len: c.raw_len,
-        flags: if c.zstd { FLAG_ZSTD } else { 0 },
+        flags: flags_of(c.compression),
         data: c.data,
     })
 }

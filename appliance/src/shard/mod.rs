@@ -11,6 +11,7 @@ mod read;
 
 pub use need::NeedSet;
 
+use coffer_proto::v1::Compression;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -36,16 +37,18 @@ use crate::repo::RepoPaths;
 pub struct IncomingChunk {
     pub id: ChunkId,
     pub raw_len: u32,
-    pub zstd: bool,
+    /// `None`, `Zstd` or `Lz4`.
+    pub compression: Compression,
     pub data: Bytes,
 }
 
-/// A chunk as read back: the stored form (plaintext or zstd frame), already authenticated.
+/// A chunk as read back: the stored form (plaintext, zstd frame or LZ4 block), already
+/// authenticated.
 #[derive(Debug, Clone)]
 pub struct StoredChunk {
     pub id: ChunkId,
     pub raw_len: u32,
-    pub zstd: bool,
+    pub compression: Compression,
     pub data: Bytes,
 }
 

@@ -8,7 +8,7 @@ use coffer_proto::ChunkId;
 use glommio::io::DmaFile;
 
 use crate::error::ApplianceError;
-use crate::pack::format::{IndexEntry, FLAG_ZSTD};
+use crate::pack::format::{compression_of, IndexEntry};
 use crate::pack::read::open_record;
 
 use super::{ShardState, StoredChunk};
@@ -82,7 +82,9 @@ async fn read_run(
             StoredChunk {
                 id: *id,
                 raw_len: h.raw_len,
-                zstd: h.flags & FLAG_ZSTD != 0,
+                compression: compression_of(h.flags).map_err(|x| {
+                    ApplianceError::Internal(format!("chunk {id} in pack {pack}: {x}"))
+                })?,
                 data: Bytes::copy_from_slice(stored),
             },
         ));
