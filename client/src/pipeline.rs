@@ -119,8 +119,8 @@ struct Uploader<'a> {
     session: &'a Session,
     opts: &'a BackupOptions,
     seen: HashSet<ChunkId>,
-    /// Chunks to send, each with whether it comes from a big file (compressed faster).
-    pending: Vec<(Chunk, bool)>,
+    /// Chunks to send, each with its compression (see [`Session::codec_for`]).
+    pending: Vec<(Chunk, Codec)>,
     pending_bytes: usize,
     in_flight: tokio::task::JoinSet<Result<(u64, u64), ClientError>>,
     summary: BackupSummary,
@@ -132,13 +132,12 @@ struct Uploader<'a> {
 /// Returns (new chunks, bytes sent).
 async fn need_and_upload(
     session: Session,
-    batch: Vec<(Chunk, bool)>,
-    level: Option<i32>,
+    batch: Vec<(Chunk, Codec)>,
     batch_bytes: usize,
 ) -> Result<(u64, u64), ClientError> {
     let ids: Vec<ChunkId> = batch.iter().map(|c| c.0.id).collect();
     let needs = session.need(&ids).await?;
-    let todo: Vec<((Chunk, bool), Need)> = batch
+    let todo: Vec<((Chunk, Codec), Need)> = batch
         .into_iter()
         .zip(needs)
         .filter(|(_, n)| *n != Need::Present)
@@ -147,17 +146,11 @@ async fn need_and_upload(
         return Ok((0, 0));
     }
     let key = session.possession_key();
-    // Chunks of big files (read as extents) go as LZ4: the 2 GiB image of the peer bench is
-    // CPU-bound on 2 cores, and the repository-size goal is about trees of small files, which
-    // keep the configured zstd level.
-    let big_codec = session.big_file_codec(level);
-    let codec = level.map_or(Codec::None, Codec::Zstd);
     let frames = tokio::task::spawn_blocking(move || {
         todo.into_iter()
-            .map(|((c, big), n)| match n {
+            .map(|((c, codec), n)| match n {
                 // Stored by someone else: prove we hold it instead of sending it.
                 Need::Prove => Frame::proof(c.id, &c.data, &key),
-                _ if big => Frame::new(c.id, c.data, big_codec),
                 _ => Frame::new(c.id, c.data, codec),
             })
             .collect::<Vec<_>>()
@@ -170,21 +163,23 @@ async fn need_and_upload(
 
 impl Uploader<'_> {
     async fn add(&mut self, c: Chunk) -> Result<(), ClientError> {
-        self.push(c, false).await
+        let codec = self.session.codec_for(self.opts.zstd_level, 0, false);
+        self.push(c, codec).await
     }
 
-    /// A chunk of a big file (read as extents).
-    async fn add_big(&mut self, c: Chunk) -> Result<(), ClientError> {
-        self.push(c, true).await
+    /// A chunk of a big file (read as extents) of `size` bytes.
+    async fn add_big(&mut self, c: Chunk, size: u64) -> Result<(), ClientError> {
+        let codec = self.session.codec_for(self.opts.zstd_level, size, true);
+        self.push(c, codec).await
     }
 
-    async fn push(&mut self, c: Chunk, big: bool) -> Result<(), ClientError> {
+    async fn push(&mut self, c: Chunk, codec: Codec) -> Result<(), ClientError> {
         self.summary.chunks += 1;
         if !self.seen.insert(c.id) {
             return Ok(());
         }
         self.pending_bytes += c.data.len();
-        self.pending.push((c, big));
+        self.pending.push((c, codec));
         if self.pending_bytes >= self.opts.batch_bytes || self.pending.len() >= 4096 {
             self.flush().await?;
         }
@@ -219,7 +214,6 @@ impl Uploader<'_> {
         self.in_flight.spawn(need_and_upload(
             self.session.clone(),
             batch,
-            self.opts.zstd_level,
             self.opts.batch_bytes,
         ));
         Ok(())
@@ -488,7 +482,7 @@ pub async fn backup(
                     progress.files_done.fetch_add(1, Ordering::Relaxed);
                 }
                 for c in ready.drain(..) {
-                    up.add_big(c).await?;
+                    up.add_big(c, size).await?;
                 }
                 up.summary.bytes_read += n;
                 progress.bytes_done.fetch_add(n, Ordering::Relaxed);

@@ -47,6 +47,25 @@ pub struct Frame {
     pub data: Bytes,
 }
 
+/// Files at least this large (disk images, archives, databases) are sent as LZ4: the 2 GiB image
+/// of the peer bench backs up ~5 % faster than with zstd 1 on 2 cores, for ~9 % more bytes.
+/// Smaller files keep zstd, whose ratio the repository-size goal (a tree of source files with
+/// headers of up to 24 MB) depends on.
+pub const LZ4_MIN_FILE: u64 = 256 << 20;
+
+/// The codec for a chunk of a file of `size` bytes: zstd at `level` for files read whole, capped
+/// at 1 for files read as extents, LZ4 from [`LZ4_MIN_FILE`] bytes when the appliance accepts it
+/// (`lz4`); `None` when compression is off.
+#[must_use]
+pub fn codec_for(lz4: bool, level: Option<i32>, size: u64, extents: bool) -> Codec {
+    match level {
+        None => Codec::None,
+        Some(_) if lz4 && size >= LZ4_MIN_FILE => Codec::Lz4,
+        Some(l) if extents => Codec::Zstd(l.min(1)),
+        Some(l) => Codec::Zstd(l),
+    }
+}
+
 /// How a chunk is compressed for upload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Codec {
@@ -202,22 +221,14 @@ impl Session {
         &self.dedup_key
     }
 
-    /// The codec for chunks of big files: LZ4 where the appliance accepts it, else zstd at
-    /// `level` capped at 1; `None` when compression is off.
+    /// The codec for a chunk of a file of `size` bytes (see [`codec_for`]).
     #[must_use]
-    pub fn big_file_codec(&self, level: Option<i32>) -> Codec {
-        match level {
-            None => Codec::None,
-            Some(_)
-                if self
-                    .hello
-                    .compressions
-                    .contains(&v1::Compression::Lz4.into()) =>
-            {
-                Codec::Lz4
-            }
-            Some(l) => Codec::Zstd(l.min(1)),
-        }
+    pub fn codec_for(&self, level: Option<i32>, size: u64, extents: bool) -> Codec {
+        let lz4 = self
+            .hello
+            .compressions
+            .contains(&v1::Compression::Lz4.into());
+        codec_for(lz4, level, size, extents)
     }
 
     /// The id of `plain`.
@@ -487,5 +498,42 @@ impl Session {
             .into_inner()
             .snapshot
             .ok_or_else(|| ClientError::Protocol("GetSnapshot without a snapshot".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codecs_by_file_size_and_what_the_appliance_accepts() {
+        let huge = LZ4_MIN_FILE;
+        assert_eq!(codec_for(true, Some(3), 10, false), Codec::Zstd(3));
+        assert_eq!(codec_for(true, Some(3), 24 << 20, true), Codec::Zstd(1));
+        assert_eq!(codec_for(true, Some(3), huge, true), Codec::Lz4);
+        assert_eq!(codec_for(false, Some(3), huge, true), Codec::Zstd(1));
+        assert_eq!(codec_for(true, None, huge, true), Codec::None);
+        assert_eq!(codec_for(true, None, 10, false), Codec::None);
+    }
+
+    #[test]
+    fn frames_keep_incompressible_data_as_is() {
+        let id = ChunkId::from_bytes([1; 32]);
+        let text = Bytes::from("coffer ".repeat(10_000));
+        for (codec, want) in [
+            (Codec::Lz4, v1::Compression::Lz4),
+            (Codec::Zstd(3), v1::Compression::Zstd),
+            (Codec::None, v1::Compression::None),
+        ] {
+            let f = Frame::new(id, text.clone(), codec);
+            assert_eq!(f.compression, want);
+            let back = coffer_proto::codec::decode(f.compression, &f.data, f.raw_len as usize);
+            assert_eq!(back.expect("decodes"), text);
+        }
+        let mut noise = vec![0u8; 5000];
+        blake3::Hasher::new().finalize_xof().fill(&mut noise);
+        let noise = Bytes::from(noise);
+        let f = Frame::new(id, noise.clone(), Codec::Lz4);
+        assert_eq!((f.compression, f.data), (v1::Compression::None, noise));
     }
 }
