@@ -283,6 +283,25 @@ pub fn access(rules: &[Rule], identity: &str, kind: TargetType, labels: Labels) 
         .max()
 }
 
+/// The access `who` has on snapshot `s` under `rules`.
+#[must_use]
+pub fn snapshot_access(
+    rules: &[Rule],
+    who: &str,
+    s: &coffer_proto::v1::Snapshot,
+) -> Option<Access> {
+    let (user, host) = s
+        .identity
+        .split_once('@')
+        .unwrap_or((s.identity.as_str(), ""));
+    access(
+        rules,
+        who,
+        TargetType::Snapshot,
+        &[("username", user), ("hostname", host), ("path", &s.path)],
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

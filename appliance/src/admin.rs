@@ -94,6 +94,7 @@ pub fn apply(catalog: &Catalog, req: &Request) -> Result<Reply, ApplianceError> 
             let mut rec = user.clone();
             if let Some(old) = catalog.user(&user.identity).map_err(repo_err)? {
                 rec.created_unix = old.created_unix;
+                rec.owner = old.owner;
             }
             catalog.set_user(&rec).map_err(repo_err)?;
         }

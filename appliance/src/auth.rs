@@ -5,13 +5,16 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use tokio::sync::Semaphore;
+// tokio's clock: real time in production, pausable and advanced by hand in tests (no sleeps).
+use tokio::time::Instant;
 
-use coffer_proto::v1::Disclosure;
+use coffer_proto::v1::{self, Disclosure};
 use coffer_proto::ChunkId;
 
 use crate::acl::Rule;
@@ -77,22 +80,40 @@ pub fn normalise_identity(raw: &str) -> Result<String, ApplianceError> {
     Ok(lower)
 }
 
+/// A snapshot a session opened: the record it was opened as (to re-check access when rules
+/// change) and everything reachable from it.
+#[derive(Debug, Clone)]
+pub struct Opened {
+    pub snapshot: v1::Snapshot,
+    pub reach: Arc<HashSet<ChunkId>>,
+}
+
 /// What a session knows: chunks it uploaded or proved it holds, and everything reachable from
 /// the snapshots it opened. Reads and snapshot references are limited to what it knows.
 #[derive(Debug)]
 pub struct SessionState {
     /// Key of this session's possession proofs.
     pub possession_key: [u8; 32],
+    /// The account's ownership key (chunks its sessions uploaded; see `shard::Owned`); `None`
+    /// for the server control user.
+    pub owner: Option<[u8; 16]>,
     uploaded: Mutex<HashSet<ChunkId>>,
-    opened: Mutex<Vec<Arc<HashSet<ChunkId>>>>,
+    opened: Mutex<Vec<Opened>>,
+    /// Set when the session is ended (account deleted, password changed, idle): streams already
+    /// running check it before every message.
+    revoked: AtomicBool,
+    last_used: Mutex<Instant>,
 }
 
 impl SessionState {
-    fn new() -> Self {
+    fn new(owner: Option<[u8; 16]>, now: Instant) -> Self {
         Self {
             possession_key: rand::random(),
+            owner,
             uploaded: Mutex::new(HashSet::new()),
             opened: Mutex::new(Vec::new()),
+            revoked: AtomicBool::new(false),
+            last_used: Mutex::new(now),
         }
     }
 
@@ -102,23 +123,67 @@ impl SessionState {
     }
 
     /// Records the reachable set of a snapshot the session opened.
-    pub fn add_opened(&self, reach: Arc<HashSet<ChunkId>>) {
+    pub fn add_opened(&self, snapshot: v1::Snapshot, reach: Arc<HashSet<ChunkId>>) {
         let mut o = lock(&self.opened);
-        if !o.iter().any(|r| Arc::ptr_eq(r, &reach)) {
-            o.push(reach);
+        if !o.iter().any(|r| r.snapshot.id == snapshot.id) {
+            o.push(Opened { snapshot, reach });
         }
+    }
+
+    /// Keeps only the opened snapshots for which `keep` holds (access re-checked on reload).
+    pub fn retain_opened(&self, keep: impl Fn(&v1::Snapshot) -> bool) -> usize {
+        let mut o = lock(&self.opened);
+        let before = o.len();
+        o.retain(|x| keep(&x.snapshot));
+        before - o.len()
+    }
+
+    /// The snapshots this session opened.
+    #[must_use]
+    pub fn opened_snapshots(&self) -> Vec<v1::Snapshot> {
+        lock(&self.opened)
+            .iter()
+            .map(|o| o.snapshot.clone())
+            .collect()
     }
 
     /// Whether `id` is reachable from a snapshot the session opened.
     #[must_use]
     pub fn opened(&self, id: &ChunkId) -> bool {
-        lock(&self.opened).iter().any(|r| r.contains(id))
+        lock(&self.opened).iter().any(|r| r.reach.contains(id))
     }
 
     /// Whether the session uploaded, proved or opened `id`.
     #[must_use]
     pub fn knows(&self, id: &ChunkId) -> bool {
         lock(&self.uploaded).contains(id) || self.opened(id)
+    }
+
+    /// Ends the session for every call already in progress.
+    pub fn revoke(&self) {
+        self.revoked.store(true, Ordering::SeqCst);
+        lock(&self.uploaded).clear();
+        lock(&self.opened).clear();
+    }
+
+    /// Fails once the session was ended; marks it used otherwise. Called for every message of
+    /// a stream, so that ending a session ends the streams it has open.
+    ///
+    /// # Errors
+    /// [`ApplianceError::Unauthenticated`] once revoked.
+    pub fn check(&self) -> Result<(), ApplianceError> {
+        if self.revoked.load(Ordering::SeqCst) {
+            return Err(ApplianceError::Unauthenticated(
+                "session ended (account deleted, password changed, or idle too long): log in again"
+                    .into(),
+            ));
+        }
+        *lock(&self.last_used) = Instant::now();
+        Ok(())
+    }
+
+    fn idle_since(&self) -> Instant {
+        *lock(&self.last_used)
     }
 }
 
@@ -151,10 +216,14 @@ pub fn parse_disclosure(v: Option<&str>) -> Result<Disclosure, ApplianceError> {
     }
 }
 
-/// Failed logins of one account or one source address.
+/// Login attempts counted against one key (an account, a source address, or an account from a
+/// source it logged in from before).
 #[derive(Debug, Clone, Copy)]
-struct Failures {
+struct Attempts {
+    /// Attempts that did not succeed, counted when they start (before hashing).
     count: u32,
+    /// The time the latest attempt was allowed to check its password.
+    next: Instant,
     last: Instant,
 }
 
@@ -162,8 +231,17 @@ struct Failures {
 pub const FREE_FAILURES: u32 = 5;
 const BASE_DELAY: Duration = Duration::from_millis(250);
 const MAX_DELAY: Duration = Duration::from_secs(16);
+/// An attempt that would have to wait longer than this for its turn is refused at once (without
+/// hashing): concurrent attempts never queue up without limit.
+const MAX_WAIT: Duration = MAX_DELAY;
 /// Failures are forgotten this long after the last one.
 const FAILURE_MEMORY: Duration = Duration::from_mins(15);
+/// A source an account logged in from is trusted for it this long after the last success.
+const TRUSTED_MEMORY: Duration = Duration::from_hours(24 * 30);
+/// Most (account, source) pairs remembered as trusted.
+const TRUSTED_MAX: usize = 100_000;
+/// A session unused this long ends (its memory is released); the client logs in again.
+pub const SESSION_IDLE: Duration = Duration::from_mins(30);
 
 /// The wait before checking a password after `failures` failed attempts.
 #[must_use]
@@ -173,6 +251,104 @@ pub fn login_delay(failures: u32) -> Duration {
     }
     let doublings = (failures - FREE_FAILURES).min(16);
     (BASE_DELAY * 2u32.pow(doublings)).min(MAX_DELAY)
+}
+
+/// The login throttle (S4). Every attempt takes a turn *before* its password is hashed: after
+/// [`FREE_FAILURES`] failures of a key, turns are spaced by [`login_delay`], so concurrent
+/// attempts cannot share one wait; an attempt whose turn is more than [`MAX_WAIT`] away is
+/// refused at once. A source address an account logged in from before is counted on its own key
+/// for that account, so an attacker elsewhere cannot lock the real user out.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    keys: HashMap<String, Attempts>,
+    trusted: HashMap<(String, IpAddr), Instant>,
+}
+
+/// The keys an attempt is counted on; the first is the account's key.
+fn throttle_keys(trusted: bool, identity: &str, source: Option<IpAddr>) -> Vec<String> {
+    match source {
+        Some(ip) if trusted => vec![format!("id:{identity}/{ip}"), format!("ip:{ip}")],
+        Some(ip) => vec![format!("id:{identity}"), format!("ip:{ip}")],
+        None => vec![format!("id:{identity}")],
+    }
+}
+
+impl Throttle {
+    /// Takes a turn for an attempt at `now`: returns when it may check its password, or how long
+    /// until it could try again when the queue is full.
+    ///
+    /// # Errors
+    /// The wait that was refused.
+    pub fn reserve(
+        &mut self,
+        identity: &str,
+        source: Option<IpAddr>,
+        now: Instant,
+    ) -> Result<(Instant, Vec<String>), Duration> {
+        self.keys
+            .retain(|_, a| now.saturating_duration_since(a.last) < FAILURE_MEMORY);
+        let trusted = source.is_some_and(|ip| {
+            self.trusted
+                .get(&(identity.to_string(), ip))
+                .is_some_and(|t| now.saturating_duration_since(*t) < TRUSTED_MEMORY)
+        });
+        let keys = throttle_keys(trusted, identity, source);
+        let slot = keys
+            .iter()
+            .filter_map(|k| self.keys.get(k))
+            .map(|a| {
+                let d = login_delay(a.count);
+                if d.is_zero() {
+                    now
+                } else {
+                    (now + d).max(a.next + d)
+                }
+            })
+            .max()
+            .unwrap_or(now);
+        if slot.saturating_duration_since(now) > MAX_WAIT {
+            return Err(slot.saturating_duration_since(now));
+        }
+        for k in &keys {
+            let a = self.keys.entry(k.clone()).or_insert(Attempts {
+                count: 0,
+                next: now,
+                last: now,
+            });
+            a.count = a.count.saturating_add(1);
+            a.next = a.next.max(slot);
+            a.last = now;
+        }
+        Ok((slot, keys))
+    }
+
+    /// The attempt counted on `keys` succeeded: the account's key is cleared, the source's count
+    /// gives back this attempt, and the source becomes trusted for the account.
+    pub fn succeeded(
+        &mut self,
+        identity: &str,
+        source: Option<IpAddr>,
+        keys: &[String],
+        now: Instant,
+    ) {
+        if let Some(k) = keys.first() {
+            self.keys.remove(k);
+        }
+        for k in keys.iter().skip(1) {
+            if let Some(a) = self.keys.get_mut(k) {
+                a.count = a.count.saturating_sub(1);
+            }
+        }
+        if let Some(ip) = source {
+            if self.trusted.len() >= TRUSTED_MAX {
+                self.trusted
+                    .retain(|_, t| now.saturating_duration_since(*t) < TRUSTED_MEMORY);
+            }
+            if self.trusted.len() < TRUSTED_MAX {
+                self.trusted.insert((identity.to_string(), ip), now);
+            }
+        }
+    }
 }
 
 /// The server control account (`serve --server-control-username`).
@@ -189,15 +365,34 @@ pub struct Auth {
     sessions: Mutex<HashMap<String, Session>>,
     rules: RwLock<Arc<Vec<Rule>>>,
     disclosure: RwLock<Disclosure>,
-    failures: Mutex<HashMap<String, Failures>>,
+    throttle: Mutex<Throttle>,
     hashing: Semaphore,
     dummy_hash: String,
     control: Option<ControlUser>,
     ttl: Duration,
+    /// Passwords checked (argon2id verifications started), for tests and status.
+    checked: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The ownership key of an account: its stored one, or for accounts created before ownership
+/// keys existed one derived from the identity and creation time.
+#[must_use]
+pub fn owner_key(u: &crate::catalog::UserRecord) -> [u8; 16] {
+    if let Some(k) = u.owner.as_deref().and_then(|h| hex::decode(h).ok()) {
+        if let Ok(k) = <[u8; 16]>::try_from(k.as_slice()) {
+            return k;
+        }
+    }
+    let mut h = blake3::Hasher::new_derive_key("coffer 2026 account owner key v1");
+    h.update(u.identity.as_bytes());
+    h.update(&u.created_unix.to_le_bytes());
+    let mut k = [0u8; 16];
+    k.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    k
 }
 
 impl Auth {
@@ -212,19 +407,21 @@ impl Auth {
             sessions: Mutex::new(HashMap::new()),
             rules: RwLock::new(Arc::new(Vec::new())),
             disclosure: RwLock::new(Disclosure::User),
-            failures: Mutex::new(HashMap::new()),
+            throttle: Mutex::new(Throttle::default()),
             // At most two argon2id hashes (19 MiB each) at a time, whatever the login rate (S4).
             hashing: Semaphore::new(2),
             dummy_hash: hash_password("coffer-dummy-password-for-unknown-users")?,
             control,
             ttl: Duration::from_hours(24),
+            checked: AtomicU64::new(0),
         };
         a.reload()?;
         Ok(a)
     }
 
     /// Reloads everything from the catalog: the access rules (the defaults when none are
-    /// stored), and ends the sessions of accounts deleted or whose password changed.
+    /// stored); ends the sessions of accounts deleted or whose password changed, and takes from
+    /// every session the snapshots it opened that it may no longer read (or that are gone).
     ///
     /// # Errors
     /// Catalog errors (the previous state stays in force).
@@ -251,16 +448,51 @@ impl Auth {
                 .map_err(|e| ApplianceError::Internal(e.to_string()))?
                 .as_deref(),
         )?;
+        // Which opened snapshots still exist (looked up before taking the sessions lock).
+        let open: Vec<(String, Arc<SessionState>)> = lock(&self.sessions)
+            .values()
+            .map(|s| (s.identity.clone(), s.state.clone()))
+            .collect();
+        let mut exists: HashMap<Vec<u8>, bool> = HashMap::new();
+        for (_, st) in &open {
+            for snap in st.opened_snapshots() {
+                if !exists.contains_key(snap.id.as_ref()) {
+                    let id = coffer_proto::SnapshotId::from_slice(&snap.id)
+                        .map_err(|e| ApplianceError::Internal(e.to_string()))?;
+                    let there = self
+                        .catalog
+                        .snapshot(&id)
+                        .map_err(|e| ApplianceError::Internal(e.to_string()))?
+                        .is_some();
+                    exists.insert(snap.id.to_vec(), there);
+                }
+            }
+        }
+        let rules = Arc::new(rules);
         *self
             .rules
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(rules);
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = rules.clone();
         *self
             .disclosure
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = disclosure;
-        lock(&self.sessions)
-            .retain(|_, s| s.control || users.get(&s.identity).is_some_and(|h| *h == s.phc));
+        for (who, st) in &open {
+            let dropped = st.retain_opened(|snap| {
+                exists.get(snap.id.as_ref()).copied().unwrap_or(false)
+                    && crate::acl::snapshot_access(&rules, who, snap).is_some()
+            });
+            if dropped > 0 {
+                tracing::info!(identity = %who, dropped, "access to opened snapshots revoked");
+            }
+        }
+        lock(&self.sessions).retain(|_, s| {
+            let keep = s.control || users.get(&s.identity).is_some_and(|h| *h == s.phc);
+            if !keep {
+                s.state.revoke();
+            }
+            keep
+        });
         Ok(())
     }
 
@@ -282,26 +514,30 @@ impl Auth {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Open sessions (for status).
+    /// Open sessions (for status), after ending expired and idle ones.
     #[must_use]
     pub fn session_count(&self) -> usize {
+        self.sweep();
         lock(&self.sessions).len()
     }
 
-    fn failures_of(&self, key: &str) -> u32 {
-        let mut f = lock(&self.failures);
-        f.retain(|_, v| v.last.elapsed() < FAILURE_MEMORY);
-        f.get(key).map_or(0, |v| v.count)
+    /// Passwords checked so far (argon2id verifications started).
+    #[must_use]
+    pub fn passwords_checked(&self) -> u64 {
+        self.checked.load(Ordering::Relaxed)
     }
 
-    fn record_failure(&self, key: String) {
-        let mut f = lock(&self.failures);
-        let e = f.entry(key).or_insert(Failures {
-            count: 0,
-            last: Instant::now(),
+    /// Ends sessions past their lifetime or idle for [`SESSION_IDLE`], releasing their memory.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        lock(&self.sessions).retain(|_, s| {
+            let keep = s.expires > now
+                && now.saturating_duration_since(s.state.idle_since()) < SESSION_IDLE;
+            if !keep {
+                s.state.revoke();
+            }
+            keep
         });
-        e.count = e.count.saturating_add(1);
-        e.last = Instant::now();
     }
 
     /// The state of the session named by `token` (for Hello's answer).
@@ -312,14 +548,14 @@ impl Auth {
 
     /// Checks credentials and opens a session; returns its token and the normalised identity.
     ///
-    /// After [`FREE_FAILURES`] failures of the same account or from the same address, each
-    /// attempt first waits [`login_delay`]. Unknown accounts take the same path and time as
-    /// known ones (a dummy hash is verified).
+    /// Each attempt first takes its turn in the [`Throttle`] (before any hashing), then checks
+    /// the password. Unknown accounts take the same path and time as known ones (a dummy hash
+    /// is verified).
     ///
     /// # Errors
     /// [`ApplianceError::InvalidArgument`] for a malformed identity;
     /// [`ApplianceError::Unauthenticated`] with the same message for unknown users and wrong
-    /// passwords.
+    /// passwords; [`ApplianceError::ResourceExhausted`] when too many attempts are waiting.
     pub async fn login(
         &self,
         identity: &str,
@@ -328,12 +564,16 @@ impl Auth {
     ) -> Result<(String, String), ApplianceError> {
         let denied = || ApplianceError::Unauthenticated("unknown user or wrong password".into());
         let identity = normalise_identity(identity)?;
-        let id_key = format!("id:{identity}");
-        let addr_key = source.map(|a| format!("ip:{a}"));
-        let failures = self
-            .failures_of(&id_key)
-            .max(addr_key.as_deref().map_or(0, |k| self.failures_of(k)));
-        tokio::time::sleep(login_delay(failures)).await;
+        let (slot, keys) = lock(&self.throttle)
+            .reserve(&identity, source, Instant::now())
+            .map_err(|wait| {
+                ApplianceError::ResourceExhausted(format!(
+                    "too many login attempts for this account or from this address; try again \
+                     in {} s",
+                    wait.as_secs().max(1)
+                ))
+            })?;
+        tokio::time::sleep_until(slot).await;
 
         let control = self.control.as_ref().filter(|c| c.identity == identity);
         let user = if control.is_some() {
@@ -350,45 +590,50 @@ impl Auth {
         };
         let ok = {
             let _slot = self.hashing.acquire().await.map_err(|_| denied())?;
+            self.checked.fetch_add(1, Ordering::Relaxed);
             let (phc, password) = (phc.clone(), password.to_string());
             tokio::task::spawn_blocking(move || verify_password(&phc, &password))
                 .await
                 .unwrap_or(false)
         };
         if !ok || (control.is_none() && user.is_none()) {
-            self.record_failure(id_key);
-            if let Some(k) = addr_key {
-                self.record_failure(k);
-            }
             return Err(denied());
         }
-        lock(&self.failures).remove(&id_key);
+        lock(&self.throttle).succeeded(&identity, source, &keys, Instant::now());
         let token = hex::encode(rand::random::<[u8; 32]>());
+        let now = Instant::now();
         let session = Session {
             identity: identity.clone(),
-            state: Arc::new(SessionState::new()),
+            state: Arc::new(SessionState::new(user.as_ref().map(owner_key), now)),
             control: control.is_some(),
-            expires: Instant::now() + self.ttl,
+            expires: now + self.ttl,
             phc,
         };
-        let mut s = lock(&self.sessions);
-        s.retain(|_, v| v.expires > Instant::now());
-        s.insert(token.clone(), session);
+        self.sweep();
+        lock(&self.sessions).insert(token.clone(), session);
         Ok((token, identity))
     }
 
     /// The session a token names.
     ///
     /// # Errors
-    /// [`ApplianceError::Unauthenticated`] for a missing, unknown or expired token.
+    /// [`ApplianceError::Unauthenticated`] for a missing, unknown, expired or ended token.
     pub fn session(&self, token: Option<&str>) -> Result<Session, ApplianceError> {
         let token = token.ok_or_else(|| {
             ApplianceError::Unauthenticated(
                 "no session: call Hello first and send its token".into(),
             )
         })?;
-        match lock(&self.sessions).get(token) {
-            Some(sess) if sess.expires > Instant::now() => Ok(sess.clone()),
+        let now = Instant::now();
+        let found = lock(&self.sessions).get(token).cloned();
+        match found {
+            Some(sess)
+                if sess.expires > now
+                    && now.saturating_duration_since(sess.state.idle_since()) < SESSION_IDLE =>
+            {
+                sess.state.check()?;
+                Ok(sess)
+            }
             _ => Err(ApplianceError::Unauthenticated(
                 "session expired or unknown: log in again".into(),
             )),
@@ -435,6 +680,7 @@ mod tests {
                     identity: format!("user{i}@host"),
                     password_hash: hash.clone(),
                     created_unix: 0,
+                    owner: None,
                 })
                 .unwrap();
         }
@@ -502,6 +748,129 @@ mod tests {
             let t = Instant::now();
             assert!(auth.login("user0@host", "wrong", None).await.is_err());
             assert!(t.elapsed() < login_delay(5), "a success clears the count");
+        });
+    }
+
+    /// Issue 10, item 6: concurrent attempts cannot share one wait. 512 attempts at once and
+    /// then 8 every 100 ms for ten minutes against one account from one address get at most the
+    /// free attempts plus one turn per [`MAX_DELAY`]; a source the real user logged in from
+    /// before is not slowed by the flood (no lock-out).
+    #[test]
+    fn concurrent_guesses_take_turns_and_do_not_lock_out_the_owner() {
+        let mut t = Throttle::default();
+        let attacker: IpAddr = "127.0.0.2".parse().unwrap();
+        let home: IpAddr = "127.0.0.3".parse().unwrap();
+        let start = Instant::now();
+        // The owner logged in from home before the flood.
+        let (slot, keys) = t.reserve("victim@host", Some(home), start).unwrap();
+        assert_eq!(slot, start);
+        t.succeeded("victim@host", Some(home), &keys, start);
+        let mut granted: Vec<Instant> = Vec::new();
+        let mut refused = 0u32;
+        for step in 0..6000u32 {
+            let now = start + Duration::from_millis(100 * u64::from(step));
+            for _ in 0..if step == 0 { 512 } else { 8 } {
+                match t.reserve("victim@host", Some(attacker), now) {
+                    Ok((slot, _)) => {
+                        assert!(slot >= now && slot - now <= MAX_WAIT);
+                        granted.push(slot);
+                    }
+                    Err(_) => refused += 1,
+                }
+            }
+            if step % 600 == 300 {
+                let (slot, keys) = t.reserve("victim@host", Some(home), now).unwrap();
+                assert_eq!(slot, now, "the owner's trusted source waits for nobody");
+                t.succeeded("victim@host", Some(home), &keys, now);
+            }
+        }
+        granted.sort();
+        let minutes = 10;
+        let bound = FREE_FAILURES as usize + 7 + minutes * 60 / 16;
+        assert_eq!(MAX_DELAY, Duration::from_secs(16));
+        assert!(
+            granted.len() <= bound,
+            "{} guesses checked in {minutes} minutes (bound {bound})",
+            granted.len()
+        );
+        assert!(refused > 40_000);
+        for w in granted[FREE_FAILURES as usize..].windows(2) {
+            assert!(w[1] - w[0] >= BASE_DELAY, "turns are spaced: {w:?}");
+        }
+        // An address nobody logged in from is slowed by the account's failures.
+        let stranger: IpAddr = "127.0.0.4".parse().unwrap();
+        let late = start + Duration::from_mins(10);
+        assert!(t
+            .reserve("victim@host", Some(stranger), late)
+            .map_or(true, |(slot, _)| slot > late));
+    }
+
+    /// Issue 10, item 6, through `Auth::login`: 64 wrong passwords sent at once check at most the
+    /// free attempts plus the turns that fit in [`MAX_WAIT`]; the rest are refused before any
+    /// hashing. (Paused tokio clock: the waits pass without sleeping.)
+    #[test]
+    fn parallel_logins_are_counted_before_hashing() {
+        let (_dir, auth) = auth_with_users(1);
+        let auth = Arc::new(auth);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let src: IpAddr = "127.0.0.2".parse().unwrap();
+        let results = rt.block_on(async {
+            let tasks: Vec<_> = (0..64)
+                .map(|_| {
+                    let a = auth.clone();
+                    tokio::spawn(async move { a.login("user0@host", "wrong", Some(src)).await })
+                })
+                .collect();
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.unwrap());
+            }
+            out
+        });
+        let refused = results
+            .iter()
+            .filter(|r| matches!(r, Err(ApplianceError::ResourceExhausted(_))))
+            .count();
+        let checked = auth.passwords_checked();
+        // 5 free, then turns at 0.25, 0.75, 1.75, 3.75, 7.75 and 15.75 s.
+        assert_eq!(checked, 11, "passwords checked");
+        assert_eq!(refused, 64 - 11);
+    }
+
+    /// Issue 10 ("session memory released when the client leaves"): a session unused for
+    /// [`SESSION_IDLE`] ends, releasing what it knew; calls with its token are refused.
+    #[test]
+    fn idle_sessions_end_and_release_their_memory() {
+        let (_dir, auth) = auth_with_users(1);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (token, _) = auth
+                .login("user0@host", "the-right-password", None)
+                .await
+                .unwrap();
+            let s = auth.session(Some(&token)).unwrap();
+            s.state.add_uploaded([ChunkId::from_bytes([9; 32])]);
+            tokio::time::advance(SESSION_IDLE.saturating_sub(Duration::from_mins(1))).await;
+            assert!(
+                auth.session(Some(&token)).is_ok(),
+                "used within the idle time"
+            );
+            tokio::time::advance(SESSION_IDLE + Duration::from_secs(1)).await;
+            assert!(auth.session(Some(&token)).is_err());
+            assert_eq!(auth.session_count(), 0);
+            assert!(s.state.check().is_err(), "streams of the session end too");
+            assert!(
+                !s.state.knows(&ChunkId::from_bytes([9; 32])),
+                "memory released"
+            );
         });
     }
 

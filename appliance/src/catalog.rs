@@ -21,6 +21,12 @@ pub struct UserRecord {
     /// argon2id PHC string; never anything else.
     pub password_hash: String,
     pub created_unix: i64,
+    /// Hex of the account's 16-byte ownership key: chunks its sessions uploaded are recorded
+    /// under it in the shard indexes, so that a resumed backup need not send them again. Random
+    /// per account (a deleted and re-created account does not inherit); absent in records
+    /// written before format 2 of the record (see `auth::owner_key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// The catalog database.

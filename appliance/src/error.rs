@@ -6,6 +6,12 @@
 //!   (bad input), transient (retry), or internal.
 //! * `impl From<ApplianceError> for tonic::Status` below is the only place that maps errors to gRPC
 //!   status codes.
+//! * **Disclosure rule** (S2, S3): no message a caller receives carries bytes derived from stored
+//!   data the caller may not read (no decoded "ids" from someone else's chunk, no lengths), and no
+//!   message (nor status code) differs by whether *another* user stored something. Handlers check
+//!   what the session may read *before* touching stored data, and answer an unknown chunk with the
+//!   same words whether or not it exists. Ids quoted in errors come from the caller's own input or
+//!   from chunks the caller uploaded, proved or may read.
 
 use std::path::PathBuf;
 
@@ -41,6 +47,8 @@ pub enum IngestError {
     BadFrame { id: String, why: String },
     #[error("storage failure, nothing acknowledged (retry later): {0}")]
     Storage(String),
+    #[error("the appliance's disk is full, nothing acknowledged; the operator must free space (the appliance resumes by itself): {0}")]
+    NoSpace(String),
     #[error("the appliance is shutting down; retry later")]
     ShuttingDown,
 }
@@ -64,6 +72,8 @@ pub enum ApplianceError {
     Internal(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
 }
 
 impl ApplianceError {
@@ -96,6 +106,8 @@ impl From<ApplianceError> for tonic::Status {
             ApplianceError::PermissionDenied(_) => Status::permission_denied(msg),
             ApplianceError::FailedPrecondition(_) => Status::failed_precondition(msg),
             ApplianceError::Internal(_) => Status::internal(msg),
+            ApplianceError::ResourceExhausted(_)
+            | ApplianceError::Ingest(IngestError::NoSpace(_)) => Status::resource_exhausted(msg),
         }
     }
 }

@@ -19,6 +19,21 @@ pub const META_OPEN_PACK: &[u8] = b"!meta:open-pack";
 /// Meta key written when the index is created; its absence means the index is not ours.
 pub const META_CREATED: &[u8] = b"!meta:created";
 
+/// Meta key listing packs abandoned after a failed write (16-byte pack ids, concatenated): the
+/// next start seals each in place and indexes its records.
+pub const META_POISONED: &[u8] = b"!meta:poisoned-packs";
+
+/// Length of an ownership key: `o` + 16-byte account key + chunk id (never a chunk entry's 32).
+const OWNED_KEY_LEN: usize = 1 + 16 + CHUNK_ID_LEN;
+
+fn owned_key(owner: &[u8; 16], id: &ChunkId) -> [u8; OWNED_KEY_LEN] {
+    let mut k = [0u8; OWNED_KEY_LEN];
+    k[0] = b'o';
+    k[1..17].copy_from_slice(owner);
+    k[17..].copy_from_slice(id.as_bytes());
+    k
+}
+
 /// One index entry, or why it could not be decoded.
 pub type EntryResult = Result<(ChunkId, IndexEntry), String>;
 
@@ -54,6 +69,18 @@ pub trait ChunkIndex: Send + Sync {
     /// # Errors
     /// Engine errors.
     fn sync(&self) -> Result<(), RepoError>;
+    /// Records that the account with ownership key `owner` holds `ids` (one of its sessions
+    /// uploaded them, verified, and they are durable). Not synced: a record lost in a crash only
+    /// costs a re-upload.
+    ///
+    /// # Errors
+    /// Engine errors.
+    fn insert_owned(&self, owner: &[u8; 16], ids: &[ChunkId]) -> Result<(), RepoError>;
+    /// Which of `ids` the account with ownership key `owner` holds.
+    ///
+    /// # Errors
+    /// Engine errors.
+    fn owned(&self, owner: &[u8; 16], ids: &[ChunkId]) -> Result<Vec<bool>, RepoError>;
 }
 
 fn ie(e: impl std::fmt::Display) -> RepoError {
@@ -189,6 +216,27 @@ impl ChunkIndex for RocksIndex {
     fn sync(&self) -> Result<(), RepoError> {
         self.db.flush_wal(true).map_err(ie)
     }
+
+    fn insert_owned(&self, owner: &[u8; 16], ids: &[ChunkId]) -> Result<(), RepoError> {
+        let mut batch = rocksdb::WriteBatch::default();
+        for id in ids {
+            batch.put(owned_key(owner, id), []);
+        }
+        self.db.write(batch).map_err(ie)
+    }
+
+    fn owned(&self, owner: &[u8; 16], ids: &[ChunkId]) -> Result<Vec<bool>, RepoError> {
+        let cf = self
+            .db
+            .cf_handle(rocksdb::DEFAULT_COLUMN_FAMILY_NAME)
+            .ok_or_else(|| ie("no default column family"))?;
+        let keys: Vec<[u8; OWNED_KEY_LEN]> = ids.iter().map(|i| owned_key(owner, i)).collect();
+        self.db
+            .batched_multi_get_cf(cf, keys.iter().map(|k| &k[..]), false)
+            .into_iter()
+            .map(|r| r.map(|v| v.is_some()).map_err(ie))
+            .collect()
+    }
 }
 
 /// The in-memory engine (tests, benchmarks of the layers above).
@@ -258,6 +306,22 @@ impl ChunkIndex for MemIndex {
     fn sync(&self) -> Result<(), RepoError> {
         Ok(())
     }
+
+    fn insert_owned(&self, owner: &[u8; 16], ids: &[ChunkId]) -> Result<(), RepoError> {
+        let mut m = self.map();
+        for id in ids {
+            m.insert(owned_key(owner, id).to_vec(), Vec::new());
+        }
+        Ok(())
+    }
+
+    fn owned(&self, owner: &[u8; 16], ids: &[ChunkId]) -> Result<Vec<bool>, RepoError> {
+        let m = self.map();
+        Ok(ids
+            .iter()
+            .map(|id| m.contains_key(&owned_key(owner, id)[..]))
+            .collect())
+    }
 }
 
 #[cfg(test)]
@@ -302,6 +366,16 @@ mod conformance {
         );
         idx.put_meta(META_OPEN_PACK, None).unwrap();
         assert_eq!(idx.get_meta(META_OPEN_PACK).unwrap(), None);
+        // Ownership records are per account and never chunk entries.
+        let (alice, bob) = ([7u8; 16], [8u8; 16]);
+        idx.insert_owned(&alice, &[a]).unwrap();
+        assert_eq!(idx.owned(&alice, &[a, b]).unwrap(), vec![true, false]);
+        assert_eq!(idx.owned(&bob, &[a, b]).unwrap(), vec![false, false]);
+        assert_eq!(
+            idx.entries().unwrap().len(),
+            2,
+            "ownership rows are not entries"
+        );
         idx.sync().unwrap();
     }
 

@@ -68,6 +68,9 @@ enum Cmd {
         /// Permissions of a unix:/… listening socket, in octal.
         #[arg(long, default_value = "660", value_parser = parse_mode)]
         listen_mode: u32,
+        /// Seconds a new connection has to complete its TLS handshake before it is closed.
+        #[arg(long, default_value_t = 10, value_name = "SECS")]
+        handshake_timeout: u64,
         /// Create a self-signed certificate at --tls-cert-file/--tls-key-file (never overwrites).
         #[arg(long)]
         tls_generate_cert: bool,
@@ -268,6 +271,7 @@ fn new_user(identity: &str, password_file: Option<&Path>) -> anyhow::Result<User
             .duration_since(std::time::UNIX_EPOCH)?
             .as_secs()
             .cast_signed(),
+        owner: Some(hex::encode(rand::random::<[u8; 16]>())),
     })
 }
 
@@ -336,6 +340,8 @@ fn init(
     };
     let pw = repo_password(password, true)?;
     std::fs::create_dir_all(&paths.root)?;
+    // Private to the appliance's user even when the directory existed before.
+    std::fs::set_permissions(&paths.root, std::fs::Permissions::from_mode(0o700))?;
     let cfg = RepoConfig {
         id: rand::random(),
         mode: Mode::Managed,
@@ -403,8 +409,9 @@ fn rebuild_index(paths: &RepoPaths, password: &RepoPassword) -> anyhow::Result<(
     }
     std::fs::rename(&tmp, paths.index())?;
     println!(
-        "rebuilt the index from {} packs: {} chunks ({} unsealed packs sealed)",
-        stats.packs, stats.chunks, stats.unsealed_packs_sealed
+        "rebuilt the index from {} packs: {} chunks ({} unsealed packs sealed, {} torn packs \
+         set aside as <id>.torn)",
+        stats.packs, stats.chunks, stats.unsealed_packs_sealed, stats.set_aside
     );
     Ok(())
 }
@@ -431,6 +438,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             shutdown_on_stdin,
             server_control_username,
             listen_mode,
+            handshake_timeout,
         } => {
             let paths = RepoPaths::new(&repo.repo);
             let master = unlock(&paths, &password)?;
@@ -471,6 +479,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     shutdown_on_stdin,
                     control,
                     listen_mode,
+                    handshake_timeout: std::time::Duration::from_secs(handshake_timeout.max(1)),
                 },
             )?;
         }
@@ -675,6 +684,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    // Everything the appliance creates (catalog, index, packs, keys) is private to its user:
+    // RocksDB and plain creates honour the umask.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("COFFER_LOG")

@@ -4,12 +4,12 @@
 //! reports "0 errors" for anything it could not read: every listing, read or decode failure is an
 //! error.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 
 use coffer_proto::{PackId, ShardId};
 
-use crate::index::{ChunkIndex, OpenMode, RocksIndex};
+use crate::index::{ChunkIndex, OpenMode, RocksIndex, META_OPEN_PACK, META_POISONED};
 use crate::keys::MasterKey;
 use crate::pack::format::{FooterEntry, RecordHeader, RECORD_HEADER_LEN};
 use crate::pack::read::{
@@ -46,9 +46,19 @@ pub fn verify(
 ) -> Result<VerifyReport, String> {
     let mut rep = VerifyReport::default();
     let mut packs: HashMap<PackId, Option<PackView>> = HashMap::new();
+    // Packs that may lack a footer: each shard's open pack, and packs waiting to be sealed.
+    let mut unsealed: HashSet<PackId> = HashSet::new();
     for shard in 0..cfg.shards {
         let idx = RocksIndex::open(&paths.shard_index(shard), OpenMode::ReadOnly, 64 << 20)
             .map_err(|e| e.to_string())?;
+        for key in [META_OPEN_PACK, META_POISONED] {
+            if let Some(raw) = idx.get_meta(key).map_err(|e| e.to_string())? {
+                unsealed.extend(
+                    raw.chunks_exact(16)
+                        .filter_map(|r| PackId::from_slice(r).ok()),
+                );
+            }
+        }
         let entries = idx.entries().map_err(|e| e.to_string())?;
         for item in entries {
             let (id, e) = match item {
@@ -138,6 +148,21 @@ pub fn verify(
         }
     }
     rep.packs = packs.len() as u64;
+    // A sealed pack's footer lists every record: without it the index cannot be rebuilt from
+    // the pack (I5), so a missing or damaged footer is an error, not silence.
+    let mut no_footer: Vec<String> = packs
+        .iter()
+        .filter(|(id, v)| v.as_ref().is_some_and(|v| v.footer.is_none()) && !unsealed.contains(*id))
+        .map(|(id, _)| id.to_hex())
+        .collect();
+    no_footer.sort();
+    for id in no_footer {
+        rep.errors.push(format!(
+            "I5: pack {id} has no valid footer (missing, truncated or damaged): its chunks cannot \
+             be re-indexed from it; `rebuild-index` seals it again from the records that \
+             authenticate"
+        ));
+    }
     // Packs the index never points at: left by a crash before their first group commit was
     // indexed (a running appliance's newest pack can be one for a moment), or copied in.
     match paths.list_packs() {

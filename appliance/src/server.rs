@@ -2,7 +2,7 @@
 //! island (tokio + tonic + rustls) on the listening socket.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +11,6 @@ use coffer_proto::v1;
 use coffer_tuning::{Hardware, Plan};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 
 use crate::admin;
 use crate::auth::{Auth, ControlUser};
@@ -36,6 +35,37 @@ pub struct ServeOptions {
     pub control: Option<ControlUser>,
     /// Permissions of a `unix:` listening socket.
     pub listen_mode: u32,
+    /// A connection that has not completed its TLS handshake by then is closed.
+    pub handshake_timeout: Duration,
+}
+
+/// TLS handshakes in progress at once; further connections wait in the kernel's backlog.
+const MAX_HANDSHAKES: usize = 512;
+
+/// Warns when the repository is readable or writable by other local users (it holds password
+/// hashes, identities, snapshot metadata and wrapped keys). Returns the warnings.
+#[must_use]
+pub fn check_private(paths: &RepoPaths) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut look = vec![paths.root.clone()];
+    if let Ok(rd) = std::fs::read_dir(&paths.root) {
+        look.extend(rd.flatten().map(|e| e.path()));
+    }
+    for p in look {
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        let mode = m.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 && !m.file_type().is_socket() {
+            out.push(format!(
+                "{} is mode {mode:04o}: other local users can reach the repository (password \
+                 hashes, identities, snapshot metadata); run `chmod -R go-rwx {}`",
+                p.display(),
+                paths.root.display()
+            ));
+        }
+    }
+    out
 }
 
 /// Message size limit for a repository with chunks of at most `max_chunk` bytes.
@@ -65,6 +95,10 @@ pub fn check_index_present(paths: &RepoPaths, cfg: &RepoConfig) -> Result<(), Re
 pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> anyhow::Result<()> {
     let cfg = paths.load_config()?;
     check_index_present(paths, &cfg)?;
+    for w in check_private(paths) {
+        tracing::warn!("{w}");
+        eprintln!("warning: {w}");
+    }
     let hw = Hardware::detect_for(&paths.root);
     let plan = Plan::new(&hw, usize::from(cfg.shards))?;
     if hw.memlock_bytes < coffer_tuning::MIN_MEMLOCK_BYTES {
@@ -316,33 +350,30 @@ async fn serve_grpc(
     max_msg: usize,
 ) -> anyhow::Result<()> {
     let (listener, name) = listener(opts)?;
+    let tls = tls_acceptor(&opts.tls)?;
     println!("SERVER CERT SHA256: {}", opts.tls.fingerprint);
     println!("LISTENING ON: {name}");
     std::io::Write::flush(&mut std::io::stdout())?;
     tracing::info!(listen = %name, "serving");
 
-    let identity = tonic::transport::Identity::from_pem(&opts.tls.cert_pem, &opts.tls.key_pem);
     let svc = v1::coffer_server::CofferServer::new(service)
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);
     let mut builder = tonic::transport::Server::builder()
-        .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?
-        .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(32 << 20))
         .http2_keepalive_interval(Some(Duration::from_secs(30)));
     let router = builder.add_service(svc);
     let stop = shutdown_signal(opts.shutdown_on_stdin);
+    let deadline = opts.handshake_timeout;
     match listener {
         Listener::Tcp(l) => {
-            router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(l), stop)
-                .await?;
+            let incoming = accept_tls(Arc::new(l), tls, deadline);
+            router.serve_with_incoming_shutdown(incoming, stop).await?;
         }
         Listener::Unix(l, path) => {
-            let r = router
-                .serve_with_incoming_shutdown(UnixListenerStream::new(l), stop)
-                .await;
+            let incoming = accept_tls(Arc::new(l), tls, deadline);
+            let r = router.serve_with_incoming_shutdown(incoming, stop).await;
             if !path.as_os_str().is_empty() {
                 let _ = std::fs::remove_file(&path);
             }
@@ -351,6 +382,114 @@ async fn serve_grpc(
     }
     tracing::info!("stopped accepting; finishing in-flight work");
     Ok(())
+}
+
+/// rustls server configuration for the appliance's identity (HTTP/2 only).
+fn tls_acceptor(id: &crate::tls::TlsIdentity) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    let certs = rustls_pemfile::certs(&mut id.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("TLS certificate: {e}"))?;
+    let key = rustls_pemfile::private_key(&mut id.key_pem.as_bytes())
+        .map_err(|e| anyhow::anyhow!("TLS key: {e}"))?
+        .ok_or_else(|| anyhow::anyhow!("TLS key file holds no private key"))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| anyhow::anyhow!("TLS certificate and key: {e}"))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// A listening socket the accept loop can take connections from.
+trait Accept: Send + Sync + 'static {
+    type Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    fn accept(&self) -> impl std::future::Future<Output = std::io::Result<Self::Io>> + Send;
+}
+
+impl Accept for TcpListener {
+    type Io = tokio::net::TcpStream;
+    async fn accept(&self) -> std::io::Result<Self::Io> {
+        let (s, _) = TcpListener::accept(self).await?;
+        let _ = s.set_nodelay(true);
+        Ok(s)
+    }
+}
+
+impl Accept for UnixListener {
+    type Io = tokio::net::UnixStream;
+    async fn accept(&self) -> std::io::Result<Self::Io> {
+        Ok(UnixListener::accept(self).await?.0)
+    }
+}
+
+/// Whether an accept error means the process or system is out of a resource (file descriptors,
+/// buffers): retrying at once would spin.
+fn out_of_resources(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// The accept loop: each connection's TLS handshake runs in its own task under `deadline`
+/// (a connection that never completes it is closed), at most [`MAX_HANDSHAKES`] at once. When
+/// the process runs out of file descriptors the loop backs off instead of spinning, and logs
+/// it at most every 10 s.
+fn accept_tls<L: Accept>(
+    listener: Arc<L>,
+    tls: tokio_rustls::TlsAcceptor,
+    deadline: Duration,
+) -> impl tokio_stream::Stream<Item = Result<tokio_rustls::server::TlsStream<L::Io>, std::io::Error>>
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    tokio::spawn(async move {
+        let mut last_warning: Option<tokio::time::Instant> = None;
+        loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let conn = tokio::select! {
+                () = tx.closed() => return,
+                c = listener.accept() => c,
+            };
+            let io = match conn {
+                Ok(io) => io,
+                Err(e) => {
+                    if out_of_resources(&e) {
+                        if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                            tracing::warn!(
+                                error = %e,
+                                "cannot accept connections: out of file descriptors or memory \
+                                 (raise LimitNOFILE / ulimit -n); backing off"
+                            );
+                            last_warning = Some(tokio::time::Instant::now());
+                        }
+                        // Back off: the condition lasts until a connection closes.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    } else {
+                        tracing::debug!(error = %e, "accept failed");
+                    }
+                    continue;
+                }
+            };
+            let (tls, tx) = (tls.clone(), tx.clone());
+            tokio::spawn(async move {
+                let _slot = slot;
+                match tokio::time::timeout(deadline, tls.accept(io)).await {
+                    Ok(Ok(s)) => {
+                        let _ = tx.send(Ok(s)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!("TLS handshake timed out; connection closed"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 async fn shutdown_signal(on_stdin: bool) {

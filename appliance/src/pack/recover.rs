@@ -4,43 +4,83 @@
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use coffer_proto::{PackId, ShardId};
 
 use super::format::{encode_footer, FooterEntry, IndexEntry};
 use super::read::{footer_entries, read_footer, read_header, scan};
-use crate::index::{ChunkIndex, META_OPEN_PACK};
+use crate::index::{ChunkIndex, META_OPEN_PACK, META_POISONED};
 use crate::keys::MasterKey;
 
 /// Largest record a scan accepts (max chunk plus headroom).
 pub const MAX_RECORD_LEN: u64 = 64 << 20;
 
+/// Why an unsealed pack could not be sealed.
+#[derive(Debug)]
+pub enum SealError {
+    /// No readable header: the pack's first write never became durable, so nothing in it was
+    /// ever acknowledged. It is set aside, never fatal.
+    Torn(String),
+    /// Reading or writing failed (a full disk among others).
+    Io(String),
+}
+
+impl std::fmt::Display for SealError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Torn(w) => write!(f, "torn pack (no readable header): {w}"),
+            Self::Io(w) => f.write_str(w),
+        }
+    }
+}
+
 /// Seals a pack that was open when the appliance stopped: keeps every record that decodes and
-/// authenticates, cuts what follows (a torn write), appends the footer and fsyncs. Returns the
-/// footer entries.
+/// authenticates, cuts what follows (a torn write; done first, so that it frees space on a full
+/// disk), appends the footer and fsyncs. Returns the footer entries.
 ///
 /// # Errors
-/// I/O errors, as text.
-pub fn seal_in_place(path: &Path, master: &MasterKey) -> Result<Vec<FooterEntry>, String> {
+/// [`SealError::Torn`] when the header is unreadable; [`SealError::Io`] otherwise.
+pub fn seal_in_place(path: &Path, master: &MasterKey) -> Result<Vec<FooterEntry>, SealError> {
+    let io = |e: String| SealError::Io(format!("{}: {e}", path.display()));
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(|e| io(e.to_string()))?;
     if let Ok(entries) = read_footer(&file) {
         return Ok(entries); // already sealed
     }
-    let header = read_header(&file)?;
+    let header = read_header(&file).map_err(SealError::Torn)?;
     let key = master.pack_key(&header.pack);
-    let s = scan(path, &key, MAX_RECORD_LEN)?;
+    let s = scan(path, &key, MAX_RECORD_LEN).map_err(io)?;
     let entries = footer_entries(&s.records);
     let footer = encode_footer(&entries, s.valid_end);
-    file.set_len(s.valid_end).map_err(|e| e.to_string())?;
+    file.set_len(s.valid_end).map_err(|e| io(e.to_string()))?;
+    file.sync_all().map_err(|e| io(e.to_string()))?;
     file.write_all_at(&footer, s.valid_end)
-        .map_err(|e| e.to_string())?;
-    file.sync_all().map_err(|e| e.to_string())?;
+        .map_err(|e| io(e.to_string()))?;
+    file.sync_all().map_err(|e| io(e.to_string()))?;
     Ok(entries)
+}
+
+/// Moves a pack that holds nothing acknowledged out of the way (`<id>.torn` beside it, which no
+/// listing of packs takes for a pack). Never deletes: an operator can still look at it.
+///
+/// # Errors
+/// The rename failed.
+pub fn set_aside(path: &Path, why: &str) -> Result<PathBuf, String> {
+    let mut to = path.as_os_str().to_owned();
+    to.push(".torn");
+    let to = PathBuf::from(to);
+    std::fs::rename(path, &to).map_err(|e| format!("setting aside {}: {e}", path.display()))?;
+    tracing::warn!(
+        pack = %path.display(),
+        set_aside = %to.display(),
+        reason = why,
+        "pack set aside: it holds no acknowledged chunk"
+    );
+    Ok(to)
 }
 
 fn index_entries(
@@ -80,44 +120,87 @@ fn record_flags(path: &Path, entries: &[FooterEntry]) -> Result<Vec<u8>, String>
         .collect()
 }
 
-/// At shard start: if the index names an open pack, seal it and index its records. Returns how
-/// many records were recovered.
+/// At shard start: seals the pack a crash left open and the packs abandoned after failed writes
+/// (a full disk), and indexes their records. Returns how many records were recovered.
+///
+/// Never fatal because of the packs themselves: a pack without a readable header is set aside
+/// (nothing in it was acknowledged); one that cannot be sealed now (no space for its footer) has
+/// its records indexed and stays listed for the next start.
 ///
 /// # Errors
-/// I/O and index errors, as text; the shard must not serve after one.
+/// Index errors, as text; the shard must not serve after one.
 pub fn recover_open_pack(
     paths: &crate::repo::RepoPaths,
     master: &MasterKey,
     index: &dyn ChunkIndex,
 ) -> Result<usize, String> {
-    let Some(raw) = index.get_meta(META_OPEN_PACK).map_err(|e| e.to_string())? else {
-        return Ok(0);
-    };
-    let id = PackId::from_slice(&raw).map_err(|e| e.to_string())?;
-    let path = paths.pack(&id);
-    if !path.exists() {
-        // Created in the index but the file never made it: nothing was acknowledged from it.
-        index
-            .put_meta(META_OPEN_PACK, None)
-            .map_err(|e| e.to_string())?;
+    let mut todo: Vec<PackId> = Vec::new();
+    if let Some(raw) = index.get_meta(META_OPEN_PACK).map_err(|e| e.to_string())? {
+        todo.push(PackId::from_slice(&raw).map_err(|e| e.to_string())?);
+    }
+    if let Some(list) = index.get_meta(META_POISONED).map_err(|e| e.to_string())? {
+        for raw in list.chunks_exact(16) {
+            let id = PackId::from_slice(raw).map_err(|e| e.to_string())?;
+            if !todo.contains(&id) {
+                todo.push(id);
+            }
+        }
+    }
+    if todo.is_empty() {
         return Ok(0);
     }
-    let entries = seal_in_place(&path, master)?;
-    let flags = record_flags(&path, &entries)?;
-    let batch = index_entries(id, &entries, |i| flags[i]);
-    index
-        .insert_batch(&batch, true)
-        .map_err(|e| e.to_string())?;
+    let mut recovered = 0;
+    let mut retry = Vec::new();
+    for id in todo {
+        let path = paths.pack(&id);
+        if !path.exists() {
+            // Created in the index but the file never made it: nothing was acknowledged from it.
+            continue;
+        }
+        match seal_in_place(&path, master) {
+            Ok(entries) => {
+                let flags = record_flags(&path, &entries)?;
+                let batch = index_entries(id, &entries, |i| flags[i]);
+                index
+                    .insert_batch(&batch, true)
+                    .map_err(|e| e.to_string())?;
+                recovered += entries.len();
+            }
+            Err(SealError::Torn(why)) => {
+                set_aside(&path, &why)?;
+            }
+            Err(SealError::Io(why)) => {
+                // Keep serving: index what authenticates now, seal at a later start.
+                tracing::error!(pack = %id, error = %why, "cannot seal the pack now; its records are indexed and it will be sealed at the next start");
+                let header = std::fs::File::open(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|f| read_header(&f))?;
+                let s = scan(&path, &master.pack_key(&header.pack), MAX_RECORD_LEN)?;
+                let entries = footer_entries(&s.records);
+                let batch = index_entries(id, &entries, |i| s.records[i].header.flags);
+                index
+                    .insert_batch(&batch, true)
+                    .map_err(|e| e.to_string())?;
+                recovered += entries.len();
+                retry.extend_from_slice(id.as_bytes());
+            }
+        }
+    }
     index
         .put_meta(META_OPEN_PACK, None)
         .map_err(|e| e.to_string())?;
-    Ok(entries.len())
+    index
+        .put_meta(META_POISONED, (!retry.is_empty()).then_some(&retry[..]))
+        .map_err(|e| e.to_string())?;
+    Ok(recovered)
 }
 
 /// Summary of a rebuild.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct RebuildStats {
     pub packs: u64,
+    /// Packs without a readable header or footer (never acknowledged), set aside.
+    pub set_aside: u64,
     pub unsealed_packs_sealed: u64,
     pub chunks: u64,
 }
@@ -140,7 +223,16 @@ pub fn rebuild(
         .map_err(|e| format!("listing packs: {e}"))?
     {
         let file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let header = read_header(&file).map_err(|e| format!("{}: {e}", path.display()))?;
+        let header = match read_header(&file) {
+            Ok(h) => h,
+            Err(why) if read_footer(&file).is_err() => {
+                // Neither header nor footer: a pack whose first write never became durable.
+                set_aside(&path, &why)?;
+                stats.set_aside += 1;
+                continue;
+            }
+            Err(why) => return Err(format!("{}: {why}", path.display())),
+        };
         if header.pack != id {
             return Err(format!(
                 "{}: header names pack {}",
@@ -152,7 +244,7 @@ pub fn rebuild(
             e
         } else {
             stats.unsealed_packs_sealed += 1;
-            seal_in_place(&path, master)?
+            seal_in_place(&path, master).map_err(|e| e.to_string())?
         };
         let flags = record_flags(&path, &entries)?;
         let mut per_shard: Vec<Vec<_>> = vec![Vec::new(); indexes.len()];
@@ -175,4 +267,55 @@ pub fn rebuild(
         idx.sync().map_err(|e| e.to_string())?;
     }
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::MemIndex;
+    use crate::repo::RepoPaths;
+
+    /// Issue 10, item 4: a full disk leaves a 0-byte (or torn-header) pack recorded as the open
+    /// pack, and poisoned packs listed. Recovery sets the torn ones aside and never fails
+    /// because of them; a second recovery finds nothing left to do.
+    #[test]
+    fn torn_open_and_poisoned_packs_are_set_aside_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = RepoPaths::new(dir.path());
+        let master = MasterKey::generate();
+        let index = MemIndex::default();
+        let empty = PackId::from_bytes([1; 16]);
+        let torn = PackId::from_bytes([2; 16]);
+        for (id, bytes) in [(empty, Vec::new()), (torn, vec![0u8; 100])] {
+            let p = paths.pack(&id);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, bytes).unwrap();
+        }
+        index
+            .put_meta(META_OPEN_PACK, Some(empty.as_bytes()))
+            .unwrap();
+        index
+            .put_meta(META_POISONED, Some(torn.as_bytes()))
+            .unwrap();
+        assert_eq!(recover_open_pack(&paths, &master, &index).unwrap(), 0);
+        for id in [empty, torn] {
+            let p = paths.pack(&id);
+            assert!(!p.exists(), "{} still taken for a pack", p.display());
+            let mut aside = p.into_os_string();
+            aside.push(".torn");
+            assert!(PathBuf::from(aside).exists(), "set aside, not deleted");
+        }
+        assert_eq!(index.get_meta(META_OPEN_PACK).unwrap(), None);
+        assert_eq!(index.get_meta(META_POISONED).unwrap(), None);
+        assert!(paths.list_packs().unwrap().is_empty());
+        assert_eq!(recover_open_pack(&paths, &master, &index).unwrap(), 0);
+        // rebuild-index sets a torn pack aside instead of aborting on it.
+        let third = paths.pack(&PackId::from_bytes([3; 16]));
+        std::fs::create_dir_all(third.parent().unwrap()).unwrap();
+        std::fs::write(&third, b"").unwrap();
+        let fresh = MemIndex::default();
+        let stats = rebuild(&paths, &master, &[&fresh]).unwrap();
+        assert_eq!((stats.packs, stats.set_aside), (0, 1));
+        assert!(!third.exists());
+    }
 }

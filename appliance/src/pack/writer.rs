@@ -18,7 +18,7 @@ use super::format::{
     encode_footer, footer_len, record_nonce, FooterEntry, IndexEntry, PackHeader, RecordHeader,
     PACK_HEADER_LEN, RECORD_AAD_LEN, RECORD_HEADER_LEN,
 };
-use crate::index::{ChunkIndex, META_OPEN_PACK};
+use crate::index::{ChunkIndex, META_OPEN_PACK, META_POISONED};
 use crate::keys::{MasterKey, PackKey, TAG_LEN};
 use crate::repo::RepoPaths;
 
@@ -52,6 +52,18 @@ pub struct PackError {
     pub source: std::io::Error,
 }
 
+impl PackError {
+    /// Whether the failure was a full disk (or quota).
+    #[must_use]
+    pub fn is_no_space(&self) -> bool {
+        matches!(
+            self.source.raw_os_error(),
+            Some(libc::ENOSPC | libc::EDQUOT)
+        ) || self.source.kind() == std::io::ErrorKind::StorageFull
+            || self.source.to_string().contains("No space left")
+    }
+}
+
 struct OpenPack {
     id: PackId,
     file: DmaFile,
@@ -81,6 +93,13 @@ impl std::fmt::Debug for PackWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "PackWriter(shard {})", self.shard)
     }
+}
+
+/// Free space the pack writer leaves on a file system of `total` bytes for RocksDB (index and
+/// catalog): 2 %, at least 8 MiB, at most 1 GiB.
+#[must_use]
+pub fn reserve(total: u64) -> u64 {
+    (total / 50).clamp(8 << 20, 1 << 30)
 }
 
 fn align_down(v: u64) -> u64 {
@@ -170,6 +189,7 @@ impl PackWriter {
     /// # Errors
     /// [`PackError`] from create, write, truncate, fsync or the index.
     pub async fn write(&mut self, chunks: &[PendingChunk]) -> Result<(), PackError> {
+        self.check_space(chunks)?;
         let mut i = 0;
         while i < chunks.len() {
             if self.open.is_none() {
@@ -179,8 +199,12 @@ impl PackWriter {
             match res {
                 Ok(n) => i += n,
                 Err(e) => {
-                    // Poison: the pack is never appended to again.
-                    self.open = None;
+                    // Poison: the pack is never appended to again. Its earlier group commits
+                    // are durable and indexed, so it is kept and listed for sealing at the next
+                    // start (`recover_open_pack`); a new pack is created for the next write.
+                    if let Some(p) = self.open.take() {
+                        self.record_poisoned(p.id);
+                    }
                     return Err(e);
                 }
             }
@@ -307,6 +331,54 @@ impl PackWriter {
             self.sealed += 1;
         }
         Ok(n)
+    }
+
+    /// Refuses a group commit that would leave less than [`reserve`] free on the packs' file
+    /// system: the index and the catalog (RocksDB) keep room to write, so a full disk ends in
+    /// a clear `RESOURCE_EXHAUSTED` instead of torn packs and a database in error. Nothing is
+    /// written and the open pack stays usable; service resumes when space returns.
+    fn check_space(&self, chunks: &[PendingChunk]) -> Result<(), PackError> {
+        let Ok(st) = rustix::fs::statvfs(self.paths.packs()) else {
+            return Ok(()); // cannot tell: the write itself reports a full disk
+        };
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        let total = st.f_blocks.saturating_mul(st.f_frsize);
+        let need: u64 = chunks.iter().map(PendingChunk::record_len).sum::<u64>() + ALIGN * 2;
+        let keep = reserve(total);
+        if free < need + keep {
+            return Err(PackError {
+                pack: self
+                    .open
+                    .as_ref()
+                    .map_or_else(|| "(none open)".to_string(), |p| p.id.to_hex()),
+                what: "checking free space",
+                source: std::io::Error::new(
+                    std::io::ErrorKind::StorageFull,
+                    format!(
+                        "No space left: {free} bytes free, {need} needed plus {keep} kept for \
+                         the index and catalog"
+                    ),
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Adds `id` to the packs the next start seals (best effort: when even this fails, the
+    /// open-pack marker still names the pack unless a later pack replaced it, and
+    /// `rebuild-index` seals every unsealed pack).
+    fn record_poisoned(&self, id: PackId) {
+        let mut list = match self.index.get_meta(META_POISONED) {
+            Ok(v) => v.unwrap_or_default(),
+            Err(e) => {
+                tracing::error!(pack = %id, error = %e, "cannot read the poisoned-pack list");
+                return;
+            }
+        };
+        list.extend_from_slice(id.as_bytes());
+        if let Err(e) = self.index.put_meta(META_POISONED, Some(&list)) {
+            tracing::error!(pack = %id, error = %e, "cannot record the poisoned pack");
+        }
     }
 
     /// Seals the open pack, if any (graceful shutdown).

@@ -1,7 +1,7 @@
 //! The network island: tonic over rustls. Handlers authenticate, split batches by shard and hand
 //! them to shards through [`ShardHandle`]s. They never touch RocksDB indexes or pack files.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -10,13 +10,15 @@ use coffer_proto::v1::{self, coffer_server::Coffer};
 use coffer_proto::{bitmap_len, bitmap_set, unpack_ids, ChunkId, ShardId, SnapshotId};
 use futures::{Stream, StreamExt, TryStreamExt};
 use prost::Message as _;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::acl::snapshot_access;
 use crate::acl::{self, Access, TargetType};
-use crate::auth::{Auth, Session};
+use crate::auth::{Auth, Session, SessionState};
 use crate::catalog::Catalog;
 use crate::error::ApplianceError;
-use crate::shard::{IncomingChunk, PutOutcome, ShardHandle, StoredChunk};
+use crate::shard::{IncomingChunk, Presence, PutOutcome, ShardHandle, StoredChunk};
 
 /// Batches of one stream processed concurrently (pipelining; answers stay in order).
 const PIPELINE_DEPTH: usize = 4;
@@ -44,7 +46,14 @@ struct Inner {
     hello: HelloInfo,
     /// Reachable sets of recently opened or committed snapshots, most recent last.
     reach_cache: std::sync::Mutex<Vec<(SnapshotId, Arc<HashSet<ChunkId>>)>>,
+    /// Tree walks running at once, appliance-wide.
+    walks: Arc<Semaphore>,
+    /// One tree walk at a time per account.
+    user_walks: std::sync::Mutex<HashMap<String, Arc<Semaphore>>>,
 }
+
+/// Tree walks (commit checks, snapshot opens) running at once, appliance-wide.
+const WALKS: usize = 4;
 
 /// Snapshots whose reachable sets stay cached (a Linux-tree snapshot's set is ~5 MB).
 const REACH_CACHE: usize = 8;
@@ -86,6 +95,8 @@ impl CofferService {
                 auth,
                 hello,
                 reach_cache: std::sync::Mutex::new(Vec::new()),
+                walks: Arc::new(Semaphore::new(WALKS)),
+                user_walks: std::sync::Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -105,20 +116,6 @@ fn split<T>(shards: u16, items: Vec<T>, id: impl Fn(&T) -> ChunkId) -> Vec<(Vec<
         out[s].1.push(item);
     }
     out
-}
-
-/// The access `who` has on snapshot `s` under `rules`.
-fn snapshot_access(rules: &[acl::Rule], who: &str, s: &v1::Snapshot) -> Option<Access> {
-    let (user, host) = s
-        .identity
-        .split_once('@')
-        .unwrap_or((s.identity.as_str(), ""));
-    acl::access(
-        rules,
-        who,
-        TargetType::Snapshot,
-        &[("username", user), ("hostname", host), ("path", &s.path)],
-    )
 }
 
 impl Inner {
@@ -161,17 +158,18 @@ impl Inner {
             unpack_ids(&ids, max).map_err(|e| ApplianceError::InvalidArgument(e.to_string()))?;
         let n = ids.len();
         let parts = split(shard_count(&self.shards), ids.clone(), |id| *id);
+        let owner = session.state.owner;
         let answers = futures::future::try_join_all(
             parts
                 .into_iter()
                 .zip(&self.shards)
                 .filter(|((pos, _), _)| !pos.is_empty())
                 .map(|((pos, ids), shard)| async move {
-                    Ok::<_, ApplianceError>((pos, shard.need(ids).await?))
+                    Ok::<_, ApplianceError>((pos, shard.need(ids, owner).await?))
                 }),
         )
         .await?;
-        let mut present = vec![false; n];
+        let mut present = vec![Presence::default(); n];
         for (pos, p) in answers {
             for (i, p) in pos.into_iter().zip(p) {
                 present[i] = p;
@@ -180,11 +178,19 @@ impl Inner {
         let disclosure = self.auth.disclosure();
         let mut missing = vec![0u8; bitmap_len(n)];
         let mut prove = vec![0u8; bitmap_len(n)];
+        let mut adopted = Vec::new();
         for (i, id) in ids.iter().enumerate() {
-            if present[i] && session.state.knows(id) {
+            let p = present[i];
+            if p.stored && session.state.knows(id) {
                 continue;
             }
-            if present[i] && disclosure == v1::Disclosure::Repository {
+            if p.owned {
+                // Uploaded by an earlier session of this account (an interrupted backup): the
+                // account's own data, so this session knows it without sending it again.
+                adopted.push(*id);
+                continue;
+            }
+            if p.stored && disclosure == v1::Disclosure::Repository {
                 bitmap_set(&mut prove, i);
             } else {
                 // Stored by someone else but unknown to this session: answered exactly like a
@@ -192,6 +198,7 @@ impl Inner {
                 bitmap_set(&mut missing, i);
             }
         }
+        session.state.add_uploaded(adopted);
         Ok(v1::FindMissingResponse {
             missing: missing.into(),
             count: u32::try_from(n).unwrap_or(u32::MAX),
@@ -200,24 +207,37 @@ impl Inner {
     }
 
     /// Checks possession proofs: keyed BLAKE3 of each chunk's plaintext under the session's key.
+    /// Only in `repository` disclosure (in `user` disclosure a proof would tell whether someone
+    /// stored the chunk); a proof for a chunk that is not stored and a wrong proof get the same
+    /// answer.
     async fn check_proofs(
         &self,
         session: &Session,
         proofs: Vec<(ChunkId, Bytes)>,
     ) -> Result<(), ApplianceError> {
+        if self.auth.disclosure() != v1::Disclosure::Repository {
+            return Err(ApplianceError::InvalidArgument(
+                "possession proofs are accepted only in `repository` disclosure; send the \
+                 chunks' data instead"
+                    .into(),
+            ));
+        }
+        let rejected = || {
+            ApplianceError::InvalidArgument(format!(
+                "possession proofs rejected: one of the {} proofs in this batch does not match a \
+                 stored chunk; send the data instead",
+                proofs.len()
+            ))
+        };
         let ids: Vec<ChunkId> = proofs.iter().map(|p| p.0).collect();
         let stored = self.fetch(ids.clone()).await.map_err(|e| match e {
-            ApplianceError::NotFound(m) => {
-                ApplianceError::InvalidArgument(format!("possession proof: {m}"))
-            }
+            ApplianceError::NotFound(_) => rejected(),
             e => e,
         })?;
-        for ((id, proof), c) in proofs.iter().zip(stored) {
+        for ((_, proof), c) in proofs.iter().zip(stored) {
             let want = blake3::keyed_hash(&session.state.possession_key, &plaintext(&c)?);
             if want.as_bytes()[..] != proof[..] {
-                return Err(ApplianceError::InvalidArgument(format!(
-                    "possession proof for chunk {id} does not match its data"
-                )));
+                return Err(rejected());
             }
         }
         session.state.add_uploaded(ids);
@@ -283,7 +303,7 @@ impl Inner {
                 .into_iter()
                 .zip(&self.shards)
                 .filter(|((pos, _), _)| !pos.is_empty())
-                .map(|((_, chunks), shard)| shard.put(chunks)),
+                .map(|((_, chunks), shard)| shard.put(chunks, session.state.owner)),
         )
         .await?;
         // Verified against their ids and durable: the session holds these chunks.
@@ -369,22 +389,51 @@ impl Inner {
 }
 
 impl Inner {
-    /// Walks the trees from `root` level by level, not descending into trees for which `skip`
-    /// holds.
+    /// Walks the trees from `root` level by level.
+    ///
+    /// With `session` (the commit check) the walk reads only chunks the session knows: a subtree
+    /// reachable from a snapshot it opened is not descended into, and any other chunk it does not
+    /// know ends the walk *before that chunk is read* — so nothing of someone else's data is
+    /// decoded or quoted, and the answer is the same whether or not the chunk is stored (the
+    /// disclosure rule of `error.rs`). Memory is bounded by [`MAX_REACH`], checked at every
+    /// insertion, and by the chunks the session knows.
     async fn walk(
         &self,
         root: ChunkId,
-        skip: &(dyn Fn(&ChunkId) -> bool + Send + Sync),
+        session: Option<&SessionState>,
     ) -> Result<Walk, ApplianceError> {
         let bad = |e: String| ApplianceError::FailedPrecondition(e);
+        let knows = |id: &ChunkId| -> Result<(), ApplianceError> {
+            if session.is_none_or(|s| s.knows(id)) {
+                Ok(())
+            } else {
+                Err(bad(format!(
+                    "it references chunk {id}, which this session neither uploaded, proved nor \
+                     opened; upload it or open the snapshot it comes from"
+                )))
+            }
+        };
+        let bounded = |w: &Walk| -> Result<(), ApplianceError> {
+            if w.trees.len() + w.leaves.len() > MAX_REACH {
+                Err(bad(format!(
+                    "a snapshot may reach at most {MAX_REACH} chunks"
+                )))
+            } else {
+                Ok(())
+            }
+        };
         let mut w = Walk::default();
         let mut level = vec![root];
         while !level.is_empty() {
             let mut todo = Vec::new();
             for id in level {
-                if skip(&id) {
+                if session.is_some_and(|s| s.opened(&id)) {
                     w.skipped = true;
-                } else if w.trees.insert(id) {
+                    continue;
+                }
+                knows(&id)?;
+                if w.trees.insert(id) {
+                    bounded(&w)?;
                     todo.push(id);
                 }
             }
@@ -409,31 +458,64 @@ impl Inner {
                             unpack_ids(b, usize::MAX)
                                 .map_err(|e| bad(format!("tree {}: {e}", c.id)))
                         };
-                        w.leaves.extend(packed(&n.chunks)?);
-                        lists.extend(packed(&n.chunk_lists)?);
+                        let mut leaves = packed(&n.chunks)?;
                         if !n.bundle.is_empty() {
-                            w.leaves.insert(id_of(&n.bundle)?);
+                            leaves.push(id_of(&n.bundle)?);
+                        }
+                        for id in leaves {
+                            knows(&id)?;
+                            if w.leaves.insert(id) {
+                                bounded(&w)?;
+                            }
+                        }
+                        for id in packed(&n.chunk_lists)? {
+                            knows(&id)?;
+                            if w.leaves.insert(id) {
+                                bounded(&w)?;
+                                lists.push(id);
+                            }
                         }
                     }
                 }
+                tokio::task::yield_now().await;
             }
-            let lists: Vec<ChunkId> = lists.into_iter().filter(|l| w.leaves.insert(*l)).collect();
             for part in lists.chunks(4096) {
                 for c in self.fetch(part.to_vec()).await? {
-                    w.leaves.extend(
-                        unpack_ids(&plaintext(&c)?, usize::MAX)
-                            .map_err(|e| bad(format!("list chunk {}: {e}", c.id)))?,
-                    );
+                    for id in unpack_ids(&plaintext(&c)?, usize::MAX)
+                        .map_err(|e| bad(format!("list chunk {}: {e}", c.id)))?
+                    {
+                        knows(&id)?;
+                        if w.leaves.insert(id) {
+                            bounded(&w)?;
+                        }
+                    }
                 }
-            }
-            if w.trees.len() + w.leaves.len() > MAX_REACH {
-                return Err(bad(format!(
-                    "a snapshot may reach at most {MAX_REACH} chunks"
-                )));
+                tokio::task::yield_now().await;
             }
             level = next;
         }
         Ok(w)
+    }
+
+    /// Waits for this account's turn to walk trees (one walk per account at a time) and for one
+    /// of the appliance's walk slots: a flood of commits costs its sender, not everyone.
+    async fn walk_permit(
+        &self,
+        identity: &str,
+    ) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), ApplianceError> {
+        let mine = {
+            let mut m = self
+                .user_walks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            m.entry(identity.to_string())
+                .or_insert_with(|| Arc::new(Semaphore::new(1)))
+                .clone()
+        };
+        let closed = |_| ApplianceError::Unavailable("the appliance is shutting down".into());
+        let mine = mine.acquire_owned().await.map_err(closed)?;
+        let global = self.walks.clone().acquire_owned().await.map_err(closed)?;
+        Ok((mine, global))
     }
 
     fn cached_reach(&self, id: &SnapshotId) -> Option<Arc<HashSet<ChunkId>>> {
@@ -465,7 +547,7 @@ impl Inner {
         }
         let root =
             ChunkId::from_slice(&snap.root).map_err(|e| ApplianceError::Internal(e.to_string()))?;
-        let w = self.walk(root, &|_| false).await?;
+        let w = self.walk(root, None).await?;
         let mut all = w.trees;
         all.extend(w.leaves);
         let all = Arc::new(all);
@@ -571,7 +653,10 @@ impl Coffer for CofferService {
             req.into_inner(),
             move |inner, m: v1::FindMissingRequest| {
                 let session = session.clone();
-                async move { inner.find_missing(&session, m.ids).await }
+                async move {
+                    session.state.check()?;
+                    inner.find_missing(&session, m.ids).await
+                }
             },
         )))
     }
@@ -588,7 +673,10 @@ impl Coffer for CofferService {
             req.into_inner(),
             move |inner, m| {
                 let session = session.clone();
-                async move { inner.put(&session, m).await }
+                async move {
+                    session.state.check()?;
+                    inner.put(&session, m).await
+                }
             },
         )))
     }
@@ -606,7 +694,9 @@ impl Coffer for CofferService {
             .map(move |m| {
                 let (inner, session) = (inner.clone(), session.clone());
                 async move {
-                    let parts = inner.get(&session, m?.ids).await?;
+                    let m = m?;
+                    session.state.check()?;
+                    let parts = inner.get(&session, m.ids).await?;
                     Ok::<_, Status>(futures::stream::iter(
                         parts.into_iter().map(Ok::<_, Status>),
                     ))
@@ -628,13 +718,6 @@ impl Coffer for CofferService {
             .ok_or_else(|| Status::invalid_argument("commit without a snapshot"))?;
         let root = ChunkId::from_slice(&snap.root)
             .map_err(|e| Status::invalid_argument(format!("snapshot root: {e}")))?;
-        let shard = ShardId::for_chunk(&root, shard_count(&self.inner.shards));
-        let present = self.inner.shards[shard.index()].need(vec![root]).await?;
-        if present.first() != Some(&true) {
-            return Err(Status::failed_precondition(format!(
-                "snapshot root {root} is not stored; upload it before committing"
-            )));
-        }
         let id = SnapshotId::from_bytes(rand::random());
         snap.id = Bytes::copy_from_slice(id.as_bytes());
         // A snapshot always belongs to the identity that commits it.
@@ -654,28 +737,19 @@ impl Coffer for CofferService {
         }
         // Every tree and chunk the snapshot references must be known to this session: uploaded
         // (verified against its id), proved, or reachable from a snapshot it opened (S2: a chunk
-        // id alone never lets anyone put someone else's data into their snapshot). Subtrees
-        // reachable from an opened snapshot are not walked again.
-        let state = session.state.clone();
-        let walk = self
-            .inner
-            .walk(root, &move |t| state.opened(t))
-            .await
-            .map_err(|e| Status::failed_precondition(format!("snapshot not committed: {e}")))?;
-        let unknown: Vec<&ChunkId> = walk
-            .trees
-            .iter()
-            .chain(&walk.leaves)
-            .filter(|id| !session.state.knows(id))
-            .collect();
-        if let Some(first) = unknown.first() {
-            return Err(Status::failed_precondition(format!(
-                "snapshot not committed: it references {} chunks this session neither uploaded, \
-                 proved nor opened (first: {first}); upload them or open the snapshot they \
-                 come from",
-                unknown.len()
-            )));
-        }
+        // id alone never lets anyone put someone else's data into their snapshot). The walk
+        // checks each reference before reading it, and does not descend into subtrees
+        // reachable from an opened snapshot. A root the session does not know is refused in
+        // the same words whether or not it is stored.
+        let walk = {
+            let _turn = self.inner.walk_permit(&session.identity).await?;
+            session.state.check()?;
+            self.inner
+                .walk(root, Some(session.state.as_ref()))
+                .await
+                .map_err(|e| Status::failed_precondition(format!("snapshot not committed: {e}")))?
+        };
+        session.state.check()?;
         if snap.time_us == 0 {
             snap.time_us = now_us();
         }
@@ -707,9 +781,19 @@ impl Coffer for CofferService {
             // A snapshot the caller may not read is reported exactly like a missing one.
             _ => return Err(Status::not_found(format!("no snapshot {id}"))),
         };
-        let reach = self.inner.reach(&snap).await?;
+        let reach = {
+            let _turn = self.inner.walk_permit(&session.identity).await?;
+            self.inner.reach(&snap).await?
+        };
         let reachable = reach.len() as u64;
-        session.state.add_opened(reach);
+        session.state.check()?;
+        session.state.add_opened(snap, reach);
+        // Rules may have changed while the trees were walked: what a reload revoked in the
+        // meantime stays revoked.
+        let rules = self.inner.auth.rules();
+        session
+            .state
+            .retain_opened(|s| snapshot_access(&rules, &session.identity, s).is_some());
         Ok(Response::new(v1::OpenSnapshotResponse { reachable }))
     }
 

@@ -69,6 +69,7 @@ pub fn verify(
 pub(super) async fn put(
     state: &Rc<ShardState>,
     chunks: Vec<IncomingChunk>,
+    owner: Option<[u8; 16]>,
 ) -> Result<PutOutcome, IngestError> {
     // Bound the bytes waiting for a group commit on this shard; the permit is held until this
     // request's chunks are durable.
@@ -101,6 +102,14 @@ pub(super) async fn put(
     }
     for rx in state.enqueue(candidates, &mut outcome) {
         rx.await.map_err(|_| IngestError::ShuttingDown)??;
+    }
+    // Every chunk of the request is durable (written now or before): the account holds them,
+    // so that a later session of it (a resumed backup) need not send them again.
+    if let Some(owner) = owner {
+        state
+            .index
+            .insert_owned(&owner, &ids)
+            .map_err(|e| IngestError::Storage(e.to_string()))?;
     }
     Ok(outcome)
 }

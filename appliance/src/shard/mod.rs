@@ -52,6 +52,15 @@ pub struct StoredChunk {
     pub data: Bytes,
 }
 
+/// What `Need` knows of one id.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Presence {
+    /// Durably stored (by anyone).
+    pub stored: bool,
+    /// Stored, and uploaded by a session of the asking account.
+    pub owned: bool,
+}
+
 /// What a put did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PutOutcome {
@@ -73,16 +82,22 @@ type Reply<T> = oneshot::Sender<Result<T, ApplianceError>>;
 /// Work a shard does for the network island.
 #[derive(Debug)]
 pub enum ShardRequest {
-    /// Which of these ids are durably stored (true = present).
+    /// Which of these ids are durably stored, and (with an `owner`) which the account holds.
+    /// The ownership lookup covers every id, stored or not, so that its cost does not tell
+    /// whether someone else stored a chunk.
     Need {
         ids: Vec<ChunkId>,
-        reply: Reply<Vec<bool>>,
+        owner: Option<[u8; 16]>,
+        reply: Reply<Vec<Presence>>,
     },
-    /// Verify, dedupe, encrypt, pack and index; answer once durable.
+    /// Verify, dedupe, encrypt, pack and index; answer once durable. With an `owner`, the
+    /// account's ownership of every chunk of the request is recorded once durable.
     Put {
         chunks: Vec<IncomingChunk>,
+        owner: Option<[u8; 16]>,
         reply: Reply<PutOutcome>,
     },
+
     /// Read chunks back.
     Get {
         ids: Vec<ChunkId>,
@@ -114,16 +129,30 @@ impl ShardHandle {
     ///
     /// # Errors
     /// Index errors, shutdown.
-    pub async fn need(&self, ids: Vec<ChunkId>) -> Result<Vec<bool>, ApplianceError> {
-        self.call(|reply| ShardRequest::Need { ids, reply }).await
+    pub async fn need(
+        &self,
+        ids: Vec<ChunkId>,
+        owner: Option<[u8; 16]>,
+    ) -> Result<Vec<Presence>, ApplianceError> {
+        self.call(|reply| ShardRequest::Need { ids, owner, reply })
+            .await
     }
 
     /// See [`ShardRequest::Put`].
     ///
     /// # Errors
     /// [`IngestError`]s (bad chunks, storage failure), shutdown.
-    pub async fn put(&self, chunks: Vec<IncomingChunk>) -> Result<PutOutcome, ApplianceError> {
-        self.call(|reply| ShardRequest::Put { chunks, reply }).await
+    pub async fn put(
+        &self,
+        chunks: Vec<IncomingChunk>,
+        owner: Option<[u8; 16]>,
+    ) -> Result<PutOutcome, ApplianceError> {
+        self.call(|reply| ShardRequest::Put {
+            chunks,
+            owner,
+            reply,
+        })
+        .await
     }
 
     /// See [`ShardRequest::Get`].
@@ -338,17 +367,39 @@ async fn run(state: Rc<ShardState>, writer: PackWriter, rx: flume::Receiver<Shar
 
 async fn handle(state: &Rc<ShardState>, req: ShardRequest) {
     match req {
-        ShardRequest::Need { ids, reply } => {
+        ShardRequest::Need { ids, owner, reply } => {
+            let owned = match owner {
+                Some(o) => state.index.owned(&o, &ids).map_err(|e| {
+                    ApplianceError::Internal(format!("reading ownership records: {e}"))
+                }),
+                None => Ok(vec![false; ids.len()]),
+            };
             let need = state.need.borrow();
-            let _ = reply.send(Ok(ids.iter().map(|id| need.contains(id)).collect()));
+            let _ = reply.send(owned.map(|owned| {
+                ids.iter()
+                    .zip(owned)
+                    .map(|(id, owned)| {
+                        let stored = need.contains(id);
+                        Presence {
+                            stored,
+                            owned: stored && owned,
+                        }
+                    })
+                    .collect()
+            }));
         }
-        ShardRequest::Put { chunks, reply } => {
+        ShardRequest::Put {
+            chunks,
+            owner,
+            reply,
+        } => {
             let _ = reply.send(
-                ingest::put(state, chunks)
+                ingest::put(state, chunks, owner)
                     .await
                     .map_err(ApplianceError::from),
             );
         }
+
         ShardRequest::Get { ids, reply } => {
             let _ = reply.send(read::get(state, &ids).await);
         }
@@ -374,10 +425,13 @@ async fn pack_loop(
                 q.gen += 1;
                 (std::mem::take(&mut q.chunks), g)
             };
-            let res = writer
-                .write(&batch)
-                .await
-                .map_err(|e| IngestError::Storage(e.to_string()));
+            let res = writer.write(&batch).await.map_err(|e| {
+                if e.is_no_space() {
+                    IngestError::NoSpace(e.to_string())
+                } else {
+                    IngestError::Storage(e.to_string())
+                }
+            });
             if let Err(e) = &res {
                 tracing::error!(error = %e, "group commit failed; the pack is poisoned and abandoned");
             }
