@@ -71,6 +71,11 @@ enum Cmd {
         /// Seconds a new connection has to complete its TLS handshake before it is closed.
         #[arg(long, default_value_t = 10, value_name = "SECS")]
         handshake_timeout: u64,
+        /// Free bytes to keep on the packs' file system for the index and catalog: backups are
+        /// refused (RESOURCE_EXHAUSTED) rather than fill it. Default: 2 % of the file system,
+        /// between 8 MiB and 1 GiB; 0 when the index lives on another disk.
+        #[arg(long, value_name = "BYTES")]
+        space_reserve: Option<u64>,
         /// Create a self-signed certificate at --tls-cert-file/--tls-key-file (never overwrites).
         #[arg(long)]
         tls_generate_cert: bool,
@@ -439,6 +444,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             server_control_username,
             listen_mode,
             handshake_timeout,
+            space_reserve,
         } => {
             let paths = RepoPaths::new(&repo.repo);
             let master = unlock(&paths, &password)?;
@@ -480,6 +486,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     control,
                     listen_mode,
                     handshake_timeout: std::time::Duration::from_secs(handshake_timeout.max(1)),
+                    space_reserve,
                 },
             )?;
         }

@@ -37,6 +37,9 @@ pub struct ServeOptions {
     pub listen_mode: u32,
     /// A connection that has not completed its TLS handshake by then is closed.
     pub handshake_timeout: Duration,
+    /// Free bytes kept on the packs' file system for the index and catalog (`None`: 2 % of
+    /// it, between 8 MiB and 1 GiB).
+    pub space_reserve: Option<u64>,
 }
 
 /// TLS handshakes in progress at once; further connections wait in the kernel's backlog.
@@ -88,6 +91,45 @@ pub fn check_index_present(paths: &RepoPaths, cfg: &RepoConfig) -> Result<(), Re
     Ok(())
 }
 
+/// Size of `<repo>/ballast`, space set aside so that RocksDB (index and catalog) can always
+/// open: opening replays its logs into new files, and fails on a file system filled to the last
+/// byte (by something else, or with `--space-reserve 0`).
+pub const BALLAST_BYTES: u64 = 32 << 20;
+
+/// Releases the ballast when the repository's file system is full, so that the indexes can open;
+/// re-creates it when there is room again (at least twice its size free).
+pub fn emergency_space(paths: &RepoPaths) {
+    let ballast = paths.root.join("ballast");
+    let Ok(st) = rustix::fs::statvfs(&paths.root) else {
+        return;
+    };
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    if ballast.exists() {
+        if free < BALLAST_BYTES {
+            match std::fs::remove_file(&ballast) {
+                Ok(()) => tracing::warn!(
+                    free,
+                    "the repository's file system is full: released the {} MiB emergency reserve \
+                     ({}) so that the index and catalog can open; free space — backups are \
+                     refused until there is room, and the reserve is re-created then",
+                    BALLAST_BYTES >> 20,
+                    ballast.display()
+                ),
+                Err(e) => tracing::error!(error = %e, "cannot release the emergency reserve"),
+            }
+        }
+    } else if free >= 2 * BALLAST_BYTES {
+        let made = std::fs::File::create(&ballast).and_then(|f| {
+            rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, BALLAST_BYTES)?;
+            f.sync_all()
+        });
+        if let Err(e) = made {
+            tracing::warn!(error = %e, "cannot create the emergency reserve");
+            let _ = std::fs::remove_file(&ballast);
+        }
+    }
+}
+
 /// Runs the appliance until SIGTERM or SIGINT.
 ///
 /// # Errors
@@ -99,6 +141,7 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> anyho
         tracing::warn!("{w}");
         eprintln!("warning: {w}");
     }
+    emergency_space(paths);
     let hw = Hardware::detect_for(&paths.root);
     let plan = Plan::new(&hw, usize::from(cfg.shards))?;
     if hw.memlock_bytes < coffer_tuning::MIN_MEMLOCK_BYTES {
@@ -121,6 +164,7 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> anyho
             repo_id: cfg.id,
             max_chunk: cfg.chunker.max,
             pack_target: opts.pack_target.unwrap_or(plan.pack_target_bytes),
+            space_reserve: opts.space_reserve,
             cache_bytes: plan.index_cache_bytes,
             queue_limit: 256 << 20,
         })

@@ -371,10 +371,11 @@ impl Drop for Tmpfs {
 #[test]
 fn a_full_disk_never_prevents_a_restart_and_service_resumes_with_space() {
     let outer = tempfile::tempdir().unwrap();
-    let Some(fs) = Tmpfs::mount(&outer.path().join("fs"), 120) else {
+    // Only the repository is on the small file system (the log and certificates are not).
+    let Some(fs) = Tmpfs::mount(&outer.path().join("repo"), 120) else {
         return;
     };
-    let mut app = Appliance::init(&fs.0, 2, 64 << 10, &[ALICE]).unwrap();
+    let mut app = Appliance::init(outer.path(), 2, 64 << 10, &[ALICE]).unwrap();
     app.pack_target = Some(16 << 20);
     let src = outer.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
@@ -383,6 +384,14 @@ fn a_full_disk_never_prevents_a_restart_and_service_resumes_with_space() {
     }
     let cfg = outer.path().join("alice.json");
     for round in 0..4 {
+        // Round 0 fills the disk to the last byte (real ENOSPC in pack writes and in RocksDB:
+        // the restart needs the emergency reserve); rounds 1 to 3 keep the default free-space
+        // reserve (refused before writing).
+        app.serve_args = if round < 1 {
+            vec!["--space-reserve".into(), "0".into()]
+        } else {
+            Vec::new()
+        };
         app.start()
             .unwrap_or_else(|e| panic!("round {round}: restart after ENOSPC failed: {e}"));
         connect_client(&app, &cfg, "alice", "laptop");
@@ -405,7 +414,17 @@ fn a_full_disk_never_prevents_a_restart_and_service_resumes_with_space() {
         );
     }
     app.start().expect("start on a full disk");
+    let log = std::fs::read_to_string(outer.path().join("appliance.log")).unwrap();
+    assert!(
+        log.contains("No space left on device") || log.contains("short write"),
+        "round 0 hit a real ENOSPC"
+    );
+    assert!(
+        log.contains("released the 32 MiB emergency reserve"),
+        "the restart after round 0 needed the reserve"
+    );
     fs.resize(1024);
+    // The running appliance takes backups again: no restart.
     connect_client(&app, &cfg, "alice", "laptop");
     let snap = create_snapshot(&cfg, &src);
     let (rc, text) = app.verify(true).unwrap();

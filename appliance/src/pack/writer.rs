@@ -85,6 +85,8 @@ pub struct PackWriter {
     repo_id: [u8; 16],
     target: u64,
     open: Option<OpenPack>,
+    /// Free space left for RocksDB; `None`: [`reserve`] of the file system's size.
+    space_reserve: Option<u64>,
     /// Packs sealed by this writer (for stats and tests).
     pub sealed: u64,
 }
@@ -132,8 +134,17 @@ impl PackWriter {
             repo_id,
             target,
             open: None,
+            space_reserve: None,
             sealed: 0,
         }
+    }
+
+    /// Sets the free space kept for the index and catalog (`serve --space-reserve`); `None`
+    /// keeps [`reserve`] of the file system's size.
+    #[must_use]
+    pub fn with_space_reserve(mut self, bytes: Option<u64>) -> Self {
+        self.space_reserve = bytes;
+        self
     }
 
     async fn create(&self) -> Result<OpenPack, PackError> {
@@ -303,9 +314,14 @@ impl PackWriter {
             .await
             .map_err(|e| err("writing", e.into()))?;
         if wrote != want {
+            // A short write to a regular file means the file system ran out of space (or a
+            // size limit was hit): reported as a full disk.
             return Err(err(
                 "writing",
-                std::io::Error::other(format!("short write {wrote}/{want}")),
+                std::io::Error::new(
+                    std::io::ErrorKind::StorageFull,
+                    format!("short write {wrote}/{want} (no space left on the device?)"),
+                ),
             ));
         }
         if seal {
@@ -344,7 +360,7 @@ impl PackWriter {
         let free = st.f_bavail.saturating_mul(st.f_frsize);
         let total = st.f_blocks.saturating_mul(st.f_frsize);
         let need: u64 = chunks.iter().map(PendingChunk::record_len).sum::<u64>() + ALIGN * 2;
-        let keep = reserve(total);
+        let keep = self.space_reserve.unwrap_or_else(|| reserve(total));
         if free < need + keep {
             return Err(PackError {
                 pack: self

@@ -54,6 +54,10 @@ struct Inner {
 
 /// Tree walks (commit checks, snapshot opens) running at once, appliance-wide.
 const WALKS: usize = 4;
+/// Chunks a walk reads at once: at most 128 × the maximum chunk size (32 MiB with the default
+/// chunker) of tree objects, 32 × (8 MiB) of list chunks, whatever a client uploaded.
+const WALK_TREES_PER_FETCH: usize = 128;
+const WALK_LISTS_PER_FETCH: usize = 32;
 
 /// Snapshots whose reachable sets stay cached (a Linux-tree snapshot's set is ~5 MB).
 const REACH_CACHE: usize = 8;
@@ -439,7 +443,7 @@ impl Inner {
             }
             let mut next = Vec::new();
             let mut lists = Vec::new();
-            for part in todo.chunks(4096) {
+            for part in todo.chunks(WALK_TREES_PER_FETCH) {
                 for c in self.fetch(part.to_vec()).await? {
                     let t = v1::Tree::decode(&plaintext(&c)?[..])
                         .map_err(|e| bad(format!("chunk {} is not a tree object: {e}", c.id)))?;
@@ -479,7 +483,7 @@ impl Inner {
                 }
                 tokio::task::yield_now().await;
             }
-            for part in lists.chunks(4096) {
+            for part in lists.chunks(WALK_LISTS_PER_FETCH) {
                 for c in self.fetch(part.to_vec()).await? {
                     for id in unpack_ids(&plaintext(&c)?, usize::MAX)
                         .map_err(|e| bad(format!("list chunk {}: {e}", c.id)))?

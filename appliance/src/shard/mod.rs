@@ -175,6 +175,8 @@ pub struct ShardConfig {
     pub repo_id: [u8; 16],
     pub max_chunk: u32,
     pub pack_target: u64,
+    /// Free bytes the pack writer leaves on the packs' file system (`None`: automatic).
+    pub space_reserve: Option<u64>,
     pub cache_bytes: usize,
     /// Bytes of verified chunks that may wait for the next group commit.
     pub queue_limit: u64,
@@ -273,7 +275,8 @@ impl ShardState {
             cfg.shard,
             cfg.repo_id,
             cfg.pack_target,
-        );
+        )
+        .with_space_reserve(cfg.space_reserve);
         let need = NeedSet::load(index.as_ref())
             .map_err(|e| format!("shard {}: loading the index: {e}", cfg.shard))?;
         tracing::info!(shard = cfg.shard, chunks = need.len(), "index loaded");
@@ -432,8 +435,14 @@ async fn pack_loop(
                     IngestError::Storage(e.to_string())
                 }
             });
-            if let Err(e) = &res {
-                tracing::error!(error = %e, "group commit failed; the pack is poisoned and abandoned");
+            match &res {
+                Err(e @ IngestError::NoSpace(_)) => {
+                    tracing::error!(error = %e, "group commit refused: the disk is full");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "group commit failed; the pack is poisoned and abandoned");
+                }
+                Ok(()) => {}
             }
             if res.is_ok() {
                 let mut need = state.need.borrow_mut();
