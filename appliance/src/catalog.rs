@@ -52,6 +52,9 @@ impl Catalog {
     pub fn open(path: &Path, create: bool) -> Result<Self, RepoError> {
         let mut opts = rocksdb::Options::default();
         opts.create_if_missing(create);
+        // Opening must need little free space (a full disk, `server::emergency_space`): a new
+        // MANIFEST is written at every open, preallocated to 4 MiB by default.
+        opts.set_manifest_preallocation_size(64 << 10);
         let db = rocksdb::DB::open(&opts, path).map_err(|e| {
             if e.to_string().contains("lock") {
                 RepoError::Index(format!(

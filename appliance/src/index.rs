@@ -128,6 +128,9 @@ impl RocksIndex {
         opts.set_memtable_prefix_bloom_ratio(0.1);
         opts.set_compression_type(rocksdb::DBCompressionType::None);
         opts.set_max_background_jobs(2);
+        // Opening must need little free space (a full disk, `server::emergency_space`): a new
+        // MANIFEST is written at every open, preallocated to 4 MiB by default.
+        opts.set_manifest_preallocation_size(64 << 10);
         opts.set_write_buffer_size(8 << 20);
         let db = match mode {
             // Opened with the default column family named, so that `cf_handle` finds it for

@@ -94,7 +94,7 @@ pub fn check_index_present(paths: &RepoPaths, cfg: &RepoConfig) -> Result<(), Re
 /// Size of `<repo>/ballast`, space set aside so that RocksDB (index and catalog) can always
 /// open: opening replays its logs into new files, and fails on a file system filled to the last
 /// byte (by something else, or with `--space-reserve 0`).
-pub const BALLAST_BYTES: u64 = 32 << 20;
+pub const BALLAST_BYTES: u64 = 8 << 20;
 
 /// Releases the ballast when the repository's file system is full, so that the indexes can open;
 /// re-creates it when there is room again (at least twice its size free).

@@ -403,9 +403,13 @@ fn a_full_disk_never_prevents_a_restart_and_service_resumes_with_space() {
     app.stop().unwrap();
     assert!(app.repo.join("ballast").exists(), "the reserve was made");
     let filler = fill(&app.repo.join("filler"));
-    app.start().expect("start on a file system filled by someone else");
+    app.start()
+        .expect("start on a file system filled by someone else");
     let log = std::fs::read_to_string(outer.path().join("appliance.log")).unwrap();
-    assert!(log.contains("released the 32 MiB emergency reserve"), "{log}");
+    assert!(
+        log.contains("released the 8 MiB emergency reserve"),
+        "{log}"
+    );
     app.stop().unwrap();
     std::fs::remove_file(filler).unwrap();
     for round in 0..4 {
