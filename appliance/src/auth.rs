@@ -80,12 +80,46 @@ pub fn normalise_identity(raw: &str) -> Result<String, ApplianceError> {
     Ok(lower)
 }
 
+/// Everything reachable from a snapshot root: tree objects apart from leaves (file chunks, list
+/// chunks, bundles). Kept apart because only a *tree* of an opened snapshot may stand for a
+/// subtree that a commit need not walk again: a leaf whose bytes happen to decode as a tree must
+/// be walked (and its references checked) like any other.
+#[derive(Debug, Default)]
+pub struct Reach {
+    pub trees: HashSet<ChunkId>,
+    pub leaves: HashSet<ChunkId>,
+}
+
+impl Reach {
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.trees.len() + self.leaves.len()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    #[must_use]
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.trees.contains(id) || self.leaves.contains(id)
+    }
+}
+
+/// Snapshots one session may hold open at once; opening another forgets the oldest.
+pub const MAX_OPENED: usize = 16;
+/// Sessions one account may hold at once; a new login ends the least recently used.
+pub const MAX_SESSIONS_PER_ACCOUNT: usize = 32;
+/// Longest password accepted (argon2 hashes the whole input).
+pub const MAX_PASSWORD_BYTES: usize = 1024;
+
 /// A snapshot a session opened: the record it was opened as (to re-check access when rules
 /// change) and everything reachable from it.
 #[derive(Debug, Clone)]
 pub struct Opened {
     pub snapshot: v1::Snapshot,
-    pub reach: Arc<HashSet<ChunkId>>,
+    pub reach: Arc<Reach>,
 }
 
 /// What a session knows: chunks it uploaded or proved it holds, and everything reachable from
@@ -123,10 +157,13 @@ impl SessionState {
     }
 
     /// Records the reachable set of a snapshot the session opened.
-    pub fn add_opened(&self, snapshot: v1::Snapshot, reach: Arc<HashSet<ChunkId>>) {
+    pub fn add_opened(&self, snapshot: v1::Snapshot, reach: Arc<Reach>) {
         let mut o = lock(&self.opened);
         if !o.iter().any(|r| r.snapshot.id == snapshot.id) {
             o.push(Opened { snapshot, reach });
+            if o.len() > MAX_OPENED {
+                o.remove(0);
+            }
         }
     }
 
@@ -151,6 +188,15 @@ impl SessionState {
     #[must_use]
     pub fn opened(&self, id: &ChunkId) -> bool {
         lock(&self.opened).iter().any(|r| r.reach.contains(id))
+    }
+
+    /// Whether `id` is a tree object of a snapshot the session opened (a subtree a commit need
+    /// not walk again).
+    #[must_use]
+    pub fn opened_tree(&self, id: &ChunkId) -> bool {
+        lock(&self.opened)
+            .iter()
+            .any(|r| r.reach.trees.contains(id))
     }
 
     /// Whether the session uploaded, proved or opened `id`.
@@ -264,14 +310,32 @@ pub struct Throttle {
     trusted: HashMap<(String, IpAddr), Instant>,
 }
 
+/// The key of a source address: the address itself, or its /64 for IPv6 (one host usually holds
+/// a whole /64, so rotating addresses inside it must not reset the count).
+fn source_key(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("ip:{v4}"),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("ip:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+    }
+}
+
 /// The keys an attempt is counted on; the first is the account's key.
 fn throttle_keys(trusted: bool, identity: &str, source: Option<IpAddr>) -> Vec<String> {
     match source {
-        Some(ip) if trusted => vec![format!("id:{identity}/{ip}"), format!("ip:{ip}")],
-        Some(ip) => vec![format!("id:{identity}"), format!("ip:{ip}")],
+        Some(ip) if trusted => vec![format!("id:{identity}/{ip}"), source_key(ip)],
+        Some(ip) => vec![format!("id:{identity}"), source_key(ip)],
         None => vec![format!("id:{identity}")],
     }
 }
+
+/// Most keys the throttle remembers; past it, keys that slow nobody down are forgotten first,
+/// and if that is not enough, attempts are refused until old failures expire.
+const THROTTLE_KEYS_MAX: usize = 200_000;
+/// Attempts waiting for a hashing slot at most; more are refused at once.
+const HASH_QUEUE_MAX: usize = 64;
 
 impl Throttle {
     /// Takes a turn for an attempt at `now`: returns when it may check its password, or how long
@@ -287,6 +351,12 @@ impl Throttle {
     ) -> Result<(Instant, Vec<String>), Duration> {
         self.keys
             .retain(|_, a| now.saturating_duration_since(a.last) < FAILURE_MEMORY);
+        if self.keys.len() >= THROTTLE_KEYS_MAX {
+            self.keys.retain(|_, a| a.count >= FREE_FAILURES);
+            if self.keys.len() >= THROTTLE_KEYS_MAX {
+                return Err(MAX_WAIT);
+            }
+        }
         let trusted = source.is_some_and(|ip| {
             self.trusted
                 .get(&(identity.to_string(), ip))
@@ -372,6 +442,8 @@ pub struct Auth {
     ttl: Duration,
     /// Passwords checked (argon2id verifications started), for tests and status.
     checked: AtomicU64,
+    /// Attempts waiting for a hashing slot.
+    queued: std::sync::atomic::AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -414,6 +486,7 @@ impl Auth {
             control,
             ttl: Duration::from_hours(24),
             checked: AtomicU64::new(0),
+            queued: std::sync::atomic::AtomicUsize::new(0),
         };
         a.reload()?;
         Ok(a)
@@ -448,6 +521,17 @@ impl Auth {
                 .map_err(|e| ApplianceError::Internal(e.to_string()))?
                 .as_deref(),
         )?;
+        // The new rules first: a snapshot opened from now on is checked against them (and
+        // `open_snapshot` re-checks after adding), one opened before is in `open` below.
+        let rules = Arc::new(rules);
+        *self
+            .rules
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = rules.clone();
+        *self
+            .disclosure
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = disclosure;
         // Which opened snapshots still exist (looked up before taking the sessions lock).
         let open: Vec<(String, Arc<SessionState>)> = lock(&self.sessions)
             .values()
@@ -468,15 +552,6 @@ impl Auth {
                 }
             }
         }
-        let rules = Arc::new(rules);
-        *self
-            .rules
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = rules.clone();
-        *self
-            .disclosure
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = disclosure;
         for (who, st) in &open {
             let dropped = st.retain_opened(|snap| {
                 exists.get(snap.id.as_ref()).copied().unwrap_or(false)
@@ -564,6 +639,11 @@ impl Auth {
     ) -> Result<(String, String), ApplianceError> {
         let denied = || ApplianceError::Unauthenticated("unknown user or wrong password".into());
         let identity = normalise_identity(identity)?;
+        if password.len() > MAX_PASSWORD_BYTES {
+            return Err(ApplianceError::InvalidArgument(format!(
+                "passwords are at most {MAX_PASSWORD_BYTES} bytes"
+            )));
+        }
         let (slot, keys) = lock(&self.throttle)
             .reserve(&identity, source, Instant::now())
             .map_err(|wait| {
@@ -589,7 +669,7 @@ impl Auth {
             (None, None) => self.dummy_hash.clone(),
         };
         let ok = {
-            let _slot = self.hashing.acquire().await.map_err(|_| denied())?;
+            let _slot = self.hashing_slot().await?;
             self.checked.fetch_add(1, Ordering::Relaxed);
             let (phc, password) = (phc.clone(), password.to_string());
             tokio::task::spawn_blocking(move || verify_password(&phc, &password))
@@ -610,8 +690,80 @@ impl Auth {
             phc,
         };
         self.sweep();
-        lock(&self.sessions).insert(token.clone(), session);
+        let mut sessions = lock(&self.sessions);
+        // The password may have changed, or the account been deleted, while this attempt was
+        // hashing: a reload that ran meanwhile could not see this session. Checked again under
+        // the sessions lock, which every reload takes to end sessions.
+        if control.is_none() {
+            let now_phc = self
+                .catalog
+                .user(&identity)
+                .map_err(|e| ApplianceError::Internal(e.to_string()))?
+                .map(|u| u.password_hash);
+            if now_phc.as_deref() != Some(session.phc.as_str()) {
+                return Err(denied());
+            }
+        }
+        // At most MAX_SESSIONS_PER_ACCOUNT sessions: the least recently used one ends.
+        let mine: Vec<(String, Instant)> = sessions
+            .iter()
+            .filter(|(_, s)| s.identity == identity)
+            .map(|(t, s)| (t.clone(), s.state.idle_since()))
+            .collect();
+        if mine.len() >= MAX_SESSIONS_PER_ACCOUNT {
+            if let Some((oldest, _)) = mine.iter().min_by_key(|(_, at)| *at) {
+                if let Some(s) = sessions.remove(oldest) {
+                    s.state.revoke();
+                }
+            }
+        }
+        sessions.insert(token.clone(), session);
+        drop(sessions);
         Ok((token, identity))
+    }
+
+    /// One of the two argon2id slots; refused at once when [`HASH_QUEUE_MAX`] attempts already
+    /// wait for one.
+    async fn hashing_slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, ApplianceError> {
+        let busy = || {
+            ApplianceError::ResourceExhausted(
+                "too many password checks in progress; try again in a few seconds".into(),
+            )
+        };
+        if self.queued.fetch_add(1, Ordering::SeqCst) >= HASH_QUEUE_MAX {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(busy());
+        }
+        let slot = self.hashing.acquire().await;
+        self.queued.fetch_sub(1, Ordering::SeqCst);
+        slot.map_err(|_| busy())
+    }
+
+    /// Hashes a new password in one of the hashing slots (`ChangePassword`).
+    ///
+    /// # Errors
+    /// Too long, too many hashes queued, or argon2 failing.
+    pub async fn hash_new_password(&self, password: String) -> Result<String, ApplianceError> {
+        if password.len() > MAX_PASSWORD_BYTES {
+            return Err(ApplianceError::InvalidArgument(format!(
+                "passwords are at most {MAX_PASSWORD_BYTES} bytes"
+            )));
+        }
+        let _slot = self.hashing_slot().await?;
+        tokio::task::spawn_blocking(move || hash_password(&password))
+            .await
+            .map_err(|e| ApplianceError::Internal(e.to_string()))?
+    }
+
+    /// Takes snapshot `id` (deleted) from every session that opened it.
+    pub fn forget_snapshot(&self, id: &[u8]) {
+        let states: Vec<Arc<SessionState>> = lock(&self.sessions)
+            .values()
+            .map(|s| s.state.clone())
+            .collect();
+        for st in states {
+            st.retain_opened(|s| s.id.as_ref() != id);
+        }
     }
 
     /// The session a token names.

@@ -197,6 +197,58 @@ fn commit_errors_carry_no_stored_bytes_and_no_existence() {
     });
 }
 
+/// Found by review: a leaf of an opened snapshot whose bytes decode as a tree must not stand for
+/// a subtree that needs no walk. B stores a chunk F that is a tree listing A's chunk, commits and
+/// opens a snapshot holding F as a *file chunk*, then commits F as a root (or a subtree): refused,
+/// and A's chunk stays unreadable. A GetChunks message asking for too many ids is refused.
+#[test]
+fn an_opened_leaf_never_passes_for_a_checked_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = Appliance::init(dir.path(), 2, 64 << 10, &[ALICE, BOB]).unwrap();
+    app.start().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let alice = app.session(ALICE).await.unwrap();
+        let secret = Bytes::from(data(99, 3000, false));
+        let secret_id = alice.chunk_id(&secret);
+        alice
+            .put(vec![frame(&alice, secret)], 1 << 20)
+            .await
+            .unwrap();
+
+        let bob = app.session(BOB).await.unwrap();
+        let forged = tree_frame(&bob, vec![node_referencing("chunks", secret_id)]);
+        let f = forged.id;
+        let holder = tree_frame(&bob, vec![node_referencing("chunks", f)]);
+        let holder_id = holder.id;
+        bob.put(vec![forged, holder], 1 << 20).await.unwrap();
+        let s1 = bob.commit(snapshot_of(holder_id)).await.unwrap();
+        bob.open(&s1).await.unwrap();
+        let as_subtree = tree_frame(&bob, vec![node_referencing("subtree", f)]);
+        let sub_root = as_subtree.id;
+        bob.put(vec![as_subtree], 1 << 20).await.unwrap();
+        for root in [f, sub_root] {
+            let e = bob.commit(snapshot_of(root)).await.unwrap_err();
+            assert_eq!(code(&e), Some(Code::FailedPrecondition), "{e}");
+            assert!(e.to_string().contains(&secret_id.to_hex()), "{e}");
+        }
+        let e = bob.get(&[secret_id]).await.unwrap_err();
+        assert_eq!(code(&e), Some(Code::NotFound), "{e}");
+
+        // 257 ids in one GetChunks message: refused before anything is read.
+        let (mut client, token) = raw(&app, &bob).await;
+        let ids = vec![f; 257];
+        let mut req = tonic::Request::new(tokio_stream::iter(vec![v1::GetChunksRequest {
+            ids: pack_ids(&ids).into(),
+        }]));
+        req.metadata_mut()
+            .insert(coffer_proto::SESSION_HEADER, token);
+        let mut stream = client.get_chunks(req).await.unwrap().into_inner();
+        let e = stream.message().await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    });
+}
+
 /// Runs an admin command against the running appliance (through its admin socket).
 fn admin(app: &Appliance, args: &[&str]) -> String {
     let repo = app.repo_str();

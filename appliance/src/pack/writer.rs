@@ -97,6 +97,34 @@ impl std::fmt::Debug for PackWriter {
     }
 }
 
+/// Fails (`StorageFull`) when writing `need` bytes under `dir` would leave less than the reserve
+/// (`reserve`, or [`reserve`] of the file system's size) free. An unreadable file system passes:
+/// the write itself then reports a full disk.
+///
+/// # Errors
+/// `StorageFull` naming free, needed and kept bytes.
+pub fn check_free_space(
+    dir: &std::path::Path,
+    need: u64,
+    reserve_bytes: Option<u64>,
+) -> std::io::Result<()> {
+    let Ok(st) = rustix::fs::statvfs(dir) else {
+        return Ok(());
+    };
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    let keep = reserve_bytes.unwrap_or_else(|| reserve(st.f_blocks.saturating_mul(st.f_frsize)));
+    if free < need.saturating_add(keep) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            format!(
+                "No space left: {free} bytes free, {need} needed plus {keep} kept for the index \
+                 and catalog"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Free space the pack writer leaves on a file system of `total` bytes for RocksDB (index and
 /// catalog): 2 %, at least 8 MiB, at most 1 GiB.
 #[must_use]
@@ -354,30 +382,17 @@ impl PackWriter {
     /// a clear `RESOURCE_EXHAUSTED` instead of torn packs and a database in error. Nothing is
     /// written and the open pack stays usable; service resumes when space returns.
     fn check_space(&self, chunks: &[PendingChunk]) -> Result<(), PackError> {
-        let Ok(st) = rustix::fs::statvfs(self.paths.packs()) else {
-            return Ok(()); // cannot tell: the write itself reports a full disk
-        };
-        let free = st.f_bavail.saturating_mul(st.f_frsize);
-        let total = st.f_blocks.saturating_mul(st.f_frsize);
         let need: u64 = chunks.iter().map(PendingChunk::record_len).sum::<u64>() + ALIGN * 2;
-        let keep = self.space_reserve.unwrap_or_else(|| reserve(total));
-        if free < need + keep {
-            return Err(PackError {
+        check_free_space(&self.paths.packs(), need, self.space_reserve).map_err(|source| {
+            PackError {
                 pack: self
                     .open
                     .as_ref()
                     .map_or_else(|| "(none open)".to_string(), |p| p.id.to_hex()),
                 what: "checking free space",
-                source: std::io::Error::new(
-                    std::io::ErrorKind::StorageFull,
-                    format!(
-                        "No space left: {free} bytes free, {need} needed plus {keep} kept for \
-                         the index and catalog"
-                    ),
-                ),
-            });
-        }
-        Ok(())
+                source,
+            }
+        })
     }
 
     /// Adds `id` to the packs the next start seals (best effort: when even this fails, the

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::acl::snapshot_access;
 use crate::acl::{self, Access, TargetType};
-use crate::auth::{Auth, Session, SessionState};
+use crate::auth::{Auth, Reach, Session, SessionState};
 use crate::catalog::Catalog;
 use crate::error::ApplianceError;
 use crate::shard::{IncomingChunk, Presence, PutOutcome, ShardHandle, StoredChunk};
@@ -45,7 +45,8 @@ struct Inner {
     auth: Arc<Auth>,
     hello: HelloInfo,
     /// Reachable sets of recently opened or committed snapshots, most recent last.
-    reach_cache: std::sync::Mutex<Vec<(SnapshotId, Arc<HashSet<ChunkId>>)>>,
+    /// Keyed by root: snapshots of the same tree share one set.
+    reach_cache: std::sync::Mutex<Vec<(ChunkId, Arc<Reach>)>>,
     /// Tree walks running at once, appliance-wide.
     walks: Arc<Semaphore>,
     /// One tree walk at a time per account.
@@ -54,6 +55,9 @@ struct Inner {
 
 /// Tree walks (commit checks, snapshot opens) running at once, appliance-wide.
 const WALKS: usize = 4;
+/// Ids one `GetChunks` message may ask for (the client sends 256): with [`PIPELINE_DEPTH`]
+/// messages in flight, a stream holds at most 4 × 256 × the maximum chunk size.
+const GET_IDS_PER_MESSAGE: usize = 256;
 /// Chunks a walk reads at once, whatever a client uploaded: at most 1,024 × the maximum chunk
 /// size of tree objects (real trees are a few KiB: the Linux tree's levels take one or two
 /// fetches; 128 per fetch made opening it ~8 % slower), and 32 list chunks (8 MiB).
@@ -68,9 +72,7 @@ const MAX_REACH: usize = 50_000_000;
 /// What a walk from a snapshot root found.
 #[derive(Debug, Default)]
 struct Walk {
-    trees: HashSet<ChunkId>,
-    /// File chunks and list chunks.
-    leaves: HashSet<ChunkId>,
+    reach: Reach,
     /// Whether some subtree was not descended into.
     skipped: bool,
 }
@@ -359,9 +361,12 @@ impl Inner {
         session: &Session,
         ids: Bytes,
     ) -> Result<Vec<v1::GetChunksResponse>, ApplianceError> {
-        let max = self.hello.limits.max_ids_per_batch as usize;
-        let ids =
-            unpack_ids(&ids, max).map_err(|e| ApplianceError::InvalidArgument(e.to_string()))?;
+        // Each message is answered from memory: its size is bounded by ids, not by the request.
+        let ids = unpack_ids(&ids, GET_IDS_PER_MESSAGE).map_err(|e| {
+            ApplianceError::InvalidArgument(format!(
+                "GetChunks: {e} (at most {GET_IDS_PER_MESSAGE} ids per message)"
+            ))
+        })?;
         if let Some(id) = ids.iter().find(|id| !session.state.knows(id)) {
             return Err(ApplianceError::NotFound(format!(
                 "chunk {id} is not stored (or not reachable from a snapshot this session opened)"
@@ -419,7 +424,7 @@ impl Inner {
             }
         };
         let bounded = |w: &Walk| -> Result<(), ApplianceError> {
-            if w.trees.len() + w.leaves.len() > MAX_REACH {
+            if w.reach.len() > MAX_REACH {
                 Err(bad(format!(
                     "a snapshot may reach at most {MAX_REACH} chunks"
                 )))
@@ -432,12 +437,12 @@ impl Inner {
         while !level.is_empty() {
             let mut todo = Vec::new();
             for id in level {
-                if session.is_some_and(|s| s.opened(&id)) {
+                if session.is_some_and(|s| s.opened_tree(&id)) {
                     w.skipped = true;
                     continue;
                 }
                 knows(&id)?;
-                if w.trees.insert(id) {
+                if w.reach.trees.insert(id) {
                     bounded(&w)?;
                     todo.push(id);
                 }
@@ -469,13 +474,13 @@ impl Inner {
                         }
                         for id in leaves {
                             knows(&id)?;
-                            if w.leaves.insert(id) {
+                            if w.reach.leaves.insert(id) {
                                 bounded(&w)?;
                             }
                         }
                         for id in packed(&n.chunk_lists)? {
                             knows(&id)?;
-                            if w.leaves.insert(id) {
+                            if w.reach.leaves.insert(id) {
                                 bounded(&w)?;
                                 lists.push(id);
                             }
@@ -490,7 +495,7 @@ impl Inner {
                         .map_err(|e| bad(format!("list chunk {}: {e}", c.id)))?
                     {
                         knows(&id)?;
-                        if w.leaves.insert(id) {
+                        if w.reach.leaves.insert(id) {
                             bounded(&w)?;
                         }
                     }
@@ -513,6 +518,10 @@ impl Inner {
                 .user_walks
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if m.len() > 4096 {
+                // Forget accounts with no walk in progress (deleted ones among them).
+                m.retain(|_, s| Arc::strong_count(s) > 1);
+            }
             m.entry(identity.to_string())
                 .or_insert_with(|| Arc::new(Semaphore::new(1)))
                 .clone()
@@ -523,40 +532,36 @@ impl Inner {
         Ok((mine, global))
     }
 
-    fn cached_reach(&self, id: &SnapshotId) -> Option<Arc<HashSet<ChunkId>>> {
+    fn cached_reach(&self, root: &ChunkId) -> Option<Arc<Reach>> {
         let c = self
             .reach_cache
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        c.iter().find(|(s, _)| s == id).map(|(_, r)| r.clone())
+        c.iter().find(|(r, _)| r == root).map(|(_, r)| r.clone())
     }
 
-    fn cache_reach(&self, id: SnapshotId, reach: Arc<HashSet<ChunkId>>) {
+    fn cache_reach(&self, root: ChunkId, reach: Arc<Reach>) {
         let mut c = self
             .reach_cache
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        c.retain(|(s, _)| *s != id);
-        c.push((id, reach));
+        c.retain(|(r, _)| *r != root);
+        c.push((root, reach));
         if c.len() > REACH_CACHE {
             c.remove(0);
         }
     }
 
-    /// Everything reachable from snapshot `snap` (cached).
-    async fn reach(&self, snap: &v1::Snapshot) -> Result<Arc<HashSet<ChunkId>>, ApplianceError> {
-        let id = SnapshotId::from_slice(&snap.id)
-            .map_err(|e| ApplianceError::Internal(e.to_string()))?;
-        if let Some(r) = self.cached_reach(&id) {
-            return Ok(r);
-        }
+    /// Everything reachable from snapshot `snap` (cached by root).
+    async fn reach(&self, snap: &v1::Snapshot) -> Result<Arc<Reach>, ApplianceError> {
         let root =
             ChunkId::from_slice(&snap.root).map_err(|e| ApplianceError::Internal(e.to_string()))?;
+        if let Some(r) = self.cached_reach(&root) {
+            return Ok(r);
+        }
         let w = self.walk(root, None).await?;
-        let mut all = w.trees;
-        all.extend(w.leaves);
-        let all = Arc::new(all);
-        self.cache_reach(id, all.clone());
+        let all = Arc::new(w.reach);
+        self.cache_reach(root, all.clone());
         Ok(all)
     }
 }
@@ -762,9 +767,7 @@ impl Coffer for CofferService {
         catalog_call(&self.inner.catalog, move |c| c.commit_snapshot(&s2)).await?;
         if !walk.skipped {
             // The walk saw everything: the new snapshot's reachable set, ready for restores.
-            let mut all = walk.trees;
-            all.extend(walk.leaves);
-            self.inner.cache_reach(id, Arc::new(all));
+            self.inner.cache_reach(root, Arc::new(walk.reach));
         }
         Ok(Response::new(v1::CommitSnapshotResponse { id: snap.id }))
     }
@@ -841,7 +844,11 @@ impl Coffer for CofferService {
         })
         .await?;
         match outcome {
-            Some(Access::Full) => Ok(Response::new(v1::DeleteSnapshotResponse {})),
+            Some(Access::Full) => {
+                // Sessions that opened it read from it no longer.
+                self.inner.auth.forget_snapshot(id.as_bytes());
+                Ok(Response::new(v1::DeleteSnapshotResponse {}))
+            }
             Some(_) => Err(Status::permission_denied(format!(
                 "{} may read snapshot {id} but not delete it",
                 session.identity
@@ -898,9 +905,7 @@ impl Coffer for CofferService {
                 crate::auth::MIN_PASSWORD_CHARS
             )));
         }
-        let hash = tokio::task::spawn_blocking(move || crate::auth::hash_password(&pw))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))??;
+        let hash = self.inner.auth.hash_new_password(pw).await?;
         let identity = session.identity.clone();
         catalog_call(&self.inner.catalog, move |c| {
             let Some(mut u) = c.user(&identity)? else {
@@ -913,7 +918,10 @@ impl Coffer for CofferService {
         })
         .await?;
         // Every session of the account ends (the caller's too): the old password is gone.
-        self.inner.auth.reload()?;
+        let auth = self.inner.auth.clone();
+        tokio::task::spawn_blocking(move || auth.reload())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
         Ok(Response::new(v1::ChangePasswordResponse {}))
     }
 

@@ -86,6 +86,10 @@ pub(super) async fn put(
         verified.push(verify(&state.dedup_key, state.max_chunk, c)?);
         glommio::yield_if_needed().await;
     }
+    // The space check covers the whole request, chunks already stored included: whether an
+    // upload fails on a full disk must not tell whether someone else stored its chunks.
+    crate::pack::writer::check_free_space(&state.paths.packs(), bytes, state.space_reserve)
+        .map_err(|e| IngestError::NoSpace(e.to_string()))?;
     let ids: Vec<_> = verified.iter().map(|c| c.id).collect();
     let present = state
         .index

@@ -237,6 +237,7 @@ pub(crate) struct ShardState {
     pub(crate) index: Arc<dyn ChunkIndex>,
     pub(crate) dedup_key: [u8; 32],
     pub(crate) max_chunk: u32,
+    pub(crate) space_reserve: Option<u64>,
     pub(crate) paths: RepoPaths,
     pub(crate) master: Arc<MasterKey>,
     q: RefCell<Queue>,
@@ -285,6 +286,7 @@ impl ShardState {
             index,
             dedup_key: *cfg.master.dedup_key(),
             max_chunk: cfg.max_chunk,
+            space_reserve: cfg.space_reserve,
             paths: cfg.paths.clone(),
             master: cfg.master.clone(),
             q: RefCell::new(Queue {
