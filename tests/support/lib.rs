@@ -414,6 +414,52 @@ pub async fn read_back(s: &Session, plains: &[Bytes]) -> anyhow::Result<Vec<Byte
     Ok(s.get(&ids).await?)
 }
 
+/// The gRPC status code of a client error, if it is one.
+#[must_use]
+pub fn code(e: &coffer_client::ClientError) -> Option<tonic::Code> {
+    match e {
+        coffer_client::ClientError::Rpc(s) => Some(s.code()),
+        _ => None,
+    }
+}
+
+/// Restores `snapshot` (an id) to `target` with `config` and asserts it equals `src` bit for bit.
+///
+/// # Panics
+/// When the restore fails or differs.
+pub fn assert_restores(config: &Path, snapshot: &str, src: &Path, target: &Path) {
+    let (rc, out, err) = coffer(
+        config,
+        &["restore", snapshot, target.to_str().expect("utf-8")],
+    )
+    .expect("coffer runs");
+    assert_eq!(rc, 0, "{out}{err}");
+    assert_eq!(
+        describe(src).expect("describe source"),
+        describe(target).expect("describe restore")
+    );
+}
+
+/// Runs `coffer-appliance ARGS --repo <repo>` (through the running appliance's admin socket when
+/// it runs); asserts success and returns stdout and stderr.
+///
+/// # Panics
+/// When the command fails.
+#[allow(clippy::must_use_candidate)] // mostly run for its effect; the output is there when wanted
+pub fn admin(app: &Appliance, args: &[&str]) -> String {
+    let repo = app.repo_str();
+    let mut full = args.to_vec();
+    full.extend(["--repo", &repo]);
+    let out = app.run(&full).expect("coffer-appliance runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{args:?}: {text}");
+    text
+}
+
 /// Runs the `coffer` client binary with `config` as its configuration; returns
 /// (exit code, stdout, stderr).
 ///

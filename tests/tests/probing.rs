@@ -22,19 +22,14 @@ use bytes::Bytes;
 use coffer_client::{ClientError, Codec, Frame, Session};
 use coffer_proto::v1::{self, coffer_client::CofferClient, Node, NodeKind, Tree};
 use coffer_proto::{pack_ids, ChunkId, SnapshotId};
-use coffer_tests::{bin, coffer, connect_client, create_snapshot, data, describe, Appliance};
+use coffer_tests::{
+    admin, assert_restores, bin, code, coffer, connect_client, create_snapshot, data, Appliance,
+};
 use prost::Message as _;
 use tonic::Code;
 
 const ALICE: &str = "alice@laptop";
 const BOB: &str = "bob@desktop";
-
-fn code(e: &ClientError) -> Option<Code> {
-    match e {
-        ClientError::Rpc(s) => Some(s.code()),
-        _ => None,
-    }
-}
 
 fn frame(s: &Session, plain: Bytes) -> Frame {
     Frame::new(s.chunk_id(&plain), plain, Codec::None)
@@ -247,21 +242,6 @@ fn an_opened_leaf_never_passes_for_a_checked_tree() {
         let e = stream.message().await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{e}");
     });
-}
-
-/// Runs an admin command against the running appliance (through its admin socket).
-fn admin(app: &Appliance, args: &[&str]) -> String {
-    let repo = app.repo_str();
-    let mut full = args.to_vec();
-    full.extend(["--repo", &repo]);
-    let out = app.run(&full).unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{args:?}: {text}");
-    text
 }
 
 /// A raw client on `s`'s session (to hold streams open across an admin change).
@@ -502,17 +482,7 @@ fn a_full_disk_never_prevents_a_restart_and_service_resumes_with_space() {
     let (rc, text) = app.verify(true).unwrap();
     assert_eq!(rc, 0, "{text}");
     let target = outer.path().join("restored");
-    let (rc, out, err) = coffer(
-        &cfg,
-        &[
-            "restore",
-            snap["snapshot"].as_str().unwrap(),
-            target.to_str().unwrap(),
-        ],
-    )
-    .unwrap();
-    assert_eq!(rc, 0, "{out}{err}");
-    assert_eq!(describe(&src).unwrap(), describe(&target).unwrap());
+    assert_restores(&cfg, snap["snapshot"].as_str().unwrap(), &src, &target);
 }
 
 /// Item 5: nothing under the repository is readable by another local user: modes are checked,
@@ -721,17 +691,7 @@ fn a_cut_backup_resends_only_what_was_not_acknowledged() {
             "{case}: the rerun sent {sent} bytes though {stored_at_cut} of {total} were stored"
         );
         let target = dir.path().join(format!("restored-{kill_appliance}"));
-        let (rc, out, err) = coffer(
-            &cfg,
-            &[
-                "restore",
-                snap["snapshot"].as_str().unwrap(),
-                target.to_str().unwrap(),
-            ],
-        )
-        .unwrap();
-        assert_eq!(rc, 0, "{out}{err}");
-        assert_eq!(describe(&src).unwrap(), describe(&target).unwrap());
+        assert_restores(&cfg, snap["snapshot"].as_str().unwrap(), &src, &target);
     }
     // What alice's sessions own stays alice's: bob is answered "missing" for her data.
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -3,21 +3,14 @@
 //! stored once across users in both disclosure modes.
 
 use bytes::Bytes;
-use coffer_client::{ClientError, Codec, Frame, Need, Session};
+use coffer_client::{Codec, Frame, Need, Session};
 use coffer_proto::v1::{self, Node, NodeKind, Tree};
 use coffer_proto::{pack_ids, ChunkId, SnapshotId};
-use coffer_tests::{coffer, connect_client, create_snapshot, data, describe, Appliance};
+use coffer_tests::{code, coffer, connect_client, create_snapshot, data, describe, Appliance};
 use prost::Message as _;
 
 const ALICE: &str = "alice@laptop";
 const BOB: &str = "bob@desktop";
-
-fn code(e: &ClientError) -> Option<tonic::Code> {
-    match e {
-        ClientError::Rpc(s) => Some(s.code()),
-        _ => None,
-    }
-}
 
 /// A tree object with one file node listing `chunks`.
 fn tree_with(s: &Session, chunks: &[ChunkId]) -> Frame {
