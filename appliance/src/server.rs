@@ -312,6 +312,15 @@ async fn run_network(
             }
         }
     });
+    // Idle and expired sessions end even when nobody logs in (their memory is released).
+    let sweeper = admin.auth.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_mins(1));
+        loop {
+            every.tick().await;
+            sweeper.sweep();
+        }
+    });
     let result = serve_grpc(service, opts, max_msg).await;
     let _ = std::fs::remove_file(&socket);
     result
