@@ -41,7 +41,7 @@ impl std::fmt::Debug for Catalog {
 }
 
 fn ce(e: impl std::fmt::Display) -> RepoError {
-    RepoError::Index(format!("catalog: {e}"))
+    RepoError::Catalog(e.to_string())
 }
 
 impl Catalog {
@@ -57,7 +57,7 @@ impl Catalog {
         opts.set_manifest_preallocation_size(64 << 10);
         let db = rocksdb::DB::open(&opts, path).map_err(|e| {
             if e.to_string().contains("lock") {
-                RepoError::Index(format!(
+                RepoError::Catalog(format!(
                     "the catalog at {} is in use (is the appliance running? stop it first): {e}",
                     path.display()
                 ))

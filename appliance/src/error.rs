@@ -32,6 +32,8 @@ pub enum RepoError {
     Io(String, #[source] std::io::Error),
     #[error("index database error: {0}")]
     Index(String),
+    #[error("catalog database error: {0}")]
+    Catalog(String),
 }
 
 /// Why a chunk upload was refused or failed.
@@ -85,6 +87,13 @@ impl ApplianceError {
             Self::Unavailable(_)
                 | Self::Ingest(IngestError::Storage(_) | IngestError::ShuttingDown)
         )
+    }
+}
+
+impl From<RepoError> for ApplianceError {
+    /// A repository or catalog failure while serving a request: the appliance's fault, named.
+    fn from(e: RepoError) -> Self {
+        Self::Internal(e.to_string())
     }
 }
 

@@ -595,10 +595,10 @@ async fn catalog_call<T: Send + 'static>(
     f: impl FnOnce(&Catalog) -> Result<T, crate::error::RepoError> + Send + 'static,
 ) -> Result<T, Status> {
     let catalog = catalog.clone();
-    tokio::task::spawn_blocking(move || f(&catalog))
+    let r = tokio::task::spawn_blocking(move || f(&catalog))
         .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(|e| Status::internal(e.to_string()))
+        .map_err(|e| ApplianceError::Internal(format!("catalog task: {e}")))?;
+    Ok(r.map_err(ApplianceError::from)?)
 }
 
 fn now_us() -> i64 {
@@ -907,16 +907,22 @@ impl Coffer for CofferService {
         }
         let hash = self.inner.auth.hash_new_password(pw).await?;
         let identity = session.identity.clone();
-        catalog_call(&self.inner.catalog, move |c| {
+        let changed = catalog_call(&self.inner.catalog, move |c| {
             let Some(mut u) = c.user(&identity)? else {
-                return Err(crate::error::RepoError::Invalid(format!(
-                    "no user {identity}"
-                )));
+                return Ok(false);
             };
             u.password_hash = hash;
-            c.set_user(&u)
+            c.set_user(&u).map(|()| true)
         })
         .await?;
+        if !changed {
+            // Deleted while this call ran.
+            return Err(ApplianceError::NotFound(format!(
+                "no account {}: it was deleted",
+                session.identity
+            ))
+            .into());
+        }
         // Every session of the account ends (the caller's too): the old password is gone.
         let auth = self.inner.auth.clone();
         tokio::task::spawn_blocking(move || auth.reload())
