@@ -146,16 +146,10 @@ impl RocksIndex {
         .map_err(ie)?;
         let idx = Self { db };
         if mode == OpenMode::Create {
-            idx.put_meta(META_CREATED, Some(&now_us().to_le_bytes()))?;
+            idx.put_meta(META_CREATED, Some(&coffer_proto::now_us().to_le_bytes()))?;
         }
         Ok(idx)
     }
-}
-
-fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
 impl ChunkIndex for RocksIndex {

@@ -46,43 +46,11 @@ pub enum Sharding {
     Le64Mod,
 }
 
-/// FastCDC sizes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ChunkerParams {
-    pub min: u32,
-    pub avg: u32,
-    pub max: u32,
-}
+pub use coffer_proto::ChunkerParams;
 
-impl ChunkerParams {
-    /// Default: 16 KiB / 64 KiB / 256 KiB. Small enough that a block-level change inside a disk
-    /// image re-uploads little (1 MiB chunks re-uploaded 15 % of the bench's image-v2, where 2 %
-    /// of the blocks changed), large enough that per-chunk costs stay small.
-    pub const DEFAULT: Self = Self {
-        min: 16 << 10,
-        avg: 64 << 10,
-        max: 256 << 10,
-    };
-
-    /// Checks the sizes FastCDC accepts and the appliance can carry.
-    ///
-    /// # Errors
-    /// [`RepoError::Invalid`] when out of range.
-    pub fn validate(&self) -> Result<(), RepoError> {
-        let ok = (64..=(1 << 26)).contains(&self.min)
-            && (256..=(1 << 28)).contains(&self.avg)
-            && (1024..=(16 << 20)).contains(&self.max)
-            && self.min <= self.avg
-            && self.avg <= self.max;
-        if ok {
-            Ok(())
-        } else {
-            Err(RepoError::Invalid(format!(
-                "chunker sizes must satisfy 64 <= min <= avg <= max <= 16 MiB, got min {} avg {} \
-                 max {}",
-                self.min, self.avg, self.max
-            )))
-        }
+impl From<coffer_proto::ChunkerError> for RepoError {
+    fn from(e: coffer_proto::ChunkerError) -> Self {
+        RepoError::Invalid(e.to_string())
     }
 }
 

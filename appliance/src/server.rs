@@ -175,11 +175,7 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> anyho
     let max_msg = max_message_size(cfg.chunker.max);
     let hello = HelloInfo {
         repository_id: cfg.id,
-        chunker: v1::ChunkerParams {
-            min_size: cfg.chunker.min,
-            avg_size: cfg.chunker.avg,
-            max_size: cfg.chunker.max,
-        },
+        chunker: cfg.chunker.into(),
         dedup_key: *master.dedup_key(),
         limits: v1::Limits {
             max_chunk_size: cfg.chunker.max,

@@ -17,41 +17,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use coffer_proto::ChunkId;
 
-/// FastCDC sizes, as the appliance announced them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ChunkerParams {
-    pub min: u32,
-    pub avg: u32,
-    pub max: u32,
-}
-
-impl ChunkerParams {
-    /// Largest maximum chunk size a client accepts from an appliance.
-    pub const MAX_MAX: u32 = 16 << 20;
-
-    /// Checks parameters received from an appliance (FastCDC asserts on out-of-range values).
-    ///
-    /// # Errors
-    /// A description of what is out of range.
-    pub fn validate(self) -> Result<Self, String> {
-        use fastcdc::v2020::{
-            AVERAGE_MAX, AVERAGE_MIN, MAXIMUM_MAX, MAXIMUM_MIN, MINIMUM_MAX, MINIMUM_MIN,
-        };
-        let ok = (MINIMUM_MIN..=MINIMUM_MAX).contains(&self.min)
-            && (AVERAGE_MIN..=AVERAGE_MAX).contains(&self.avg)
-            && (MAXIMUM_MIN..=MAXIMUM_MAX.min(Self::MAX_MAX)).contains(&self.max)
-            && self.min <= self.avg
-            && self.avg <= self.max;
-        if ok {
-            Ok(self)
-        } else {
-            Err(format!(
-                "appliance announced unusable chunker sizes min {} avg {} max {}",
-                self.min, self.avg, self.max
-            ))
-        }
-    }
-}
+pub use coffer_proto::ChunkerParams;
 
 /// One chunk of a file.
 #[derive(Debug, Clone)]

@@ -250,13 +250,9 @@ pub async fn backup(
         .hello
         .chunker
         .ok_or_else(|| anyhow::anyhow!("appliance sent no chunker parameters"))?;
-    let params = ChunkerParams {
-        min: chunker.min_size,
-        avg: chunker.avg_size,
-        max: chunker.max_size,
-    }
-    .validate()
-    .map_err(|e| anyhow::anyhow!(e))?;
+    let params = ChunkerParams::from(chunker)
+        .validate()
+        .map_err(|e| anyhow::anyhow!("the appliance announced {e}"))?;
     let key = *session.dedup_key();
     let cache = TreeCache::new(opts.cache_dir.clone(), key);
     let root_text = root.to_string_lossy().into_owned();

@@ -6,10 +6,12 @@
 //!
 //! Must never depend on `coffer-client`, `coffer-appliance` or `coffer-tuning`.
 
+mod chunker;
 pub mod codec;
 mod ids;
 mod packed;
 
+pub use chunker::{ChunkerError, ChunkerParams};
 pub use ids::{chunk_id, ChunkId, IdError, PackId, ShardId, SnapshotId};
 pub use packed::{bitmap_get, bitmap_len, bitmap_set, pack_ids, unpack_ids, PackedIdsError};
 
@@ -27,3 +29,12 @@ pub const SESSION_HEADER: &str = "x-coffer-session";
 
 /// Byte length of a chunk id.
 pub const CHUNK_ID_LEN: usize = 32;
+
+/// Wall-clock time in microseconds since the Unix epoch (0 before 1970, saturating far ahead):
+/// the unit of every timestamp in records and messages (`time_us`, `created_us`).
+#[must_use]
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}

@@ -208,7 +208,7 @@ impl PackWriter {
             pack: id,
             shard: self.shard,
             repo_id: self.repo_id,
-            created_us: now_us(),
+            created_us: coffer_proto::now_us(),
         };
         Ok(OpenPack {
             id,
@@ -434,10 +434,4 @@ impl PackWriter {
         }
         res.map(|_| ())
     }
-}
-
-fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }

@@ -601,12 +601,6 @@ async fn catalog_call<T: Send + 'static>(
     Ok(r.map_err(ApplianceError::from)?)
 }
 
-fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-}
-
 #[tonic::async_trait]
 impl Coffer for CofferService {
     async fn hello(
@@ -761,7 +755,7 @@ impl Coffer for CofferService {
         };
         session.state.check()?;
         if snap.time_us == 0 {
-            snap.time_us = now_us();
+            snap.time_us = coffer_proto::now_us();
         }
         let s2 = snap.clone();
         catalog_call(&self.inner.catalog, move |c| c.commit_snapshot(&s2)).await?;
