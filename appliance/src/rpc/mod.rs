@@ -87,6 +87,60 @@ fn plaintext(c: &StoredChunk) -> Result<Bytes, ApplianceError> {
         .map_err(|e| ApplianceError::Internal(format!("chunk {}: {e}", c.id)))
 }
 
+/// The references of one tree object: trees to walk next (`next`, subtrees), leaves (file
+/// chunks, bundles) and list chunks.
+#[derive(Debug, Default)]
+struct TreeRefs {
+    trees: Vec<ChunkId>,
+    leaves: Vec<ChunkId>,
+    lists: Vec<ChunkId>,
+}
+
+/// Decodes tree objects into their references (CPU work: run on the blocking pool). Errors name
+/// the tree, which the caller may read.
+fn tree_refs(chunks: &[StoredChunk]) -> Result<Vec<TreeRefs>, ApplianceError> {
+    let bad = |e: String| ApplianceError::FailedPrecondition(e);
+    chunks
+        .iter()
+        .map(|c| {
+            let t = v1::Tree::decode(&plaintext(c)?[..])
+                .map_err(|e| bad(format!("chunk {} is not a tree object: {e}", c.id)))?;
+            let id_of = |b: &Bytes| {
+                ChunkId::from_slice(b).map_err(|e| bad(format!("tree {}: bad id: {e}", c.id)))
+            };
+            let packed = |b: &Bytes| {
+                unpack_ids(b, usize::MAX).map_err(|e| bad(format!("tree {}: {e}", c.id)))
+            };
+            let mut r = TreeRefs::default();
+            if !t.next.is_empty() {
+                r.trees.push(id_of(&t.next)?);
+            }
+            for n in &t.nodes {
+                if !n.subtree.is_empty() {
+                    r.trees.push(id_of(&n.subtree)?);
+                }
+                r.leaves.extend(packed(&n.chunks)?);
+                if !n.bundle.is_empty() {
+                    r.leaves.push(id_of(&n.bundle)?);
+                }
+                r.lists.extend(packed(&n.chunk_lists)?);
+            }
+            Ok(r)
+        })
+        .collect()
+}
+
+/// Decodes list chunks into the chunk ids they hold (CPU work: run on the blocking pool).
+fn list_refs(chunks: &[StoredChunk]) -> Result<Vec<ChunkId>, ApplianceError> {
+    let mut out = Vec::new();
+    for c in chunks {
+        out.extend(unpack_ids(&plaintext(c)?, usize::MAX).map_err(|e| {
+            ApplianceError::FailedPrecondition(format!("list chunk {}: {e}", c.id))
+        })?);
+    }
+    Ok(out)
+}
+
 impl CofferService {
     #[must_use]
     pub fn new(
@@ -450,57 +504,40 @@ impl Inner {
             let mut next = Vec::new();
             let mut lists = Vec::new();
             for part in todo.chunks(WALK_TREES_PER_FETCH) {
-                for c in self.fetch(part.to_vec()).await? {
-                    let t = v1::Tree::decode(&plaintext(&c)?[..])
-                        .map_err(|e| bad(format!("chunk {} is not a tree object: {e}", c.id)))?;
-                    let id_of = |b: &Bytes| {
-                        ChunkId::from_slice(b)
-                            .map_err(|e| bad(format!("tree {}: bad id: {e}", c.id)))
-                    };
-                    if !t.next.is_empty() {
-                        next.push(id_of(&t.next)?);
-                    }
-                    for n in &t.nodes {
-                        if !n.subtree.is_empty() {
-                            next.push(id_of(&n.subtree)?);
-                        }
-                        let packed = |b: &Bytes| {
-                            unpack_ids(b, usize::MAX)
-                                .map_err(|e| bad(format!("tree {}: {e}", c.id)))
-                        };
-                        let mut leaves = packed(&n.chunks)?;
-                        if !n.bundle.is_empty() {
-                            leaves.push(id_of(&n.bundle)?);
-                        }
-                        for id in leaves {
-                            knows(&id)?;
-                            if w.reach.leaves.insert(id) {
-                                bounded(&w)?;
-                            }
-                        }
-                        for id in packed(&n.chunk_lists)? {
-                            knows(&id)?;
-                            if w.reach.leaves.insert(id) {
-                                bounded(&w)?;
-                                lists.push(id);
-                            }
-                        }
-                    }
-                }
-                tokio::task::yield_now().await;
-            }
-            for part in lists.chunks(WALK_LISTS_PER_FETCH) {
-                for c in self.fetch(part.to_vec()).await? {
-                    for id in unpack_ids(&plaintext(&c)?, usize::MAX)
-                        .map_err(|e| bad(format!("list chunk {}: {e}", c.id)))?
-                    {
+                let chunks = self.fetch(part.to_vec()).await?;
+                // Decompressing and decoding is CPU work: on the blocking pool, not on the
+                // network threads (at most `WALKS` walks run at once).
+                let refs = tokio::task::spawn_blocking(move || tree_refs(&chunks))
+                    .await
+                    .map_err(|e| ApplianceError::Internal(format!("tree decoding task: {e}")))??;
+                for r in refs {
+                    next.extend(r.trees);
+                    for id in r.leaves {
                         knows(&id)?;
                         if w.reach.leaves.insert(id) {
                             bounded(&w)?;
                         }
                     }
+                    for id in r.lists {
+                        knows(&id)?;
+                        if w.reach.leaves.insert(id) {
+                            bounded(&w)?;
+                            lists.push(id);
+                        }
+                    }
                 }
-                tokio::task::yield_now().await;
+            }
+            for part in lists.chunks(WALK_LISTS_PER_FETCH) {
+                let chunks = self.fetch(part.to_vec()).await?;
+                let ids = tokio::task::spawn_blocking(move || list_refs(&chunks))
+                    .await
+                    .map_err(|e| ApplianceError::Internal(format!("list decoding task: {e}")))??;
+                for id in ids {
+                    knows(&id)?;
+                    if w.reach.leaves.insert(id) {
+                        bounded(&w)?;
+                    }
+                }
             }
             level = next;
         }
