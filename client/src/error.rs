@@ -35,10 +35,21 @@ impl ClientError {
 /// The appliance's message; for a lost connection, what happened and what to do.
 fn rpc_message(s: &tonic::Status) -> String {
     match s.code() {
-        tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown
-            if ["connection", "canceled", "transport", "broken pipe"]
-                .iter()
-                .any(|w| s.message().to_ascii_lowercase().contains(w)) =>
+        // A graceful shutdown of the appliance (HTTP/2 GOAWAY) mid-stream reaches tonic as
+        // INTERNAL "h2 protocol error"; a reset as UNAVAILABLE or CANCELLED.
+        tonic::Code::Cancelled
+        | tonic::Code::Unavailable
+        | tonic::Code::Unknown
+        | tonic::Code::Internal
+            if [
+                "connection",
+                "canceled",
+                "transport",
+                "broken pipe",
+                "h2 protocol error",
+            ]
+            .iter()
+            .any(|w| s.message().to_ascii_lowercase().contains(w)) =>
         {
             "the connection to the appliance was lost (it may be shutting down or restarting); \
              the operation was interrupted and nothing was committed; run it again (data already \
@@ -46,5 +57,26 @@ fn rpc_message(s: &tonic::Status) -> String {
                 .to_string()
         }
         _ => s.message().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cut connection reads as one, whichever way the transport reports it (a reset, or the
+    /// appliance's graceful GOAWAY while a stream was open); other errors keep their message.
+    #[test]
+    fn lost_connections_are_named_plainly() {
+        for s in [
+            tonic::Status::unavailable("transport error: connection reset"),
+            tonic::Status::cancelled("operation was canceled"),
+            tonic::Status::internal("h2 protocol error: http2 error"),
+        ] {
+            let m = ClientError::Rpc(s).to_string();
+            assert!(m.contains("connection to the appliance was lost"), "{m}");
+        }
+        let m = ClientError::Rpc(tonic::Status::internal("chunk store failed")).to_string();
+        assert_eq!(m, "chunk store failed");
     }
 }
