@@ -107,8 +107,10 @@ impl Reach {
     }
 }
 
-/// Snapshots one session may hold open at once; opening another forgets the oldest.
-pub const MAX_OPENED: usize = 16;
+/// Snapshots one session may hold open at once; opening another forgets the least recently
+/// opened. The client opens at most 17 per backup (its 16 newest paths and the parent), so a
+/// command backing up several paths keeps what its current backup relies on.
+pub const MAX_OPENED: usize = 64;
 /// Sessions one account may hold at once; a new login ends the least recently used.
 pub const MAX_SESSIONS_PER_ACCOUNT: usize = 32;
 /// Longest password accepted (argon2 hashes the whole input).
@@ -159,11 +161,11 @@ impl SessionState {
     /// Records the reachable set of a snapshot the session opened.
     pub fn add_opened(&self, snapshot: v1::Snapshot, reach: Arc<Reach>) {
         let mut o = lock(&self.opened);
-        if !o.iter().any(|r| r.snapshot.id == snapshot.id) {
-            o.push(Opened { snapshot, reach });
-            if o.len() > MAX_OPENED {
-                o.remove(0);
-            }
+        // Opening again makes it the most recent (the end of the list).
+        o.retain(|r| r.snapshot.id != snapshot.id);
+        o.push(Opened { snapshot, reach });
+        if o.len() > MAX_OPENED {
+            o.remove(0);
         }
     }
 

@@ -120,6 +120,21 @@ impl Appliance {
         Ok(a)
     }
 
+    /// [`Appliance::init`] then [`Appliance::start`].
+    ///
+    /// # Errors
+    /// As those.
+    pub fn started(
+        dir: &Path,
+        shards: u16,
+        chunk_avg: u32,
+        users: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut a = Self::init(dir, shards, chunk_avg, users)?;
+        a.start()?;
+        Ok(a)
+    }
+
     /// Repository path as a string.
     #[must_use]
     pub fn repo_str(&self) -> String {

@@ -91,8 +91,7 @@ fn node_referencing(how: &str, id: ChunkId) -> Node {
 #[test]
 fn commit_errors_carry_no_stored_bytes_and_no_existence() {
     let dir = tempfile::tempdir().unwrap();
-    let mut app = Appliance::init(dir.path(), 2, 64 << 10, &[ALICE, BOB]).unwrap();
-    app.start().unwrap();
+    let mut app = Appliance::started(dir.path(), 2, 64 << 10, &[ALICE, BOB]).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let alice = app.session(ALICE).await.unwrap();
@@ -199,8 +198,7 @@ fn commit_errors_carry_no_stored_bytes_and_no_existence() {
 #[test]
 fn an_opened_leaf_never_passes_for_a_checked_tree() {
     let dir = tempfile::tempdir().unwrap();
-    let mut app = Appliance::init(dir.path(), 2, 64 << 10, &[ALICE, BOB]).unwrap();
-    app.start().unwrap();
+    let app = Appliance::started(dir.path(), 2, 64 << 10, &[ALICE, BOB]).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let alice = app.session(ALICE).await.unwrap();
@@ -270,8 +268,7 @@ async fn raw(
 #[test]
 fn revoking_access_ends_it_for_open_sessions_and_streams() {
     let dir = tempfile::tempdir().unwrap();
-    let mut app = Appliance::init(dir.path(), 2, 64 << 10, &[ALICE, BOB]).unwrap();
-    app.start().unwrap();
+    let app = Appliance::started(dir.path(), 2, 64 << 10, &[ALICE, BOB]).unwrap();
     let src = dir.path().join("alice-home");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("secret.txt"), data(5, 30_000, true)).unwrap();
@@ -491,8 +488,7 @@ fn a_full_disk_never_prevents_a_restart_and_service_resumes_with_space() {
 #[test]
 fn the_repository_is_private_to_the_appliance_user() {
     let dir = tempfile::tempdir().unwrap();
-    let mut app = Appliance::init(dir.path(), 2, 64 << 10, &[ALICE]).unwrap();
-    app.start().unwrap();
+    let mut app = Appliance::started(dir.path(), 2, 64 << 10, &[ALICE]).unwrap();
     let src = dir.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("a"), data(1, 100_000, true)).unwrap();
@@ -558,8 +554,7 @@ fn proc_status_kib(pid: u32, field: &str) -> u64 {
 #[test]
 fn a_commit_walk_bomb_costs_bounded_memory() {
     let dir = tempfile::tempdir().unwrap();
-    let mut app = Appliance::init(dir.path(), 2, 64 << 10, &[BOB]).unwrap();
-    app.start().unwrap();
+    let app = Appliance::started(dir.path(), 2, 64 << 10, &[BOB]).unwrap();
     let pid = app.pid().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -648,8 +643,7 @@ fn spawn_backup(cfg: &Path, src: &Path) -> std::process::Child {
 #[test]
 fn a_cut_backup_resends_only_what_was_not_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
-    let mut app = Appliance::init(dir.path(), 2, 64 << 10, &[ALICE, BOB]).unwrap();
-    app.start().unwrap();
+    let mut app = Appliance::started(dir.path(), 2, 64 << 10, &[ALICE, BOB]).unwrap();
     let cfg = dir.path().join("alice.json");
     connect_client(&app, &cfg, "alice", "laptop");
     let slack: u64 = 48 << 20;
@@ -778,8 +772,7 @@ fn idle_connections_time_out_and_fd_exhaustion_does_not_spin() {
 #[test]
 fn verify_reports_a_missing_footer() {
     let dir = tempfile::tempdir().unwrap();
-    let mut app = Appliance::init(dir.path(), 1, 64 << 10, &[ALICE]).unwrap();
-    app.start().unwrap();
+    let mut app = Appliance::started(dir.path(), 1, 64 << 10, &[ALICE]).unwrap();
     let src = dir.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("a"), data(9, 2 << 20, false)).unwrap();

@@ -507,9 +507,7 @@ impl Inner {
                 let chunks = self.fetch(part.to_vec()).await?;
                 // Decompressing and decoding is CPU work: on the blocking pool, not on the
                 // network threads (at most `WALKS` walks run at once).
-                let refs = tokio::task::spawn_blocking(move || tree_refs(&chunks))
-                    .await
-                    .map_err(|e| ApplianceError::Internal(format!("tree decoding task: {e}")))??;
+                let refs = on_blocking_pool("tree decoding", move || tree_refs(&chunks)).await?;
                 for r in refs {
                     next.extend(r.trees);
                     for id in r.leaves {
@@ -529,9 +527,7 @@ impl Inner {
             }
             for part in lists.chunks(WALK_LISTS_PER_FETCH) {
                 let chunks = self.fetch(part.to_vec()).await?;
-                let ids = tokio::task::spawn_blocking(move || list_refs(&chunks))
-                    .await
-                    .map_err(|e| ApplianceError::Internal(format!("list decoding task: {e}")))??;
+                let ids = on_blocking_pool("list decoding", move || list_refs(&chunks)).await?;
                 for id in ids {
                     knows(&id)?;
                     if w.reach.leaves.insert(id) {
@@ -632,10 +628,18 @@ async fn catalog_call<T: Send + 'static>(
     f: impl FnOnce(&Catalog) -> Result<T, crate::error::RepoError> + Send + 'static,
 ) -> Result<T, Status> {
     let catalog = catalog.clone();
-    let r = tokio::task::spawn_blocking(move || f(&catalog))
+    Ok(on_blocking_pool("catalog call", move || Ok(f(&catalog)?)).await?)
+}
+
+/// Runs blocking or CPU-heavy work (RocksDB, decoding) on tokio's blocking pool, off the
+/// network threads.
+async fn on_blocking_pool<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> Result<T, ApplianceError> + Send + 'static,
+) -> Result<T, ApplianceError> {
+    tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| ApplianceError::Internal(format!("catalog task: {e}")))?;
-    Ok(r.map_err(ApplianceError::from)?)
+        .map_err(|e| ApplianceError::Internal(format!("{what}: {e}")))?
 }
 
 #[tonic::async_trait]
@@ -956,9 +960,7 @@ impl Coffer for CofferService {
         }
         // Every session of the account ends (the caller's too): the old password is gone.
         let auth = self.inner.auth.clone();
-        tokio::task::spawn_blocking(move || auth.reload())
-            .await
-            .map_err(|e| Status::internal(e.to_string()))??;
+        on_blocking_pool("reload", move || auth.reload()).await?;
         Ok(Response::new(v1::ChangePasswordResponse {}))
     }
 
