@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use coffer_appliance::index::{ChunkIndex, MemIndex, OpenMode, RocksIndex};
-use coffer_appliance::keys::MasterKey;
+use coffer_appliance::crypto::keys::MasterKey;
 use coffer_appliance::pack::format::IndexEntry;
 use coffer_appliance::pack::writer::{PackWriter, PendingChunk};
 use coffer_appliance::repo::RepoPaths;

@@ -7,21 +7,17 @@
 //! The order of the stages on the write path is `need -> ingest -> encrypt -> pack -> index`
 //! (see [`pipeline`]).
 
-pub mod acl;
-pub mod admin;
-pub mod auth;
+pub mod access;
 pub mod catalog;
+pub mod crypto;
 pub mod error;
 pub mod index;
-pub mod keys;
 pub mod maintenance;
+pub mod net;
 pub mod pack;
 pub mod pipeline;
 pub mod repo;
-pub mod rpc;
-pub mod server;
 pub mod shard;
-pub mod tls;
 
 pub use error::{ApplianceError, IngestError, RepoError};
 pub use repo::{ChunkerParams, RepoConfig, RepoPaths};

@@ -8,9 +8,11 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use coffer_appliance::catalog::{Catalog, UserRecord};
 use coffer_appliance::index::{ChunkIndex, OpenMode, RocksIndex};
-use coffer_appliance::keys::{KdfParams, MasterKey};
+use coffer_appliance::crypto::keys::{KdfParams, MasterKey};
 use coffer_appliance::repo::{ChunkerParams, Mode, RepoConfig, RepoPaths, Sharding};
-use coffer_appliance::{acl, admin, auth, maintenance, pack, server, tls};
+use coffer_appliance::access::{admin, auth, rules as acl};
+use coffer_appliance::net::{server, tls};
+use coffer_appliance::{maintenance, pack};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -1,7 +1,7 @@
 //! The appliance's half of a backup, in order. This is the one place that spells the order of the
 //! stages; each links to where it is implemented.
 //!
-//! 1. **need** — [`crate::rpc`] splits a `FindMissing` batch by shard
+//! 1. **need** — [`crate::net::service`] splits a `FindMissing` batch by shard
 //!    ([`coffer_proto::ShardId::for_chunk`]); each shard answers from its index
 //!    ([`crate::index::ChunkIndex::get_many`]). Chunks still waiting for their group commit count
 //!    as missing: only durable chunks are ever reported present.

@@ -201,7 +201,7 @@ impl RepoPaths {
         self.root.join("catalog")
     }
 
-    /// The running appliance's admin socket (see [`crate::admin`]).
+    /// The running appliance's admin socket (see [`crate::access::admin`]).
     #[must_use]
     pub fn admin_socket(&self) -> PathBuf {
         self.root.join("admin.sock")

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use coffer_appliance::index::{ChunkIndex, MemIndex};
-use coffer_appliance::keys::{KdfParams, MasterKey};
+use coffer_appliance::crypto::keys::{KdfParams, MasterKey};
 use coffer_appliance::pack::format::{compression_of, flags_of, IndexEntry, RecordHeader};
 use coffer_appliance::pack::read::{
     hashes_to, open_record, raw_plaintext, read_footer, read_header, read_record_bytes,

@@ -11,7 +11,7 @@ use super::format::{
     compression_of, decode_footer, decode_trailer, FooterEntry, FormatError, PackHeader,
     RecordHeader, PACK_HEADER_LEN, RECORD_AAD_LEN, RECORD_HEADER_LEN, TRAILER_LEN,
 };
-use crate::keys::{PackKey, TAG_LEN};
+use crate::crypto::keys::{PackKey, TAG_LEN};
 
 fn corrupt(s: impl Into<String>) -> FormatError {
     FormatError::Corrupt(s.into())

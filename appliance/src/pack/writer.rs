@@ -19,7 +19,7 @@ use super::format::{
     PACK_HEADER_LEN, RECORD_AAD_LEN, RECORD_HEADER_LEN,
 };
 use crate::index::{ChunkIndex, META_OPEN_PACK, META_POISONED};
-use crate::keys::{MasterKey, PackKey, TAG_LEN};
+use crate::crypto::keys::{MasterKey, PackKey, TAG_LEN};
 use crate::repo::RepoPaths;
 
 const ALIGN: u64 = 4096;

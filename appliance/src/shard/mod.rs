@@ -27,7 +27,7 @@ use tokio::sync::oneshot;
 
 use crate::error::{ApplianceError, IngestError};
 use crate::index::{ChunkIndex, OpenMode, RocksIndex};
-use crate::keys::MasterKey;
+use crate::crypto::keys::MasterKey;
 use crate::pack::recover::recover_open_pack;
 use crate::pack::writer::{PackWriter, PendingChunk};
 use crate::repo::RepoPaths;

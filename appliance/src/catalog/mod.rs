@@ -3,7 +3,7 @@
 //! by exactly one write (its single commit point).
 //!
 //! Keys: `user/<identity>` -> JSON [`UserRecord`]; `snap/<id hex>` -> protobuf `coffer.v1.Snapshot`;
-//! `acl/<rule id>` -> JSON [`crate::acl::Rule`]; `setting/<name>` -> UTF-8 value.
+//! `acl/<rule id>` -> JSON [`crate::access::rules::Rule`]; `setting/<name>` -> UTF-8 value.
 
 use std::path::Path;
 
@@ -153,7 +153,7 @@ impl Catalog {
     ///
     /// # Errors
     /// Engine or decoding errors.
-    pub fn acl_rules(&self) -> Result<Vec<crate::acl::Rule>, RepoError> {
+    pub fn acl_rules(&self) -> Result<Vec<crate::access::rules::Rule>, RepoError> {
         self.prefixed(b"acl/", |v| serde_json::from_slice(v).map_err(ce))
     }
 
@@ -161,7 +161,7 @@ impl Catalog {
     ///
     /// # Errors
     /// Engine errors; [`RepoError::Invalid`] when the id exists.
-    pub fn put_rule(&self, rule: &crate::acl::Rule) -> Result<(), RepoError> {
+    pub fn put_rule(&self, rule: &crate::access::rules::Rule) -> Result<(), RepoError> {
         let key = format!("acl/{}", rule.id);
         if self.db.get(&key).map_err(ce)?.is_some() {
             return Err(RepoError::Invalid(format!("rule {} exists", rule.id)));

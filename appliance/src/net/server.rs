@@ -12,15 +12,15 @@ use coffer_tuning::{Hardware, Plan};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, UnixListener};
 
-use crate::admin;
-use crate::auth::{Auth, ControlUser};
+use crate::access::admin;
+use crate::access::auth::{Auth, ControlUser};
 use crate::catalog::Catalog;
 use crate::error::RepoError;
-use crate::keys::MasterKey;
+use crate::crypto::keys::MasterKey;
 use crate::repo::{RepoConfig, RepoPaths};
-use crate::rpc::{CofferService, HelloInfo};
+use crate::net::service::{CofferService, HelloInfo};
 use crate::shard::{self, RunningShard, ShardConfig};
-use crate::tls::TlsIdentity;
+use crate::net::tls::TlsIdentity;
 
 /// Options of `serve`, as plain data.
 #[derive(Debug, Clone)]
@@ -434,7 +434,7 @@ async fn serve_grpc(
 }
 
 /// rustls server configuration for the appliance's identity (HTTP/2 only).
-fn tls_acceptor(id: &crate::tls::TlsIdentity) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+fn tls_acceptor(id: &crate::net::tls::TlsIdentity) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     let certs = rustls_pemfile::certs(&mut id.cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow::anyhow!("TLS certificate: {e}"))?;

@@ -2,7 +2,7 @@
 //!
 //! * while the appliance runs, through its admin socket `<repo>/admin.sock` (mode 0600: only the
 //!   appliance's own user, normally root, can connect), so that a change is in force as soon as
-//!   the command returns: the appliance writes the catalog and reloads ([`crate::auth::Auth::reload`]);
+//!   the command returns: the appliance writes the catalog and reloads ([`crate::access::auth::Auth::reload`]);
 //! * when it does not run, directly on the catalog (the appliance reads it at start).
 //!
 //! Protocol on the socket: one JSON [`Request`] per line, one JSON [`Reply`] per line.
@@ -13,7 +13,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::acl::Rule;
+use crate::access::rules::Rule;
 use crate::catalog::{Catalog, UserRecord};
 use crate::error::{ApplianceError, RepoError};
 
@@ -110,7 +110,7 @@ pub fn apply(catalog: &Catalog, req: &Request) -> Result<Reply, ApplianceError> 
         Request::AclList => {
             reply.rules = catalog.acl_rules().map_err(repo_err)?;
             if reply.rules.is_empty() {
-                reply.rules = crate::acl::default_rules();
+                reply.rules = crate::access::rules::default_rules();
                 reply.defaults = true;
             }
         }
@@ -135,22 +135,22 @@ pub fn apply(catalog: &Catalog, req: &Request) -> Result<Reply, ApplianceError> 
                     "rules are already stored".into(),
                 ));
             }
-            for r in crate::acl::default_rules() {
+            for r in crate::access::rules::default_rules() {
                 catalog.put_rule(&r).map_err(repo_err)?;
             }
         }
         Request::Refresh => {}
         Request::Disclosure { mode } => {
             if let Some(m) = mode {
-                crate::auth::parse_disclosure(Some(m))?;
+                crate::access::auth::parse_disclosure(Some(m))?;
                 catalog
-                    .set_setting(crate::auth::DISCLOSURE_SETTING, m)
+                    .set_setting(crate::access::auth::DISCLOSURE_SETTING, m)
                     .map_err(repo_err)?;
             }
             let v = catalog
-                .setting(crate::auth::DISCLOSURE_SETTING)
+                .setting(crate::access::auth::DISCLOSURE_SETTING)
                 .map_err(repo_err)?;
-            reply.disclosure = match crate::auth::parse_disclosure(v.as_deref())? {
+            reply.disclosure = match crate::access::auth::parse_disclosure(v.as_deref())? {
                 coffer_proto::v1::Disclosure::Repository => "repository".into(),
                 _ => "user".into(),
             };
@@ -161,7 +161,7 @@ pub fn apply(catalog: &Catalog, req: &Request) -> Result<Reply, ApplianceError> 
 
 /// Only well-formed identities and argon2id PHC strings are ever stored.
 fn check_user(u: &UserRecord) -> Result<(), ApplianceError> {
-    if crate::auth::normalise_identity(&u.identity)? != u.identity {
+    if crate::access::auth::normalise_identity(&u.identity)? != u.identity {
         return Err(ApplianceError::InvalidArgument(format!(
             "identity {:?} is not in normal form",
             u.identity

@@ -13,9 +13,9 @@ use prost::Message as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::acl::snapshot_access;
-use crate::acl::{self, Access, TargetType};
-use crate::auth::{Auth, Reach, Session, SessionState};
+use crate::access::rules::snapshot_access;
+use crate::access::rules::{self, Access, TargetType};
+use crate::access::auth::{Auth, Reach, Session, SessionState};
 use crate::catalog::Catalog;
 use crate::error::ApplianceError;
 use crate::shard::{IncomingChunk, Presence, PutOutcome, ShardHandle, StoredChunk};
@@ -921,7 +921,7 @@ impl Coffer for CofferService {
             .identity
             .split_once('@')
             .ok_or_else(|| Status::internal("session identity without @"))?;
-        let allowed = acl::access(
+        let allowed = rules::access(
             &self.inner.auth.rules(),
             &session.identity,
             TargetType::User,
@@ -934,10 +934,10 @@ impl Coffer for CofferService {
             )));
         }
         let pw = req.into_inner().new_password;
-        if pw.chars().count() < crate::auth::MIN_PASSWORD_CHARS {
+        if pw.chars().count() < crate::access::auth::MIN_PASSWORD_CHARS {
             return Err(Status::invalid_argument(format!(
                 "passwords must be at least {} characters",
-                crate::auth::MIN_PASSWORD_CHARS
+                crate::access::auth::MIN_PASSWORD_CHARS
             )));
         }
         let hash = self.inner.auth.hash_new_password(pw).await?;

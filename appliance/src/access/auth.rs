@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use coffer_proto::v1::{self, Disclosure};
 use coffer_proto::ChunkId;
 
-use crate::acl::Rule;
+use crate::access::rules::Rule;
 use crate::catalog::Catalog;
 use crate::error::ApplianceError;
 
@@ -506,7 +506,7 @@ impl Auth {
             .acl_rules()
             .map_err(|e| ApplianceError::Internal(e.to_string()))?;
         let rules = if stored.is_empty() {
-            crate::acl::default_rules()
+            crate::access::rules::default_rules()
         } else {
             stored
         };
@@ -557,7 +557,7 @@ impl Auth {
         for (who, st) in &open {
             let dropped = st.retain_opened(|snap| {
                 exists.get(snap.id.as_ref()).copied().unwrap_or(false)
-                    && crate::acl::snapshot_access(&rules, who, snap).is_some()
+                    && crate::access::rules::snapshot_access(&rules, who, snap).is_some()
             });
             if dropped > 0 {
                 tracing::info!(identity = %who, dropped, "access to opened snapshots revoked");

@@ -1,0 +1,10 @@
+//! Who may do what: accounts and passwords ([`auth`]), sessions and what each session may read,
+//! the access rules ([`rules`]) and the administrative operations on them ([`admin`]).
+//!
+//! Owns: password hashing and login throttling, session tokens, the opened-snapshot and uploaded
+//! sets of each session, rule evaluation. Must never touch pack files or shard indexes: it learns
+//! what a snapshot reaches from [`crate::reach`] and stores accounts through [`crate::catalog`].
+
+pub mod admin;
+pub mod auth;
+pub mod rules;
