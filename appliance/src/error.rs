@@ -4,8 +4,9 @@
 //!   to do next. Messages never contain secrets.
 //! * [`ApplianceError`] is the boundary error: it knows whether a failure is the caller's fault
 //!   (bad input), transient (retry), or internal.
-//! * `impl From<ApplianceError> for tonic::Status` below is the only place that maps errors to gRPC
-//!   status codes.
+//! * `impl From<ApplianceError> for tonic::Status` in [`crate::net::status`] is the only place that
+//!   maps errors to gRPC status codes; handlers return [`ApplianceError`] and never build a
+//!   `Status` themselves.
 //! * **Disclosure rule** (S2, S3): no message a caller receives carries bytes derived from stored
 //!   data the caller may not read (no decoded "ids" from someone else's chunk, no lengths), and no
 //!   message (nor status code) differs by whether *another* user stored something. Handlers check
@@ -94,29 +95,5 @@ impl From<RepoError> for ApplianceError {
     /// A repository or catalog failure while serving a request: the appliance's fault, named.
     fn from(e: RepoError) -> Self {
         Self::Internal(e.to_string())
-    }
-}
-
-impl From<ApplianceError> for tonic::Status {
-    fn from(e: ApplianceError) -> Self {
-        use tonic::Status;
-        let msg = e.to_string();
-        match e {
-            ApplianceError::Ingest(
-                IngestError::IdMismatch { .. }
-                | IngestError::TooLarge { .. }
-                | IngestError::BadFrame { .. },
-            )
-            | ApplianceError::InvalidArgument(_) => Status::invalid_argument(msg),
-            ApplianceError::Ingest(IngestError::Storage(_) | IngestError::ShuttingDown)
-            | ApplianceError::Unavailable(_) => Status::unavailable(msg),
-            ApplianceError::Unauthenticated(_) => Status::unauthenticated(msg),
-            ApplianceError::NotFound(_) => Status::not_found(msg),
-            ApplianceError::PermissionDenied(_) => Status::permission_denied(msg),
-            ApplianceError::FailedPrecondition(_) => Status::failed_precondition(msg),
-            ApplianceError::Internal(_) => Status::internal(msg),
-            ApplianceError::ResourceExhausted(_)
-            | ApplianceError::Ingest(IngestError::NoSpace(_)) => Status::resource_exhausted(msg),
-        }
     }
 }

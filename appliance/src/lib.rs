@@ -16,6 +16,7 @@ pub mod maintenance;
 pub mod net;
 pub mod pack;
 pub mod pipeline;
+pub mod reach;
 pub mod repo;
 pub mod shard;
 

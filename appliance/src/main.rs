@@ -6,12 +6,12 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use coffer_appliance::catalog::{Catalog, UserRecord};
-use coffer_appliance::index::{ChunkIndex, OpenMode, RocksIndex};
-use coffer_appliance::crypto::keys::{KdfParams, MasterKey};
-use coffer_appliance::repo::{ChunkerParams, Mode, RepoConfig, RepoPaths, Sharding};
 use coffer_appliance::access::{admin, auth, rules as acl};
+use coffer_appliance::catalog::{Catalog, UserRecord};
+use coffer_appliance::crypto::keys::{KdfParams, MasterKey};
+use coffer_appliance::index::{ChunkIndex, OpenMode, RocksIndex};
 use coffer_appliance::net::{server, tls};
+use coffer_appliance::repo::{ChunkerParams, Mode, RepoConfig, RepoPaths, Sharding};
 use coffer_appliance::{maintenance, pack};
 
 #[global_allocator]

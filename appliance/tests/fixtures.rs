@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use coffer_appliance::index::{ChunkIndex, MemIndex};
 use coffer_appliance::crypto::keys::{KdfParams, MasterKey};
+use coffer_appliance::index::{ChunkIndex, MemIndex};
 use coffer_appliance::pack::format::{compression_of, flags_of, IndexEntry, RecordHeader};
 use coffer_appliance::pack::read::{
     hashes_to, open_record, raw_plaintext, read_footer, read_header, read_record_bytes,

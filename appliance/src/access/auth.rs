@@ -20,6 +20,7 @@ use coffer_proto::ChunkId;
 use crate::access::rules::Rule;
 use crate::catalog::Catalog;
 use crate::error::ApplianceError;
+use crate::reach::Reach;
 
 /// argon2id for account passwords: 19 MiB, 2 passes, 1 lane (OWASP's minimum).
 fn hasher() -> argon2::Argon2<'static> {
@@ -78,33 +79,6 @@ pub fn normalise_identity(raw: &str) -> Result<String, ApplianceError> {
         }
     }
     Ok(lower)
-}
-
-/// Everything reachable from a snapshot root: tree objects apart from leaves (file chunks, list
-/// chunks, bundles). Kept apart because only a *tree* of an opened snapshot may stand for a
-/// subtree that a commit need not walk again: a leaf whose bytes happen to decode as a tree must
-/// be walked (and its references checked) like any other.
-#[derive(Debug, Default)]
-pub struct Reach {
-    pub trees: HashSet<ChunkId>,
-    pub leaves: HashSet<ChunkId>,
-}
-
-impl Reach {
-    #[must_use]
-    pub fn len(&self) -> usize {
-        self.trees.len() + self.leaves.len()
-    }
-
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    #[must_use]
-    pub fn contains(&self, id: &ChunkId) -> bool {
-        self.trees.contains(id) || self.leaves.contains(id)
-    }
 }
 
 /// Snapshots one session may hold open at once; opening another forgets the least recently
@@ -792,6 +766,16 @@ impl Auth {
                 "session expired or unknown: log in again".into(),
             )),
         }
+    }
+}
+
+impl crate::reach::Known for SessionState {
+    fn knows(&self, id: &ChunkId) -> bool {
+        SessionState::knows(self, id)
+    }
+
+    fn opened_tree(&self, id: &ChunkId) -> bool {
+        SessionState::opened_tree(self, id)
     }
 }
 

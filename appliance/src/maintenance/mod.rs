@@ -9,8 +9,8 @@ use std::fs::File;
 
 use coffer_proto::{PackId, ShardId};
 
-use crate::index::{ChunkIndex, OpenMode, RocksIndex, META_OPEN_PACK, META_POISONED};
 use crate::crypto::keys::MasterKey;
+use crate::index::{ChunkIndex, OpenMode, RocksIndex, META_OPEN_PACK, META_POISONED};
 use crate::pack::format::{FooterEntry, RecordHeader, RECORD_HEADER_LEN};
 use crate::pack::read::{
     hashes_to, open_record, raw_plaintext, read_footer, read_header, read_record_bytes,

@@ -6,4 +6,5 @@
 
 pub mod server;
 pub mod service;
+mod status;
 pub mod tls;

@@ -15,12 +15,12 @@ use tokio::net::{TcpListener, UnixListener};
 use crate::access::admin;
 use crate::access::auth::{Auth, ControlUser};
 use crate::catalog::Catalog;
-use crate::error::RepoError;
 use crate::crypto::keys::MasterKey;
-use crate::repo::{RepoConfig, RepoPaths};
+use crate::error::RepoError;
 use crate::net::service::{CofferService, HelloInfo};
-use crate::shard::{self, RunningShard, ShardConfig};
 use crate::net::tls::TlsIdentity;
+use crate::repo::{RepoConfig, RepoPaths};
+use crate::shard::{self, RunningShard, ShardConfig};
 
 /// Options of `serve`, as plain data.
 #[derive(Debug, Clone)]
@@ -194,7 +194,12 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> anyho
         }
     }
     let auth = Arc::new(Auth::new(catalog.clone(), opts.control.clone())?);
-    let service = CofferService::new(handles, catalog.clone(), auth.clone(), hello);
+    let service = CofferService::new(
+        crate::shard::Shards::new(handles),
+        catalog.clone(),
+        auth.clone(),
+        hello,
+    );
     let admin = Admin {
         socket: paths.admin_socket(),
         catalog,

@@ -10,8 +10,8 @@ use coffer_proto::{PackId, ShardId};
 
 use super::format::{encode_footer, FooterEntry, IndexEntry};
 use super::read::{footer_entries, read_footer, read_header, scan};
-use crate::index::{ChunkIndex, META_OPEN_PACK, META_POISONED};
 use crate::crypto::keys::MasterKey;
+use crate::index::{ChunkIndex, META_OPEN_PACK, META_POISONED};
 
 /// Largest record a scan accepts (max chunk plus headroom).
 pub const MAX_RECORD_LEN: u64 = 64 << 20;

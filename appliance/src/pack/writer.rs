@@ -18,8 +18,8 @@ use super::format::{
     encode_footer, footer_len, record_nonce, FooterEntry, IndexEntry, PackHeader, RecordHeader,
     PACK_HEADER_LEN, RECORD_AAD_LEN, RECORD_HEADER_LEN,
 };
-use crate::index::{ChunkIndex, META_OPEN_PACK, META_POISONED};
 use crate::crypto::keys::{MasterKey, PackKey, TAG_LEN};
+use crate::index::{ChunkIndex, META_OPEN_PACK, META_POISONED};
 use crate::repo::RepoPaths;
 
 const ALIGN: u64 = 4096;

@@ -5,10 +5,12 @@
 //! replies by oneshot). Nothing here takes a lock on the hot path: shard state is `Rc<RefCell>`
 //! owned by one thread. What runs where is written down in `docs/concurrency.md`.
 
+mod fanout;
 mod ingest;
 mod need;
 mod read;
 
+pub use fanout::Shards;
 pub use need::NeedSet;
 
 use coffer_proto::v1::Compression;
@@ -25,9 +27,9 @@ use futures::StreamExt;
 use glommio::{LocalExecutorBuilder, Placement};
 use tokio::sync::oneshot;
 
+use crate::crypto::keys::MasterKey;
 use crate::error::{ApplianceError, IngestError};
 use crate::index::{ChunkIndex, OpenMode, RocksIndex};
-use crate::crypto::keys::MasterKey;
 use crate::pack::recover::recover_open_pack;
 use crate::pack::writer::{PackWriter, PendingChunk};
 use crate::repo::RepoPaths;

@@ -1,0 +1,117 @@
+//! Account calls: Hello (login), ChangePassword, and the control user's ServerStatus.
+
+use bytes::Bytes;
+use coffer_proto::v1;
+use tonic::Request;
+
+use super::{catalog_call, on_blocking_pool, Inner};
+use crate::access::auth::{Session, MIN_PASSWORD_CHARS};
+use crate::access::rules::{self, Access, TargetType};
+use crate::error::ApplianceError;
+
+impl Inner {
+    pub(super) async fn hello(
+        &self,
+        req: Request<v1::HelloRequest>,
+    ) -> Result<v1::HelloResponse, ApplianceError> {
+        // The protocol version is checked before anything else, credentials included.
+        if req.get_ref().protocol_version != coffer_proto::PROTOCOL_VERSION {
+            return Err(ApplianceError::FailedPrecondition(format!(
+                "this client speaks coffer protocol {} but the appliance speaks {}; upgrade the \
+                 older side",
+                req.get_ref().protocol_version,
+                coffer_proto::PROTOCOL_VERSION
+            )));
+        }
+        let source = req.remote_addr().map(|a| a.ip());
+        let req = req.into_inner();
+        let (token, identity) = self
+            .auth
+            .login(&req.identity, &req.password, source)
+            .await?;
+        let h = &self.hello;
+        Ok(v1::HelloResponse {
+            protocol_version: coffer_proto::PROTOCOL_VERSION,
+            repository_id: Bytes::copy_from_slice(&h.repository_id),
+            mode: v1::EncryptionMode::Managed.into(),
+            chunker: Some(h.chunker),
+            dedup_key: Bytes::copy_from_slice(&h.dedup_key),
+            limits: Some(h.limits),
+            appliance_version: env!("CARGO_PKG_VERSION").to_string(),
+            disclosure: self.auth.disclosure().into(),
+            possession_key: self
+                .auth
+                .state_of(&token)
+                .map(|s| Bytes::copy_from_slice(&s.possession_key))
+                .unwrap_or_default(),
+            compressions: vec![v1::Compression::Lz4.into()],
+            identity,
+            session_token: token,
+        })
+    }
+
+    pub(super) async fn change_password(
+        &self,
+        session: &Session,
+        req: v1::ChangePasswordRequest,
+    ) -> Result<v1::ChangePasswordResponse, ApplianceError> {
+        let (user, host) = session.identity.split_once('@').ok_or_else(|| {
+            ApplianceError::Internal(format!("session identity {} without @", session.identity))
+        })?;
+        let allowed = rules::access(
+            &self.auth.rules(),
+            &session.identity,
+            TargetType::User,
+            &[("username", user), ("hostname", host)],
+        );
+        if allowed.is_none_or(|a| a < Access::Append) {
+            return Err(ApplianceError::PermissionDenied(format!(
+                "{} may not change its password",
+                session.identity
+            )));
+        }
+        let pw = req.new_password;
+        if pw.chars().count() < MIN_PASSWORD_CHARS {
+            return Err(ApplianceError::InvalidArgument(format!(
+                "passwords must be at least {MIN_PASSWORD_CHARS} characters"
+            )));
+        }
+        let hash = self.auth.hash_new_password(pw).await?;
+        let identity = session.identity.clone();
+        let changed = catalog_call(&self.catalog, move |c| {
+            let Some(mut u) = c.user(&identity)? else {
+                return Ok(false);
+            };
+            u.password_hash = hash;
+            c.set_user(&u).map(|()| true)
+        })
+        .await?;
+        if !changed {
+            // Deleted while this call ran.
+            return Err(ApplianceError::NotFound(format!(
+                "no account {}: it was deleted",
+                session.identity
+            )));
+        }
+        // Every session of the account ends (the caller's too): the old password is gone.
+        let auth = self.auth.clone();
+        on_blocking_pool("reload", move || auth.reload()).await?;
+        Ok(v1::ChangePasswordResponse {})
+    }
+
+    pub(super) async fn server_status(&self) -> Result<v1::ServerStatusResponse, ApplianceError> {
+        let (users, stored) = catalog_call(&self.catalog, |c| {
+            Ok((c.users()?.len(), c.acl_rules()?.len()))
+        })
+        .await?;
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Ok(v1::ServerStatusResponse {
+            appliance_version: env!("CARGO_PKG_VERSION").to_string(),
+            shards: u32::from(self.shards.count()),
+            users: count(users),
+            sessions: count(self.auth.session_count()),
+            acl_rules: count(self.auth.rules().len()),
+            acl_defaults: stored == 0,
+        })
+    }
+}

@@ -1,0 +1,171 @@
+//! Snapshot calls: commit (with the reference check), open, list, get and delete.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use coffer_proto::{v1, ChunkId, SnapshotId};
+
+use super::{catalog_call, Inner};
+use crate::access::auth::Session;
+use crate::access::rules::{snapshot_access, Access};
+use crate::catalog::Catalog;
+use crate::error::ApplianceError;
+
+fn snapshot_id(bytes: &[u8]) -> Result<SnapshotId, ApplianceError> {
+    SnapshotId::from_slice(bytes)
+        .map_err(|e| ApplianceError::InvalidArgument(format!("snapshot id: {e}")))
+}
+
+/// A snapshot the caller may not read is reported exactly like a missing one.
+fn no_snapshot(id: &SnapshotId) -> ApplianceError {
+    ApplianceError::NotFound(format!("no snapshot {id}"))
+}
+
+impl Inner {
+    pub(super) async fn commit_snapshot(
+        &self,
+        session: &Session,
+        req: v1::CommitSnapshotRequest,
+    ) -> Result<v1::CommitSnapshotResponse, ApplianceError> {
+        let mut snap = req
+            .snapshot
+            .ok_or_else(|| ApplianceError::InvalidArgument("commit without a snapshot".into()))?;
+        let root = ChunkId::from_slice(&snap.root)
+            .map_err(|e| ApplianceError::InvalidArgument(format!("snapshot root: {e}")))?;
+        let id = SnapshotId::from_bytes(rand::random());
+        snap.id = Bytes::copy_from_slice(id.as_bytes());
+        // A snapshot always belongs to the identity that commits it.
+        snap.identity.clone_from(&session.identity);
+        snap.hostname = session
+            .identity
+            .split_once('@')
+            .map_or("", |(_, h)| h)
+            .to_string();
+        if snapshot_access(&self.auth.rules(), &session.identity, &snap)
+            .is_none_or(|a| a < Access::Append)
+        {
+            return Err(ApplianceError::PermissionDenied(format!(
+                "{} may not add snapshots of {}",
+                session.identity, snap.path
+            )));
+        }
+        // Every tree and chunk the snapshot references must be known to this session: uploaded
+        // (verified against its id), proved, or reachable from a snapshot it opened (S2: a chunk
+        // id alone never lets anyone put someone else's data into their snapshot). The walk
+        // checks each reference before reading it, and does not descend into subtrees
+        // reachable from an opened snapshot. A root the session does not know is refused in
+        // the same words whether or not it is stored.
+        let walk = {
+            let _turn = self.walker.permit(&session.identity).await?;
+            session.state.check()?;
+            let known: Arc<dyn crate::reach::Known> = session.state.clone();
+            self.walker.walk(root, Some(known)).await.map_err(|e| {
+                ApplianceError::FailedPrecondition(format!("snapshot not committed: {e}"))
+            })?
+        };
+        session.state.check()?;
+        if snap.time_us == 0 {
+            snap.time_us = coffer_proto::now_us();
+        }
+        let s2 = snap.clone();
+        catalog_call(&self.catalog, move |c| c.commit_snapshot(&s2)).await?;
+        if !walk.skipped {
+            // The walk saw everything: the new snapshot's reachable set, ready for restores.
+            self.walker.remember(root, Arc::new(walk.reach));
+        }
+        Ok(v1::CommitSnapshotResponse { id: snap.id })
+    }
+
+    pub(super) async fn open_snapshot(
+        &self,
+        session: &Session,
+        req: v1::OpenSnapshotRequest,
+    ) -> Result<v1::OpenSnapshotResponse, ApplianceError> {
+        let id = snapshot_id(&req.id)?;
+        let snap = catalog_call(&self.catalog, move |c| c.snapshot(&id)).await?;
+        let snap = match snap {
+            Some(s) if snapshot_access(&self.auth.rules(), &session.identity, &s).is_some() => s,
+            _ => return Err(no_snapshot(&id)),
+        };
+        let reach = {
+            let _turn = self.walker.permit(&session.identity).await?;
+            self.walker.snapshot(&snap).await?
+        };
+        let reachable = reach.len() as u64;
+        session.state.check()?;
+        session.state.add_opened(snap, reach);
+        // Rules may have changed while the trees were walked: what a reload revoked in the
+        // meantime stays revoked.
+        let rules = self.auth.rules();
+        session
+            .state
+            .retain_opened(|s| snapshot_access(&rules, &session.identity, s).is_some());
+        Ok(v1::OpenSnapshotResponse { reachable })
+    }
+
+    pub(super) async fn list_snapshots(
+        &self,
+        session: &Session,
+        req: v1::ListSnapshotsRequest,
+    ) -> Result<v1::ListSnapshotsResponse, ApplianceError> {
+        let v1::ListSnapshotsRequest { path, all } = req;
+        let every = catalog_call(&self.catalog, Catalog::snapshots).await?;
+        let rules = self.auth.rules();
+        let mut snapshots: Vec<_> = every
+            .into_iter()
+            .filter(|s| path.is_empty() || s.path == path)
+            .filter(|s| all || s.identity == session.identity)
+            .filter(|s| snapshot_access(&rules, &session.identity, s).is_some())
+            .collect();
+        snapshots.sort_by_key(|s| s.time_us);
+        Ok(v1::ListSnapshotsResponse { snapshots })
+    }
+
+    pub(super) async fn delete_snapshot(
+        &self,
+        session: &Session,
+        req: v1::DeleteSnapshotRequest,
+    ) -> Result<v1::DeleteSnapshotResponse, ApplianceError> {
+        let id = snapshot_id(&req.id)?;
+        let rules = self.auth.rules();
+        let who = session.identity.clone();
+        let outcome = catalog_call(&self.catalog, move |c| {
+            let Some(s) = c.snapshot(&id)? else {
+                return Ok(None);
+            };
+            let a = snapshot_access(&rules, &who, &s);
+            if a == Some(Access::Full) {
+                c.delete_snapshot(&id)?;
+            }
+            Ok(a)
+        })
+        .await?;
+        match outcome {
+            Some(Access::Full) => {
+                // Sessions that opened it read from it no longer.
+                self.auth.forget_snapshot(id.as_bytes());
+                Ok(v1::DeleteSnapshotResponse {})
+            }
+            Some(_) => Err(ApplianceError::PermissionDenied(format!(
+                "{} may read snapshot {id} but not delete it",
+                session.identity
+            ))),
+            None => Err(no_snapshot(&id)),
+        }
+    }
+
+    pub(super) async fn get_snapshot(
+        &self,
+        session: &Session,
+        req: v1::GetSnapshotRequest,
+    ) -> Result<v1::GetSnapshotResponse, ApplianceError> {
+        let id = snapshot_id(&req.id)?;
+        let snap = catalog_call(&self.catalog, move |c| c.snapshot(&id)).await?;
+        match snap {
+            Some(s) if snapshot_access(&self.auth.rules(), &session.identity, &s).is_some() => {
+                Ok(v1::GetSnapshotResponse { snapshot: Some(s) })
+            }
+            _ => Err(no_snapshot(&id)),
+        }
+    }
+}
