@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use coffer_appliance::access::{admin, auth, rules as acl};
+use coffer_appliance::access::{self, accounts as auth, admin, rules as acl};
 use coffer_appliance::catalog::{Catalog, UserRecord};
 use coffer_appliance::crypto::keys::{KdfParams, MasterKey};
 use coffer_appliance::index::{ChunkIndex, OpenMode, RocksIndex};
@@ -465,7 +465,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             auth::MIN_PASSWORD_CHARS
                         );
                     }
-                    Some(auth::ControlUser {
+                    Some(access::ControlUser {
                         identity,
                         phc: auth::hash_password(&pw)?,
                     })

@@ -161,7 +161,7 @@ pub fn apply(catalog: &Catalog, req: &Request) -> Result<Reply, ApplianceError> 
 
 /// Only well-formed identities and argon2id PHC strings are ever stored.
 fn check_user(u: &UserRecord) -> Result<(), ApplianceError> {
-    if crate::access::auth::normalise_identity(&u.identity)? != u.identity {
+    if crate::access::normalise_identity(&u.identity)? != u.identity {
         return Err(ApplianceError::InvalidArgument(format!(
             "identity {:?} is not in normal form",
             u.identity

@@ -3,223 +3,26 @@
 //! Unknown users cost the same as known ones (a dummy hash is verified), and hashing runs on a
 //! bounded number of blocking threads so that login floods cannot exhaust memory.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use tokio::sync::Semaphore;
 // tokio's clock: real time in production, pausable and advanced by hand in tests (no sleeps).
 use tokio::time::Instant;
 
-use coffer_proto::v1::{self, Disclosure};
-use coffer_proto::ChunkId;
+use coffer_proto::v1::Disclosure;
 
 use crate::access::rules::Rule;
 use crate::catalog::Catalog;
 use crate::error::ApplianceError;
-use crate::reach::Reach;
 
-/// argon2id for account passwords: 19 MiB, 2 passes, 1 lane (OWASP's minimum).
-fn hasher() -> argon2::Argon2<'static> {
-    let params = argon2::Params::new(19 * 1024, 2, 1, None).expect("static parameters are valid");
-    argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
-}
-
-/// Shortest password accepted for an account.
-pub const MIN_PASSWORD_CHARS: usize = 8;
-
-/// Hashes a password into a PHC string.
-///
-/// # Errors
-/// When argon2 fails (it does not for these parameters).
-pub fn hash_password(password: &str) -> Result<String, ApplianceError> {
-    let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>())
-        .map_err(|e| ApplianceError::Internal(e.to_string()))?;
-    hasher()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| ApplianceError::Internal(e.to_string()))
-}
-
-/// Whether `password` matches the PHC string `phc`.
-#[must_use]
-pub fn verify_password(phc: &str, password: &str) -> bool {
-    PasswordHash::new(phc).is_ok_and(|h| hasher().verify_password(password.as_bytes(), &h).is_ok())
-}
-
-/// Checks and normalises `username@hostname`: lower-case ASCII letters, digits, `.`, `_`, `-`;
-/// a username of 1–64 and a hostname of 1–253 characters; no `..`, no leading dot or dash.
-///
-/// # Errors
-/// [`ApplianceError::InvalidArgument`] saying what is wrong.
-pub fn normalise_identity(raw: &str) -> Result<String, ApplianceError> {
-    let bad =
-        |why: &str| ApplianceError::InvalidArgument(format!("invalid identity {raw:?}: {why}"));
-    let lower = raw.to_ascii_lowercase();
-    let (user, host) = lower
-        .split_once('@')
-        .ok_or_else(|| bad("expected username@hostname"))?;
-    for (part, max) in [(user, 64), (host, 253)] {
-        if part.is_empty() || part.len() > max {
-            return Err(bad(
-                "each side of @ must be 1 to 64 (user) / 253 (host) characters",
-            ));
-        }
-        if !part
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
-        {
-            return Err(bad("only letters, digits, '.', '_' and '-' are allowed"));
-        }
-        if part.contains("..") || part.starts_with(['.', '-']) {
-            return Err(bad("no '..' and no leading '.' or '-'"));
-        }
-    }
-    Ok(lower)
-}
-
-/// Snapshots one session may hold open at once; opening another forgets the least recently
-/// opened. The client opens at most 17 per backup (its 16 newest paths and the parent), so a
-/// command backing up several paths keeps what its current backup relies on.
-pub const MAX_OPENED: usize = 64;
-/// Sessions one account may hold at once; a new login ends the least recently used.
-pub const MAX_SESSIONS_PER_ACCOUNT: usize = 32;
-/// Longest password accepted (argon2 hashes the whole input).
-pub const MAX_PASSWORD_BYTES: usize = 1024;
-
-/// A snapshot a session opened: the record it was opened as (to re-check access when rules
-/// change) and everything reachable from it.
-#[derive(Debug, Clone)]
-pub struct Opened {
-    pub snapshot: v1::Snapshot,
-    pub reach: Arc<Reach>,
-}
-
-/// What a session knows: chunks it uploaded or proved it holds, and everything reachable from
-/// the snapshots it opened. Reads and snapshot references are limited to what it knows.
-#[derive(Debug)]
-pub struct SessionState {
-    /// Key of this session's possession proofs.
-    pub possession_key: [u8; 32],
-    /// The account's ownership key (chunks its sessions uploaded; see `shard::Owned`); `None`
-    /// for the server control user.
-    pub owner: Option<[u8; 16]>,
-    uploaded: Mutex<HashSet<ChunkId>>,
-    opened: Mutex<Vec<Opened>>,
-    /// Set when the session is ended (account deleted, password changed, idle): streams already
-    /// running check it before every message.
-    revoked: AtomicBool,
-    last_used: Mutex<Instant>,
-}
-
-impl SessionState {
-    fn new(owner: Option<[u8; 16]>, now: Instant) -> Self {
-        Self {
-            possession_key: rand::random(),
-            owner,
-            uploaded: Mutex::new(HashSet::new()),
-            opened: Mutex::new(Vec::new()),
-            revoked: AtomicBool::new(false),
-            last_used: Mutex::new(now),
-        }
-    }
-
-    /// Records chunks the session uploaded (verified against their ids) or proved.
-    pub fn add_uploaded(&self, ids: impl IntoIterator<Item = ChunkId>) {
-        lock(&self.uploaded).extend(ids);
-    }
-
-    /// Records the reachable set of a snapshot the session opened.
-    pub fn add_opened(&self, snapshot: v1::Snapshot, reach: Arc<Reach>) {
-        let mut o = lock(&self.opened);
-        // Opening again makes it the most recent (the end of the list).
-        o.retain(|r| r.snapshot.id != snapshot.id);
-        o.push(Opened { snapshot, reach });
-        if o.len() > MAX_OPENED {
-            o.remove(0);
-        }
-    }
-
-    /// Keeps only the opened snapshots for which `keep` holds (access re-checked on reload).
-    pub fn retain_opened(&self, keep: impl Fn(&v1::Snapshot) -> bool) -> usize {
-        let mut o = lock(&self.opened);
-        let before = o.len();
-        o.retain(|x| keep(&x.snapshot));
-        before - o.len()
-    }
-
-    /// The snapshots this session opened.
-    #[must_use]
-    pub fn opened_snapshots(&self) -> Vec<v1::Snapshot> {
-        lock(&self.opened)
-            .iter()
-            .map(|o| o.snapshot.clone())
-            .collect()
-    }
-
-    /// Whether `id` is reachable from a snapshot the session opened.
-    #[must_use]
-    pub fn opened(&self, id: &ChunkId) -> bool {
-        lock(&self.opened).iter().any(|r| r.reach.contains(id))
-    }
-
-    /// Whether `id` is a tree object of a snapshot the session opened (a subtree a commit need
-    /// not walk again).
-    #[must_use]
-    pub fn opened_tree(&self, id: &ChunkId) -> bool {
-        lock(&self.opened)
-            .iter()
-            .any(|r| r.reach.trees.contains(id))
-    }
-
-    /// Whether the session uploaded, proved or opened `id`.
-    #[must_use]
-    pub fn knows(&self, id: &ChunkId) -> bool {
-        lock(&self.uploaded).contains(id) || self.opened(id)
-    }
-
-    /// Ends the session for every call already in progress.
-    pub fn revoke(&self) {
-        self.revoked.store(true, Ordering::SeqCst);
-        lock(&self.uploaded).clear();
-        lock(&self.opened).clear();
-    }
-
-    /// Fails once the session was ended; marks it used otherwise. Called for every message of
-    /// a stream, so that ending a session ends the streams it has open.
-    ///
-    /// # Errors
-    /// [`ApplianceError::Unauthenticated`] once revoked.
-    pub fn check(&self) -> Result<(), ApplianceError> {
-        if self.revoked.load(Ordering::SeqCst) {
-            return Err(ApplianceError::Unauthenticated(
-                "session ended (account deleted, password changed, or idle too long): log in again"
-                    .into(),
-            ));
-        }
-        *lock(&self.last_used) = Instant::now();
-        Ok(())
-    }
-
-    fn idle_since(&self) -> Instant {
-        *lock(&self.last_used)
-    }
-}
-
-/// An authenticated session.
-#[derive(Debug, Clone)]
-pub struct Session {
-    pub identity: String,
-    pub state: Arc<SessionState>,
-    /// The server control user: may refresh and ask for status, nothing else.
-    pub control: bool,
-    expires: Instant,
-    /// The password hash the session was opened with: a changed password ends the session.
-    phc: String,
-}
+use super::accounts::{hash_password, verify_password, MAX_PASSWORD_BYTES};
+use super::accounts::{normalise_identity, owner_key};
+use super::sessions::{lock, Session, SessionState, MAX_SESSIONS_PER_ACCOUNT, SESSION_IDLE};
+use super::throttle::{Throttle, HASH_QUEUE_MAX};
 
 /// Catalog setting naming the repository's disclosure mode (`user` or `repository`).
 pub const DISCLOSURE_SETTING: &str = "disclosure";
@@ -235,165 +38,6 @@ pub fn parse_disclosure(v: Option<&str>) -> Result<Disclosure, ApplianceError> {
         Some(other) => Err(ApplianceError::InvalidArgument(format!(
             "disclosure {other:?}: expected user or repository"
         ))),
-    }
-}
-
-/// Login attempts counted against one key (an account, a source address, or an account from a
-/// source it logged in from before).
-#[derive(Debug, Clone, Copy)]
-struct Attempts {
-    /// Attempts that did not succeed, counted when they start (before hashing).
-    count: u32,
-    /// The time the latest attempt was allowed to check its password.
-    next: Instant,
-    last: Instant,
-}
-
-/// Failures after which each further attempt waits, doubling from [`BASE_DELAY`].
-pub const FREE_FAILURES: u32 = 5;
-const BASE_DELAY: Duration = Duration::from_millis(250);
-const MAX_DELAY: Duration = Duration::from_secs(16);
-/// An attempt that would have to wait longer than this for its turn is refused at once (without
-/// hashing): concurrent attempts never queue up without limit.
-const MAX_WAIT: Duration = MAX_DELAY;
-/// Failures are forgotten this long after the last one.
-const FAILURE_MEMORY: Duration = Duration::from_mins(15);
-/// A source an account logged in from is trusted for it this long after the last success.
-const TRUSTED_MEMORY: Duration = Duration::from_hours(24 * 30);
-/// Most (account, source) pairs remembered as trusted.
-const TRUSTED_MAX: usize = 100_000;
-/// A session unused this long ends (its memory is released); the client logs in again.
-pub const SESSION_IDLE: Duration = Duration::from_mins(30);
-
-/// The wait before checking a password after `failures` failed attempts.
-#[must_use]
-pub fn login_delay(failures: u32) -> Duration {
-    if failures < FREE_FAILURES {
-        return Duration::ZERO;
-    }
-    let doublings = (failures - FREE_FAILURES).min(16);
-    (BASE_DELAY * 2u32.pow(doublings)).min(MAX_DELAY)
-}
-
-/// The login throttle (S4). Every attempt takes a turn *before* its password is hashed: after
-/// [`FREE_FAILURES`] failures of a key, turns are spaced by [`login_delay`], so concurrent
-/// attempts cannot share one wait; an attempt whose turn is more than [`MAX_WAIT`] away is
-/// refused at once. A source address an account logged in from before is counted on its own key
-/// for that account, so an attacker elsewhere cannot lock the real user out.
-#[derive(Debug, Default)]
-pub struct Throttle {
-    keys: HashMap<String, Attempts>,
-    trusted: HashMap<(String, IpAddr), Instant>,
-}
-
-/// The key of a source address: the address itself, or its /64 for IPv6 (one host usually holds
-/// a whole /64, so rotating addresses inside it must not reset the count).
-fn source_key(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(v4) => format!("ip:{v4}"),
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            format!("ip:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
-        }
-    }
-}
-
-/// The keys an attempt is counted on; the first is the account's key.
-fn throttle_keys(trusted: bool, identity: &str, source: Option<IpAddr>) -> Vec<String> {
-    match source {
-        Some(ip) if trusted => vec![format!("id:{identity}/{ip}"), source_key(ip)],
-        Some(ip) => vec![format!("id:{identity}"), source_key(ip)],
-        None => vec![format!("id:{identity}")],
-    }
-}
-
-/// Most keys the throttle remembers; past it, keys that slow nobody down are forgotten first,
-/// and if that is not enough, attempts are refused until old failures expire.
-const THROTTLE_KEYS_MAX: usize = 200_000;
-/// Attempts waiting for a hashing slot at most; more are refused at once.
-const HASH_QUEUE_MAX: usize = 64;
-
-impl Throttle {
-    /// Takes a turn for an attempt at `now`: returns when it may check its password, or how long
-    /// until it could try again when the queue is full.
-    ///
-    /// # Errors
-    /// The wait that was refused.
-    pub fn reserve(
-        &mut self,
-        identity: &str,
-        source: Option<IpAddr>,
-        now: Instant,
-    ) -> Result<(Instant, Vec<String>), Duration> {
-        self.keys
-            .retain(|_, a| now.saturating_duration_since(a.last) < FAILURE_MEMORY);
-        if self.keys.len() >= THROTTLE_KEYS_MAX {
-            self.keys.retain(|_, a| a.count >= FREE_FAILURES);
-            if self.keys.len() >= THROTTLE_KEYS_MAX {
-                return Err(MAX_WAIT);
-            }
-        }
-        let trusted = source.is_some_and(|ip| {
-            self.trusted
-                .get(&(identity.to_string(), ip))
-                .is_some_and(|t| now.saturating_duration_since(*t) < TRUSTED_MEMORY)
-        });
-        let keys = throttle_keys(trusted, identity, source);
-        let slot = keys
-            .iter()
-            .filter_map(|k| self.keys.get(k))
-            .map(|a| {
-                let d = login_delay(a.count);
-                if d.is_zero() {
-                    now
-                } else {
-                    (now + d).max(a.next + d)
-                }
-            })
-            .max()
-            .unwrap_or(now);
-        if slot.saturating_duration_since(now) > MAX_WAIT {
-            return Err(slot.saturating_duration_since(now));
-        }
-        for k in &keys {
-            let a = self.keys.entry(k.clone()).or_insert(Attempts {
-                count: 0,
-                next: now,
-                last: now,
-            });
-            a.count = a.count.saturating_add(1);
-            a.next = a.next.max(slot);
-            a.last = now;
-        }
-        Ok((slot, keys))
-    }
-
-    /// The attempt counted on `keys` succeeded: the account's key is cleared, the source's count
-    /// gives back this attempt, and the source becomes trusted for the account.
-    pub fn succeeded(
-        &mut self,
-        identity: &str,
-        source: Option<IpAddr>,
-        keys: &[String],
-        now: Instant,
-    ) {
-        if let Some(k) = keys.first() {
-            self.keys.remove(k);
-        }
-        for k in keys.iter().skip(1) {
-            if let Some(a) = self.keys.get_mut(k) {
-                a.count = a.count.saturating_sub(1);
-            }
-        }
-        if let Some(ip) = source {
-            if self.trusted.len() >= TRUSTED_MAX {
-                self.trusted
-                    .retain(|_, t| now.saturating_duration_since(*t) < TRUSTED_MEMORY);
-            }
-            if self.trusted.len() < TRUSTED_MAX {
-                self.trusted.insert((identity.to_string(), ip), now);
-            }
-        }
     }
 }
 
@@ -420,27 +64,6 @@ pub struct Auth {
     checked: AtomicU64,
     /// Attempts waiting for a hashing slot.
     queued: std::sync::atomic::AtomicUsize,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// The ownership key of an account: its stored one, or for accounts created before ownership
-/// keys existed one derived from the identity and creation time.
-#[must_use]
-pub fn owner_key(u: &crate::catalog::UserRecord) -> [u8; 16] {
-    if let Some(k) = u.owner.as_deref().and_then(|h| hex::decode(h).ok()) {
-        if let Ok(k) = <[u8; 16]>::try_from(k.as_slice()) {
-            return k;
-        }
-    }
-    let mut h = blake3::Hasher::new_derive_key("coffer 2026 account owner key v1");
-    h.update(u.identity.as_bytes());
-    h.update(&u.created_unix.to_le_bytes());
-    let mut k = [0u8; 16];
-    k.copy_from_slice(&h.finalize().as_bytes()[..16]);
-    k
 }
 
 impl Auth {
@@ -769,19 +392,11 @@ impl Auth {
     }
 }
 
-impl crate::reach::Known for SessionState {
-    fn knows(&self, id: &ChunkId) -> bool {
-        SessionState::knows(self, id)
-    }
-
-    fn opened_tree(&self, id: &ChunkId) -> bool {
-        SessionState::opened_tree(self, id)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::access::throttle::*;
+    use coffer_proto::ChunkId;
 
     #[test]
     fn identities() {

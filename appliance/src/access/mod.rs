@@ -5,6 +5,13 @@
 //! sets of each session, rule evaluation. Must never touch pack files or shard indexes: it learns
 //! what a snapshot reaches from [`crate::reach`] and stores accounts through [`crate::catalog`].
 
+pub mod accounts;
 pub mod admin;
 pub mod auth;
 pub mod rules;
+pub mod sessions;
+mod throttle;
+
+pub use accounts::{hash_password, normalise_identity, owner_key, verify_password};
+pub use auth::{Auth, ControlUser};
+pub use sessions::{Session, SessionState};

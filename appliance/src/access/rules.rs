@@ -198,7 +198,7 @@ fn check_pattern(p: &str) -> Result<(), ApplianceError> {
         if u == "*" { "x" } else { u },
         if h == "*" { "x" } else { h }
     );
-    crate::access::auth::normalise_identity(&probe)
+    crate::access::normalise_identity(&probe)
         .map(|_| ())
         .map_err(|e| ApplianceError::InvalidArgument(format!("user pattern {p:?}: {e}")))
 }

@@ -5,8 +5,9 @@ use coffer_proto::v1;
 use tonic::Request;
 
 use super::{catalog_call, on_blocking_pool, Inner};
-use crate::access::auth::{Session, MIN_PASSWORD_CHARS};
+use crate::access::accounts::MIN_PASSWORD_CHARS;
 use crate::access::rules::{self, Access, TargetType};
+use crate::access::Session;
 use crate::error::ApplianceError;
 
 impl Inner {

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use coffer_proto::{bitmap_len, bitmap_set, unpack_ids, v1, ChunkId};
 
 use super::Inner;
-use crate::access::auth::Session;
+use crate::access::Session;
 use crate::error::ApplianceError;
 use crate::reach::plaintext;
 use crate::shard::{IncomingChunk, PutOutcome};

@@ -19,7 +19,7 @@ use coffer_proto::v1::{self, coffer_server::Coffer};
 use futures::{Stream, StreamExt, TryStreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::access::auth::{Auth, Session};
+use crate::access::{Auth, Session};
 use crate::catalog::Catalog;
 use crate::error::{ApplianceError, RepoError};
 use crate::reach::Walker;

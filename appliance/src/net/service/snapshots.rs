@@ -6,8 +6,8 @@ use bytes::Bytes;
 use coffer_proto::{v1, ChunkId, SnapshotId};
 
 use super::{catalog_call, Inner};
-use crate::access::auth::Session;
 use crate::access::rules::{snapshot_access, Access};
+use crate::access::Session;
 use crate::catalog::Catalog;
 use crate::error::ApplianceError;
 

@@ -1,0 +1,169 @@
+//! Sessions: what each logged-in session knows (uploaded, proved, opened) and when it ends.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use coffer_proto::v1;
+use coffer_proto::ChunkId;
+// tokio's clock: real time in production, pausable and advanced by hand in tests (no sleeps).
+use tokio::time::Instant;
+
+use crate::error::ApplianceError;
+use crate::reach::Reach;
+
+/// Snapshots one session may hold open at once; opening another forgets the least recently
+/// opened. The client opens at most 17 per backup (its 16 newest paths and the parent), so a
+/// command backing up several paths keeps what its current backup relies on.
+pub const MAX_OPENED: usize = 64;
+/// Sessions one account may hold at once; a new login ends the least recently used.
+pub const MAX_SESSIONS_PER_ACCOUNT: usize = 32;
+
+/// A snapshot a session opened: the record it was opened as (to re-check access when rules
+/// change) and everything reachable from it.
+#[derive(Debug, Clone)]
+pub struct Opened {
+    pub snapshot: v1::Snapshot,
+    pub reach: Arc<Reach>,
+}
+
+/// What a session knows: chunks it uploaded or proved it holds, and everything reachable from
+/// the snapshots it opened. Reads and snapshot references are limited to what it knows.
+#[derive(Debug)]
+pub struct SessionState {
+    /// Key of this session's possession proofs.
+    pub possession_key: [u8; 32],
+    /// The account's ownership key (chunks its sessions uploaded; see `shard::Owned`); `None`
+    /// for the server control user.
+    pub owner: Option<[u8; 16]>,
+    uploaded: Mutex<HashSet<ChunkId>>,
+    opened: Mutex<Vec<Opened>>,
+    /// Set when the session is ended (account deleted, password changed, idle): streams already
+    /// running check it before every message.
+    revoked: AtomicBool,
+    last_used: Mutex<Instant>,
+}
+
+impl SessionState {
+    pub(super) fn new(owner: Option<[u8; 16]>, now: Instant) -> Self {
+        Self {
+            possession_key: rand::random(),
+            owner,
+            uploaded: Mutex::new(HashSet::new()),
+            opened: Mutex::new(Vec::new()),
+            revoked: AtomicBool::new(false),
+            last_used: Mutex::new(now),
+        }
+    }
+
+    /// Records chunks the session uploaded (verified against their ids) or proved.
+    pub fn add_uploaded(&self, ids: impl IntoIterator<Item = ChunkId>) {
+        lock(&self.uploaded).extend(ids);
+    }
+
+    /// Records the reachable set of a snapshot the session opened.
+    pub fn add_opened(&self, snapshot: v1::Snapshot, reach: Arc<Reach>) {
+        let mut o = lock(&self.opened);
+        // Opening again makes it the most recent (the end of the list).
+        o.retain(|r| r.snapshot.id != snapshot.id);
+        o.push(Opened { snapshot, reach });
+        if o.len() > MAX_OPENED {
+            o.remove(0);
+        }
+    }
+
+    /// Keeps only the opened snapshots for which `keep` holds (access re-checked on reload).
+    pub fn retain_opened(&self, keep: impl Fn(&v1::Snapshot) -> bool) -> usize {
+        let mut o = lock(&self.opened);
+        let before = o.len();
+        o.retain(|x| keep(&x.snapshot));
+        before - o.len()
+    }
+
+    /// The snapshots this session opened.
+    #[must_use]
+    pub fn opened_snapshots(&self) -> Vec<v1::Snapshot> {
+        lock(&self.opened)
+            .iter()
+            .map(|o| o.snapshot.clone())
+            .collect()
+    }
+
+    /// Whether `id` is reachable from a snapshot the session opened.
+    #[must_use]
+    pub fn opened(&self, id: &ChunkId) -> bool {
+        lock(&self.opened).iter().any(|r| r.reach.contains(id))
+    }
+
+    /// Whether `id` is a tree object of a snapshot the session opened (a subtree a commit need
+    /// not walk again).
+    #[must_use]
+    pub fn opened_tree(&self, id: &ChunkId) -> bool {
+        lock(&self.opened)
+            .iter()
+            .any(|r| r.reach.trees.contains(id))
+    }
+
+    /// Whether the session uploaded, proved or opened `id`.
+    #[must_use]
+    pub fn knows(&self, id: &ChunkId) -> bool {
+        lock(&self.uploaded).contains(id) || self.opened(id)
+    }
+
+    /// Ends the session for every call already in progress.
+    pub fn revoke(&self) {
+        self.revoked.store(true, Ordering::SeqCst);
+        lock(&self.uploaded).clear();
+        lock(&self.opened).clear();
+    }
+
+    /// Fails once the session was ended; marks it used otherwise. Called for every message of
+    /// a stream, so that ending a session ends the streams it has open.
+    ///
+    /// # Errors
+    /// [`ApplianceError::Unauthenticated`] once revoked.
+    pub fn check(&self) -> Result<(), ApplianceError> {
+        if self.revoked.load(Ordering::SeqCst) {
+            return Err(ApplianceError::Unauthenticated(
+                "session ended (account deleted, password changed, or idle too long): log in again"
+                    .into(),
+            ));
+        }
+        *lock(&self.last_used) = Instant::now();
+        Ok(())
+    }
+
+    pub(super) fn idle_since(&self) -> Instant {
+        *lock(&self.last_used)
+    }
+}
+
+/// An authenticated session.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub identity: String,
+    pub state: Arc<SessionState>,
+    /// The server control user: may refresh and ask for status, nothing else.
+    pub control: bool,
+    pub(super) expires: Instant,
+    /// The password hash the session was opened with: a changed password ends the session.
+    pub(super) phc: String,
+}
+
+/// A session unused this long ends (its memory is released); the client logs in again.
+pub const SESSION_IDLE: Duration = Duration::from_mins(30);
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl crate::reach::Known for SessionState {
+    fn knows(&self, id: &ChunkId) -> bool {
+        SessionState::knows(self, id)
+    }
+
+    fn opened_tree(&self, id: &ChunkId) -> bool {
+        SessionState::opened_tree(self, id)
+    }
+}
