@@ -1,0 +1,253 @@
+//! `user`, `acl`, `disclosure` and `refresh`: account and rule administration, through the
+//! running appliance's admin socket when it runs (in force at once), else on the catalog.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::bail;
+use clap::Subcommand;
+use coffer_appliance::access::{accounts, admin, rules as acl};
+use coffer_appliance::catalog::UserRecord;
+use coffer_appliance::RepoPaths;
+
+use super::{read_secret, RepoArg};
+
+#[derive(Subcommand, Debug)]
+pub enum UserCmd {
+    /// Add an account `username@hostname`.
+    Add {
+        /// `username@hostname`.
+        identity: String,
+        #[command(flatten)]
+        repo: RepoArg,
+        /// File whose first line is the password (else COFFER_USER_PASSWORD, else a prompt).
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+    },
+    /// List accounts (never shows secrets).
+    List {
+        #[command(flatten)]
+        repo: RepoArg,
+    },
+    /// Change an account's password (ends its sessions).
+    Set {
+        /// `username@hostname`.
+        identity: String,
+        #[command(flatten)]
+        repo: RepoArg,
+        /// File whose first line is the new password (else COFFER_USER_PASSWORD, else a prompt).
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+    },
+    /// Delete an account (ends its sessions; its snapshots stay).
+    Delete {
+        /// `username@hostname`.
+        identity: String,
+        #[command(flatten)]
+        repo: RepoArg,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AclCmd {
+    /// Store the built-in default rules explicitly, so that rules can be added and removed.
+    Enable {
+        #[command(flatten)]
+        repo: RepoArg,
+    },
+    /// List the rules in force.
+    List {
+        #[command(flatten)]
+        repo: RepoArg,
+    },
+    /// Add a rule, e.g. `--user 'auditor@*' --access READ --target type=snapshot,hostname=db1`.
+    Add {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// `user@host` pattern; either side may be `*`.
+        #[arg(long)]
+        user: String,
+        /// READ, APPEND or FULL.
+        #[arg(long)]
+        access: String,
+        /// `type=snapshot|policy|user|acl` and labels (username, hostname, path, policyType);
+        /// values may be OWN_USER / OWN_HOST.
+        #[arg(long)]
+        target: String,
+    },
+    /// Remove rules: shows what would be removed; acts only with --delete.
+    Remove {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Rule ids (see `acl list`).
+        ids: Vec<String>,
+        /// Every stored rule (the built-in defaults then apply again).
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        /// Really remove them.
+        #[arg(long)]
+        delete: bool,
+    },
+}
+
+/// Runs an administrative request through the running appliance or on the catalog.
+fn admin_run(repo: &Path, req: &admin::Request) -> anyhow::Result<admin::Reply> {
+    let paths = RepoPaths::new(repo);
+    paths.load_config()?;
+    let (reply, live) = admin::run(&paths.admin_socket(), &paths.catalog(), req)?;
+    if !matches!(
+        req,
+        admin::Request::UserList
+            | admin::Request::AclList
+            | admin::Request::Disclosure { mode: None }
+    ) {
+        if live {
+            eprintln!("applied by the running appliance (in force now)");
+        } else {
+            eprintln!("written to the catalog (the appliance reads it when it starts)");
+        }
+    }
+    Ok(reply)
+}
+
+fn new_user(identity: &str, password_file: Option<&Path>) -> anyhow::Result<UserRecord> {
+    let identity = accounts::normalise_identity(identity)?;
+    let pw = read_secret(password_file, "COFFER_USER_PASSWORD", "Password: ", true)?;
+    if pw.chars().count() < accounts::MIN_PASSWORD_CHARS {
+        bail!(
+            "passwords must be at least {} characters",
+            accounts::MIN_PASSWORD_CHARS
+        );
+    }
+    Ok(UserRecord {
+        identity,
+        password_hash: accounts::hash_password(&pw)?,
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()
+            .cast_signed(),
+        owner: Some(hex::encode(rand::random::<[u8; 16]>())),
+    })
+}
+
+pub fn user(cmd: UserCmd) -> anyhow::Result<()> {
+    match cmd {
+        UserCmd::Add {
+            identity,
+            repo,
+            password_file,
+        } => {
+            let user = new_user(&identity, password_file.as_deref())?;
+            let id = user.identity.clone();
+            admin_run(&repo.repo, &admin::Request::UserAdd { user })?;
+            println!("added user {id}");
+        }
+        UserCmd::Set {
+            identity,
+            repo,
+            password_file,
+        } => {
+            let user = new_user(&identity, password_file.as_deref())?;
+            let id = user.identity.clone();
+            admin_run(&repo.repo, &admin::Request::UserSet { user })?;
+            println!("changed the password of {id}");
+        }
+        UserCmd::Delete { identity, repo } => {
+            let identity = accounts::normalise_identity(&identity)?;
+            admin_run(
+                &repo.repo,
+                &admin::Request::UserDelete {
+                    identity: identity.clone(),
+                },
+            )?;
+            println!("deleted user {identity}");
+        }
+        UserCmd::List { repo } => {
+            for u in admin_run(&repo.repo, &admin::Request::UserList)?.users {
+                println!("{u}");
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn acl(cmd: AclCmd) -> anyhow::Result<()> {
+    match cmd {
+        AclCmd::Enable { repo } => {
+            admin_run(&repo.repo, &admin::Request::AclEnable)?;
+            println!("default rules stored; `acl list` shows them");
+        }
+        AclCmd::List { repo } => {
+            let r = admin_run(&repo.repo, &admin::Request::AclList)?;
+            if r.defaults {
+                println!("# no rules stored: these built-in defaults apply");
+            }
+            for rule in r.rules {
+                println!("{rule}");
+            }
+        }
+        AclCmd::Add {
+            repo,
+            user,
+            access,
+            target,
+        } => {
+            let rule = acl::Rule::new(&user, access.parse()?, acl::Target::parse(&target)?)?;
+            println!("{rule}");
+            admin_run(&repo.repo, &admin::Request::AclAdd { rule })?;
+        }
+        AclCmd::Remove {
+            repo,
+            ids,
+            all,
+            delete,
+        } => {
+            let r = admin_run(&repo.repo, &admin::Request::AclList)?;
+            if r.defaults {
+                bail!("no rules are stored (the built-in defaults apply); nothing to remove");
+            }
+            let chosen: Vec<&acl::Rule> = r
+                .rules
+                .iter()
+                .filter(|rule| all || ids.contains(&rule.id))
+                .collect();
+            if let Some(unknown) = ids.iter().find(|id| !r.rules.iter().any(|x| &x.id == *id)) {
+                bail!("no rule {unknown} (see `acl list`)");
+            }
+            if chosen.is_empty() {
+                bail!("name rule ids or --all");
+            }
+            for rule in &chosen {
+                println!(
+                    "{}{rule}",
+                    if delete { "removing " } else { "would remove " }
+                );
+            }
+            if !delete {
+                println!("nothing removed: repeat with --delete to remove these rules");
+                return Ok(());
+            }
+            let ids = chosen.iter().map(|x| x.id.clone()).collect();
+            admin_run(&repo.repo, &admin::Request::AclRemove { ids })?;
+        }
+    }
+    Ok(())
+}
+
+pub fn disclosure(repo: &Path, mode: Option<String>) -> anyhow::Result<()> {
+    let r = admin_run(repo, &admin::Request::Disclosure { mode })?;
+    println!("disclosure: {}", r.disclosure);
+    Ok(())
+}
+
+pub fn refresh(repo: &Path) -> anyhow::Result<()> {
+    let paths = RepoPaths::new(repo);
+    paths.load_config()?;
+    if admin::call_socket(&paths.admin_socket(), &admin::Request::Refresh)?.is_none() {
+        bail!(
+            "no appliance is serving {} (nothing to refresh)",
+            repo.display()
+        );
+    }
+    println!("refreshed");
+    Ok(())
+}

@@ -1,0 +1,184 @@
+//! The `coffer-appliance` command line: one file per command group. `main.rs` parses and calls
+//! [`run`]; these modules belong to the binary, not to the library, and use only the library's
+//! public surface. `anyhow` lives here and in `main.rs` only.
+
+mod accounts;
+mod repo;
+mod serve;
+mod tune;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use coffer_appliance::crypto::keys::MasterKey;
+use coffer_appliance::repo::{ChunkerParams, RepoPaths};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "coffer-appliance",
+    version,
+    about = "The coffer deduplicating backup appliance"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RepoArg {
+    /// Repository directory.
+    #[arg(long, value_name = "DIR")]
+    pub repo: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RepoPassword {
+    /// File whose first line is the repository password (else COFFER_REPO_PASSWORD, else a prompt).
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Create a new repository.
+    Init {
+        #[command(flatten)]
+        repo: RepoArg,
+        #[command(flatten)]
+        password: RepoPassword,
+        /// Number of shards (one per core when serving). Default: the CPUs available now.
+        #[arg(long)]
+        shards: Option<u16>,
+        /// FastCDC average chunk size in bytes (min = avg/4, max = avg*4).
+        #[arg(long, default_value_t = ChunkerParams::DEFAULT.avg)]
+        chunk_avg: u32,
+    },
+    /// Serve the repository over gRPC + TLS until SIGTERM/SIGINT.
+    Serve(serve::ServeArgs),
+    /// Manage accounts (through the running appliance if there is one: effective at once).
+    User {
+        #[command(subcommand)]
+        cmd: accounts::UserCmd,
+    },
+    /// Manage access rules (through the running appliance if there is one: effective at once).
+    Acl {
+        #[command(subcommand)]
+        cmd: accounts::AclCmd,
+    },
+    /// Show or set what FindMissing reveals about chunks stored by others: `user` (default: no
+    /// existence oracle; the client uploads data it has not referenced before and nothing new is
+    /// stored) or `repository` (saves that upload, reveals that someone stored the data).
+    Disclosure {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// `user` or `repository`; omit to show the current mode.
+        mode: Option<String>,
+    },
+    /// Make the running appliance reload accounts and rules from its catalog (as SIGHUP does).
+    Refresh {
+        #[command(flatten)]
+        repo: RepoArg,
+    },
+    /// Check invariants I1 (with --read-data), I2 and I5; exit 1 on any error.
+    Verify {
+        #[command(flatten)]
+        repo: RepoArg,
+        #[command(flatten)]
+        password: RepoPassword,
+        /// Decrypt every chunk and check that it hashes to its id.
+        #[arg(long)]
+        read_data: bool,
+    },
+    /// Rebuild the whole index from pack files (the old index, if any, is moved aside).
+    RebuildIndex {
+        #[command(flatten)]
+        repo: RepoArg,
+        #[command(flatten)]
+        password: RepoPassword,
+    },
+    /// Print the hardware found, the plan `serve` would apply (which core runs which shard,
+    /// network threads, queue depth, pack size, index cache) and what to change, with reasons.
+    Tune(tune::TuneArgs),
+}
+
+pub fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal mode like 660"))
+}
+
+pub fn read_secret(
+    file: Option<&Path>,
+    env: &str,
+    prompt: &str,
+    confirm: bool,
+) -> anyhow::Result<String> {
+    if let Some(f) = file {
+        let s = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        return Ok(s.lines().next().unwrap_or_default().to_string());
+    }
+    if let Ok(s) = std::env::var(env) {
+        return Ok(s);
+    }
+    let p = rpassword::prompt_password(prompt).with_context(|| {
+        format!("no terminal to ask for the password on: use --password-file or {env}")
+    })?;
+    if confirm && rpassword::prompt_password("Repeat: ")? != p {
+        bail!("the passwords do not match");
+    }
+    Ok(p)
+}
+
+pub fn repo_password(p: &RepoPassword, confirm: bool) -> anyhow::Result<String> {
+    let pw = read_secret(
+        p.password_file.as_deref(),
+        "COFFER_REPO_PASSWORD",
+        "Repository password: ",
+        confirm,
+    )?;
+    if pw.is_empty() {
+        bail!("the repository password must not be empty");
+    }
+    Ok(pw)
+}
+
+pub fn unlock(paths: &RepoPaths, p: &RepoPassword) -> anyhow::Result<MasterKey> {
+    paths.load_config()?;
+    Ok(MasterKey::load(
+        &paths.master_key(),
+        repo_password(p, false)?.as_bytes(),
+    )?)
+}
+
+/// Runs one command; the exit code says whether a check found errors.
+///
+/// # Errors
+/// Whatever stopped the command, for `main` to print.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Init {
+            repo,
+            password,
+            shards,
+            chunk_avg,
+        } => repo::init(&RepoPaths::new(&repo.repo), &password, shards, chunk_avg)?,
+        Cmd::Serve(a) => serve::run(a)?,
+        Cmd::User { cmd } => accounts::user(cmd)?,
+        Cmd::Acl { cmd } => accounts::acl(cmd)?,
+        Cmd::Disclosure { repo, mode } => accounts::disclosure(&repo.repo, mode)?,
+        Cmd::Refresh { repo } => accounts::refresh(&repo.repo)?,
+        Cmd::Verify {
+            repo,
+            password,
+            read_data,
+        } => return repo::verify(&repo.repo, &password, read_data),
+        Cmd::RebuildIndex { repo, password } => {
+            repo::rebuild_index(&RepoPaths::new(&repo.repo), &password)?;
+        }
+        Cmd::Tune(a) => tune::run(&a)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,145 @@
+//! `init`, `verify` and `rebuild-index`: the repository on disk.
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::bail;
+use coffer_appliance::catalog::Catalog;
+use coffer_appliance::crypto::keys::{KdfParams, MasterKey};
+use coffer_appliance::index::{ChunkIndex, OpenMode, RocksIndex};
+use coffer_appliance::repo::{ChunkerParams, Mode, RepoConfig, RepoPaths, Sharding};
+use coffer_appliance::{maintenance, pack};
+
+use super::{repo_password, unlock, RepoPassword};
+
+pub fn init(
+    paths: &RepoPaths,
+    password: &RepoPassword,
+    shards: Option<u16>,
+    avg: u32,
+) -> anyhow::Result<()> {
+    if paths.config().exists() {
+        return Err(coffer_appliance::RepoError::AlreadyExists(paths.root.clone()).into());
+    }
+    let chunker = ChunkerParams {
+        min: (avg / 4).max(64),
+        avg,
+        max: avg.saturating_mul(4),
+    };
+    chunker.validate()?;
+    let shards = match shards {
+        Some(0) => bail!("--shards must be at least 1"),
+        Some(n) => n,
+        None => u16::try_from(coffer_tuning::Hardware::detect().cpus.len()).unwrap_or(u16::MAX),
+    };
+    let pw = repo_password(password, true)?;
+    std::fs::create_dir_all(&paths.root)?;
+    // Private to the appliance's user even when the directory existed before.
+    std::fs::set_permissions(&paths.root, std::fs::Permissions::from_mode(0o700))?;
+    let cfg = RepoConfig {
+        id: rand::random(),
+        mode: Mode::Managed,
+        sharding: Sharding::Le64Mod,
+        shards,
+        chunker,
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()
+            .cast_signed(),
+    };
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(paths.keys())?;
+    std::fs::create_dir_all(paths.packs())?;
+    let key = MasterKey::generate().wrap(pw.as_bytes(), KdfParams::DEFAULT)?;
+    std::fs::write(paths.master_key(), key)?;
+    std::fs::set_permissions(paths.master_key(), std::fs::Permissions::from_mode(0o600))?;
+    for s in 0..shards {
+        RocksIndex::open(&paths.shard_index(s), OpenMode::Create, 8 << 20)?;
+    }
+    Catalog::open(&paths.catalog(), true)?;
+    // The repository file is written last: its presence means the repository is complete.
+    let tmp = paths.root.join("coffer.repo.tmp");
+    std::fs::write(&tmp, cfg.encode())?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, paths.config())?;
+    std::fs::File::open(&paths.root)?.sync_all()?;
+    println!(
+        "created repository {} in {} ({} shards, chunks {}..{}..{} bytes)",
+        hex::encode(cfg.id),
+        paths.root.display(),
+        shards,
+        chunker.min,
+        chunker.avg,
+        chunker.max
+    );
+    Ok(())
+}
+
+pub fn rebuild_index(paths: &RepoPaths, password: &RepoPassword) -> anyhow::Result<()> {
+    let cfg = paths.load_config()?;
+    let master = unlock(paths, password)?;
+    let tmp = paths.root.join("index.rebuild");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    let indexes: Vec<RocksIndex> = (0..cfg.shards)
+        .map(|s| RocksIndex::open(&tmp.join(format!("shard-{s}")), OpenMode::Create, 64 << 20))
+        .collect::<Result<_, _>>()?;
+    let refs: Vec<&dyn ChunkIndex> = indexes.iter().map(|i| i as &dyn ChunkIndex).collect();
+    let stats = pack::recover::rebuild(paths, &master, &refs)
+        .map_err(|e| anyhow::anyhow!("rebuild aborted: {e}"))?;
+    drop(refs);
+    drop(indexes);
+    if paths.index().exists() {
+        let aside = paths.root.join(format!(
+            "index.old-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs()
+        ));
+        std::fs::rename(paths.index(), &aside)?;
+        println!("moved the previous index aside to {}", aside.display());
+    }
+    std::fs::rename(&tmp, paths.index())?;
+    println!(
+        "rebuilt the index from {} packs: {} chunks ({} unsealed packs sealed, {} torn packs \
+         set aside as <id>.torn)",
+        stats.packs, stats.chunks, stats.unsealed_packs_sealed, stats.set_aside
+    );
+    Ok(())
+}
+
+pub fn verify(repo: &Path, password: &RepoPassword, read_data: bool) -> anyhow::Result<ExitCode> {
+    let paths = RepoPaths::new(repo);
+    let cfg = paths.load_config()?;
+    let master = if read_data {
+        Some(unlock(&paths, password)?)
+    } else {
+        None
+    };
+    let rep = maintenance::verify(&paths, &cfg, master.as_ref()).map_err(|e| anyhow::anyhow!(e))?;
+    for e in &rep.errors {
+        eprintln!("error: {e}");
+    }
+    for w in &rep.warnings {
+        eprintln!("warning: {w}");
+    }
+    println!(
+        "verify: {} chunks in {} packs checked{}, {} errors, {} warnings",
+        rep.chunks,
+        rep.packs,
+        if read_data {
+            " (data read and hashed)"
+        } else {
+            ""
+        },
+        rep.errors.len(),
+        rep.warnings.len()
+    );
+    if !rep.errors.is_empty() {
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}

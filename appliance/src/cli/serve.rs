@@ -1,0 +1,103 @@
+//! `serve`: unlock the repository, load or make the TLS identity, run until told to stop.
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+use coffer_appliance::access::{self, accounts};
+use coffer_appliance::net::{server, tls};
+use coffer_appliance::RepoPaths;
+
+use super::{parse_mode, unlock, RepoArg, RepoPassword};
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub repo: RepoArg,
+    #[command(flatten)]
+    pub password: RepoPassword,
+    /// Where to listen: HOST:PORT (port 0 picks a free port; the chosen one is printed) or
+    /// unix:/path/to/socket. Ignored when systemd passes a socket (LISTEN_FDS).
+    #[arg(long, default_value = "127.0.0.1:5151")]
+    pub listen: String,
+    /// Permissions of a unix:/… listening socket, in octal.
+    #[arg(long, default_value = "660", value_parser = parse_mode)]
+    pub listen_mode: u32,
+    /// Seconds a new connection has to complete its TLS handshake before it is closed.
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    pub handshake_timeout: u64,
+    /// Free bytes to keep on the packs' file system for the index and catalog: backups are
+    /// refused (RESOURCE_EXHAUSTED) rather than fill it. Default: 2 % of the file system,
+    /// between 8 MiB and 1 GiB; 0 when the index lives on another disk.
+    #[arg(long, value_name = "BYTES")]
+    pub space_reserve: Option<u64>,
+    /// Create a self-signed certificate at --tls-cert-file/--tls-key-file (never overwrites).
+    #[arg(long)]
+    pub tls_generate_cert: bool,
+    /// PEM certificate file.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert_file: PathBuf,
+    /// PEM private key file.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key_file: PathBuf,
+    /// Host names to put in a generated certificate.
+    #[arg(long, value_delimiter = ',', default_value = "localhost")]
+    pub tls_names: Vec<String>,
+    /// Shut down gracefully when standard input is closed.
+    #[arg(long)]
+    pub shutdown_on_stdin: bool,
+    /// Pack size target in bytes (default from the tuning plan).
+    #[arg(long, hide = true)]
+    pub pack_target: Option<u64>,
+    /// Identity (`name@host`) of the server control user, who may only call Refresh and
+    /// ServerStatus; its password comes from COFFER_SERVER_CONTROL_PASSWORD.
+    #[arg(long, value_name = "NAME@HOST")]
+    pub server_control_username: Option<String>,
+}
+
+/// The server control account, from its flag and COFFER_SERVER_CONTROL_PASSWORD.
+fn control_user(name: Option<&str>) -> anyhow::Result<Option<access::ControlUser>> {
+    let Some(name) = name else {
+        return Ok(None);
+    };
+    let identity = accounts::normalise_identity(name)?;
+    let pw = std::env::var("COFFER_SERVER_CONTROL_PASSWORD").map_err(|_| {
+        anyhow::anyhow!("--server-control-username needs COFFER_SERVER_CONTROL_PASSWORD")
+    })?;
+    if pw.chars().count() < accounts::MIN_PASSWORD_CHARS {
+        bail!(
+            "COFFER_SERVER_CONTROL_PASSWORD must be at least {} characters",
+            accounts::MIN_PASSWORD_CHARS
+        );
+    }
+    Ok(Some(access::ControlUser {
+        identity,
+        phc: accounts::hash_password(&pw)?,
+    }))
+}
+
+pub fn run(a: ServeArgs) -> anyhow::Result<()> {
+    let paths = RepoPaths::new(&a.repo.repo);
+    let master = unlock(&paths, &a.password)?;
+    let control = control_user(a.server_control_username.as_deref())?;
+    let tls = if a.tls_generate_cert {
+        tls::generate(&a.tls_cert_file, &a.tls_key_file, a.tls_names)
+    } else {
+        tls::load(&a.tls_cert_file, &a.tls_key_file)
+    }
+    .map_err(|e| anyhow::anyhow!(e))?;
+    server::serve(
+        &paths,
+        master,
+        &server::ServeOptions {
+            listen: a.listen,
+            tls,
+            pack_target: a.pack_target,
+            shutdown_on_stdin: a.shutdown_on_stdin,
+            control,
+            listen_mode: a.listen_mode,
+            handshake_timeout: std::time::Duration::from_secs(a.handshake_timeout.max(1)),
+            space_reserve: a.space_reserve,
+        },
+    )?;
+    Ok(())
+}

@@ -1,0 +1,66 @@
+//! `tune`: the hardware found and the plan `serve` would apply.
+
+use std::path::PathBuf;
+
+use coffer_appliance::RepoPaths;
+
+#[derive(clap::Args, Debug)]
+pub struct TuneArgs {
+    /// Shards to plan for (default: the repository's with --repo, else all CPUs).
+    #[arg(long)]
+    pub shards: Option<usize>,
+    /// Repository to plan for (its shard count and the disks under it).
+    #[arg(long, value_name = "DIR")]
+    pub repo: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: &TuneArgs) -> anyhow::Result<()> {
+    let (hw, repo_shards) = match &a.repo {
+        Some(r) => {
+            let cfg = RepoPaths::new(r).load_config()?;
+            (
+                coffer_tuning::Hardware::detect_for(r),
+                Some(usize::from(cfg.shards)),
+            )
+        }
+        None => (coffer_tuning::Hardware::detect(), None),
+    };
+    let n = a.shards.or(repo_shards).unwrap_or(hw.cpus.len());
+    let plan = coffer_tuning::Plan::new(&hw, n)?;
+    if a.json {
+        println!("{}", serde_json::json!({ "hardware": hw, "plan": plan }));
+    } else {
+        println!(
+            "cpus: {:?} ({} physical cores: {:?})\nfeatures: {:?}\nmemlock: {}\n\
+             memory: {} MiB\nio_uring: kernel {}, io_uring_disabled={}\ndisks: {:?}",
+            hw.cpus,
+            hw.cores.len(),
+            hw.cores,
+            hw.features,
+            hw.memlock_bytes,
+            hw.memory_bytes >> 20,
+            hw.io_uring.kernel,
+            hw.io_uring.disabled,
+            hw.disks
+        );
+        for s in &plan.shards {
+            println!("shard {} -> cpu {}", s.shard, s.cpu);
+        }
+        println!(
+            "network threads: {} (floating)\nio_uring depth: {}, registered buffers: {} KiB \
+             per shard\npack target: {} MiB\nindex cache: {} MiB per shard",
+            plan.network_threads,
+            plan.ring_depth,
+            plan.io_memory_per_shard >> 10,
+            plan.pack_target_bytes >> 20,
+            plan.index_cache_bytes >> 20
+        );
+        for a in &plan.advice {
+            println!("advice: {a}");
+        }
+    }
+    Ok(())
+}
