@@ -9,8 +9,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use coffer_appliance::index::{ChunkIndex, MemIndex, OpenMode, RocksIndex};
 use coffer_appliance::crypto::keys::MasterKey;
+use coffer_appliance::index::{ChunkIndex, MemIndex, OpenMode, RocksIndex};
 use coffer_appliance::pack::format::IndexEntry;
 use coffer_appliance::pack::writer::{PackWriter, PendingChunk};
 use coffer_appliance::repo::RepoPaths;
@@ -22,7 +22,7 @@ const MIB: usize = 1 << 20;
 
 /// Counts the chunks of `data` with coffer's cutter (the crate's cut points, zero runs skipped).
 fn coffer_cdc(data: &[u8], avg: u32) -> usize {
-    let cdc = coffer_client::chunk::Cdc::new(coffer_client::chunk::ChunkerParams {
+    let cdc = coffer_client::Cdc::new(coffer_proto::ChunkerParams {
         min: avg / 4,
         avg,
         max: avg * 4,

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::ClientError;
+
 /// What `coffer connect` saves.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -38,28 +40,30 @@ impl ClientConfig {
     /// Reads the configuration.
     ///
     /// # Errors
-    /// A message telling to run `coffer connect` when there is none.
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            format!(
-                "no client configuration at {} ({e}); run `coffer connect server ...` first",
-                path.display()
-            )
+    /// [`ClientError::NoConfig`] (telling to run `coffer connect`) when there is none,
+    /// [`ClientError::BadConfig`] when it does not parse.
+    pub fn load(path: &Path) -> Result<Self, ClientError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ClientError::NoConfig {
+            path: path.to_path_buf(),
+            error,
         })?;
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+        serde_json::from_str(&text).map_err(|e| ClientError::BadConfig {
+            path: path.to_path_buf(),
+            error: e.to_string(),
+        })
     }
 
     /// Writes the configuration atomically with mode 0600.
     ///
     /// # Errors
-    /// I/O errors, as text.
-    pub fn save(&self, path: &Path) -> Result<(), String> {
+    /// [`ClientError::Io`] naming the directory or file that could not be written.
+    pub fn save(&self, path: &Path) -> Result<(), ClientError> {
         let dir = path.parent().unwrap_or_else(|| Path::new("."));
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .map_err(|e| format!("{}: {e}", dir.display()))?;
+            .map_err(|e| ClientError::io("create", dir, e))?;
         let tmp = path.with_extension("json.tmp");
         let _ = std::fs::remove_file(&tmp);
         let mut f = std::fs::OpenOptions::new()
@@ -67,12 +71,15 @@ impl ClientConfig {
             .create_new(true)
             .mode(0o600)
             .open(&tmp)
-            .map_err(|e| format!("{}: {e}", tmp.display()))?;
-        let text = serde_json::to_string_pretty(self).map_err(|e| e.to_string())?;
+            .map_err(|e| ClientError::io("create", &tmp, e))?;
+        let text = serde_json::to_string_pretty(self).map_err(|e| ClientError::BadConfig {
+            path: path.to_path_buf(),
+            error: e.to_string(),
+        })?;
         f.write_all(text.as_bytes())
             .and_then(|()| f.sync_all())
-            .map_err(|e| e.to_string())?;
-        std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+            .map_err(|e| ClientError::io("write", &tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| ClientError::io("replace", path, e))
     }
 }
 
@@ -115,6 +122,7 @@ mod tests {
         assert_eq!(ClientConfig::load(&p).unwrap(), c);
         assert!(ClientConfig::load(&d.path().join("none"))
             .unwrap_err()
+            .to_string()
             .contains("coffer connect"));
     }
 }

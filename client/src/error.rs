@@ -1,6 +1,20 @@
-//! The client's boundary error. Messages say what to do next.
+//! The client library's one boundary error, and its policy.
+//!
+//! * Every public function of the library returns [`ClientError`]; `anyhow` is used only by the
+//!   `coffer` binary's top level (`main.rs`, `cli/`), never here, and nothing returns
+//!   `Result<_, String>`.
+//! * A message says what failed, on which object (a path, a snapshot, a chunk or tree id) and,
+//!   where there is one, what to do next. It never quotes bytes read from stored data.
+//! * Module errors with their own vocabulary (a tree that does not decode: [`TreeError`]) are
+//!   wrapped, not flattened, so callers can still match on them.
+//! * [`ClientError::is_retryable`] is the one place that says whether trying again may help.
 
-/// Everything that can go wrong talking to an appliance.
+use std::path::PathBuf;
+
+pub use crate::snapshot::TreeError;
+
+/// Everything that can go wrong in the client: talking to an appliance, reading the tree to back
+/// up, decoding what comes back, writing a restore.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("invalid URL {0:?}: expected https://HOST:PORT or unix:/path/to/socket")]
@@ -15,6 +29,36 @@ pub enum ClientError {
     Protocol(String),
     #[error("chunk {0} came back with bytes that do not hash to its id; nothing was written")]
     Corrupt(String),
+    /// A local file or directory could not be read or written.
+    #[error("cannot {action} {}: {error}", path.display())]
+    Io {
+        /// What was being done, as a verb: "read", "create", "write to disk".
+        action: &'static str,
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// The path given to back up is not a directory.
+    #[error("{} is not a directory; back up the directory that holds it instead", .0.display())]
+    NotADirectory(PathBuf),
+    /// No client configuration file (not connected yet).
+    #[error("no client configuration at {} ({error}); run `coffer connect server ...` first", path.display())]
+    NoConfig {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// A client configuration file that cannot be used.
+    #[error("{}: {error}; fix the file or run `coffer connect server ...` again", path.display())]
+    BadConfig { path: PathBuf, error: String },
+    /// A tree object read back from the appliance or the local cache is malformed.
+    #[error(transparent)]
+    Tree(#[from] TreeError),
+    /// A snapshot entry that cannot be restored as recorded (nothing outside the target is
+    /// touched; a partly written file is removed).
+    #[error("cannot restore {}: {why}", path.display())]
+    Restore { path: PathBuf, why: String },
+    /// A worker task of the client died (a bug): the operation stopped, nothing was committed.
+    #[error("a client worker task failed ({0}); nothing was committed: run the command again, and report this if it repeats")]
+    Task(String),
 }
 
 impl ClientError {
@@ -29,6 +73,25 @@ impl ClientError {
             Self::Connect { .. } => true,
             _ => false,
         }
+    }
+
+    /// An I/O error on `path` while doing `action`.
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+        error: std::io::Error,
+    ) -> Self {
+        Self::Io {
+            action,
+            path: path.into(),
+            error,
+        }
+    }
+}
+
+impl From<tokio::task::JoinError> for ClientError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        Self::Task(e.to_string())
     }
 }
 

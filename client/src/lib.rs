@@ -1,22 +1,28 @@
 //! `coffer-client`: the client every fleet machine runs.
 //!
-//! Owns the connection to an appliance (TLS pinned by SHA-256 fingerprint, session token) and
-//! the backup stages `walk -> chunk -> hash -> need -> upload` ([`pipeline`]), tree objects and
-//! restore. Must never depend on `coffer-appliance`, RocksDB or glommio: the client stays small.
+//! Owns the connection to an appliance (TLS pinned by SHA-256 fingerprint, session token:
+//! `net/`), the backup stages `walk -> read -> chunk -> hash -> need -> upload` (`stages/`, in
+//! the order `pipeline.rs` spells), snapshots (`snapshot/`: tree objects, the parent, diff, the
+//! commit), and restore (`restore/`). The `coffer` binary (`main.rs`, `cli/`) is built on the
+//! surface below and nothing else.
+//!
+//! Must never depend on `coffer-appliance`, RocksDB or glommio: the client stays small. Every
+//! module is private; what other crates, the binary, tests and benches use is re-exported here,
+//! and every fallible function returns [`ClientError`] (see `error.rs` for the policy).
 
-pub mod chunk;
-pub mod config;
-mod connect;
-pub mod diff;
+mod config;
 mod error;
-pub mod parent;
-pub mod pipeline;
-pub mod read;
-pub mod restore;
-mod session;
-pub mod tree;
-pub mod walk;
+mod net;
+mod pipeline;
+mod restore;
+mod snapshot;
+mod stages;
 
-pub use connect::{channel, PinnedVerifier, Target};
-pub use error::ClientError;
-pub use session::{Codec, Frame, Need, PutStats, Session, SessionOptions};
+pub use config::{default_path, ClientConfig};
+pub use error::{ClientError, TreeError};
+pub use net::{channel, Codec, Frame, Need, PutStats, Session, SessionOptions, Target};
+pub use pipeline::{backup, BackupOptions, BackupSummary};
+pub use restore::{restore, RestoreSummary};
+pub use snapshot::{diff, fetch_tree, Change, TreeCache};
+pub use stages::chunk::Cdc;
+pub use stages::Progress;

@@ -6,9 +6,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use coffer_client::pipeline::{backup, BackupOptions};
-use coffer_client::restore::restore;
-use coffer_client::{Codec, Frame, Session};
+use coffer_client::{backup, restore, BackupOptions, Codec, Frame, Session};
 use coffer_proto::v1::{Node, NodeKind, Snapshot, Tree};
 use coffer_proto::{pack_ids, ChunkId};
 use coffer_tests::{coffer, connect_client, create_snapshot, data, describe, Appliance};

@@ -1,13 +1,11 @@
-//! Parent snapshots and the local tree cache.
+//! The local tree cache: the trees of each backed-up path's latest snapshot, so that the next
+//! backup (parent matching) and `snapshot diff` need not download them.
 //!
-//! A file whose size, mtime, ctime and inode equal those recorded in the previous snapshot of
-//! the same `user@host:path` is not read again: its chunk list is taken from the parent tree.
-//!
-//! Trees are kept in a local cache so that the parent's trees need not be downloaded: one file
-//! per backed-up path and repository (`<keyed hash of the path>.trees`) holding every tree object of its latest
-//! snapshot, written in one go after the commit and read in one go before the next backup (one
-//! file per tree object cost ~2 s of inode allocation in the kernel for the Linux tree). Every
-//! cached tree is checked against its id when used; losing the cache only costs time.
+//! One file per backed-up path and repository (`<keyed hash of the path>.trees`) holding every
+//! tree object of its latest snapshot, written in one go after the commit and read in one go
+//! before the next backup (one file per tree object cost ~2 s of inode allocation in the kernel
+//! for the Linux tree). Every cached tree is checked against its id when used; losing the cache
+//! only costs time.
 //!
 //! File format (v1): the 16 bytes `coffer-trees-v1\n`, then records of a 32-byte id, a u32
 //! little-endian length and that many bytes. A truncated or foreign file is ignored from the
@@ -19,13 +17,13 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use bytes::Bytes;
-use coffer_proto::v1::{NodeKind, Tree};
+use coffer_proto::v1::Tree;
 use coffer_proto::{ChunkId, CHUNK_ID_LEN};
 
-use crate::chunk::Chunk;
-use crate::session::Session;
-use crate::tree::{check_unique, decode_checked, FileContent};
-use crate::walk::{Dir, Entry};
+use super::tree::{check_unique, decode_checked, next_part, TreeError, MAX_TREE_PARTS};
+use crate::net::Session;
+use crate::stages::chunk::Chunk;
+use crate::ClientError;
 
 const MAGIC: &[u8; 16] = b"coffer-trees-v1\n";
 
@@ -133,10 +131,10 @@ impl TreeCache {
     ///
     /// # Errors
     /// RPC failures, corrupt trees.
-    pub async fn load(&self, session: &Session, id: &ChunkId) -> anyhow::Result<Tree> {
+    pub async fn load(&self, session: &Session, id: &ChunkId) -> Result<Tree, ClientError> {
         let mut tree = Tree::default();
         let mut part_id = *id;
-        for _ in 0..(1 << 20) {
+        for _ in 0..MAX_TREE_PARTS {
             let b = if let Some(b) = self.get(&part_id) {
                 b
             } else {
@@ -145,83 +143,21 @@ impl TreeCache {
                     .await?
                     .into_iter()
                     .next()
-                    .ok_or_else(|| anyhow::anyhow!("tree {part_id} missing"))?;
+                    .ok_or_else(|| {
+                        ClientError::Protocol(format!("GetChunks did not return tree {part_id}"))
+                    })?;
                 self.put(&part_id, b.clone());
                 b
             };
             let part = decode_checked(&part_id, &b)?;
+            let next = next_part(&part_id, &part)?;
             tree.nodes.extend(part.nodes);
-            if part.next.is_empty() {
+            let Some(next) = next else {
                 check_unique(id, &tree.nodes)?;
                 return Ok(tree);
-            }
-            part_id = ChunkId::from_slice(&part.next)?;
+            };
+            part_id = next;
         }
-        anyhow::bail!("tree {id} has too many parts (a cycle?)")
+        Err(TreeError::TooManyParts(id.to_hex()).into())
     }
-}
-
-/// For every file of `dir` unchanged since the parent tree `parent`, stores its chunk list in
-/// `reuse[file]`. Returns how many files were matched.
-///
-/// # Errors
-/// RPC failures, corrupt parent trees.
-pub async fn match_parent(
-    session: &Session,
-    cache: &TreeCache,
-    dir: &Dir,
-    parent: ChunkId,
-    reuse: &mut [Option<FileContent>],
-) -> anyhow::Result<u64> {
-    let tree = cache.load(session, &parent).await?;
-    let by_name: HashMap<&[u8], &coffer_proto::v1::Node> =
-        tree.nodes.iter().map(|n| (&n.name[..], n)).collect();
-    let mut matched = 0;
-    for e in &dir.entries {
-        match e {
-            Entry::File {
-                name, meta, file, ..
-            } => {
-                let Some(n) = by_name.get(&name[..]) else {
-                    continue;
-                };
-                let same = NodeKind::try_from(n.kind) == Ok(NodeKind::File)
-                    && n.size == meta.size
-                    && n.mtime_ns == meta.mtime_ns
-                    && n.ctime_ns == meta.ctime_ns
-                    && n.inode == meta.inode;
-                if same {
-                    if !n.bundle.is_empty() {
-                        if let Ok(id) = ChunkId::from_slice(&n.bundle) {
-                            reuse[*file] = Some(FileContent {
-                                size: n.size,
-                                chunks: Vec::new(),
-                                bundle: Some((id, n.bundle_offset)),
-                            });
-                            matched += 1;
-                        }
-                    } else if let Ok(ids) = crate::restore::node_chunk_ids(session, n).await {
-                        reuse[*file] = Some(FileContent {
-                            size: n.size,
-                            chunks: ids,
-                            bundle: None,
-                        });
-                        matched += 1;
-                    }
-                }
-            }
-            Entry::Dir { name, dir, .. } => {
-                let Some(n) = by_name.get(&name[..]) else {
-                    continue;
-                };
-                if NodeKind::try_from(n.kind) == Ok(NodeKind::Dir) {
-                    if let Ok(sub) = ChunkId::from_slice(&n.subtree) {
-                        matched += Box::pin(match_parent(session, cache, dir, sub, reuse)).await?;
-                    }
-                }
-            }
-            Entry::Symlink { .. } => {}
-        }
-    }
-    Ok(matched)
 }

@@ -10,8 +10,8 @@ use coffer_proto::v1::{Node, NodeKind, Tree};
 use coffer_proto::{pack_ids, ChunkId, CHUNK_ID_LEN};
 use prost::Message;
 
-use crate::chunk::Chunk;
-use crate::walk::{Dir, Entry, Meta};
+use crate::stages::chunk::Chunk;
+use crate::stages::walk::{Dir, Entry, Meta};
 
 fn node(name: &[u8], kind: NodeKind, meta: &Meta) -> Node {
     Node {
@@ -149,6 +149,42 @@ pub enum TreeError {
     },
     #[error("tree {0}: duplicate entry name {1:?}")]
     Duplicate(String, String),
+    #[error("tree {tree}: malformed {what}; the snapshot is damaged, restore another one")]
+    Malformed { tree: String, what: &'static str },
+    #[error("a file entry has a malformed {0}; the snapshot is damaged, restore another one")]
+    BadFileEntry(&'static str),
+    #[error("tree {0} has more than {MAX_TREE_PARTS} parts (a cycle?); the snapshot is damaged")]
+    TooManyParts(String),
+}
+
+/// Most parts one listing may have (a cycle of parts must not loop forever).
+pub const MAX_TREE_PARTS: usize = 1 << 20;
+
+/// The id of the directory `n` (an entry of tree `tree`) points to.
+///
+/// # Errors
+/// [`TreeError::Malformed`].
+pub fn subtree_of(tree: &ChunkId, n: &Node) -> Result<ChunkId, TreeError> {
+    ChunkId::from_slice(&n.subtree).map_err(|_| TreeError::Malformed {
+        tree: tree.to_hex(),
+        what: "subtree id",
+    })
+}
+
+/// The id of the next part of the listing whose part `id` is `t`, if there is one.
+///
+/// # Errors
+/// [`TreeError::Malformed`].
+pub fn next_part(id: &ChunkId, t: &Tree) -> Result<Option<ChunkId>, TreeError> {
+    if t.next.is_empty() {
+        return Ok(None);
+    }
+    ChunkId::from_slice(&t.next)
+        .map(Some)
+        .map_err(|_| TreeError::Malformed {
+            tree: id.to_hex(),
+            what: "next-part id",
+        })
 }
 
 /// Decodes one tree part and checks every name: never empty, `.`, `..`, nor containing `/` or
@@ -201,7 +237,7 @@ pub fn check_unique(id: &ChunkId, nodes: &[Node]) -> Result<(), TreeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::walk::{Dir, Entry, Meta};
+    use crate::stages::walk::{Dir, Entry, Meta};
     use std::collections::HashMap;
 
     #[test]

@@ -7,6 +7,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use crate::ClientError;
+
 /// Metadata kept for every entry.
 #[derive(Debug, Clone, Default)]
 pub struct Meta {
@@ -61,6 +63,10 @@ pub enum Entry {
 /// A walked directory.
 #[derive(Debug, Clone, Default)]
 pub struct Dir {
+    #[expect(
+        dead_code,
+        reason = "the root's own metadata: a snapshot records entries, not its root directory"
+    )]
     pub meta: Meta,
     pub entries: Vec<Entry>,
 }
@@ -116,7 +122,7 @@ enum Slot<'s> {
         Vec<u8>,
         Meta,
         PathBuf,
-        std::thread::ScopedJoinHandle<'s, Result<ScanDir, String>>,
+        std::thread::ScopedJoinHandle<'s, std::io::Result<ScanDir>>,
     ),
 }
 
@@ -130,14 +136,15 @@ struct ScanDir {
 /// files in depth-first order and groups hard links.
 ///
 /// # Errors
-/// When `root` itself cannot be read.
-pub fn walk(root: &Path) -> Result<Walk, String> {
-    let meta = std::fs::symlink_metadata(root).map_err(|e| format!("{}: {e}", root.display()))?;
+/// [`ClientError::Io`] when `root` itself cannot be read, [`ClientError::NotADirectory`].
+pub fn walk(root: &Path) -> Result<Walk, ClientError> {
+    let meta = std::fs::symlink_metadata(root).map_err(|e| ClientError::io("read", root, e))?;
     if !meta.is_dir() {
-        return Err(format!("{} is not a directory", root.display()));
+        return Err(ClientError::NotADirectory(root.to_path_buf()));
     }
     let busy = std::sync::atomic::AtomicUsize::new(1);
-    let scanned = std::thread::scope(|s| scan(s, &busy, root, Meta::of(&meta), 0))?;
+    let scanned = std::thread::scope(|s| scan(s, &busy, root, Meta::of(&meta), 0))
+        .map_err(|e| ClientError::io("read", root, e))?;
     let mut w = Walk::default();
     let mut links: HashMap<(u64, u64), (usize, u64)> = HashMap::new();
     w.root = number(scanned, &mut w, &mut links);
@@ -150,9 +157,9 @@ fn scan<'s>(
     path: &Path,
     meta: Meta,
     depth: usize,
-) -> Result<ScanDir, String> {
+) -> std::io::Result<ScanDir> {
     use std::sync::atomic::Ordering::SeqCst;
-    let rd = std::fs::read_dir(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let rd = std::fs::read_dir(path)?;
     let mut errors = Vec::new();
     let mut names: Vec<std::ffi::OsString> = Vec::new();
     for e in rd {
@@ -195,7 +202,7 @@ fn scan<'s>(
                         meta,
                         dir: d,
                     })),
-                    Err(e) => errors.push((p, e)),
+                    Err(e) => errors.push((p, e.to_string())),
                 }
             }
         } else if ft.is_symlink() {
@@ -227,7 +234,7 @@ fn scan<'s>(
             Slot::Done(e) => entries.push(e),
             Slot::Spawned(name, meta, p, h) => match h.join() {
                 Ok(Ok(d)) => entries.push(Scanned::Dir { name, meta, dir: d }),
-                Ok(Err(e)) => errors.push((p, e)),
+                Ok(Err(e)) => errors.push((p, e.to_string())),
                 Err(_) => errors.push((p, "the walker thread panicked".into())),
             },
         }

@@ -1,5 +1,6 @@
-//! The chunk and hash stages: FastCDC v2020 (normalized, level 1) cut points, keyed BLAKE3 of
-//! each chunk. Pure functions over bytes; the reading lives in [`crate::read`].
+//! The chunk stage: FastCDC v2020 (normalized, level 1) cut points. Pure functions over bytes;
+//! the reading lives in [`super::read`], the id of each chunk in [`super::hash`] ([`cut`] hashes
+//! every chunk as soon as it is cut, while its bytes are still in the CPU cache).
 //!
 //! A big file is read as *extents* that worker threads cut in parallel, each from its own start.
 //! [`Merge`] then stitches them so that the result is exactly the sequential chunking of the
@@ -15,9 +16,9 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use coffer_proto::ChunkId;
+use coffer_proto::{ChunkId, ChunkerParams};
 
-pub use coffer_proto::ChunkerParams;
+use super::hash::id_of;
 
 /// One chunk of a file.
 #[derive(Debug, Clone)]
@@ -124,39 +125,13 @@ impl Cdc {
 }
 
 /// How many bytes at the start of `data` are zero.
-fn zero_prefix(data: &[u8]) -> usize {
+pub(super) fn zero_prefix(data: &[u8]) -> usize {
     let words = data
         .chunks_exact(32)
         .take_while(|w| w.iter().fold(0u8, |acc, &b| acc | b) == 0)
         .count()
         * 32;
     words + data[words..].iter().take_while(|&&b| b == 0).count()
-}
-
-/// The keyed id of a chunk. All-zero chunks (whole runs of a disk image's free space) are
-/// hashed once per length and key and remembered.
-#[must_use]
-pub fn id_of(dedup_key: &[u8; 32], data: &[u8]) -> ChunkId {
-    const ZERO_IDS: usize = 8;
-    thread_local! {
-        static ZEROS: std::cell::RefCell<Vec<([u8; 32], usize, ChunkId)>> =
-            const { std::cell::RefCell::new(Vec::new()) };
-    }
-    if data.len() < 4096 || data[0] != 0 || zero_prefix(data) != data.len() {
-        return coffer_proto::chunk_id(dedup_key, data);
-    }
-    ZEROS.with(|z| {
-        let mut z = z.borrow_mut();
-        if let Some(hit) = z.iter().find(|e| e.0 == *dedup_key && e.1 == data.len()) {
-            return hit.2;
-        }
-        let id = coffer_proto::chunk_id(dedup_key, data);
-        if z.len() == ZERO_IDS {
-            z.remove(0);
-        }
-        z.push((*dedup_key, data.len(), id));
-        id
-    })
 }
 
 /// Cuts `data` from its start until a chunk ends at or beyond `own_len` (all of it when
@@ -425,15 +400,6 @@ mod tests {
         data.extend(noise(2, 700_000));
         data[3_000_000] = 1;
         assert_eq!(cdc_sequential(&data, p), sequential(&data, p));
-        // All-zero chunks get the same id as hashing them would give, whatever the length.
-        let zeros = vec![0u8; p.max as usize];
-        for len in [4096, 4097, p.max as usize, 4096] {
-            assert_eq!(
-                id_of(&KEY, &zeros[..len]),
-                coffer_proto::chunk_id(&KEY, &zeros[..len])
-            );
-        }
-        assert_ne!(id_of(&[1; 32], &zeros), id_of(&KEY, &zeros));
     }
 
     #[test]

@@ -6,8 +6,10 @@ use std::collections::BTreeMap;
 use coffer_proto::v1::{Node, NodeKind};
 use coffer_proto::ChunkId;
 
-use crate::parent::TreeCache;
-use crate::session::Session;
+use super::cache::TreeCache;
+use super::tree::subtree_of;
+use crate::net::Session;
+use crate::ClientError;
 
 /// One difference.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -26,7 +28,7 @@ pub async fn diff(
     cache: &TreeCache,
     a: ChunkId,
     b: ChunkId,
-) -> anyhow::Result<Vec<Change>> {
+) -> Result<Vec<Change>, ClientError> {
     let mut out = Vec::new();
     walk(session, cache, a, b, String::new(), &mut out).await?;
     Ok(out)
@@ -39,7 +41,7 @@ async fn list_all(
     prefix: &str,
     sign: char,
     out: &mut Vec<Change>,
-) -> anyhow::Result<()> {
+) -> Result<(), ClientError> {
     for n in cache.load(session, &t).await?.nodes {
         let p = format!("{prefix}/{}", String::from_utf8_lossy(&n.name));
         out.push(Change {
@@ -47,7 +49,7 @@ async fn list_all(
             path: p.clone(),
         });
         if NodeKind::try_from(n.kind) == Ok(NodeKind::Dir) {
-            let sub = ChunkId::from_slice(&n.subtree)?;
+            let sub = subtree_of(&t, &n)?;
             Box::pin(list_all(session, cache, sub, &p, sign, out)).await?;
         }
     }
@@ -61,7 +63,7 @@ async fn walk(
     b: ChunkId,
     prefix: String,
     out: &mut Vec<Change>,
-) -> anyhow::Result<()> {
+) -> Result<(), ClientError> {
     if a == b {
         return Ok(());
     }
@@ -84,15 +86,7 @@ async fn walk(
                     path: p.clone(),
                 });
                 if is_dir(nb) {
-                    Box::pin(list_all(
-                        session,
-                        cache,
-                        ChunkId::from_slice(&nb.subtree)?,
-                        &p,
-                        '+',
-                        out,
-                    ))
-                    .await?;
+                    Box::pin(list_all(session, cache, subtree_of(&b, nb)?, &p, '+', out)).await?;
                 }
             }
             (Some(na), None) => {
@@ -101,25 +95,14 @@ async fn walk(
                     path: p.clone(),
                 });
                 if is_dir(na) {
-                    Box::pin(list_all(
-                        session,
-                        cache,
-                        ChunkId::from_slice(&na.subtree)?,
-                        &p,
-                        '-',
-                        out,
-                    ))
-                    .await?;
+                    Box::pin(list_all(session, cache, subtree_of(&a, na)?, &p, '-', out)).await?;
                 }
             }
             (Some(na), Some(nb)) => {
                 if na.kind != nb.kind {
                     out.push(Change { kind: 'T', path: p });
                 } else if is_dir(na) {
-                    let (sa, sb) = (
-                        ChunkId::from_slice(&na.subtree)?,
-                        ChunkId::from_slice(&nb.subtree)?,
-                    );
+                    let (sa, sb) = (subtree_of(&a, na)?, subtree_of(&b, nb)?);
                     Box::pin(walk(session, cache, sa, sb, p, out)).await?;
                 } else if na.chunks != nb.chunks
                     || na.chunk_lists != nb.chunk_lists

@@ -1,0 +1,116 @@
+//! The `coffer` binary's command handlers, one file per command group: [`connect`] (`connect`,
+//! `disconnect`), [`snapshots`] (`snapshot create|list|diff|delete`, with [`progress`] for the
+//! bar), [`browse`] (`ls`, and resolving `SNAPSHOT[:/path]` for every command that takes one) and
+//! [`restore`]. `main.rs` only parses the arguments and calls [`run`].
+//!
+//! This module belongs to the binary, not to the library (`mod cli;` in `main.rs`), so that clap,
+//! `anyhow`, the terminal and the environment stay out of the `coffer_client` surface: the
+//! handlers use only what `coffer_client` re-exports.
+//!
+//! Owns: argument definitions, reading the environment (`$COFFER_CONFIG`, `$XDG_*`, `$HOME`,
+//! `$USER`, `$COFFER_PASSWORD`), everything printed, and exit codes. Must never hold backup or
+//! restore logic (that is the library's), nor print anything the library could return instead.
+
+mod browse;
+mod connect;
+mod progress;
+mod restore;
+mod snapshots;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use coffer_client::{default_path, ClientConfig, Session, SessionOptions, Target};
+
+/// Exit code when a snapshot was committed but some entries could not be read.
+const EXIT_PARTIAL: u8 = 3;
+
+#[derive(Parser, Debug)]
+#[command(name = "coffer", version, about = "coffer backup client")]
+pub struct Cli {
+    /// Client configuration file (default: $COFFER_CONFIG, else ~/.config/coffer/client.json).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Connect to an appliance and save the client configuration.
+    Connect {
+        #[command(subcommand)]
+        to: connect::ConnectTo,
+    },
+    /// Forget the saved configuration.
+    Disconnect,
+    /// Create and list snapshots.
+    Snapshot {
+        #[command(subcommand)]
+        cmd: snapshots::SnapCmd,
+    },
+    /// List the contents of SNAPSHOT[:/path].
+    Ls { target: String },
+    /// Restore SNAPSHOT[:/path] into TARGET (created if missing).
+    Restore {
+        source: String,
+        target: PathBuf,
+        /// Print a JSON summary.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs one command; the exit code is 0, or [`EXIT_PARTIAL`] for a partial backup.
+///
+/// # Errors
+/// Whatever stopped the command; `main` prints it with its chain and exits with 1.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let cfg_path = config_path(cli.config);
+    match cli.cmd {
+        Cmd::Connect { to } => connect::connect(to, &cfg_path).await?,
+        Cmd::Disconnect => connect::disconnect(&cfg_path)?,
+        Cmd::Snapshot { cmd } => return snapshots::run(cmd, &cfg_path).await,
+        Cmd::Ls { target } => browse::ls(&cfg_path, &target).await?,
+        Cmd::Restore {
+            source,
+            target,
+            json,
+        } => restore::restore(&cfg_path, &source, &target, json).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn config_path(cli: Option<PathBuf>) -> PathBuf {
+    cli.unwrap_or_else(|| {
+        default_path(
+            std::env::var_os("COFFER_CONFIG").map(Into::into),
+            std::env::var_os("XDG_CONFIG_HOME").map(Into::into),
+            std::env::var_os("HOME").map(Into::into),
+        )
+    })
+}
+
+/// `$XDG_CACHE_HOME/coffer/trees`, else `~/.cache/coffer/trees`.
+fn cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("coffer").join("trees"))
+}
+
+async fn session(cfg: &ClientConfig) -> anyhow::Result<Session> {
+    let opts = SessionOptions {
+        target: Target::parse(&cfg.url, &cfg.fingerprint)?,
+        identity: cfg.identity.clone(),
+        password: cfg.password.clone(),
+    };
+    Ok(Session::connect(&opts).await?)
+}
+
+/// A session with the saved configuration at `cfg_path`.
+async fn connected(cfg_path: &Path) -> anyhow::Result<Session> {
+    let cfg = ClientConfig::load(cfg_path)?;
+    session(&cfg).await
+}

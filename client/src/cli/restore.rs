@@ -1,0 +1,39 @@
+//! `coffer restore SNAPSHOT[:/path] TARGET`.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use anyhow::bail;
+use coffer_client::restore as restore_tree;
+
+use super::browse::locate;
+use super::connected;
+
+/// Restores the directory `source` names into `target`; owners too when running as root.
+pub async fn restore(
+    cfg_path: &Path,
+    source: &str,
+    target: &Path,
+    json: bool,
+) -> anyhow::Result<()> {
+    let s = connected(cfg_path).await?;
+    let (tree, node) = locate(&s, source).await?;
+    if node.is_some() {
+        bail!("{source} names a file; restore a directory (its parent) instead");
+    }
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    let sum = restore_tree(&s, tree, target, root).await?;
+    if json {
+        println!("{}", serde_json::to_string(&sum)?);
+    } else {
+        println!(
+            "restored {} files, {} directories, {} symlinks, {} bytes into {}",
+            sum.files,
+            sum.dirs,
+            sum.symlinks,
+            sum.bytes,
+            target.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,191 @@
+//! `coffer snapshot create|list|diff|delete`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Subcommand;
+use coffer_client::{backup, diff, BackupOptions, Progress, Session, TreeCache};
+use coffer_proto::SnapshotId;
+
+use super::browse::{locate, resolve};
+use super::progress::show_progress;
+use super::{cache_dir, connected, EXIT_PARTIAL};
+
+#[derive(Subcommand, Debug)]
+pub enum SnapCmd {
+    /// Back up each PATH (a directory) as its own snapshot.
+    Create {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Print a JSON summary per snapshot.
+        #[arg(long)]
+        json: bool,
+        /// Read every file, even those the previous snapshot has unchanged.
+        #[arg(long)]
+        no_parent: bool,
+        /// Files read at the same time (reading is I/O-bound: more readers than cores helps).
+        #[arg(long, default_value_t = 16)]
+        readers: usize,
+        /// zstd level for new chunks (1-19; 0 = store uncompressed). Level 3 stores the Linux
+        /// tree 4% smaller than level 1 for no loss of speed on a 2-core machine.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(0..=19))]
+        compression: i32,
+    },
+    /// What changed from snapshot A to snapshot B.
+    Diff {
+        a: String,
+        b: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot; its space is reclaimed later by maintenance.
+    Delete { id: String },
+    /// List your snapshots, optionally of one PATH.
+    List {
+        path: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+        /// Every snapshot you may read (other users' too, where the access rules allow).
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+/// Runs one `snapshot` subcommand.
+pub async fn run(cmd: SnapCmd, cfg_path: &Path) -> anyhow::Result<ExitCode> {
+    let s = connected(cfg_path).await?;
+    match cmd {
+        SnapCmd::Create {
+            paths,
+            json,
+            no_parent,
+            readers,
+            compression,
+        } => {
+            let opts = BackupOptions {
+                cache_dir: cache_dir(),
+                no_parent,
+                workers: readers.max(1),
+                zstd_level: (compression > 0).then_some(compression),
+                ..BackupOptions::default()
+            };
+            if create(&s, paths, &opts, json).await? {
+                return Ok(ExitCode::from(EXIT_PARTIAL));
+            }
+        }
+        SnapCmd::List { path, json, all } => list(&s, path, json, all).await?,
+        SnapCmd::Diff { a, b, json } => {
+            let (ta, _) = locate(&s, &a).await?;
+            let (tb, _) = locate(&s, &b).await?;
+            let cache = TreeCache::new(cache_dir(), *s.dedup_key());
+            for c in diff(&s, &cache, ta, tb).await? {
+                if json {
+                    println!("{}", serde_json::to_string(&c)?);
+                } else {
+                    println!("{} {}", c.kind, c.path);
+                }
+            }
+        }
+        SnapCmd::Delete { id } => {
+            let snap = resolve(&s, &id).await?;
+            let sid = SnapshotId::from_slice(&snap.id)?;
+            s.delete(&sid).await?;
+            println!(
+                "deleted snapshot {sid} of {}:{} (space is reclaimed by maintenance)",
+                snap.identity, snap.path
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Backs up each of `paths` as its own snapshot with `opts`, showing progress; returns whether
+/// any snapshot is partial.
+async fn create(
+    s: &Session,
+    paths: Vec<PathBuf>,
+    opts: &BackupOptions,
+    json: bool,
+) -> anyhow::Result<bool> {
+    let mut partial = false;
+    for p in paths {
+        let progress = Arc::new(Progress::default());
+        let opts = BackupOptions {
+            progress: Some(progress.clone()),
+            ..opts.clone()
+        };
+        let ticker = tokio::spawn(show_progress(progress));
+        let res = backup(s, &p, &opts).await;
+        ticker.abort();
+        let _ = ticker.await;
+        let sum = res?;
+        for e in &sum.errors {
+            eprintln!("error: not saved: {e}");
+        }
+        for w in &sum.warnings {
+            eprintln!("warning: {w}");
+        }
+        partial |= sum.partial;
+        if json {
+            println!("{}", serde_json::to_string(&sum)?);
+        } else {
+            println!(
+                "snapshot {} of {}: {} files ({} unchanged, not read), {} bytes ({} read), \
+                 {} bytes uploaded in {} new chunks of {}, {:.2}s{}",
+                sum.snapshot,
+                sum.path,
+                sum.files,
+                sum.files_unchanged,
+                sum.bytes,
+                sum.bytes_read,
+                sum.uploaded_bytes,
+                sum.new_chunks,
+                sum.chunks,
+                sum.seconds,
+                if sum.partial {
+                    " (PARTIAL: some entries could not be read)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    Ok(partial)
+}
+
+/// Prints the snapshots of `path` (all paths when none), this user's or, with `all`, every
+/// snapshot the user may read.
+async fn list(s: &Session, path: Option<PathBuf>, json: bool, all: bool) -> anyhow::Result<()> {
+    let filter = match path {
+        Some(p) => std::fs::canonicalize(&p)
+            .unwrap_or(p)
+            .to_string_lossy()
+            .into_owned(),
+        None => String::new(),
+    };
+    for snap in s.list(&filter, all).await? {
+        let st = snap.stats.unwrap_or_default();
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "id": hex::encode(&snap.id), "identity": snap.identity, "path": snap.path,
+                    "time_us": snap.time_us, "files": st.files, "bytes": st.bytes, "partial": snap.partial,
+                })
+            );
+        } else {
+            println!(
+                "{}  {}  {}:{}  {} files  {} bytes{}",
+                hex::encode(&snap.id),
+                snap.time_us / 1_000_000,
+                snap.identity,
+                snap.path,
+                st.files,
+                st.bytes,
+                if snap.partial { "  partial" } else { "" }
+            );
+        }
+    }
+    Ok(())
+}

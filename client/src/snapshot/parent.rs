@@ -1,0 +1,137 @@
+//! Parent snapshots: a file whose size, mtime, ctime and inode equal those recorded in the
+//! previous snapshot of the same `user@host:path` is not read again; its chunk list is taken from
+//! the parent tree (read through the local [`super::cache`]).
+//!
+//! Before a backup the newest snapshot of each of the user's paths is opened too, so that data
+//! this user already backed up, from any path, is neither sent again nor refused as a reference.
+
+use std::collections::HashMap;
+
+use coffer_proto::v1::{self, NodeKind};
+use coffer_proto::{ChunkId, SnapshotId};
+
+use super::cache::TreeCache;
+use super::fetch::node_chunk_ids;
+use super::tree::FileContent;
+use crate::net::Session;
+use crate::stages::walk::{Dir, Entry, Walk};
+use crate::ClientError;
+
+/// Own snapshots (newest per path) opened before a backup.
+const OPEN_OWN_SNAPSHOTS: usize = 16;
+
+/// Prepares a backup of `walk` (the tree at `path`): opens the user's newest snapshots and,
+/// unless `no_parent`, takes from the newest complete snapshot of `path` the content of every
+/// file it has unchanged. Returns each file's content where known (`None`: to be read) and how
+/// many files that is.
+///
+/// # Errors
+/// RPC failures, corrupt parent trees.
+pub async fn reuse(
+    session: &Session,
+    cache: &TreeCache,
+    walk: &Walk,
+    path: &str,
+    no_parent: bool,
+) -> Result<(Vec<Option<FileContent>>, u64), ClientError> {
+    let mut contents: Vec<Option<FileContent>> = vec![None; walk.files.len()];
+    let mut unchanged = 0;
+    // Open the newest snapshot of each of the user's paths (the parent among them): the
+    // appliance then counts their chunks as known to this session, so that data this user
+    // already backed up, from any path, is not sent again, and the new snapshot may reference
+    // it (the appliance refuses references to chunks a session neither sent nor opened).
+    let own = session.list("", false).await?;
+    let mut newest: HashMap<&str, &v1::Snapshot> = HashMap::new();
+    for s in own.iter().filter(|s| !s.partial) {
+        newest.insert(&s.path, s);
+    }
+    let mut newest: Vec<&v1::Snapshot> = newest.into_values().collect();
+    newest.sort_by_key(|s| std::cmp::Reverse(s.time_us));
+    for s in newest.iter().take(OPEN_OWN_SNAPSHOTS) {
+        session.open(&snapshot_id(s)?).await?;
+    }
+    if !no_parent {
+        if let Some(parent) = own.iter().filter(|s| s.path == path).rfind(|s| !s.partial) {
+            let proot = ChunkId::from_slice(&parent.root).map_err(|_| {
+                ClientError::Protocol(format!(
+                    "snapshot {} has a malformed root tree id",
+                    hex::encode(&parent.id)
+                ))
+            })?;
+            session.open(&snapshot_id(parent)?).await?;
+            unchanged = match_parent(session, cache, &walk.root, proot, &mut contents).await?;
+        }
+    }
+    Ok((contents, unchanged))
+}
+
+/// The id of a snapshot the appliance listed.
+fn snapshot_id(s: &v1::Snapshot) -> Result<SnapshotId, ClientError> {
+    SnapshotId::from_slice(&s.id)
+        .map_err(|e| ClientError::Protocol(format!("a listed snapshot has a malformed id: {e}")))
+}
+
+/// For every file of `dir` unchanged since the parent tree `parent`, stores its chunk list in
+/// `reuse[file]`. Returns how many files were matched.
+///
+/// # Errors
+/// RPC failures, corrupt parent trees.
+async fn match_parent(
+    session: &Session,
+    cache: &TreeCache,
+    dir: &Dir,
+    parent: ChunkId,
+    reuse: &mut [Option<FileContent>],
+) -> Result<u64, ClientError> {
+    let tree = cache.load(session, &parent).await?;
+    let by_name: HashMap<&[u8], &coffer_proto::v1::Node> =
+        tree.nodes.iter().map(|n| (&n.name[..], n)).collect();
+    let mut matched = 0;
+    for e in &dir.entries {
+        match e {
+            Entry::File {
+                name, meta, file, ..
+            } => {
+                let Some(n) = by_name.get(&name[..]) else {
+                    continue;
+                };
+                let same = NodeKind::try_from(n.kind) == Ok(NodeKind::File)
+                    && n.size == meta.size
+                    && n.mtime_ns == meta.mtime_ns
+                    && n.ctime_ns == meta.ctime_ns
+                    && n.inode == meta.inode;
+                if same {
+                    if !n.bundle.is_empty() {
+                        if let Ok(id) = ChunkId::from_slice(&n.bundle) {
+                            reuse[*file] = Some(FileContent {
+                                size: n.size,
+                                chunks: Vec::new(),
+                                bundle: Some((id, n.bundle_offset)),
+                            });
+                            matched += 1;
+                        }
+                    } else if let Ok(ids) = node_chunk_ids(session, n).await {
+                        reuse[*file] = Some(FileContent {
+                            size: n.size,
+                            chunks: ids,
+                            bundle: None,
+                        });
+                        matched += 1;
+                    }
+                }
+            }
+            Entry::Dir { name, dir, .. } => {
+                let Some(n) = by_name.get(&name[..]) else {
+                    continue;
+                };
+                if NodeKind::try_from(n.kind) == Ok(NodeKind::Dir) {
+                    if let Ok(sub) = ChunkId::from_slice(&n.subtree) {
+                        matched += Box::pin(match_parent(session, cache, dir, sub, reuse)).await?;
+                    }
+                }
+            }
+            Entry::Symlink { .. } => {}
+        }
+    }
+    Ok(matched)
+}
