@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use coffer_appliance::crypto::keys::MasterKey;
 use coffer_appliance::index::{ChunkIndex, MemIndex, OpenMode, RocksIndex};
 use coffer_appliance::pack::format::IndexEntry;
+use coffer_appliance::pack::store::LocalStore;
 use coffer_appliance::pack::writer::{PackWriter, PendingChunk};
 use coffer_appliance::repo::RepoPaths;
 use coffer_proto::{ChunkId, PackId};
@@ -276,7 +277,7 @@ fn pack_append(c: &mut Criterion) {
             ex.run(async move {
                 let index: Arc<dyn ChunkIndex> = Arc::new(MemIndex::default());
                 let mut w = PackWriter::new(
-                    paths,
+                    std::rc::Rc::new(LocalStore::new(paths, None)),
                     Arc::new(MasterKey::generate()),
                     index,
                     0,

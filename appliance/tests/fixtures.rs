@@ -16,6 +16,7 @@ use coffer_appliance::pack::format::{compression_of, flags_of, IndexEntry, Recor
 use coffer_appliance::pack::read::{
     hashes_to, open_record, raw_plaintext, read_footer, read_header, read_record_bytes,
 };
+use coffer_appliance::pack::store::LocalStore;
 use coffer_appliance::pack::writer::{PackWriter, PendingChunk};
 use coffer_appliance::repo::{Mode, Sharding};
 use coffer_appliance::{ChunkerParams, RepoConfig, RepoPaths};
@@ -178,7 +179,8 @@ fn write_fixtures() {
         .unwrap()
         .run(async move {
             let index: Arc<dyn ChunkIndex> = Arc::new(MemIndex::default());
-            let mut w = PackWriter::new(p2, master, index, 1, config().id, 1 << 30);
+            let store = std::rc::Rc::new(LocalStore::new(p2, None));
+            let mut w = PackWriter::new(store, master, index, 1, config().id, 1 << 30);
             w.write(&chunks[..2]).await.unwrap();
             w.write(&chunks[2..]).await.unwrap();
             w.seal().await.unwrap();

@@ -10,6 +10,7 @@ use std::fs::File;
 use coffer_proto::{PackId, ShardId};
 
 use crate::crypto::keys::MasterKey;
+use crate::crypto::Encryption;
 use crate::index::{ChunkIndex, OpenMode, RocksIndex, META_OPEN_PACK, META_POISONED};
 use crate::pack::format::{FooterEntry, RecordHeader, RECORD_HEADER_LEN};
 use crate::pack::read::{
@@ -133,8 +134,9 @@ pub fn verify(
                 }
             }
             if let Some(master) = master {
-                let key = master.pack_key(&e.pack);
-                match open_record(&key, &mut rec).and_then(|(h, stored)| raw_plaintext(&h, stored))
+                let key = master.pack_cipher(&e.pack);
+                match open_record(key.as_ref(), &mut rec)
+                    .and_then(|(h, stored)| raw_plaintext(&h, stored))
                 {
                     Ok(raw) if hashes_to(master.dedup_key(), &id, &raw) => {}
                     Ok(_) => rep

@@ -13,4 +13,5 @@
 pub mod format;
 pub mod read;
 pub mod recover;
+pub mod store;
 pub mod writer;

@@ -11,7 +11,7 @@ use super::format::{
     compression_of, decode_footer, decode_trailer, FooterEntry, FormatError, PackHeader,
     RecordHeader, PACK_HEADER_LEN, RECORD_AAD_LEN, RECORD_HEADER_LEN, TRAILER_LEN,
 };
-use crate::crypto::keys::{PackKey, TAG_LEN};
+use crate::crypto::{RecordCipher, TAG_LEN};
 
 fn corrupt(s: impl Into<String>) -> FormatError {
     FormatError::Corrupt(s.into())
@@ -23,7 +23,7 @@ fn corrupt(s: impl Into<String>) -> FormatError {
 /// # Errors
 /// [`FormatError`] when the header is damaged, lengths disagree, or the tag does not verify.
 pub fn open_record<'a>(
-    key: &PackKey,
+    key: &dyn RecordCipher,
     rec: &'a mut [u8],
 ) -> Result<(RecordHeader, &'a [u8]), FormatError> {
     let h = RecordHeader::decode(rec)?;
@@ -116,7 +116,7 @@ pub fn read_record_bytes(file: &File, offset: u64, len: u32) -> Result<Vec<u8>, 
 ///
 /// # Errors
 /// When the header itself cannot be read.
-pub fn scan(path: &Path, key: &PackKey, max_record: u64) -> Result<Scan, String> {
+pub fn scan(path: &Path, key: &dyn RecordCipher, max_record: u64) -> Result<Scan, String> {
     let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let header = read_header(&file)?;
     let file_len = file.metadata().map_err(|e| e.to_string())?.len();

@@ -10,7 +10,7 @@ use coffer_proto::{PackId, ShardId};
 
 use super::format::{encode_footer, FooterEntry, IndexEntry};
 use super::read::{footer_entries, read_footer, read_header, scan};
-use crate::crypto::keys::MasterKey;
+use crate::crypto::Encryption;
 use crate::index::{ChunkIndex, META_OPEN_PACK, META_POISONED};
 
 /// Largest record a scan accepts (max chunk plus headroom).
@@ -41,7 +41,7 @@ impl std::fmt::Display for SealError {
 ///
 /// # Errors
 /// [`SealError::Torn`] when the header is unreadable; [`SealError::Io`] otherwise.
-pub fn seal_in_place(path: &Path, master: &MasterKey) -> Result<Vec<FooterEntry>, SealError> {
+pub fn seal_in_place(path: &Path, master: &dyn Encryption) -> Result<Vec<FooterEntry>, SealError> {
     let io = |e: String| SealError::Io(format!("{}: {e}", path.display()));
     let file = OpenOptions::new()
         .read(true)
@@ -52,8 +52,8 @@ pub fn seal_in_place(path: &Path, master: &MasterKey) -> Result<Vec<FooterEntry>
         return Ok(entries); // already sealed
     }
     let header = read_header(&file).map_err(SealError::Torn)?;
-    let key = master.pack_key(&header.pack);
-    let s = scan(path, &key, MAX_RECORD_LEN).map_err(io)?;
+    let key = master.pack_cipher(&header.pack);
+    let s = scan(path, key.as_ref(), MAX_RECORD_LEN).map_err(io)?;
     let entries = footer_entries(&s.records);
     let footer = encode_footer(&entries, s.valid_end);
     file.set_len(s.valid_end).map_err(|e| io(e.to_string()))?;
@@ -131,7 +131,7 @@ fn record_flags(path: &Path, entries: &[FooterEntry]) -> Result<Vec<u8>, String>
 /// Index errors, as text; the shard must not serve after one.
 pub fn recover_open_pack(
     paths: &crate::repo::RepoPaths,
-    master: &MasterKey,
+    master: &dyn Encryption,
     index: &dyn ChunkIndex,
 ) -> Result<usize, String> {
     let mut todo: Vec<PackId> = Vec::new();
@@ -175,7 +175,11 @@ pub fn recover_open_pack(
                 let header = std::fs::File::open(&path)
                     .map_err(|e| e.to_string())
                     .and_then(|f| read_header(&f))?;
-                let s = scan(&path, &master.pack_key(&header.pack), MAX_RECORD_LEN)?;
+                let s = scan(
+                    &path,
+                    master.pack_cipher(&header.pack).as_ref(),
+                    MAX_RECORD_LEN,
+                )?;
                 let entries = footer_entries(&s.records);
                 let batch = index_entries(id, &entries, |i| s.records[i].header.flags);
                 index
@@ -213,7 +217,7 @@ pub struct RebuildStats {
 /// Any error, as text.
 pub fn rebuild(
     paths: &crate::repo::RepoPaths,
-    master: &MasterKey,
+    master: &dyn Encryption,
     indexes: &[&dyn ChunkIndex],
 ) -> Result<RebuildStats, String> {
     let shards = u16::try_from(indexes.len()).map_err(|_| "too many shards".to_string())?;
@@ -282,7 +286,7 @@ mod tests {
     fn torn_open_and_poisoned_packs_are_set_aside_not_fatal() {
         let dir = tempfile::tempdir().unwrap();
         let paths = RepoPaths::new(dir.path());
-        let master = MasterKey::generate();
+        let master = crate::crypto::keys::MasterKey::generate();
         let index = MemIndex::default();
         let empty = PackId::from_bytes([1; 16]);
         let torn = PackId::from_bytes([2; 16]);

@@ -1,28 +1,25 @@
-//! The shard's pack writer: glommio DMA (O_DIRECT, io_uring) appends with group commit.
+//! The shard's pack writer: group commits of encrypted records into the open pack.
 //!
 //! Each call to [`PackWriter::write`] is one group commit: all chunks queued since the previous
-//! call are encrypted straight into one aligned buffer, written with a single io_uring write and
-//! made durable with one `fdatasync`. O_DIRECT needs 4 KiB-aligned writes, so the partial last
-//! block of the pack (`tail`) is kept in memory and rewritten at the start of the next buffer;
-//! the padding after the logical end is overwritten by the next write or cut by `truncate` on
-//! seal.
+//! call are encrypted (through the [`Encryption`] seam) straight into the store's buffer and
+//! appended with one durable [`PackSink::append`] (one io_uring write and one `fdatasync` in the
+//! local store). Only then are their index entries inserted.
 
-use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use coffer_proto::{ChunkId, PackId};
-use glommio::io::DmaFile;
 
 use super::format::{
     encode_footer, footer_len, record_nonce, FooterEntry, IndexEntry, PackHeader, RecordHeader,
     PACK_HEADER_LEN, RECORD_AAD_LEN, RECORD_HEADER_LEN,
 };
-use crate::crypto::keys::{MasterKey, PackKey, TAG_LEN};
+use super::store::{LocalStore, PackSink, PackStore, StoreError};
+use crate::crypto::{Encryption, RecordCipher, TAG_LEN};
 use crate::index::{ChunkIndex, META_OPEN_PACK, META_POISONED};
-use crate::repo::RepoPaths;
 
-const ALIGN: u64 = 4096;
+pub use super::store::local::{check_free_space, reserve};
 
 /// A verified chunk waiting to be written.
 #[derive(Debug, Clone)]
@@ -53,6 +50,14 @@ pub struct PackError {
 }
 
 impl PackError {
+    fn of(pack: &PackId, e: StoreError) -> Self {
+        Self {
+            pack: pack.to_hex(),
+            what: e.what,
+            source: e.source,
+        }
+    }
+
     /// Whether the failure was a full disk (or quota).
     #[must_use]
     pub fn is_no_space(&self) -> bool {
@@ -64,166 +69,89 @@ impl PackError {
     }
 }
 
-struct OpenPack {
+struct OpenPack<K> {
     id: PackId,
-    file: DmaFile,
-    key: PackKey,
-    /// Logical length: bytes of header and records (what a reader may rely on).
-    len: u64,
-    /// Bytes from `align_down(len)` to `len`, to be rewritten at the start of the next write.
-    tail: Vec<u8>,
+    sink: K,
+    cipher: Box<dyn RecordCipher>,
     seq: u64,
     entries: Vec<FooterEntry>,
 }
 
-/// Writes one shard's packs. Owned by the shard's pack task; never shared.
-pub struct PackWriter {
-    paths: RepoPaths,
-    master: Arc<MasterKey>,
+/// Writes one shard's packs into its store. Owned by the shard's pack task; never shared.
+pub struct PackWriter<S: PackStore = LocalStore> {
+    store: Rc<S>,
+    encryption: Arc<dyn Encryption>,
     index: Arc<dyn ChunkIndex>,
     shard: u16,
     repo_id: [u8; 16],
     target: u64,
-    open: Option<OpenPack>,
-    /// Free space left for RocksDB; `None`: [`reserve`] of the file system's size.
-    space_reserve: Option<u64>,
+    open: Option<OpenPack<S::Sink>>,
     /// Packs sealed by this writer (for stats and tests).
     pub sealed: u64,
 }
 
-impl std::fmt::Debug for PackWriter {
+impl<S: PackStore> std::fmt::Debug for PackWriter<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "PackWriter(shard {})", self.shard)
     }
 }
 
-/// Fails (`StorageFull`) when writing `need` bytes under `dir` would leave less than the reserve
-/// (`reserve`, or [`reserve`] of the file system's size) free. An unreadable file system passes:
-/// the write itself then reports a full disk.
-///
-/// # Errors
-/// `StorageFull` naming free, needed and kept bytes.
-pub fn check_free_space(
-    dir: &std::path::Path,
-    need: u64,
-    reserve_bytes: Option<u64>,
-) -> std::io::Result<()> {
-    let Ok(st) = rustix::fs::statvfs(dir) else {
-        return Ok(());
-    };
-    let free = st.f_bavail.saturating_mul(st.f_frsize);
-    let keep = reserve_bytes.unwrap_or_else(|| reserve(st.f_blocks.saturating_mul(st.f_frsize)));
-    if free < need.saturating_add(keep) {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::StorageFull,
-            format!(
-                "No space left: {free} bytes free, {need} needed plus {keep} kept for the index \
-                 and catalog"
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// Free space the pack writer leaves on a file system of `total` bytes for RocksDB (index and
-/// catalog): 2 %, at least 8 MiB, at most 1 GiB.
-#[must_use]
-pub fn reserve(total: u64) -> u64 {
-    (total / 50).clamp(8 << 20, 1 << 30)
-}
-
-fn align_down(v: u64) -> u64 {
-    v & !(ALIGN - 1)
-}
-
-fn align_up(v: u64) -> u64 {
-    (v + ALIGN - 1) & !(ALIGN - 1)
-}
-
-fn usize_of(v: u64) -> usize {
-    usize::try_from(v).expect("pack offsets fit in memory-sized buffers")
-}
-
-impl PackWriter {
+impl<S: PackStore> PackWriter<S> {
     #[must_use]
     pub fn new(
-        paths: RepoPaths,
-        master: Arc<MasterKey>,
+        store: Rc<S>,
+        encryption: Arc<dyn Encryption>,
         index: Arc<dyn ChunkIndex>,
         shard: u16,
         repo_id: [u8; 16],
         target: u64,
     ) -> Self {
         Self {
-            paths,
-            master,
+            store,
+            encryption,
             index,
             shard,
             repo_id,
             target,
             open: None,
-            space_reserve: None,
             sealed: 0,
         }
     }
 
-    /// Sets the free space kept for the index and catalog (`serve --space-reserve`); `None`
-    /// keeps [`reserve`] of the file system's size.
-    #[must_use]
-    pub fn with_space_reserve(mut self, bytes: Option<u64>) -> Self {
-        self.space_reserve = bytes;
-        self
-    }
-
-    async fn create(&self) -> Result<OpenPack, PackError> {
+    async fn create(&self) -> Result<OpenPack<S::Sink>, PackError> {
         let id = PackId::from_bytes(rand::random());
-        let path: PathBuf = self.paths.pack(&id);
-        let err = |what, source| PackError {
-            pack: id.to_hex(),
-            what,
-            source,
-        };
-        let dir = path
-            .parent()
-            .expect("pack paths have a parent")
-            .to_path_buf();
-        std::fs::create_dir_all(&dir).map_err(|e| err("creating its directory", e))?;
-        let file = DmaFile::create(&path)
-            .await
-            .map_err(|e| err("creating", e.into()))?;
-        // The directory entry must be durable before anything in the file is acknowledged.
-        std::fs::File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| err("syncing its directory", e))?;
-        // Recovery after a crash starts from this marker (see `recover`).
-        self.index
-            .put_meta(META_OPEN_PACK, Some(id.as_bytes()))
-            .map_err(|e| {
-                err(
-                    "recording the open pack",
-                    std::io::Error::other(e.to_string()),
-                )
-            })?;
         let header = PackHeader {
             pack: id,
             shard: self.shard,
             repo_id: self.repo_id,
             created_us: coffer_proto::now_us(),
         };
+        let sink = self
+            .store
+            .create(&id, &header.encode())
+            .await
+            .map_err(|e| PackError::of(&id, e))?;
+        // Recovery after a crash starts from this marker (see `recover`).
+        self.index
+            .put_meta(META_OPEN_PACK, Some(id.as_bytes()))
+            .map_err(|e| PackError {
+                pack: id.to_hex(),
+                what: "recording the open pack",
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        debug_assert_eq!(sink.len(), PACK_HEADER_LEN as u64);
         Ok(OpenPack {
             id,
-            file,
-            key: self.master.pack_key(&id),
-            len: PACK_HEADER_LEN as u64,
-            tail: header.encode().to_vec(),
+            sink,
+            cipher: self.encryption.pack_cipher(&id),
             seq: 0,
             entries: Vec::new(),
         })
     }
 
-    /// Writes `chunks` durably and indexes them. Returns only after `fdatasync` succeeded for
-    /// every byte and the index batch was applied. On error nothing of this call may be
-    /// acknowledged, and the open pack is abandoned (poisoned).
+    /// Writes `chunks` durably and indexes them. Returns only after every byte is durable and
+    /// the index batch was applied. On error nothing of this call may be acknowledged, and the
+    /// open pack is abandoned (poisoned).
     ///
     /// # Errors
     /// [`PackError`] from create, write, truncate, fsync or the index.
@@ -260,7 +188,8 @@ impl PackWriter {
     ) -> Result<usize, PackError> {
         let target = self.target;
         let p = self.open.as_mut().expect("caller opened a pack");
-        let mut end = p.len;
+        let start = p.sink.len();
+        let mut end = start;
         let mut n = 0;
         for c in chunks {
             if n > 0 && end + c.record_len() > target {
@@ -275,99 +204,49 @@ impl PackWriter {
         } else {
             end
         };
-        let base = align_down(p.len);
-        let mut buf = p.file.alloc_dma_buffer(usize_of(align_up(file_end) - base));
-        let bytes = buf.as_bytes_mut();
-        bytes[..p.tail.len()].copy_from_slice(&p.tail);
-        let mut pos = usize_of(p.len - base);
+        let len = usize::try_from(file_end - start).expect("a group commit fits in memory");
         let mut index_batch = Vec::with_capacity(n);
-        for c in &chunks[..n] {
-            let nonce = record_nonce(p.seq);
-            p.seq += 1;
-            let stored_len = u32::try_from(c.data.len() + TAG_LEN).expect("chunks are < 4 GiB");
-            let h = RecordHeader {
-                flags: c.flags,
-                id: c.id,
-                raw_len: c.raw_len,
-                stored_len,
-                nonce,
-            }
-            .encode();
-            let rec_len = RECORD_HEADER_LEN + c.data.len() + TAG_LEN;
-            let rec = &mut bytes[pos..pos + rec_len];
-            rec[..RECORD_HEADER_LEN].copy_from_slice(&h);
-            let (_, body) = rec.split_at_mut(RECORD_HEADER_LEN);
-            let (payload, tag_out) = body.split_at_mut(c.data.len());
-            payload.copy_from_slice(&c.data);
-            let tag = p.key.seal(nonce, &h[..RECORD_AAD_LEN], payload);
-            tag_out.copy_from_slice(&tag);
-            let offset = base + pos as u64;
-            let len = u32::try_from(rec_len).expect("records are < 4 GiB");
-            p.entries.push(FooterEntry {
-                id: c.id,
-                offset,
-                len,
-                raw_len: c.raw_len,
-            });
-            index_batch.push((
-                c.id,
-                IndexEntry {
-                    flags: c.flags,
-                    pack: p.id,
+        let (id, cipher, seq, entries) = (p.id, &p.cipher, &mut p.seq, &mut p.entries);
+        let fill = |bytes: &mut [u8]| {
+            let mut pos = 0;
+            for c in &chunks[..n] {
+                let offset = start + pos as u64;
+                let rec_len = seal_record(cipher.as_ref(), seq, c, &mut bytes[pos..]);
+                let len = u32::try_from(rec_len).expect("records are < 4 GiB");
+                entries.push(FooterEntry {
+                    id: c.id,
                     offset,
                     len,
                     raw_len: c.raw_len,
-                },
-            ));
-            pos += rec_len;
-        }
-        if seal {
-            let footer = encode_footer(&p.entries, end);
-            bytes[pos..pos + footer.len()].copy_from_slice(&footer);
-            pos += footer.len();
-        }
-        bytes[pos..].fill(0);
-        let new_tail_start = usize_of(align_down(file_end) - base);
-        let new_tail = bytes[new_tail_start..usize_of(file_end - base)].to_vec();
-        let want = bytes.len();
-        let pack = p.id.to_hex();
-        let err = |what, source| PackError {
-            pack: pack.clone(),
-            what,
-            source,
+                });
+                index_batch.push((
+                    c.id,
+                    IndexEntry {
+                        flags: c.flags,
+                        pack: id,
+                        offset,
+                        len,
+                        raw_len: c.raw_len,
+                    },
+                ));
+                pos += rec_len;
+            }
+            if seal {
+                let footer = encode_footer(entries, end);
+                bytes[pos..pos + footer.len()].copy_from_slice(&footer);
+            }
         };
-        let wrote = p
-            .file
-            .write_at(buf, base)
+        p.sink
+            .append(len, seal, fill)
             .await
-            .map_err(|e| err("writing", e.into()))?;
-        if wrote != want {
-            // A short write to a regular file means the file system ran out of space (or a
-            // size limit was hit): reported as a full disk.
-            return Err(err(
-                "writing",
-                std::io::Error::new(
-                    std::io::ErrorKind::StorageFull,
-                    format!("short write {wrote}/{want} (no space left on the device?)"),
-                ),
-            ));
-        }
-        if seal {
-            p.file
-                .truncate(file_end)
-                .await
-                .map_err(|e| err("truncating", e.into()))?;
-        }
-        p.file
-            .fdatasync()
-            .await
-            .map_err(|e| err("fdatasync", e.into()))?;
-        p.len = file_end;
-        p.tail = new_tail;
+            .map_err(|e| PackError::of(&id, e))?;
         // Durable: now, and only now, the index may point at these bytes. A sealed pack's
         // entries are synced so that the open-pack marker can move on.
-        let to_io =
-            |e: crate::error::RepoError| err("indexing", std::io::Error::other(e.to_string()));
+        let to_io = |e: crate::error::RepoError| PackError {
+            pack: id.to_hex(),
+            what: "indexing",
+            source: std::io::Error::other(e.to_string()),
+        };
         self.index.insert_batch(&index_batch, seal).map_err(to_io)?;
         if seal {
             self.index.put_meta(META_OPEN_PACK, None).map_err(to_io)?;
@@ -377,21 +256,19 @@ impl PackWriter {
         Ok(n)
     }
 
-    /// Refuses a group commit that would leave less than [`reserve`] free on the packs' file
-    /// system: the index and the catalog (RocksDB) keep room to write, so a full disk ends in
-    /// a clear `RESOURCE_EXHAUSTED` instead of torn packs and a database in error. Nothing is
-    /// written and the open pack stays usable; service resumes when space returns.
+    /// Refuses a group commit that would leave the store's reserve short: the index and the
+    /// catalog (RocksDB) keep room to write, so a full disk ends in a clear
+    /// `RESOURCE_EXHAUSTED` instead of torn packs and a database in error. Nothing is written
+    /// and the open pack stays usable; service resumes when space returns.
     fn check_space(&self, chunks: &[PendingChunk]) -> Result<(), PackError> {
-        let need: u64 = chunks.iter().map(PendingChunk::record_len).sum::<u64>() + ALIGN * 2;
-        check_free_space(&self.paths.packs(), need, self.space_reserve).map_err(|source| {
-            PackError {
-                pack: self
-                    .open
-                    .as_ref()
-                    .map_or_else(|| "(none open)".to_string(), |p| p.id.to_hex()),
-                what: "checking free space",
-                source,
-            }
+        let need: u64 = chunks.iter().map(PendingChunk::record_len).sum();
+        self.store.check_space(need).map_err(|e| PackError {
+            pack: self
+                .open
+                .as_ref()
+                .map_or_else(|| "(none open)".to_string(), |p| p.id.to_hex()),
+            what: e.what,
+            source: e.source,
         })
     }
 
@@ -420,11 +297,11 @@ impl PackWriter {
         let Some(p) = self.open.as_ref() else {
             return Ok(());
         };
-        if p.entries.is_empty() {
-            // Nothing in it: remove the empty file instead of sealing it.
-            let path = self.paths.pack(&p.id);
+        if p.sink.is_empty() {
+            // Nothing in it: remove the empty pack instead of sealing it.
+            let id = p.id;
             self.open = None;
-            let _ = std::fs::remove_file(path);
+            let _ = self.store.discard(&id);
             let _ = self.index.put_meta(META_OPEN_PACK, None);
             return Ok(());
         }
@@ -434,4 +311,34 @@ impl PackWriter {
         }
         res.map(|_| ())
     }
+}
+
+/// Writes chunk `c`'s record (header, payload encrypted in place, tag) at the start of `out`;
+/// answers its length.
+fn seal_record(
+    cipher: &dyn RecordCipher,
+    seq: &mut u64,
+    c: &PendingChunk,
+    out: &mut [u8],
+) -> usize {
+    let nonce = record_nonce(*seq);
+    *seq += 1;
+    let stored_len = u32::try_from(c.data.len() + TAG_LEN).expect("chunks are < 4 GiB");
+    let h = RecordHeader {
+        flags: c.flags,
+        id: c.id,
+        raw_len: c.raw_len,
+        stored_len,
+        nonce,
+    }
+    .encode();
+    let rec_len = RECORD_HEADER_LEN + c.data.len() + TAG_LEN;
+    let rec = &mut out[..rec_len];
+    rec[..RECORD_HEADER_LEN].copy_from_slice(&h);
+    let (_, body) = rec.split_at_mut(RECORD_HEADER_LEN);
+    let (payload, tag_out) = body.split_at_mut(c.data.len());
+    payload.copy_from_slice(&c.data);
+    let tag = cipher.seal(nonce, &h[..RECORD_AAD_LEN], payload);
+    tag_out.copy_from_slice(&tag);
+    rec_len
 }

@@ -8,6 +8,7 @@ use coffer_proto::v1::Compression;
 
 use crate::error::IngestError;
 use crate::pack::format::flags_of;
+use crate::pack::store::PackStore;
 use crate::pack::writer::PendingChunk;
 
 use super::{IncomingChunk, PutOutcome, ShardState};
@@ -88,8 +89,10 @@ pub(super) async fn put(
     }
     // The space check covers the whole request, chunks already stored included: whether an
     // upload fails on a full disk must not tell whether someone else stored its chunks.
-    crate::pack::writer::check_free_space(&state.paths.packs(), bytes, state.space_reserve)
-        .map_err(|e| IngestError::NoSpace(e.to_string()))?;
+    state
+        .store
+        .check_space(bytes)
+        .map_err(|e| IngestError::NoSpace(e.source.to_string()))?;
     let ids: Vec<_> = verified.iter().map(|c| c.id).collect();
     let present = state
         .index

@@ -21,16 +21,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use coffer_proto::{ChunkId, PackId};
+use coffer_proto::ChunkId;
 use futures::channel::mpsc;
 use futures::StreamExt;
 use glommio::{LocalExecutorBuilder, Placement};
 use tokio::sync::oneshot;
 
 use crate::crypto::keys::MasterKey;
+use crate::crypto::Encryption;
 use crate::error::{ApplianceError, IngestError};
 use crate::index::{ChunkIndex, OpenMode, RocksIndex};
 use crate::pack::recover::recover_open_pack;
+use crate::pack::store::LocalStore;
 use crate::pack::writer::{PackWriter, PendingChunk};
 use crate::repo::RepoPaths;
 
@@ -239,14 +241,13 @@ pub(crate) struct ShardState {
     pub(crate) index: Arc<dyn ChunkIndex>,
     pub(crate) dedup_key: [u8; 32],
     pub(crate) max_chunk: u32,
-    pub(crate) space_reserve: Option<u64>,
-    pub(crate) paths: RepoPaths,
-    pub(crate) master: Arc<MasterKey>,
+    /// Where this shard's packs live (shared with its pack writer).
+    pub(crate) store: Rc<LocalStore>,
+    pub(crate) encryption: Arc<dyn Encryption>,
     q: RefCell<Queue>,
     bell: RefCell<Option<mpsc::UnboundedSender<()>>>,
     pub(crate) budget: Rc<glommio::sync::Semaphore>,
     pub(crate) budget_kib: u64,
-    pub(crate) readers: RefCell<HashMap<PackId, Rc<glommio::io::DmaFile>>>,
     /// Ids durably stored on this shard (see `need`).
     need: RefCell<NeedSet>,
     active: Cell<usize>,
@@ -262,7 +263,7 @@ impl ShardState {
             )
             .map_err(|e| e.to_string())?,
         );
-        let recovered = recover_open_pack(&cfg.paths, &cfg.master, index.as_ref())
+        let recovered = recover_open_pack(&cfg.paths, cfg.master.as_ref(), index.as_ref())
             .map_err(|e| format!("shard {}: recovering the open pack: {e}", cfg.shard))?;
         if recovered > 0 {
             tracing::info!(
@@ -271,15 +272,16 @@ impl ShardState {
                 "sealed the pack left open by a crash"
             );
         }
+        let store = Rc::new(LocalStore::new(cfg.paths.clone(), cfg.space_reserve));
+        let encryption: Arc<dyn Encryption> = cfg.master.clone();
         let writer = PackWriter::new(
-            cfg.paths.clone(),
-            cfg.master.clone(),
+            store.clone(),
+            encryption.clone(),
             index.clone(),
             cfg.shard,
             cfg.repo_id,
             cfg.pack_target,
-        )
-        .with_space_reserve(cfg.space_reserve);
+        );
         let need = NeedSet::load(index.as_ref())
             .map_err(|e| format!("shard {}: loading the index: {e}", cfg.shard))?;
         tracing::info!(shard = cfg.shard, chunks = need.len(), "index loaded");
@@ -288,9 +290,8 @@ impl ShardState {
             index,
             dedup_key: *cfg.master.dedup_key(),
             max_chunk: cfg.max_chunk,
-            space_reserve: cfg.space_reserve,
-            paths: cfg.paths.clone(),
-            master: cfg.master.clone(),
+            store,
+            encryption,
             q: RefCell::new(Queue {
                 chunks: Vec::new(),
                 gen: 1,
@@ -300,7 +301,6 @@ impl ShardState {
             bell: RefCell::new(None),
             budget: Rc::new(glommio::sync::Semaphore::new(budget_kib)),
             budget_kib,
-            readers: RefCell::new(HashMap::new()),
             need: RefCell::new(need),
             active: Cell::new(0),
         });

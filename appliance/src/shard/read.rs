@@ -5,32 +5,13 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 use coffer_proto::ChunkId;
-use glommio::io::DmaFile;
 
 use crate::error::ApplianceError;
 use crate::pack::format::{compression_of, IndexEntry};
 use crate::pack::read::open_record;
+use crate::pack::store::PackStore;
 
 use super::{ShardState, StoredChunk};
-
-const MAX_OPEN_READERS: usize = 256;
-
-async fn reader(state: &ShardState, e: &IndexEntry) -> Result<Rc<DmaFile>, ApplianceError> {
-    if let Some(f) = state.readers.borrow().get(&e.pack) {
-        return Ok(f.clone());
-    }
-    let path = state.paths.pack(&e.pack);
-    let f =
-        Rc::new(DmaFile::open(&path).await.map_err(|x| {
-            ApplianceError::Internal(format!("pack {} cannot be opened: {x}", e.pack))
-        })?);
-    let mut r = state.readers.borrow_mut();
-    if r.len() >= MAX_OPEN_READERS {
-        r.clear();
-    }
-    r.insert(e.pack, f.clone());
-    Ok(f)
-}
 
 /// Records of one pack closer than this are read with one I/O.
 const COALESCE_GAP: u64 = 64 << 10;
@@ -51,25 +32,25 @@ async fn read_run(
     run: Run,
 ) -> Result<Vec<(usize, StoredChunk)>, ApplianceError> {
     let pack = run.first.pack;
-    let f = reader(state, &run.first).await?;
     let start = run.first.offset;
     let len = usize::try_from(run.end - start).expect("runs are at most MAX_RUN");
-    let r = f
-        .read_at(start, len)
+    let r = state
+        .store
+        .read_at(&pack, start, len)
         .await
-        .map_err(|x| ApplianceError::Internal(format!("reading pack {pack} at {start}: {x}")))?;
+        .map_err(|x| ApplianceError::Internal(format!("pack {pack} at {start}: {x}")))?;
     if r.len() != len {
         return Err(ApplianceError::Internal(format!(
             "pack {pack} is shorter than the index says"
         )));
     }
-    let key = state.master.pack_key(&pack);
+    let key = state.encryption.pack_cipher(&pack);
     let mut out = Vec::with_capacity(run.members.len());
     for (i, e) in run.members {
         let id = &ids[i];
         let at = usize::try_from(e.offset - start).expect("inside the run");
         let mut rec = r[at..at + e.len as usize].to_vec();
-        let (h, stored) = open_record(&key, &mut rec)
+        let (h, stored) = open_record(key.as_ref(), &mut rec)
             .map_err(|x| ApplianceError::Internal(format!("chunk {id} in pack {pack}: {x}")))?;
         if h.id != *id {
             return Err(ApplianceError::Internal(format!(
