@@ -33,8 +33,8 @@ pub enum RepoError {
     Io(String, #[source] std::io::Error),
     #[error("index database error: {0}")]
     Index(String),
-    #[error("catalog database error: {0}")]
-    Catalog(String),
+    #[error(transparent)]
+    Catalog(#[from] crate::catalog::CatalogError),
 }
 
 /// Why a chunk upload was refused or failed.
@@ -68,6 +68,8 @@ pub enum ApplianceError {
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
     PermissionDenied(String),
     #[error("{0}")]
     FailedPrecondition(String),
@@ -91,9 +93,25 @@ impl ApplianceError {
     }
 }
 
+impl From<crate::catalog::CatalogError> for ApplianceError {
+    /// "No such user" is `NOT_FOUND`, an existing one `ALREADY_EXISTS`; the rest is the
+    /// appliance's fault, named.
+    fn from(e: crate::catalog::CatalogError) -> Self {
+        use crate::catalog::CatalogError as C;
+        match e {
+            C::NotFound(m) => Self::NotFound(m),
+            C::Exists(m) => Self::AlreadyExists(m),
+            e => Self::Internal(e.to_string()),
+        }
+    }
+}
+
 impl From<RepoError> for ApplianceError {
     /// A repository or catalog failure while serving a request: the appliance's fault, named.
     fn from(e: RepoError) -> Self {
-        Self::Internal(e.to_string())
+        match e {
+            RepoError::Catalog(c) => c.into(),
+            e => Self::Internal(e.to_string()),
+        }
     }
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::access::rules::Rule;
 use crate::catalog::{Catalog, UserRecord};
-use crate::error::{ApplianceError, RepoError};
+use crate::error::ApplianceError;
 
 /// One administrative operation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -67,13 +67,6 @@ pub struct Reply {
     pub disclosure: String,
 }
 
-fn repo_err(e: RepoError) -> ApplianceError {
-    match e {
-        RepoError::Invalid(m) => ApplianceError::InvalidArgument(m),
-        e => ApplianceError::Internal(e.to_string()),
-    }
-}
-
 /// Applies `req` to the catalog.
 ///
 /// # Errors
@@ -86,70 +79,61 @@ pub fn apply(catalog: &Catalog, req: &Request) -> Result<Reply, ApplianceError> 
     match req {
         Request::UserAdd { user } => {
             check_user(user)?;
-            catalog.add_user(user).map_err(repo_err)?;
+            catalog.add_user(user)?;
         }
         Request::UserSet { user } => {
             check_user(user)?;
             // A password change keeps the account's creation time.
             let mut rec = user.clone();
-            if let Some(old) = catalog.user(&user.identity).map_err(repo_err)? {
+            if let Some(old) = catalog.user(&user.identity)? {
                 rec.created_unix = old.created_unix;
                 rec.owner = old.owner;
             }
-            catalog.set_user(&rec).map_err(repo_err)?;
+            catalog.set_user(&rec)?;
         }
-        Request::UserDelete { identity } => catalog.delete_user(identity).map_err(repo_err)?,
+        Request::UserDelete { identity } => catalog.delete_user(identity)?,
         Request::UserList => {
-            reply.users = catalog
-                .users()
-                .map_err(repo_err)?
-                .into_iter()
-                .map(|u| u.identity)
-                .collect();
+            reply.users = catalog.users()?.into_iter().map(|u| u.identity).collect();
         }
         Request::AclList => {
-            reply.rules = catalog.acl_rules().map_err(repo_err)?;
+            reply.rules = catalog.acl_rules()?;
             if reply.rules.is_empty() {
                 reply.rules = crate::access::rules::default_rules();
                 reply.defaults = true;
             }
         }
         Request::AclAdd { rule } => {
-            if catalog.acl_rules().map_err(repo_err)?.is_empty() {
+            if catalog.acl_rules()?.is_empty() {
                 return Err(ApplianceError::FailedPrecondition(
                     "no rules are stored yet, so the built-in defaults apply; run `acl enable` \
                      first so that adding a rule does not silently drop the defaults"
                         .into(),
                 ));
             }
-            catalog.put_rule(rule).map_err(repo_err)?;
+            catalog.put_rule(rule)?;
         }
         Request::AclRemove { ids } => {
             for id in ids {
-                catalog.delete_rule(id).map_err(repo_err)?;
+                catalog.delete_rule(id)?;
             }
         }
         Request::AclEnable => {
-            if !catalog.acl_rules().map_err(repo_err)?.is_empty() {
+            if !catalog.acl_rules()?.is_empty() {
                 return Err(ApplianceError::FailedPrecondition(
                     "rules are already stored".into(),
                 ));
             }
             for r in crate::access::rules::default_rules() {
-                catalog.put_rule(&r).map_err(repo_err)?;
+                catalog.put_rule(&r)?;
             }
         }
         Request::Refresh => {}
         Request::Disclosure { mode } => {
             if let Some(m) = mode {
                 crate::access::auth::parse_disclosure(Some(m))?;
-                catalog
-                    .set_setting(crate::access::auth::DISCLOSURE_SETTING, m)
-                    .map_err(repo_err)?;
+                catalog.set_setting(crate::access::auth::DISCLOSURE_SETTING, m)?;
             }
-            let v = catalog
-                .setting(crate::access::auth::DISCLOSURE_SETTING)
-                .map_err(repo_err)?;
+            let v = catalog.setting(crate::access::auth::DISCLOSURE_SETTING)?;
             reply.disclosure = match crate::access::auth::parse_disclosure(v.as_deref())? {
                 coffer_proto::v1::Disclosure::Repository => "repository".into(),
                 _ => "user".into(),
@@ -213,6 +197,43 @@ pub fn run(
     if let Some(r) = call_socket(socket, req)? {
         return Ok((r, true));
     }
-    let catalog = Catalog::open(catalog_dir, false).map_err(repo_err)?;
+    let catalog = Catalog::open(catalog_dir, false)?;
     Ok((apply(&catalog, req)?, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(identity: &str) -> UserRecord {
+        UserRecord {
+            identity: identity.into(),
+            password_hash: crate::access::hash_password("a long password").unwrap(),
+            created_unix: 1,
+            owner: None,
+        }
+    }
+
+    #[test]
+    fn unknown_and_duplicate_accounts_are_named_not_internal() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(&dir.path().join("catalog"), true).unwrap();
+        let delete = Request::UserDelete {
+            identity: "nobody@host".into(),
+        };
+        let status = tonic::Status::from(apply(&catalog, &delete).unwrap_err());
+        assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+        assert!(status.message().contains("no user nobody@host"));
+        let set = Request::UserSet {
+            user: user("nobody@host"),
+        };
+        let status = tonic::Status::from(apply(&catalog, &set).unwrap_err());
+        assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+        let add = Request::UserAdd {
+            user: user("alice@host"),
+        };
+        apply(&catalog, &add).unwrap();
+        let status = tonic::Status::from(apply(&catalog, &add).unwrap_err());
+        assert_eq!(status.code(), tonic::Code::AlreadyExists, "{status:?}");
+    }
 }

@@ -1,32 +1,39 @@
-//! The catalog: users and snapshots (policies and ACLs will live here too). Small and
-//! transactional: one RocksDB instance under `catalog/`, every write synced, a snapshot committed
-//! by exactly one write (its single commit point).
+//! The catalog: users, access rules, snapshots and settings (policies, locks and the audit chain
+//! land here next). Small and transactional: one RocksDB instance under `catalog/`, every write
+//! synced, a snapshot committed by exactly one write (its single commit point).
 //!
 //! Keys: `user/<identity>` -> JSON [`UserRecord`]; `snap/<id hex>` -> protobuf `coffer.v1.Snapshot`;
-//! `acl/<rule id>` -> JSON [`crate::access::rules::Rule`]; `setting/<name>` -> UTF-8 value.
+//! `acl/<rule id>` -> JSON [`crate::access::rules::Rule`]; `setting/<name>` -> UTF-8 value;
+//! `meta/schema` -> the schema version ([`schema`]), checked and migrated at every open.
+//!
+//! Owns: the catalog database and its records. Must never touch packs or shard indexes, nor
+//! decide access (that is [`crate::access`]).
+
+mod records;
+pub mod schema;
+
+use records::key;
+pub use records::UserRecord;
 
 use std::path::Path;
 
 use coffer_proto::{v1, SnapshotId};
 use prost::Message;
-use serde::{Deserialize, Serialize};
-
-use crate::error::RepoError;
-
-/// An account.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct UserRecord {
-    pub identity: String,
-    /// argon2id PHC string; never anything else.
-    pub password_hash: String,
-    pub created_unix: i64,
-    /// Hex of the account's 16-byte ownership key: chunks its sessions uploaded are recorded
-    /// under it in the shard indexes, so that a resumed backup need not send them again. Random
-    /// per account (a deleted and re-created account does not inherit); absent in records
-    /// written before format 2 of the record (see `auth::owner_key`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub owner: Option<String>,
+/// Why a catalog operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("catalog database error: {0}")]
+    Engine(String),
+    #[error("the catalog at {path} is in use (is the appliance running? stop it first): {why}")]
+    Locked { path: String, why: String },
+    #[error("catalog record {key} does not decode: {why}")]
+    Decode { key: String, why: String },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Exists(String),
+    #[error("the catalog has schema version {found}, newer than this build's {supported}; run a newer coffer-appliance")]
+    Newer { found: u32, supported: u32 },
 }
 
 /// The catalog database.
@@ -40,8 +47,15 @@ impl std::fmt::Debug for Catalog {
     }
 }
 
-fn ce(e: impl std::fmt::Display) -> RepoError {
-    RepoError::Catalog(e.to_string())
+fn ce(e: impl std::fmt::Display) -> CatalogError {
+    CatalogError::Engine(e.to_string())
+}
+
+fn bad(key: &[u8], e: impl std::fmt::Display) -> CatalogError {
+    CatalogError::Decode {
+        key: String::from_utf8_lossy(key).into_owned(),
+        why: e.to_string(),
+    }
 }
 
 impl Catalog {
@@ -49,7 +63,7 @@ impl Catalog {
     ///
     /// # Errors
     /// A clear message when the catalog is locked by a running appliance.
-    pub fn open(path: &Path, create: bool) -> Result<Self, RepoError> {
+    pub fn open(path: &Path, create: bool) -> Result<Self, CatalogError> {
         let mut opts = rocksdb::Options::default();
         opts.create_if_missing(create);
         // Opening must need little free space (a full disk, `server::emergency_space`): a new
@@ -57,18 +71,30 @@ impl Catalog {
         opts.set_manifest_preallocation_size(64 << 10);
         let db = rocksdb::DB::open(&opts, path).map_err(|e| {
             if e.to_string().contains("lock") {
-                RepoError::Catalog(format!(
-                    "the catalog at {} is in use (is the appliance running? stop it first): {e}",
-                    path.display()
-                ))
+                CatalogError::Locked {
+                    path: path.display().to_string(),
+                    why: e.to_string(),
+                }
             } else {
                 ce(e)
             }
         })?;
-        Ok(Self { db })
+        let catalog = Self { db };
+        schema::migrate(&catalog)?;
+        Ok(catalog)
     }
 
-    fn put(&self, key: &[u8], value: &[u8]) -> Result<(), RepoError> {
+    /// A raw value (schema and migrations).
+    pub(crate) fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, CatalogError> {
+        self.db.get(key).map_err(ce)
+    }
+
+    /// Writes a raw value, synced (schema and migrations).
+    pub(crate) fn put_raw(&self, key: &[u8], value: &[u8]) -> Result<(), CatalogError> {
+        self.put(key, value)
+    }
+
+    fn put(&self, key: &[u8], value: &[u8]) -> Result<(), CatalogError> {
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
         self.db.put_opt(key, value, &wo).map_err(ce)
@@ -78,26 +104,29 @@ impl Catalog {
     ///
     /// # Errors
     /// Engine or decoding errors.
-    pub fn user(&self, identity: &str) -> Result<Option<UserRecord>, RepoError> {
-        match self.db.get(format!("user/{identity}")).map_err(ce)? {
+    pub fn user(&self, identity: &str) -> Result<Option<UserRecord>, CatalogError> {
+        let k = key::user(identity);
+        match self.db.get(&k).map_err(ce)? {
             None => Ok(None),
-            Some(v) => serde_json::from_slice(&v).map(Some).map_err(ce),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| bad(k.as_bytes(), e)),
         }
     }
 
     /// Creates a user; fails if it exists.
     ///
     /// # Errors
-    /// [`RepoError::Invalid`] when the user exists.
-    pub fn add_user(&self, rec: &UserRecord) -> Result<(), RepoError> {
+    /// [`CatalogError::Exists`] when the user exists.
+    pub fn add_user(&self, rec: &UserRecord) -> Result<(), CatalogError> {
         if self.user(&rec.identity)?.is_some() {
-            return Err(RepoError::Invalid(format!(
+            return Err(CatalogError::Exists(format!(
                 "user {} already exists",
                 rec.identity
             )));
         }
         self.put(
-            format!("user/{}", rec.identity).as_bytes(),
+            key::user(&rec.identity).as_bytes(),
             &serde_json::to_vec(rec).map_err(ce)?,
         )
     }
@@ -105,13 +134,13 @@ impl Catalog {
     /// Replaces an existing user's record (password change).
     ///
     /// # Errors
-    /// [`RepoError::Invalid`] when the user does not exist.
-    pub fn set_user(&self, rec: &UserRecord) -> Result<(), RepoError> {
+    /// [`CatalogError::NotFound`] when the user does not exist.
+    pub fn set_user(&self, rec: &UserRecord) -> Result<(), CatalogError> {
         if self.user(&rec.identity)?.is_none() {
-            return Err(RepoError::Invalid(format!("no user {}", rec.identity)));
+            return Err(CatalogError::NotFound(format!("no user {}", rec.identity)));
         }
         self.put(
-            format!("user/{}", rec.identity).as_bytes(),
+            key::user(&rec.identity).as_bytes(),
             &serde_json::to_vec(rec).map_err(ce)?,
         )
     }
@@ -119,15 +148,15 @@ impl Catalog {
     /// Deletes a user (their snapshots stay, owned by the identity).
     ///
     /// # Errors
-    /// [`RepoError::Invalid`] when the user does not exist.
-    pub fn delete_user(&self, identity: &str) -> Result<(), RepoError> {
+    /// [`CatalogError::NotFound`] when the user does not exist.
+    pub fn delete_user(&self, identity: &str) -> Result<(), CatalogError> {
         if self.user(identity)?.is_none() {
-            return Err(RepoError::Invalid(format!("no user {identity}")));
+            return Err(CatalogError::NotFound(format!("no user {identity}")));
         }
-        self.delete(format!("user/{identity}").as_bytes())
+        self.delete(key::user(identity).as_bytes())
     }
 
-    fn delete(&self, key: &[u8]) -> Result<(), RepoError> {
+    fn delete(&self, key: &[u8]) -> Result<(), CatalogError> {
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
         self.db.delete_opt(key, &wo).map_err(ce)
@@ -136,15 +165,15 @@ impl Catalog {
     fn prefixed<T>(
         &self,
         prefix: &[u8],
-        decode: impl Fn(&[u8]) -> Result<T, RepoError>,
-    ) -> Result<Vec<T>, RepoError> {
+        decode: impl Fn(&[u8]) -> Result<T, String>,
+    ) -> Result<Vec<T>, CatalogError> {
         let mut out = Vec::new();
         for item in self.db.prefix_iterator(prefix) {
             let (k, v) = item.map_err(ce)?;
             if !k.starts_with(prefix) {
                 break;
             }
-            out.push(decode(&v)?);
+            out.push(decode(&v).map_err(|e| bad(&k, e))?);
         }
         Ok(out)
     }
@@ -153,18 +182,20 @@ impl Catalog {
     ///
     /// # Errors
     /// Engine or decoding errors.
-    pub fn acl_rules(&self) -> Result<Vec<crate::access::rules::Rule>, RepoError> {
-        self.prefixed(b"acl/", |v| serde_json::from_slice(v).map_err(ce))
+    pub fn acl_rules(&self) -> Result<Vec<crate::access::rules::Rule>, CatalogError> {
+        self.prefixed(key::RULES, |v| {
+            serde_json::from_slice(v).map_err(|e| e.to_string())
+        })
     }
 
     /// Stores a rule.
     ///
     /// # Errors
-    /// Engine errors; [`RepoError::Invalid`] when the id exists.
-    pub fn put_rule(&self, rule: &crate::access::rules::Rule) -> Result<(), RepoError> {
-        let key = format!("acl/{}", rule.id);
+    /// Engine errors; [`CatalogError::Exists`] when the id exists.
+    pub fn put_rule(&self, rule: &crate::access::rules::Rule) -> Result<(), CatalogError> {
+        let key = key::rule(&rule.id);
         if self.db.get(&key).map_err(ce)?.is_some() {
-            return Err(RepoError::Invalid(format!("rule {} exists", rule.id)));
+            return Err(CatalogError::Exists(format!("rule {} exists", rule.id)));
         }
         self.put(key.as_bytes(), &serde_json::to_vec(rule).map_err(ce)?)
     }
@@ -172,11 +203,11 @@ impl Catalog {
     /// Deletes a rule.
     ///
     /// # Errors
-    /// [`RepoError::Invalid`] when there is no such rule.
-    pub fn delete_rule(&self, id: &str) -> Result<(), RepoError> {
-        let key = format!("acl/{id}");
+    /// [`CatalogError::NotFound`] when there is no such rule.
+    pub fn delete_rule(&self, id: &str) -> Result<(), CatalogError> {
+        let key = key::rule(id);
         if self.db.get(&key).map_err(ce)?.is_none() {
-            return Err(RepoError::Invalid(format!("no rule {id}")));
+            return Err(CatalogError::NotFound(format!("no rule {id}")));
         }
         self.delete(key.as_bytes())
     }
@@ -185,10 +216,10 @@ impl Catalog {
     ///
     /// # Errors
     /// Engine errors.
-    pub fn setting(&self, name: &str) -> Result<Option<String>, RepoError> {
+    pub fn setting(&self, name: &str) -> Result<Option<String>, CatalogError> {
         Ok(self
             .db
-            .get(format!("setting/{name}"))
+            .get(key::setting(name))
             .map_err(ce)?
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
@@ -197,35 +228,40 @@ impl Catalog {
     ///
     /// # Errors
     /// Engine errors.
-    pub fn set_setting(&self, name: &str, value: &str) -> Result<(), RepoError> {
-        self.put(format!("setting/{name}").as_bytes(), value.as_bytes())
+    pub fn set_setting(&self, name: &str, value: &str) -> Result<(), CatalogError> {
+        self.put(key::setting(name).as_bytes(), value.as_bytes())
     }
 
     /// Every user, sorted.
     ///
     /// # Errors
     /// Engine errors.
-    pub fn users(&self) -> Result<Vec<UserRecord>, RepoError> {
-        self.prefixed(b"user/", |v| serde_json::from_slice(v).map_err(ce))
+    pub fn users(&self) -> Result<Vec<UserRecord>, CatalogError> {
+        self.prefixed(key::USERS, |v| {
+            serde_json::from_slice(v).map_err(|e| e.to_string())
+        })
     }
 
     /// Commits a snapshot: one synced write is the commit point.
     ///
     /// # Errors
     /// Engine errors.
-    pub fn commit_snapshot(&self, snap: &v1::Snapshot) -> Result<(), RepoError> {
-        let id = SnapshotId::from_slice(&snap.id).map_err(ce)?;
-        self.put(format!("snap/{id}").as_bytes(), &snap.encode_to_vec())
+    pub fn commit_snapshot(&self, snap: &v1::Snapshot) -> Result<(), CatalogError> {
+        let id = SnapshotId::from_slice(&snap.id).map_err(|e| bad(b"snap/", e))?;
+        self.put(key::snapshot(&id).as_bytes(), &snap.encode_to_vec())
     }
 
     /// One snapshot.
     ///
     /// # Errors
     /// Engine or decoding errors.
-    pub fn snapshot(&self, id: &SnapshotId) -> Result<Option<v1::Snapshot>, RepoError> {
-        match self.db.get(format!("snap/{id}")).map_err(ce)? {
+    pub fn snapshot(&self, id: &SnapshotId) -> Result<Option<v1::Snapshot>, CatalogError> {
+        let k = key::snapshot(id);
+        match self.db.get(&k).map_err(ce)? {
             None => Ok(None),
-            Some(v) => v1::Snapshot::decode(&v[..]).map(Some).map_err(ce),
+            Some(v) => v1::Snapshot::decode(&v[..])
+                .map(Some)
+                .map_err(|e| bad(k.as_bytes(), e)),
         }
     }
 
@@ -233,15 +269,17 @@ impl Catalog {
     ///
     /// # Errors
     /// Engine errors.
-    pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), RepoError> {
-        self.delete(format!("snap/{id}").as_bytes())
+    pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), CatalogError> {
+        self.delete(key::snapshot(id).as_bytes())
     }
 
     /// Every snapshot.
     ///
     /// # Errors
     /// Engine or decoding errors.
-    pub fn snapshots(&self) -> Result<Vec<v1::Snapshot>, RepoError> {
-        self.prefixed(b"snap/", |v| v1::Snapshot::decode(v).map_err(ce))
+    pub fn snapshots(&self) -> Result<Vec<v1::Snapshot>, CatalogError> {
+        self.prefixed(key::SNAPSHOTS, |v| {
+            v1::Snapshot::decode(v).map_err(|e| e.to_string())
+        })
     }
 }

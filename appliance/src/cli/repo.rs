@@ -7,9 +7,9 @@ use std::process::ExitCode;
 use anyhow::bail;
 use coffer_appliance::catalog::Catalog;
 use coffer_appliance::crypto::keys::{KdfParams, MasterKey};
-use coffer_appliance::index::{ChunkIndex, OpenMode, RocksIndex};
+use coffer_appliance::index::{OpenMode, RocksIndex};
+use coffer_appliance::maintenance;
 use coffer_appliance::repo::{ChunkerParams, Mode, RepoConfig, RepoPaths, Sharding};
-use coffer_appliance::{maintenance, pack};
 
 use super::{repo_password, unlock, RepoPassword};
 
@@ -78,31 +78,13 @@ pub fn init(
 }
 
 pub fn rebuild_index(paths: &RepoPaths, password: &RepoPassword) -> anyhow::Result<()> {
-    let cfg = paths.load_config()?;
+    paths.load_config()?;
     let master = unlock(paths, password)?;
-    let tmp = paths.root.join("index.rebuild");
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    let indexes: Vec<RocksIndex> = (0..cfg.shards)
-        .map(|s| RocksIndex::open(&tmp.join(format!("shard-{s}")), OpenMode::Create, 64 << 20))
-        .collect::<Result<_, _>>()?;
-    let refs: Vec<&dyn ChunkIndex> = indexes.iter().map(|i| i as &dyn ChunkIndex).collect();
-    let stats = pack::recover::rebuild(paths, &master, &refs)
-        .map_err(|e| anyhow::anyhow!("rebuild aborted: {e}"))?;
-    drop(refs);
-    drop(indexes);
-    if paths.index().exists() {
-        let aside = paths.root.join(format!(
-            "index.old-{}",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_secs()
-        ));
-        std::fs::rename(paths.index(), &aside)?;
+    let out = maintenance::rebuild_index(paths, &master)?;
+    if let Some(aside) = out.previous {
         println!("moved the previous index aside to {}", aside.display());
     }
-    std::fs::rename(&tmp, paths.index())?;
+    let stats = out.stats;
     println!(
         "rebuilt the index from {} packs: {} chunks ({} unsealed packs sealed, {} torn packs \
          set aside as <id>.torn)",

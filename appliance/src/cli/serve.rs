@@ -83,8 +83,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         tls::generate(&a.tls_cert_file, &a.tls_key_file, a.tls_names)
     } else {
         tls::load(&a.tls_cert_file, &a.tls_key_file)
-    }
-    .map_err(|e| anyhow::anyhow!(e))?;
+    }?;
     server::serve(
         &paths,
         master,

@@ -19,6 +19,7 @@ impl From<ApplianceError> for tonic::Status {
             | ApplianceError::Unavailable(_) => Status::unavailable(msg),
             ApplianceError::Unauthenticated(_) => Status::unauthenticated(msg),
             ApplianceError::NotFound(_) => Status::not_found(msg),
+            ApplianceError::AlreadyExists(_) => Status::already_exists(msg),
             ApplianceError::PermissionDenied(_) => Status::permission_denied(msg),
             ApplianceError::FailedPrecondition(_) => Status::failed_precondition(msg),
             ApplianceError::Internal(_) => Status::internal(msg),

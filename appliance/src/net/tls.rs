@@ -3,7 +3,7 @@
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
@@ -16,7 +16,30 @@ pub struct TlsIdentity {
     pub fingerprint: String,
 }
 
-fn write_new(path: &Path, data: &str, mode: u32) -> Result<(), String> {
+/// Why a TLS identity could not be made or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{} already exists; refusing to overwrite it (drop --tls-generate-cert to use the existing files)", .0.display())]
+    Exists(PathBuf),
+    #[error("{}: {source}{hint}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+        hint: &'static str,
+    },
+    #[error("{} holds no PEM certificate", .0.display())]
+    NoCertificate(PathBuf),
+    #[error("generating a certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+}
+
+fn io(path: &Path, hint: &'static str) -> impl FnOnce(std::io::Error) -> TlsError {
+    let path = path.to_path_buf();
+    move |source| TlsError::Io { path, source, hint }
+}
+
+fn write_new(path: &Path, data: &str, mode: u32) -> Result<(), TlsError> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -24,18 +47,14 @@ fn write_new(path: &Path, data: &str, mode: u32) -> Result<(), String> {
         .open(path)
         .map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
-                format!(
-                    "{} already exists; refusing to overwrite it (drop --tls-generate-cert to use \
-                     the existing files)",
-                    path.display()
-                )
+                TlsError::Exists(path.to_path_buf())
             } else {
-                format!("{}: {e}", path.display())
+                io(path, "")(e)
             }
         })?;
     f.write_all(data.as_bytes())
         .and_then(|()| f.sync_all())
-        .map_err(|e| format!("{}: {e}", path.display()))
+        .map_err(io(path, ""))
 }
 
 /// Generates a self-signed certificate for `names` and writes it; existing files are never
@@ -43,17 +62,13 @@ fn write_new(path: &Path, data: &str, mode: u32) -> Result<(), String> {
 ///
 /// # Errors
 /// When a file exists or cannot be written.
-pub fn generate(cert: &Path, key: &Path, names: Vec<String>) -> Result<TlsIdentity, String> {
+pub fn generate(cert: &Path, key: &Path, names: Vec<String>) -> Result<TlsIdentity, TlsError> {
     for p in [cert, key] {
         if p.exists() {
-            return Err(format!(
-                "{} already exists; refusing to overwrite it (drop --tls-generate-cert to use the \
-                 existing files)",
-                p.display()
-            ));
+            return Err(TlsError::Exists(p.to_path_buf()));
         }
     }
-    let ck = rcgen::generate_simple_self_signed(names).map_err(|e| e.to_string())?;
+    let ck = rcgen::generate_simple_self_signed(names)?;
     let cert_pem = ck.cert.pem();
     let key_pem = ck.key_pair.serialize_pem();
     write_new(key, &key_pem, 0o600)?;
@@ -65,16 +80,14 @@ pub fn generate(cert: &Path, key: &Path, names: Vec<String>) -> Result<TlsIdenti
 ///
 /// # Errors
 /// When the files are missing or hold no certificate.
-pub fn load(cert: &Path, key: &Path) -> Result<TlsIdentity, String> {
-    let cert_pem = std::fs::read_to_string(cert).map_err(|e| {
-        format!(
-            "{}: {e} (use --tls-generate-cert to create a certificate)",
-            cert.display()
-        )
-    })?;
-    let key_pem = std::fs::read_to_string(key).map_err(|e| format!("{}: {e}", key.display()))?;
+pub fn load(cert: &Path, key: &Path) -> Result<TlsIdentity, TlsError> {
+    let cert_pem = std::fs::read_to_string(cert).map_err(io(
+        cert,
+        " (use --tls-generate-cert to create a certificate)",
+    ))?;
+    let key_pem = std::fs::read_to_string(key).map_err(io(key, ""))?;
     let der = rustls_pem_first_cert(&cert_pem)
-        .ok_or_else(|| format!("{} holds no PEM certificate", cert.display()))?;
+        .ok_or_else(|| TlsError::NoCertificate(cert.to_path_buf()))?;
     let fingerprint = hex::encode(Sha256::digest(&der));
     Ok(TlsIdentity {
         cert_pem,
@@ -103,6 +116,7 @@ mod tests {
         assert_eq!(a.fingerprint.len(), 64);
         assert!(generate(&c, &k, vec!["localhost".into()])
             .unwrap_err()
+            .to_string()
             .contains("refusing"));
         assert_eq!(load(&c, &k).unwrap().fingerprint, a.fingerprint);
     }

@@ -15,3 +15,47 @@ pub mod read;
 pub mod recover;
 pub mod store;
 pub mod writer;
+
+use std::path::{Path, PathBuf};
+
+/// Why a pack file could not be read, sealed, set aside or indexed.
+#[derive(Debug, thiserror::Error)]
+pub enum PackFileError {
+    #[error("{action}: {source}")]
+    Io {
+        action: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Format(#[from] format::FormatError),
+    #[error("bad pack id: {0}")]
+    Id(#[from] coffer_proto::IdError),
+    #[error("the index: {0}")]
+    Index(#[from] crate::error::RepoError),
+    #[error("{}: {source}", path.display())]
+    At {
+        path: PathBuf,
+        #[source]
+        source: Box<PackFileError>,
+    },
+}
+
+impl PackFileError {
+    /// An I/O step that failed.
+    pub fn io(action: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            action: action.into(),
+            source,
+        }
+    }
+
+    /// The same error, naming the pack file it happened on.
+    #[must_use]
+    pub fn at(self, path: &Path) -> Self {
+        Self::At {
+            path: path.to_path_buf(),
+            source: Box::new(self),
+        }
+    }
+}

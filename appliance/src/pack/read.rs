@@ -11,6 +11,7 @@ use super::format::{
     compression_of, decode_footer, decode_trailer, FooterEntry, FormatError, PackHeader,
     RecordHeader, PACK_HEADER_LEN, RECORD_AAD_LEN, RECORD_HEADER_LEN, TRAILER_LEN,
 };
+use super::PackFileError;
 use crate::crypto::{RecordCipher, TAG_LEN};
 
 fn corrupt(s: impl Into<String>) -> FormatError {
@@ -69,45 +70,48 @@ pub struct Scan {
 /// Reads the pack header.
 ///
 /// # Errors
-/// I/O errors and [`FormatError`]s, as text.
-pub fn read_header(file: &File) -> Result<PackHeader, String> {
+/// I/O errors and [`FormatError`]s.
+pub fn read_header(file: &File) -> Result<PackHeader, PackFileError> {
     let mut b = [0u8; PACK_HEADER_LEN];
     file.read_exact_at(&mut b, 0)
-        .map_err(|e| format!("reading pack header: {e}"))?;
-    PackHeader::decode(&b).map_err(|e| e.to_string())
+        .map_err(|e| PackFileError::io("reading the pack header", e))?;
+    Ok(PackHeader::decode(&b)?)
 }
 
 /// Reads a sealed pack's footer.
 ///
 /// # Errors
-/// I/O or format errors, as text; an unsealed pack is an error here.
-pub fn read_footer(file: &File) -> Result<Vec<FooterEntry>, String> {
-    let len = file.metadata().map_err(|e| e.to_string())?.len();
+/// I/O or format errors; an unsealed pack is an error here.
+pub fn read_footer(file: &File) -> Result<Vec<FooterEntry>, PackFileError> {
+    let len = file
+        .metadata()
+        .map_err(|e| PackFileError::io("reading its size", e))?
+        .len();
     if len < (PACK_HEADER_LEN + TRAILER_LEN) as u64 {
-        return Err("pack too short to be sealed".into());
+        return Err(corrupt("pack too short to be sealed").into());
     }
     let mut t = [0u8; TRAILER_LEN];
     file.read_exact_at(&mut t, len - TRAILER_LEN as u64)
-        .map_err(|e| e.to_string())?;
-    let (off, flen, crc) = decode_trailer(&t, len).map_err(|e| e.to_string())?;
-    let flen = usize::try_from(flen).map_err(|_| "footer too large".to_string())?;
-    if flen > 1 << 30 {
-        return Err("footer too large".into());
-    }
+        .map_err(|e| PackFileError::io("reading the trailer", e))?;
+    let (off, flen, crc) = decode_trailer(&t, len)?;
+    let flen = usize::try_from(flen)
+        .ok()
+        .filter(|n| *n <= 1 << 30)
+        .ok_or_else(|| corrupt("footer too large"))?;
     let mut body = vec![0u8; flen];
     file.read_exact_at(&mut body, off)
-        .map_err(|e| e.to_string())?;
-    decode_footer(&body, crc, off).map_err(|e| e.to_string())
+        .map_err(|e| PackFileError::io("reading the footer", e))?;
+    Ok(decode_footer(&body, crc, off)?)
 }
 
 /// Reads one whole record at `offset`.
 ///
 /// # Errors
-/// I/O errors, as text.
-pub fn read_record_bytes(file: &File, offset: u64, len: u32) -> Result<Vec<u8>, String> {
+/// I/O errors.
+pub fn read_record_bytes(file: &File, offset: u64, len: u32) -> Result<Vec<u8>, PackFileError> {
     let mut buf = vec![0u8; len as usize];
     file.read_exact_at(&mut buf, offset)
-        .map_err(|e| format!("reading {len} bytes at {offset}: {e}"))?;
+        .map_err(|e| PackFileError::io(format!("reading {len} bytes at {offset}"), e))?;
     Ok(buf)
 }
 
@@ -116,10 +120,13 @@ pub fn read_record_bytes(file: &File, offset: u64, len: u32) -> Result<Vec<u8>, 
 ///
 /// # Errors
 /// When the header itself cannot be read.
-pub fn scan(path: &Path, key: &dyn RecordCipher, max_record: u64) -> Result<Scan, String> {
-    let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let header = read_header(&file)?;
-    let file_len = file.metadata().map_err(|e| e.to_string())?.len();
+pub fn scan(path: &Path, key: &dyn RecordCipher, max_record: u64) -> Result<Scan, PackFileError> {
+    let file = File::open(path).map_err(|e| PackFileError::io("opening", e).at(path))?;
+    let header = read_header(&file).map_err(|e| e.at(path))?;
+    let file_len = file
+        .metadata()
+        .map_err(|e| PackFileError::io("reading its size", e).at(path))?
+        .len();
     let mut records = Vec::new();
     let mut pos = PACK_HEADER_LEN as u64;
     loop {

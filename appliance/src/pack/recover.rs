@@ -10,6 +10,7 @@ use coffer_proto::{PackId, ShardId};
 
 use super::format::{encode_footer, FooterEntry, IndexEntry};
 use super::read::{footer_entries, read_footer, read_header, scan};
+use super::PackFileError;
 use crate::crypto::Encryption;
 use crate::index::{ChunkIndex, META_OPEN_PACK, META_POISONED};
 
@@ -17,22 +18,15 @@ use crate::index::{ChunkIndex, META_OPEN_PACK, META_POISONED};
 pub const MAX_RECORD_LEN: u64 = 64 << 20;
 
 /// Why an unsealed pack could not be sealed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum SealError {
     /// No readable header: the pack's first write never became durable, so nothing in it was
     /// ever acknowledged. It is set aside, never fatal.
-    Torn(String),
+    #[error("torn pack (no readable header): {0}")]
+    Torn(PackFileError),
     /// Reading or writing failed (a full disk among others).
-    Io(String),
-}
-
-impl std::fmt::Display for SealError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Torn(w) => write!(f, "torn pack (no readable header): {w}"),
-            Self::Io(w) => f.write_str(w),
-        }
-    }
+    #[error(transparent)]
+    Io(PackFileError),
 }
 
 /// Seals a pack that was open when the appliance stopped: keeps every record that decodes and
@@ -42,25 +36,26 @@ impl std::fmt::Display for SealError {
 /// # Errors
 /// [`SealError::Torn`] when the header is unreadable; [`SealError::Io`] otherwise.
 pub fn seal_in_place(path: &Path, master: &dyn Encryption) -> Result<Vec<FooterEntry>, SealError> {
-    let io = |e: String| SealError::Io(format!("{}: {e}", path.display()));
+    let io = |what: &str, e: std::io::Error| SealError::Io(PackFileError::io(what, e).at(path));
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
-        .map_err(|e| io(e.to_string()))?;
+        .map_err(|e| io("opening", e))?;
     if let Ok(entries) = read_footer(&file) {
         return Ok(entries); // already sealed
     }
-    let header = read_header(&file).map_err(SealError::Torn)?;
+    let header = read_header(&file).map_err(|e| SealError::Torn(e.at(path)))?;
     let key = master.pack_cipher(&header.pack);
-    let s = scan(path, key.as_ref(), MAX_RECORD_LEN).map_err(io)?;
+    let s = scan(path, key.as_ref(), MAX_RECORD_LEN).map_err(SealError::Io)?;
     let entries = footer_entries(&s.records);
     let footer = encode_footer(&entries, s.valid_end);
-    file.set_len(s.valid_end).map_err(|e| io(e.to_string()))?;
-    file.sync_all().map_err(|e| io(e.to_string()))?;
+    file.set_len(s.valid_end)
+        .map_err(|e| io("cutting a torn write", e))?;
+    file.sync_all().map_err(|e| io("fsync", e))?;
     file.write_all_at(&footer, s.valid_end)
-        .map_err(|e| io(e.to_string()))?;
-    file.sync_all().map_err(|e| io(e.to_string()))?;
+        .map_err(|e| io("writing the footer", e))?;
+    file.sync_all().map_err(|e| io("fsync", e))?;
     Ok(entries)
 }
 
@@ -69,11 +64,11 @@ pub fn seal_in_place(path: &Path, master: &dyn Encryption) -> Result<Vec<FooterE
 ///
 /// # Errors
 /// The rename failed.
-pub fn set_aside(path: &Path, why: &str) -> Result<PathBuf, String> {
+pub fn set_aside(path: &Path, why: &str) -> Result<PathBuf, PackFileError> {
     let mut to = path.as_os_str().to_owned();
     to.push(".torn");
     let to = PathBuf::from(to);
-    std::fs::rename(path, &to).map_err(|e| format!("setting aside {}: {e}", path.display()))?;
+    std::fs::rename(path, &to).map_err(|e| PackFileError::io("setting it aside", e).at(path))?;
     tracing::warn!(
         pack = %path.display(),
         set_aside = %to.display(),
@@ -107,14 +102,15 @@ fn index_entries(
 }
 
 /// Reads the flags byte of each record (footers do not carry them).
-fn record_flags(path: &Path, entries: &[FooterEntry]) -> Result<Vec<u8>, String> {
-    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+fn record_flags(path: &Path, entries: &[FooterEntry]) -> Result<Vec<u8>, PackFileError> {
+    let file = std::fs::File::open(path).map_err(|e| PackFileError::io("opening", e).at(path))?;
     entries
         .iter()
         .map(|e| {
             let mut b = [0u8; 1];
-            file.read_exact_at(&mut b, e.offset + 4)
-                .map_err(|x| x.to_string())?;
+            file.read_exact_at(&mut b, e.offset + 4).map_err(|x| {
+                PackFileError::io(format!("reading the record at {}", e.offset), x).at(path)
+            })?;
             Ok(b[0])
         })
         .collect()
@@ -133,14 +129,14 @@ pub fn recover_open_pack(
     paths: &crate::repo::RepoPaths,
     master: &dyn Encryption,
     index: &dyn ChunkIndex,
-) -> Result<usize, String> {
+) -> Result<usize, PackFileError> {
     let mut todo: Vec<PackId> = Vec::new();
-    if let Some(raw) = index.get_meta(META_OPEN_PACK).map_err(|e| e.to_string())? {
-        todo.push(PackId::from_slice(&raw).map_err(|e| e.to_string())?);
+    if let Some(raw) = index.get_meta(META_OPEN_PACK)? {
+        todo.push(PackId::from_slice(&raw)?);
     }
-    if let Some(list) = index.get_meta(META_POISONED).map_err(|e| e.to_string())? {
+    if let Some(list) = index.get_meta(META_POISONED)? {
         for raw in list.chunks_exact(16) {
-            let id = PackId::from_slice(raw).map_err(|e| e.to_string())?;
+            let id = PackId::from_slice(raw)?;
             if !todo.contains(&id) {
                 todo.push(id);
             }
@@ -161,20 +157,19 @@ pub fn recover_open_pack(
             Ok(entries) => {
                 let flags = record_flags(&path, &entries)?;
                 let batch = index_entries(id, &entries, |i| flags[i]);
-                index
-                    .insert_batch(&batch, true)
-                    .map_err(|e| e.to_string())?;
+                index.insert_batch(&batch, true)?;
                 recovered += entries.len();
             }
             Err(SealError::Torn(why)) => {
-                set_aside(&path, &why)?;
+                set_aside(&path, &why.to_string())?;
             }
             Err(SealError::Io(why)) => {
                 // Keep serving: index what authenticates now, seal at a later start.
                 tracing::error!(pack = %id, error = %why, "cannot seal the pack now; its records are indexed and it will be sealed at the next start");
                 let header = std::fs::File::open(&path)
-                    .map_err(|e| e.to_string())
-                    .and_then(|f| read_header(&f))?;
+                    .map_err(|e| PackFileError::io("opening", e))
+                    .and_then(|f| read_header(&f))
+                    .map_err(|e| e.at(&path))?;
                 let s = scan(
                     &path,
                     master.pack_cipher(&header.pack).as_ref(),
@@ -182,20 +177,14 @@ pub fn recover_open_pack(
                 )?;
                 let entries = footer_entries(&s.records);
                 let batch = index_entries(id, &entries, |i| s.records[i].header.flags);
-                index
-                    .insert_batch(&batch, true)
-                    .map_err(|e| e.to_string())?;
+                index.insert_batch(&batch, true)?;
                 recovered += entries.len();
                 retry.extend_from_slice(id.as_bytes());
             }
         }
     }
-    index
-        .put_meta(META_OPEN_PACK, None)
-        .map_err(|e| e.to_string())?;
-    index
-        .put_meta(META_POISONED, (!retry.is_empty()).then_some(&retry[..]))
-        .map_err(|e| e.to_string())?;
+    index.put_meta(META_OPEN_PACK, None)?;
+    index.put_meta(META_POISONED, (!retry.is_empty()).then_some(&retry[..]))?;
     Ok(recovered)
 }
 
@@ -214,41 +203,46 @@ pub struct RebuildStats {
 /// presented as complete.
 ///
 /// # Errors
-/// Any error, as text.
+/// The first listing, read, seal or index error, naming the pack.
 pub fn rebuild(
     paths: &crate::repo::RepoPaths,
     master: &dyn Encryption,
     indexes: &[&dyn ChunkIndex],
-) -> Result<RebuildStats, String> {
-    let shards = u16::try_from(indexes.len()).map_err(|_| "too many shards".to_string())?;
+) -> Result<RebuildStats, PackFileError> {
+    let shards = u16::try_from(indexes.len()).expect("a repository has at most u16::MAX shards");
     let mut stats = RebuildStats::default();
     for (id, path) in paths
         .list_packs()
-        .map_err(|e| format!("listing packs: {e}"))?
+        .map_err(|e| PackFileError::io("listing packs", e).at(&paths.packs()))?
     {
-        let file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let file =
+            std::fs::File::open(&path).map_err(|e| PackFileError::io("opening", e).at(&path))?;
         let header = match read_header(&file) {
             Ok(h) => h,
             Err(why) if read_footer(&file).is_err() => {
                 // Neither header nor footer: a pack whose first write never became durable.
-                set_aside(&path, &why)?;
+                set_aside(&path, &why.to_string())?;
                 stats.set_aside += 1;
                 continue;
             }
-            Err(why) => return Err(format!("{}: {why}", path.display())),
+            Err(why) => return Err(why.at(&path)),
         };
         if header.pack != id {
-            return Err(format!(
-                "{}: header names pack {}",
-                path.display(),
-                header.pack
-            ));
+            return Err(
+                PackFileError::from(crate::pack::format::FormatError::Corrupt(format!(
+                    "its header names pack {}",
+                    header.pack
+                )))
+                .at(&path),
+            );
         }
         let entries = if let Ok(e) = read_footer(&file) {
             e
         } else {
             stats.unsealed_packs_sealed += 1;
-            seal_in_place(&path, master).map_err(|e| e.to_string())?
+            seal_in_place(&path, master).map_err(|e| match e {
+                SealError::Torn(e) | SealError::Io(e) => e,
+            })?
         };
         let flags = record_flags(&path, &entries)?;
         let mut per_shard: Vec<Vec<_>> = vec![Vec::new(); indexes.len()];
@@ -260,15 +254,13 @@ pub fn rebuild(
             per_shard[s.index()].push(e);
         }
         for (s, batch) in per_shard.iter().enumerate() {
-            indexes[s]
-                .insert_batch(batch, false)
-                .map_err(|e| e.to_string())?;
+            indexes[s].insert_batch(batch, false)?;
         }
         stats.packs += 1;
         stats.chunks += entries.len() as u64;
     }
     for idx in indexes {
-        idx.sync().map_err(|e| e.to_string())?;
+        idx.sync()?;
     }
     Ok(stats)
 }

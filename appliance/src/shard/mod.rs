@@ -7,11 +7,11 @@
 
 mod fanout;
 mod ingest;
-mod need;
+
 mod read;
 
+pub use crate::index::NeedSet;
 pub use fanout::Shards;
-pub use need::NeedSet;
 
 use coffer_proto::v1::Compression;
 use std::cell::{Cell, RefCell};
@@ -193,16 +193,38 @@ pub struct RunningShard {
     pub join: glommio::ExecutorJoinHandle<()>,
 }
 
+/// Why a shard could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    #[error("shard {shard}: opening its index: {source}")]
+    Index {
+        shard: u16,
+        #[source]
+        source: crate::error::RepoError,
+    },
+    #[error("shard {shard}: recovering the open pack: {source}")]
+    Recovery {
+        shard: u16,
+        #[source]
+        source: crate::pack::PackFileError,
+    },
+    #[error("starting shard {shard} (io_uring, memory lock): {why}")]
+    Executor { shard: u16, why: String },
+    #[error("shard {0} stopped while starting")]
+    Stopped(u16),
+}
+
 /// Starts a shard on its own pinned executor. Returns once the shard has opened its index and
 /// recovered any pack a crash left open, or with the reason it could not.
 ///
 /// # Errors
 /// Index missing or damaged, recovery failure, executor setup failure (io_uring, memlock).
-pub fn spawn(cfg: ShardConfig) -> Result<RunningShard, String> {
+pub fn spawn(cfg: ShardConfig) -> Result<RunningShard, ShardError> {
     let (tx, rx) = flume::bounded(256);
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), ShardError>>();
     let placement = cfg.cpu.map_or(Placement::Unbound, Placement::Fixed);
-    let name = format!("shard-{}", cfg.shard);
+    let shard = cfg.shard;
+    let name = format!("shard-{shard}");
     let join = LocalExecutorBuilder::new(placement)
         .name(&name)
         .io_memory(cfg.io_memory)
@@ -217,14 +239,17 @@ pub fn spawn(cfg: ShardConfig) -> Result<RunningShard, String> {
                 }
             }
         })
-        .map_err(|e| format!("starting {name}: {e}"))?;
+        .map_err(|e| ShardError::Executor {
+            shard,
+            why: e.to_string(),
+        })?;
     match ready_rx.recv() {
         Ok(Ok(())) => Ok(RunningShard {
             handle: ShardHandle { tx },
             join,
         }),
         Ok(Err(e)) => Err(e),
-        Err(_) => Err(format!("{name} stopped while starting")),
+        Err(_) => Err(ShardError::Stopped(shard)),
     }
 }
 
@@ -254,17 +279,19 @@ pub(crate) struct ShardState {
 }
 
 impl ShardState {
-    fn open(cfg: &ShardConfig) -> Result<(Rc<Self>, PackWriter), String> {
+    fn open(cfg: &ShardConfig) -> Result<(Rc<Self>, PackWriter), ShardError> {
+        let shard = cfg.shard;
+        let index_err = |source| ShardError::Index { shard, source };
         let index: Arc<dyn ChunkIndex> = Arc::new(
             RocksIndex::open(
                 &cfg.paths.shard_index(cfg.shard),
                 OpenMode::Existing,
                 cfg.cache_bytes,
             )
-            .map_err(|e| e.to_string())?,
+            .map_err(index_err)?,
         );
         let recovered = recover_open_pack(&cfg.paths, cfg.master.as_ref(), index.as_ref())
-            .map_err(|e| format!("shard {}: recovering the open pack: {e}", cfg.shard))?;
+            .map_err(|source| ShardError::Recovery { shard, source })?;
         if recovered > 0 {
             tracing::info!(
                 shard = cfg.shard,
@@ -282,8 +309,7 @@ impl ShardState {
             cfg.repo_id,
             cfg.pack_target,
         );
-        let need = NeedSet::load(index.as_ref())
-            .map_err(|e| format!("shard {}: loading the index: {e}", cfg.shard))?;
+        let need = NeedSet::load(index.as_ref()).map_err(index_err)?;
         tracing::info!(shard = cfg.shard, chunks = need.len(), "index loaded");
         let budget_kib = (cfg.queue_limit >> 10).max(64 << 10);
         let state = Rc::new(Self {

@@ -20,8 +20,8 @@ use futures::{Stream, StreamExt, TryStreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::access::{Auth, Session};
-use crate::catalog::Catalog;
-use crate::error::{ApplianceError, RepoError};
+use crate::catalog::{Catalog, CatalogError};
+use crate::error::ApplianceError;
 use crate::reach::Walker;
 use crate::shard::Shards;
 
@@ -134,7 +134,7 @@ where
 /// Runs a catalog call on the blocking pool.
 async fn catalog_call<T: Send + 'static>(
     catalog: &Arc<Catalog>,
-    f: impl FnOnce(&Catalog) -> Result<T, RepoError> + Send + 'static,
+    f: impl FnOnce(&Catalog) -> Result<T, CatalogError> + Send + 'static,
 ) -> Result<T, ApplianceError> {
     let catalog = catalog.clone();
     on_blocking_pool("catalog call", move || Ok(f(&catalog)?)).await

@@ -1,4 +1,4 @@
-//! The need stage of a shard: which chunk ids are durably stored.
+//! The need set of a shard: which chunk ids are durably stored.
 //!
 //! Answered from an in-memory set of the first 128 bits of every indexed id (`NeedSet`),
 //! loaded from the RocksDB index when the shard starts and extended after every successful group
@@ -17,6 +17,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 use coffer_proto::ChunkId;
 
+use crate::error::RepoError;
 use crate::index::ChunkIndex;
 
 /// The ids are uniformly random already: hashing them again would only cost time.
@@ -54,11 +55,11 @@ impl NeedSet {
     /// Loads every id of `index`.
     ///
     /// # Errors
-    /// Index read errors, as text.
-    pub fn load(index: &dyn ChunkIndex) -> Result<Self, String> {
+    /// Index read errors, and the first entry that does not decode.
+    pub fn load(index: &dyn ChunkIndex) -> Result<Self, RepoError> {
         let mut set = Self::default();
-        for item in index.entries().map_err(|e| e.to_string())? {
-            let (id, _) = item?;
+        for item in index.entries()? {
+            let (id, _) = item.map_err(|e| RepoError::Index(e.to_string()))?;
             set.insert(&id);
         }
         Ok(set)

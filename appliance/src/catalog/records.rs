@@ -1,0 +1,44 @@
+//! The typed records of the catalog and where each lives (its key). Every record is versioned
+//! with the catalog's schema ([`super::schema`]): a field added later carries a serde default, so
+//! records written by older builds still decode.
+
+use serde::{Deserialize, Serialize};
+
+/// An account.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UserRecord {
+    pub identity: String,
+    /// argon2id PHC string; never anything else.
+    pub password_hash: String,
+    pub created_unix: i64,
+    /// Hex of the account's 16-byte ownership key: chunks its sessions uploaded are recorded
+    /// under it in the shard indexes, so that a resumed backup need not send them again. Random
+    /// per account (a deleted and re-created account does not inherit); absent in records
+    /// written before format 2 of the record (see `auth::owner_key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+/// Where each kind of record lives.
+pub(crate) mod key {
+    use coffer_proto::SnapshotId;
+
+    pub fn user(identity: &str) -> String {
+        format!("user/{identity}")
+    }
+    pub fn rule(id: &str) -> String {
+        format!("acl/{id}")
+    }
+    pub fn snapshot(id: &SnapshotId) -> String {
+        format!("snap/{id}")
+    }
+    pub fn setting(name: &str) -> String {
+        format!("setting/{name}")
+    }
+    pub const USERS: &[u8] = b"user/";
+    pub const RULES: &[u8] = b"acl/";
+    pub const SNAPSHOTS: &[u8] = b"snap/";
+    /// The catalog's schema version (u32, little-endian).
+    pub const SCHEMA: &[u8] = b"meta/schema";
+}

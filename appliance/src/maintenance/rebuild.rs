@@ -1,0 +1,65 @@
+//! `rebuild-index`: every shard index recreated from the pack footers alone.
+
+use std::path::PathBuf;
+
+use crate::crypto::keys::MasterKey;
+use crate::error::RepoError;
+use crate::index::{ChunkIndex, OpenMode, RocksIndex};
+use crate::pack::recover::{rebuild, RebuildStats};
+use crate::pack::PackFileError;
+use crate::repo::RepoPaths;
+
+/// What a rebuild did.
+#[derive(Debug)]
+pub struct RebuildOutcome {
+    pub stats: RebuildStats,
+    /// Where the previous index was moved, if there was one.
+    pub previous: Option<PathBuf>,
+}
+
+/// Why a rebuild stopped; the previous index, if any, is untouched.
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error("rebuild aborted (the previous index is untouched): {0}")]
+    Pack(#[from] PackFileError),
+}
+
+fn io(what: &str, e: std::io::Error) -> RepoError {
+    RepoError::Io(what.to_string(), e)
+}
+
+/// Builds new shard indexes from the packs in `index.rebuild/`, then moves the old index aside
+/// (`index.old-<unix time>`) and the new one in place. An interrupted rebuild leaves the old
+/// index where it was.
+///
+/// # Errors
+/// Listing, reading, sealing or indexing failures; renames.
+pub fn rebuild_index(
+    paths: &RepoPaths,
+    master: &MasterKey,
+) -> Result<RebuildOutcome, RebuildError> {
+    let cfg = paths.load_config()?;
+    let tmp = paths.root.join("index.rebuild");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| io("removing an earlier index.rebuild", e))?;
+    }
+    let indexes: Vec<RocksIndex> = (0..cfg.shards)
+        .map(|s| RocksIndex::open(&tmp.join(format!("shard-{s}")), OpenMode::Create, 64 << 20))
+        .collect::<Result<_, _>>()?;
+    let refs: Vec<&dyn ChunkIndex> = indexes.iter().map(|i| i as &dyn ChunkIndex).collect();
+    let stats = rebuild(paths, master, &refs)?;
+    drop(refs);
+    drop(indexes);
+    let mut previous = None;
+    if paths.index().exists() {
+        let aside = paths
+            .root
+            .join(format!("index.old-{}", coffer_proto::now_us() / 1_000_000));
+        std::fs::rename(paths.index(), &aside).map_err(|e| io("moving the old index aside", e))?;
+        previous = Some(aside);
+    }
+    std::fs::rename(&tmp, paths.index()).map_err(|e| io("moving the new index in place", e))?;
+    Ok(RebuildOutcome { stats, previous })
+}

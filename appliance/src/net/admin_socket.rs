@@ -1,0 +1,81 @@
+//! The admin socket `<repo>/admin.sock` (mode 0600) and SIGHUP: account and rule changes applied
+//! by the running appliance, in force when the command returns (see [`crate::access::admin`]).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::UnixListener;
+
+use super::ServeError;
+use crate::access::{admin, Auth};
+use crate::catalog::Catalog;
+use crate::error::ApplianceError;
+
+/// What the admin socket and SIGHUP act on.
+pub(super) struct Admin {
+    pub(super) socket: PathBuf,
+    pub(super) catalog: Arc<Catalog>,
+    pub(super) auth: Arc<Auth>,
+}
+
+impl Admin {
+    /// Binds the admin socket (mode 0600), replacing a stale one left by a crash.
+    pub(super) fn bind(&self) -> Result<UnixListener, ServeError> {
+        if self.socket.exists() {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return Err(ServeError::Refused(format!(
+                    "another appliance is serving this repository (its admin socket {} answers)",
+                    self.socket.display()
+                )));
+            }
+            std::fs::remove_file(&self.socket)
+                .map_err(|e| ServeError::io("removing a stale admin socket", e))?;
+        }
+        let l = UnixListener::bind(&self.socket)
+            .map_err(|e| ServeError::io(format!("admin socket {}", self.socket.display()), e))?;
+        std::fs::set_permissions(&self.socket, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| ServeError::io("making the admin socket private", e))?;
+        Ok(l)
+    }
+
+    pub(super) async fn serve(self: Arc<Self>, listener: UnixListener) {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(self.clone().answer(stream));
+        }
+    }
+
+    /// One request line in, one reply line out.
+    async fn answer(self: Arc<Self>, stream: tokio::net::UnixStream) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let (r, mut w) = stream.into_split();
+        let mut line = String::new();
+        let mut r = tokio::io::BufReader::new(r.take(1 << 20));
+        if r.read_line(&mut line).await.is_err() {
+            return;
+        }
+        let me = self.clone();
+        let reply = tokio::task::spawn_blocking(move || -> Result<admin::Reply, ApplianceError> {
+            let req: admin::Request = serde_json::from_str(&line)
+                .map_err(|e| ApplianceError::InvalidArgument(format!("bad request: {e}")))?;
+            let reply = admin::apply(&me.catalog, &req)?;
+            me.auth.reload()?;
+            tracing::info!(request = ?std::mem::discriminant(&req), "admin change applied");
+            Ok(reply)
+        })
+        .await
+        .unwrap_or_else(|e| Err(ApplianceError::Internal(format!("admin request: {e}"))))
+        .unwrap_or_else(|e| admin::Reply {
+            ok: false,
+            error: e.to_string(),
+            ..admin::Reply::default()
+        });
+        let mut out = serde_json::to_vec(&reply).unwrap_or_default();
+        out.push(b'\n');
+        let _ = w.write_all(&out).await;
+    }
+}
