@@ -9,12 +9,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use coffer_appliance::crypto::keys::MasterKey;
-use coffer_appliance::index::{ChunkIndex, MemIndex, OpenMode, RocksIndex};
 use coffer_appliance::pack::format::IndexEntry;
 use coffer_appliance::pack::store::LocalStore;
 use coffer_appliance::pack::writer::{PackWriter, PendingChunk};
-use coffer_appliance::repo::RepoPaths;
+use coffer_appliance::MasterKey;
+use coffer_appliance::RepoPaths;
+use coffer_appliance::{ChunkIndex, MemIndex, OpenMode, RocksIndex};
 use coffer_proto::{ChunkId, PackId};
 use coffer_tests::data;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -280,8 +280,8 @@ fn pack_append(c: &mut Criterion) {
                     std::rc::Rc::new(LocalStore::new(paths, None)),
                     Arc::new(MasterKey::generate()),
                     index,
-                    0,
-                    [0; 16],
+                    coffer_proto::ShardId(0),
+                    coffer_proto::RepositoryId::from_bytes([0; 16]),
                     1 << 30,
                 );
                 let mut total = Duration::ZERO;

@@ -6,19 +6,35 @@
 //!
 //! The order of the stages on the write path is `need -> ingest -> encrypt -> pack -> index`
 //! (see [`pipeline`]).
+//!
+//! Modules are private; what the `coffer-appliance` binary, the benches and the tests use is
+//! re-exported here. `pack` stays public: its byte format is a specification that the frozen
+//! fixtures and the benches exercise directly.
 
-pub mod access;
-pub mod catalog;
-pub mod crypto;
-pub mod error;
-pub mod index;
-pub mod maintenance;
-pub mod net;
+mod access;
+mod catalog;
+mod crypto;
+mod error;
+mod index;
+mod maintenance;
+mod net;
 pub mod pack;
 pub mod pipeline;
-pub mod reach;
-pub mod repo;
-pub mod shard;
+mod reach;
+mod repo;
+mod shard;
 
+pub use access::accounts::{hash_password, normalise_identity, MIN_PASSWORD_CHARS};
+pub use access::admin;
+pub use access::rules::{Access, Rule, Target};
+pub use access::ControlUser;
+pub use catalog::{Catalog, CatalogError, UserRecord};
+pub use crypto::keys::{KdfParams, MasterKey};
+pub use crypto::{Encryption, RecordCipher};
 pub use error::{ApplianceError, IngestError, RepoError};
-pub use repo::{ChunkerParams, RepoConfig, RepoPaths};
+pub use index::{ChunkIndex, MemIndex, OpenMode, RocksIndex};
+pub use maintenance::{rebuild_index, verify, RebuildOutcome, VerifyReport};
+pub use net::server::{serve, ServeOptions};
+pub use net::tls::{self, TlsError, TlsIdentity};
+pub use net::ServeError;
+pub use repo::{ChunkerParams, Mode, RepoConfig, RepoPaths, Sharding};

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use coffer_proto::PackId;
+use coffer_proto::{PackId, RepositoryId, ShardId};
 
 use crate::error::RepoError;
 
@@ -57,7 +57,7 @@ impl From<coffer_proto::ChunkerError> for RepoError {
 /// The contents of `coffer.repo`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RepoConfig {
-    pub id: [u8; 16],
+    pub id: RepositoryId,
     pub mode: Mode,
     pub sharding: Sharding,
     pub shards: u16,
@@ -66,6 +66,11 @@ pub struct RepoConfig {
 }
 
 impl RepoConfig {
+    /// Every shard of the repository, in order.
+    pub fn shard_ids(&self) -> impl Iterator<Item = ShardId> {
+        (0..self.shards).map(ShardId)
+    }
+
     /// Serialises to the 64-byte version-1 layout.
     #[must_use]
     pub fn encode(&self) -> [u8; REPO_FILE_LEN] {
@@ -73,7 +78,7 @@ impl RepoConfig {
         b[off::MAGIC..off::MAGIC + 8].copy_from_slice(REPO_MAGIC);
         b[off::VERSION..off::VERSION + 4].copy_from_slice(&REPO_FORMAT_VERSION.to_le_bytes());
         b[off::FLAGS..off::FLAGS + 4].copy_from_slice(&0u32.to_le_bytes());
-        b[off::REPO_ID..off::REPO_ID + 16].copy_from_slice(&self.id);
+        b[off::REPO_ID..off::REPO_ID + 16].copy_from_slice(self.id.as_bytes());
         b[off::MODE] = match self.mode {
             Mode::Managed => 1,
         };
@@ -129,8 +134,8 @@ impl RepoConfig {
             max: le_u32(b, off::CHUNK_MAX),
         };
         chunker.validate()?;
-        let mut id = [0u8; 16];
-        id.copy_from_slice(&b[off::REPO_ID..off::REPO_ID + 16]);
+        let id = RepositoryId::from_slice(&b[off::REPO_ID..off::REPO_ID + 16])
+            .map_err(|e| RepoError::Invalid(format!("repository id: {e}")))?;
         let mut created = [0u8; 8];
         created.copy_from_slice(&b[off::CREATED..off::CREATED + 8]);
         Ok(Self {
@@ -193,8 +198,8 @@ impl RepoPaths {
         self.root.join("index")
     }
     #[must_use]
-    pub fn shard_index(&self, shard: u16) -> PathBuf {
-        self.index().join(format!("shard-{shard}"))
+    pub fn shard_index(&self, shard: ShardId) -> PathBuf {
+        self.index().join(format!("shard-{}", shard.0))
     }
     #[must_use]
     pub fn catalog(&self) -> PathBuf {
@@ -258,7 +263,7 @@ mod tests {
 
     fn cfg() -> RepoConfig {
         RepoConfig {
-            id: [9; 16],
+            id: RepositoryId::from_bytes([9; 16]),
             mode: Mode::Managed,
             sharding: Sharding::Le64Mod,
             shards: 3,

@@ -10,16 +10,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use coffer_appliance::crypto::keys::{KdfParams, MasterKey};
-use coffer_appliance::index::{ChunkIndex, MemIndex};
 use coffer_appliance::pack::format::{compression_of, flags_of, IndexEntry, RecordHeader};
 use coffer_appliance::pack::read::{
     hashes_to, open_record, raw_plaintext, read_footer, read_header, read_record_bytes,
 };
 use coffer_appliance::pack::store::LocalStore;
 use coffer_appliance::pack::writer::{PackWriter, PendingChunk};
-use coffer_appliance::repo::{Mode, Sharding};
+use coffer_appliance::{ChunkIndex, MemIndex};
 use coffer_appliance::{ChunkerParams, RepoConfig, RepoPaths};
+use coffer_appliance::{KdfParams, MasterKey};
+use coffer_appliance::{Mode, Sharding};
 use coffer_proto::v1::{self, Compression, Node, NodeKind, Tree};
 use coffer_proto::{pack_ids, ChunkId, PackId};
 use prost::Message as _;
@@ -36,7 +36,7 @@ fn id(b: u8) -> ChunkId {
 
 fn config() -> RepoConfig {
     RepoConfig {
-        id: [0x11; 16],
+        id: coffer_proto::RepositoryId::from_bytes([0x11; 16]),
         mode: Mode::Managed,
         sharding: Sharding::Le64Mod,
         shards: 3,
@@ -155,7 +155,7 @@ fn write_fixtures() {
 
     let repo = tempfile::tempdir().unwrap();
     let paths = RepoPaths::new(repo.path());
-    let dedup = *master.dedup_key();
+    let dedup = master.dedup_key();
     let chunks: Vec<PendingChunk> = records()
         .into_iter()
         .map(|(c, raw)| {
@@ -180,7 +180,14 @@ fn write_fixtures() {
         .run(async move {
             let index: Arc<dyn ChunkIndex> = Arc::new(MemIndex::default());
             let store = std::rc::Rc::new(LocalStore::new(p2, None));
-            let mut w = PackWriter::new(store, master, index, 1, config().id, 1 << 30);
+            let mut w = PackWriter::new(
+                store,
+                master,
+                index,
+                coffer_proto::ShardId(1),
+                config().id,
+                1 << 30,
+            );
             w.write(&chunks[..2]).await.unwrap();
             w.write(&chunks[2..]).await.unwrap();
             w.seal().await.unwrap();
@@ -210,7 +217,10 @@ fn fixtures_decode() {
     // The sealed pack: header, footer, and every record decrypted, decompressed and hashed.
     let file = std::fs::File::open(d.join("pack")).unwrap();
     let header = read_header(&file).unwrap();
-    assert_eq!((header.shard, header.repo_id), (1, config().id));
+    assert_eq!(
+        (header.shard, header.repo_id),
+        (coffer_proto::ShardId(1), config().id)
+    );
     let footer = read_footer(&file).unwrap();
     let want = records();
     assert_eq!(footer.len(), want.len());
@@ -222,6 +232,6 @@ fn fixtures_decode() {
         assert_eq!(compression_of(h.flags).unwrap(), *compression);
         let plain = raw_plaintext(&h, stored).unwrap();
         assert_eq!(&plain, raw);
-        assert!(hashes_to(master.dedup_key(), &entry.id, &plain));
+        assert!(hashes_to(&master.dedup_key(), &entry.id, &plain));
     }
 }

@@ -92,6 +92,50 @@ byte_id!(
     16
 );
 
+byte_id!(
+    /// Random id of a repository, recorded in its `coffer.repo` and in every pack header.
+    RepositoryId,
+    16
+);
+
+/// The repository's 32-byte key for chunk ids (keyed BLAKE3 of the plaintext). A secret of the
+/// repository: never printed, not even by `Debug`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct DedupKey([u8; 32]);
+
+impl DedupKey {
+    /// Wraps raw key bytes.
+    #[must_use]
+    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// Reads a key from a slice of exactly 32 bytes.
+    ///
+    /// # Errors
+    /// [`IdError::Length`] otherwise.
+    pub fn from_slice(bytes: &[u8]) -> Result<Self, IdError> {
+        <[u8; 32]>::try_from(bytes)
+            .map(Self)
+            .map_err(|_| IdError::Length {
+                expected: 32,
+                got: bytes.len(),
+            })
+    }
+
+    /// The raw key bytes.
+    #[must_use]
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for DedupKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DedupKey(..)")
+    }
+}
+
 impl ChunkId {
     /// The routing key used by the stable sharding function `le64-mod`: the first eight bytes,
     /// little-endian.
@@ -137,10 +181,10 @@ impl fmt::Display for ShardId {
     }
 }
 
-/// The chunk id of `plaintext`: keyed BLAKE3 under the repository's 32-byte dedup key.
+/// The chunk id of `plaintext`: keyed BLAKE3 under the repository's dedup key.
 #[must_use]
-pub fn chunk_id(dedup_key: &[u8; 32], plaintext: &[u8]) -> ChunkId {
-    ChunkId(*blake3::keyed_hash(dedup_key, plaintext).as_bytes())
+pub fn chunk_id(dedup_key: &DedupKey, plaintext: &[u8]) -> ChunkId {
+    ChunkId(*blake3::keyed_hash(&dedup_key.0, plaintext).as_bytes())
 }
 
 #[cfg(test)]
@@ -173,9 +217,15 @@ mod tests {
 
     #[test]
     fn chunk_id_depends_on_key_and_data() {
-        let a = chunk_id(&[1; 32], b"hello");
-        assert_ne!(a, chunk_id(&[2; 32], b"hello"));
-        assert_ne!(a, chunk_id(&[1; 32], b"hellp"));
-        assert_eq!(a, chunk_id(&[1; 32], b"hello"));
+        let (one, two) = (DedupKey::from_bytes([1; 32]), DedupKey::from_bytes([2; 32]));
+        let a = chunk_id(&one, b"hello");
+        assert_ne!(a, chunk_id(&two, b"hello"));
+        assert_ne!(a, chunk_id(&one, b"hellp"));
+        assert_eq!(a, chunk_id(&one, b"hello"));
+        assert_eq!(
+            format!("{one:?}"),
+            "DedupKey(..)",
+            "the key is never printed"
+        );
     }
 }

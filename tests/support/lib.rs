@@ -7,7 +7,10 @@ use std::process::{Child, Command, Output, Stdio};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use coffer_client::{Frame, Need, Session, SessionOptions, Target};
+use coffer_client::{Codec, Frame, Need, Session, SessionOptions, Target};
+use coffer_proto::v1::{self, Node, NodeKind, Tree};
+use coffer_proto::{pack_ids, ChunkId};
+use prost::Message as _;
 
 /// Repository password used by every test.
 pub const REPO_PASSWORD: &str = "test-repo-password";
@@ -568,4 +571,60 @@ pub fn sigterm(child: &mut std::process::Child) -> Option<i32> {
         .unwrap()
         .success());
     child.wait().unwrap().code()
+}
+
+/// A frame of `plain`, uncompressed, under its id.
+#[must_use]
+pub fn frame(s: &Session, plain: Bytes) -> Frame {
+    Frame::new(s.chunk_id(&plain), plain, Codec::None)
+}
+
+/// A frame holding a tree object of `nodes`.
+#[must_use]
+pub fn tree_frame(s: &Session, nodes: Vec<Node>) -> Frame {
+    frame(
+        s,
+        Bytes::from(
+            Tree {
+                nodes,
+                next: Bytes::new(),
+            }
+            .encode_to_vec(),
+        ),
+    )
+}
+
+/// A snapshot record of path `/probe` with root `root`.
+#[must_use]
+pub fn snapshot_of(root: ChunkId) -> v1::Snapshot {
+    v1::Snapshot {
+        path: "/probe".into(),
+        root: Bytes::copy_from_slice(root.as_bytes()),
+        ..v1::Snapshot::default()
+    }
+}
+
+/// A node that references `id` in the given way.
+#[must_use]
+pub fn node_referencing(how: &str, id: ChunkId) -> Node {
+    let one = Bytes::from(pack_ids(&[id]));
+    let id_bytes = Bytes::copy_from_slice(id.as_bytes());
+    let mut n = Node {
+        name: Bytes::from_static(b"probe"),
+        kind: NodeKind::File.into(),
+        mode: 0o644,
+        size: 1,
+        ..Node::default()
+    };
+    match how {
+        "chunks" => n.chunks = one,
+        "chunk_lists" => n.chunk_lists = one,
+        "bundle" => n.bundle = id_bytes,
+        "subtree" => {
+            n.kind = NodeKind::Dir.into();
+            n.subtree = id_bytes;
+        }
+        other => unreachable!("{other}"),
+    }
+    n
 }

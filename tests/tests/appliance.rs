@@ -285,6 +285,7 @@ async fn c7_lost_index_is_refused_then_rebuilt() -> anyhow::Result<()> {
 /// bomb are rejected with INVALID_ARGUMENT and nothing is stored. S5: a wrong fingerprint fails
 /// in the TLS handshake, before any credential is sent. A wrong protocol version is refused first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)] // each bad input against one appliance (starting one costs seconds)
 async fn s1_f5_s5_bad_input_is_rejected_and_nothing_stored() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut app = Appliance::init(dir.path(), 2, 64 << 10, &[ALICE])?;

@@ -82,3 +82,22 @@ pub fn owner_key(u: &crate::catalog::UserRecord) -> [u8; 16] {
     k.copy_from_slice(&h.finalize().as_bytes()[..16]);
     k
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identities() {
+        assert_eq!(
+            normalise_identity("Alice@Laptop-1").unwrap(),
+            "alice@laptop-1"
+        );
+        for bad in [
+            "alice", "@host", "a@", "a/b@h", "a@h/x", "..@h", "a@..", "a\0@h", "a@h@h", "-a@h",
+            "a b@h", "é@h",
+        ] {
+            assert!(normalise_identity(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

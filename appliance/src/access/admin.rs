@@ -208,7 +208,7 @@ mod tests {
     fn user(identity: &str) -> UserRecord {
         UserRecord {
             identity: identity.into(),
-            password_hash: crate::access::hash_password("a long password").unwrap(),
+            password_hash: crate::access::accounts::hash_password("a long password").unwrap(),
             created_unix: 1,
             owner: None,
         }

@@ -12,6 +12,6 @@ pub mod rules;
 pub mod sessions;
 mod throttle;
 
-pub use accounts::{hash_password, normalise_identity, owner_key, verify_password};
+pub use accounts::normalise_identity;
 pub use auth::{Auth, ControlUser};
-pub use sessions::{Session, SessionState};
+pub use sessions::Session;

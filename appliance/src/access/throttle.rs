@@ -163,3 +163,19 @@ impl Throttle {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_grow_after_five_failures() {
+        for n in 0..FREE_FAILURES {
+            assert_eq!(login_delay(n), Duration::ZERO);
+        }
+        assert_eq!(login_delay(5), Duration::from_millis(250));
+        assert_eq!(login_delay(6), Duration::from_millis(500));
+        assert!(login_delay(7) > login_delay(6));
+        assert_eq!(login_delay(100), MAX_DELAY);
+    }
+}

@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 use clap::Subcommand;
-use coffer_appliance::access::{accounts, admin, rules as acl};
-use coffer_appliance::catalog::UserRecord;
+use coffer_appliance::admin;
 use coffer_appliance::RepoPaths;
+use coffer_appliance::UserRecord;
 
 use super::{read_secret, RepoArg};
 
@@ -110,17 +110,17 @@ fn admin_run(repo: &Path, req: &admin::Request) -> anyhow::Result<admin::Reply> 
 }
 
 fn new_user(identity: &str, password_file: Option<&Path>) -> anyhow::Result<UserRecord> {
-    let identity = accounts::normalise_identity(identity)?;
+    let identity = coffer_appliance::normalise_identity(identity)?;
     let pw = read_secret(password_file, "COFFER_USER_PASSWORD", "Password: ", true)?;
-    if pw.chars().count() < accounts::MIN_PASSWORD_CHARS {
+    if pw.chars().count() < coffer_appliance::MIN_PASSWORD_CHARS {
         bail!(
             "passwords must be at least {} characters",
-            accounts::MIN_PASSWORD_CHARS
+            coffer_appliance::MIN_PASSWORD_CHARS
         );
     }
     Ok(UserRecord {
         identity,
-        password_hash: accounts::hash_password(&pw)?,
+        password_hash: coffer_appliance::hash_password(&pw)?,
         created_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_secs()
@@ -152,7 +152,7 @@ pub fn user(cmd: UserCmd) -> anyhow::Result<()> {
             println!("changed the password of {id}");
         }
         UserCmd::Delete { identity, repo } => {
-            let identity = accounts::normalise_identity(&identity)?;
+            let identity = coffer_appliance::normalise_identity(&identity)?;
             admin_run(
                 &repo.repo,
                 &admin::Request::UserDelete {
@@ -191,7 +191,11 @@ pub fn acl(cmd: AclCmd) -> anyhow::Result<()> {
             access,
             target,
         } => {
-            let rule = acl::Rule::new(&user, access.parse()?, acl::Target::parse(&target)?)?;
+            let rule = coffer_appliance::Rule::new(
+                &user,
+                access.parse()?,
+                coffer_appliance::Target::parse(&target)?,
+            )?;
             println!("{rule}");
             admin_run(&repo.repo, &admin::Request::AclAdd { rule })?;
         }
@@ -205,7 +209,7 @@ pub fn acl(cmd: AclCmd) -> anyhow::Result<()> {
             if r.defaults {
                 bail!("no rules are stored (the built-in defaults apply); nothing to remove");
             }
-            let chosen: Vec<&acl::Rule> = r
+            let chosen: Vec<&coffer_appliance::Rule> = r
                 .rules
                 .iter()
                 .filter(|rule| all || ids.contains(&rule.id))

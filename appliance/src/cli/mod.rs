@@ -12,8 +12,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use coffer_appliance::crypto::keys::MasterKey;
-use coffer_appliance::repo::{ChunkerParams, RepoPaths};
+use coffer_appliance::{ChunkerParams, MasterKey, RepoPaths};
 
 #[derive(Parser, Debug)]
 #[command(

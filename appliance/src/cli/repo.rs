@@ -5,11 +5,10 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::bail;
-use coffer_appliance::catalog::Catalog;
-use coffer_appliance::crypto::keys::{KdfParams, MasterKey};
-use coffer_appliance::index::{OpenMode, RocksIndex};
-use coffer_appliance::maintenance;
-use coffer_appliance::repo::{ChunkerParams, Mode, RepoConfig, RepoPaths, Sharding};
+use coffer_appliance::Catalog;
+use coffer_appliance::{ChunkerParams, Mode, RepoConfig, RepoPaths, Sharding};
+use coffer_appliance::{KdfParams, MasterKey};
+use coffer_appliance::{OpenMode, RocksIndex};
 
 use super::{repo_password, unlock, RepoPassword};
 
@@ -38,7 +37,7 @@ pub fn init(
     // Private to the appliance's user even when the directory existed before.
     std::fs::set_permissions(&paths.root, std::fs::Permissions::from_mode(0o700))?;
     let cfg = RepoConfig {
-        id: rand::random(),
+        id: coffer_proto::RepositoryId::from_bytes(rand::random()),
         mode: Mode::Managed,
         sharding: Sharding::Le64Mod,
         shards,
@@ -56,7 +55,11 @@ pub fn init(
     std::fs::write(paths.master_key(), key)?;
     std::fs::set_permissions(paths.master_key(), std::fs::Permissions::from_mode(0o600))?;
     for s in 0..shards {
-        RocksIndex::open(&paths.shard_index(s), OpenMode::Create, 8 << 20)?;
+        RocksIndex::open(
+            &paths.shard_index(coffer_proto::ShardId(s)),
+            OpenMode::Create,
+            8 << 20,
+        )?;
     }
     Catalog::open(&paths.catalog(), true)?;
     // The repository file is written last: its presence means the repository is complete.
@@ -67,7 +70,7 @@ pub fn init(
     std::fs::File::open(&paths.root)?.sync_all()?;
     println!(
         "created repository {} in {} ({} shards, chunks {}..{}..{} bytes)",
-        hex::encode(cfg.id),
+        cfg.id,
         paths.root.display(),
         shards,
         chunker.min,
@@ -80,7 +83,7 @@ pub fn init(
 pub fn rebuild_index(paths: &RepoPaths, password: &RepoPassword) -> anyhow::Result<()> {
     paths.load_config()?;
     let master = unlock(paths, password)?;
-    let out = maintenance::rebuild_index(paths, &master)?;
+    let out = coffer_appliance::rebuild_index(paths, &master)?;
     if let Some(aside) = out.previous {
         println!("moved the previous index aside to {}", aside.display());
     }
@@ -101,7 +104,8 @@ pub fn verify(repo: &Path, password: &RepoPassword, read_data: bool) -> anyhow::
     } else {
         None
     };
-    let rep = maintenance::verify(&paths, &cfg, master.as_ref()).map_err(|e| anyhow::anyhow!(e))?;
+    let rep =
+        coffer_appliance::verify(&paths, &cfg, master.as_ref()).map_err(|e| anyhow::anyhow!(e))?;
     for e in &rep.errors {
         eprintln!("error: {e}");
     }

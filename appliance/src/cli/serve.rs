@@ -3,8 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::bail;
-use coffer_appliance::access::{self, accounts};
-use coffer_appliance::net::{server, tls};
+use coffer_appliance::tls;
 use coffer_appliance::RepoPaths;
 
 use super::{parse_mode, unlock, RepoArg, RepoPassword};
@@ -55,23 +54,23 @@ pub struct ServeArgs {
 }
 
 /// The server control account, from its flag and COFFER_SERVER_CONTROL_PASSWORD.
-fn control_user(name: Option<&str>) -> anyhow::Result<Option<access::ControlUser>> {
+fn control_user(name: Option<&str>) -> anyhow::Result<Option<coffer_appliance::ControlUser>> {
     let Some(name) = name else {
         return Ok(None);
     };
-    let identity = accounts::normalise_identity(name)?;
+    let identity = coffer_appliance::normalise_identity(name)?;
     let pw = std::env::var("COFFER_SERVER_CONTROL_PASSWORD").map_err(|_| {
         anyhow::anyhow!("--server-control-username needs COFFER_SERVER_CONTROL_PASSWORD")
     })?;
-    if pw.chars().count() < accounts::MIN_PASSWORD_CHARS {
+    if pw.chars().count() < coffer_appliance::MIN_PASSWORD_CHARS {
         bail!(
             "COFFER_SERVER_CONTROL_PASSWORD must be at least {} characters",
-            accounts::MIN_PASSWORD_CHARS
+            coffer_appliance::MIN_PASSWORD_CHARS
         );
     }
-    Ok(Some(access::ControlUser {
+    Ok(Some(coffer_appliance::ControlUser {
         identity,
-        phc: accounts::hash_password(&pw)?,
+        phc: coffer_appliance::hash_password(&pw)?,
     }))
 }
 
@@ -84,10 +83,10 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     } else {
         tls::load(&a.tls_cert_file, &a.tls_key_file)
     }?;
-    server::serve(
+    coffer_appliance::serve(
         &paths,
         master,
-        &server::ServeOptions {
+        &coffer_appliance::ServeOptions {
             listen: a.listen,
             tls,
             pack_target: a.pack_target,

@@ -10,7 +10,7 @@
 
 use std::path::Path;
 
-use coffer_proto::PackId;
+use coffer_proto::{DedupKey, PackId};
 use ring::aead;
 use zeroize::Zeroizing;
 
@@ -68,8 +68,8 @@ impl MasterKey {
 
     /// The key that chunk ids are keyed BLAKE3 hashes under.
     #[must_use]
-    pub fn dedup_key(&self) -> &[u8; 32] {
-        &self.dedup
+    pub fn dedup_key(&self) -> DedupKey {
+        DedupKey::from_bytes(*self.dedup)
     }
 
     /// The AES-256-GCM key of one pack.

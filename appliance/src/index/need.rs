@@ -78,11 +78,6 @@ impl NeedSet {
     pub fn len(&self) -> usize {
         self.0.len()
     }
-
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 #[cfg(test)]

@@ -50,7 +50,7 @@ pub fn verify(
     let mut packs: HashMap<PackId, Option<PackView>> = HashMap::new();
     // Packs that may lack a footer: each shard's open pack, and packs waiting to be sealed.
     let mut unsealed: HashSet<PackId> = HashSet::new();
-    for shard in 0..cfg.shards {
+    for shard in cfg.shard_ids() {
         let idx = RocksIndex::open(&paths.shard_index(shard), OpenMode::ReadOnly, 64 << 20)?;
         for key in [META_OPEN_PACK, META_POISONED] {
             if let Some(raw) = idx.get_meta(key)? {
@@ -65,7 +65,7 @@ pub fn verify(
                 Ok(x) => x,
                 Err(err) => {
                     rep.errors
-                        .push(format!("shard {shard}: undecodable index entry {err}"));
+                        .push(format!("{shard}: undecodable index entry {err}"));
                     continue;
                 }
             };
@@ -115,14 +115,14 @@ fn check_entry(
     paths: &RepoPaths,
     cfg: &RepoConfig,
     master: Option<&MasterKey>,
-    shard: u16,
+    shard: ShardId,
     id: ChunkId,
     e: IndexEntry,
 ) {
     rep.chunks += 1;
-    if ShardId::for_chunk(&id, cfg.shards).0 != shard {
+    if ShardId::for_chunk(&id, cfg.shards) != shard {
         rep.errors.push(format!(
-            "chunk {id} is indexed in shard {shard}, which does not own it"
+            "chunk {id} is indexed in {shard}, which does not own it"
         ));
     }
     let view = packs.entry(e.pack).or_insert_with(|| {
@@ -183,7 +183,7 @@ fn check_entry(
         let key = master.pack_cipher(&e.pack);
         match open_record(key.as_ref(), &mut rec).and_then(|(h, stored)| raw_plaintext(&h, stored))
         {
-            Ok(raw) if hashes_to(master.dedup_key(), &id, &raw) => {}
+            Ok(raw) if hashes_to(&master.dedup_key(), &id, &raw) => {}
             Ok(_) => rep
                 .errors
                 .push(format!("I1: chunk {id} does not hash to its id")),

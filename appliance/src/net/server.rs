@@ -5,7 +5,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::sync::Arc;
 use std::time::Duration;
 
-use coffer_proto::v1;
+use coffer_proto::{v1, ShardId};
 use coffer_tuning::{Hardware, Plan};
 use tokio::io::AsyncReadExt;
 
@@ -78,7 +78,7 @@ pub fn max_message_size(max_chunk: u32) -> u32 {
 /// # Errors
 /// [`RepoError::IndexMissing`].
 pub fn check_index_present(paths: &RepoPaths, cfg: &RepoConfig) -> Result<(), RepoError> {
-    for s in 0..cfg.shards {
+    for s in cfg.shard_ids() {
         let p = paths.shard_index(s);
         if !p.join("CURRENT").exists() {
             return Err(RepoError::IndexMissing(p));
@@ -152,7 +152,7 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
     let mut shards: Vec<RunningShard> = Vec::new();
     for p in &plan.shards {
         let s = shard::spawn(ShardConfig {
-            shard: p.shard,
+            shard: ShardId(p.shard),
             cpu: Some(p.cpu),
             io_memory: plan.io_memory_per_shard,
             paths: paths.clone(),
@@ -171,7 +171,7 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
     let hello = HelloInfo {
         repository_id: cfg.id,
         chunker: cfg.chunker.into(),
-        dedup_key: *master.dedup_key(),
+        dedup_key: master.dedup_key(),
         limits: v1::Limits {
             max_chunk_size: cfg.chunker.max,
             max_message_size: max_msg,

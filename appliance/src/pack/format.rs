@@ -8,7 +8,7 @@
 //! ```
 
 use coffer_proto::v1::Compression;
-use coffer_proto::{ChunkId, PackId};
+use coffer_proto::{ChunkId, PackId, RepositoryId, ShardId};
 
 use crate::repo::{le_u32, le_u64};
 
@@ -76,8 +76,8 @@ fn corrupt(s: impl Into<String>) -> FormatError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PackHeader {
     pub pack: PackId,
-    pub shard: u16,
-    pub repo_id: [u8; 16],
+    pub shard: ShardId,
+    pub repo_id: RepositoryId,
     pub created_us: i64,
 }
 
@@ -87,9 +87,9 @@ impl PackHeader {
         let mut b = [0u8; PACK_HEADER_LEN];
         b[0..8].copy_from_slice(PACK_MAGIC);
         b[8..12].copy_from_slice(&PACK_FORMAT_VERSION.to_le_bytes());
-        b[12..14].copy_from_slice(&self.shard.to_le_bytes());
+        b[12..14].copy_from_slice(&self.shard.0.to_le_bytes());
         b[16..32].copy_from_slice(self.pack.as_bytes());
-        b[32..48].copy_from_slice(&self.repo_id);
+        b[32..48].copy_from_slice(self.repo_id.as_bytes());
         b[48..56].copy_from_slice(&self.created_us.to_le_bytes());
         let crc = crc32fast::hash(&b[..56]);
         b[56..60].copy_from_slice(&crc.to_le_bytes());
@@ -109,12 +109,10 @@ impl PackHeader {
         if crc32fast::hash(&b[..56]) != le_u32(b, 56) {
             return Err(corrupt("pack header checksum mismatch"));
         }
-        let mut repo_id = [0u8; 16];
-        repo_id.copy_from_slice(&b[32..48]);
         Ok(Self {
             pack: PackId::from_slice(&b[16..32]).map_err(|e| corrupt(e.to_string()))?,
-            shard: u16::from_le_bytes([b[12], b[13]]),
-            repo_id,
+            shard: ShardId(u16::from_le_bytes([b[12], b[13]])),
+            repo_id: RepositoryId::from_slice(&b[32..48]).map_err(|e| corrupt(e.to_string()))?,
             created_us: le_u64(b, 48).cast_signed(),
         })
     }
@@ -414,8 +412,8 @@ mod tests {
     fn header_round_trip() {
         let h = PackHeader {
             pack: PackId::from_bytes([1; 16]),
-            shard: 3,
-            repo_id: [2; 16],
+            shard: ShardId(3),
+            repo_id: RepositoryId::from_bytes([2; 16]),
             created_us: 123,
         };
         assert_eq!(PackHeader::decode(&h.encode()).unwrap(), h);

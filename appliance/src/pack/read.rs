@@ -5,7 +5,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use coffer_proto::ChunkId;
+use coffer_proto::{ChunkId, DedupKey};
 
 use super::format::{
     compression_of, decode_footer, decode_trailer, FooterEntry, FormatError, PackHeader,
@@ -181,6 +181,6 @@ pub fn footer_entries(records: &[ScannedRecord]) -> Vec<FooterEntry> {
 
 /// Checks that a decrypted chunk hashes to `id`.
 #[must_use]
-pub fn hashes_to(dedup_key: &[u8; 32], id: &ChunkId, raw: &[u8]) -> bool {
+pub fn hashes_to(dedup_key: &DedupKey, id: &ChunkId, raw: &[u8]) -> bool {
     coffer_proto::chunk_id(dedup_key, raw) == *id
 }

@@ -9,7 +9,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use coffer_proto::{ChunkId, PackId};
+use coffer_proto::{ChunkId, PackId, RepositoryId, ShardId};
 
 use super::format::{
     encode_footer, footer_len, record_nonce, FooterEntry, IndexEntry, PackHeader, RecordHeader,
@@ -82,8 +82,8 @@ pub struct PackWriter<S: PackStore = LocalStore> {
     store: Rc<S>,
     encryption: Arc<dyn Encryption>,
     index: Arc<dyn ChunkIndex>,
-    shard: u16,
-    repo_id: [u8; 16],
+    shard: ShardId,
+    repo_id: RepositoryId,
     target: u64,
     open: Option<OpenPack<S::Sink>>,
     /// Packs sealed by this writer (for stats and tests).
@@ -102,8 +102,8 @@ impl<S: PackStore> PackWriter<S> {
         store: Rc<S>,
         encryption: Arc<dyn Encryption>,
         index: Arc<dyn ChunkIndex>,
-        shard: u16,
-        repo_id: [u8; 16],
+        shard: ShardId,
+        repo_id: RepositoryId,
         target: u64,
     ) -> Self {
         Self {

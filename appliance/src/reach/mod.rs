@@ -49,11 +49,6 @@ impl Reach {
     }
 
     #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    #[must_use]
     pub fn contains(&self, id: &ChunkId) -> bool {
         self.trees.contains(id) || self.leaves.contains(id)
     }

@@ -5,6 +5,7 @@
 use std::rc::Rc;
 
 use coffer_proto::v1::Compression;
+use coffer_proto::DedupKey;
 
 use crate::error::IngestError;
 use crate::pack::format::flags_of;
@@ -18,7 +19,7 @@ use super::{IncomingChunk, PutOutcome, ShardState};
 /// # Errors
 /// [`IngestError`] naming the chunk and what is wrong with it.
 pub fn verify(
-    dedup_key: &[u8; 32],
+    dedup_key: &DedupKey,
     max_chunk: u32,
     c: IncomingChunk,
 ) -> Result<PendingChunk, IngestError> {

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use coffer_proto::ChunkId;
+use coffer_proto::{ChunkId, DedupKey, RepositoryId, ShardId};
 use futures::channel::mpsc;
 use futures::StreamExt;
 use glommio::{LocalExecutorBuilder, Placement};
@@ -171,12 +171,12 @@ impl ShardHandle {
 /// Everything a shard needs to start.
 #[derive(Debug, Clone)]
 pub struct ShardConfig {
-    pub shard: u16,
+    pub shard: ShardId,
     pub cpu: Option<usize>,
     pub io_memory: usize,
     pub paths: RepoPaths,
     pub master: Arc<MasterKey>,
-    pub repo_id: [u8; 16],
+    pub repo_id: RepositoryId,
     pub max_chunk: u32,
     pub pack_target: u64,
     /// Free bytes the pack writer leaves on the packs' file system (`None`: automatic).
@@ -196,22 +196,22 @@ pub struct RunningShard {
 /// Why a shard could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ShardError {
-    #[error("shard {shard}: opening its index: {source}")]
+    #[error("{shard}: opening its index: {source}")]
     Index {
-        shard: u16,
+        shard: ShardId,
         #[source]
         source: crate::error::RepoError,
     },
-    #[error("shard {shard}: recovering the open pack: {source}")]
+    #[error("{shard}: recovering the open pack: {source}")]
     Recovery {
-        shard: u16,
+        shard: ShardId,
         #[source]
         source: crate::pack::PackFileError,
     },
-    #[error("starting shard {shard} (io_uring, memory lock): {why}")]
-    Executor { shard: u16, why: String },
-    #[error("shard {0} stopped while starting")]
-    Stopped(u16),
+    #[error("starting {shard} (io_uring, memory lock): {why}")]
+    Executor { shard: ShardId, why: String },
+    #[error("{0} stopped while starting")]
+    Stopped(ShardId),
 }
 
 /// Starts a shard on its own pinned executor. Returns once the shard has opened its index and
@@ -224,7 +224,7 @@ pub fn spawn(cfg: ShardConfig) -> Result<RunningShard, ShardError> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), ShardError>>();
     let placement = cfg.cpu.map_or(Placement::Unbound, Placement::Fixed);
     let shard = cfg.shard;
-    let name = format!("shard-{shard}");
+    let name = shard.to_string();
     let join = LocalExecutorBuilder::new(placement)
         .name(&name)
         .io_memory(cfg.io_memory)
@@ -264,7 +264,7 @@ struct Queue {
 
 pub(crate) struct ShardState {
     pub(crate) index: Arc<dyn ChunkIndex>,
-    pub(crate) dedup_key: [u8; 32],
+    pub(crate) dedup_key: DedupKey,
     pub(crate) max_chunk: u32,
     /// Where this shard's packs live (shared with its pack writer).
     pub(crate) store: Rc<LocalStore>,
@@ -294,7 +294,7 @@ impl ShardState {
             .map_err(|source| ShardError::Recovery { shard, source })?;
         if recovered > 0 {
             tracing::info!(
-                shard = cfg.shard,
+                shard = %cfg.shard,
                 recovered,
                 "sealed the pack left open by a crash"
             );
@@ -310,11 +310,11 @@ impl ShardState {
             cfg.pack_target,
         );
         let need = NeedSet::load(index.as_ref()).map_err(index_err)?;
-        tracing::info!(shard = cfg.shard, chunks = need.len(), "index loaded");
+        tracing::info!(shard = %cfg.shard, chunks = need.len(), "index loaded");
         let budget_kib = (cfg.queue_limit >> 10).max(64 << 10);
         let state = Rc::new(Self {
             index,
-            dedup_key: *cfg.master.dedup_key(),
+            dedup_key: cfg.master.dedup_key(),
             max_chunk: cfg.max_chunk,
             store,
             encryption,

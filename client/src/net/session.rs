@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use coffer_proto::v1::coffer_client::CofferClient;
 use coffer_proto::v1::{self};
-use coffer_proto::{bitmap_get, pack_ids, ChunkId, SnapshotId};
+use coffer_proto::{bitmap_get, pack_ids, ChunkId, DedupKey, SnapshotId};
 use futures::StreamExt;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
@@ -64,7 +64,7 @@ pub struct Session {
     client: Client,
     /// What the appliance said in `Hello`.
     pub hello: v1::HelloResponse,
-    dedup_key: [u8; 32],
+    dedup_key: DedupKey,
 }
 
 impl std::fmt::Debug for Session {
@@ -90,8 +90,7 @@ impl Session {
             })
             .await?
             .into_inner();
-        let dedup_key: [u8; 32] = hello.dedup_key[..]
-            .try_into()
+        let dedup_key = DedupKey::from_slice(&hello.dedup_key)
             .map_err(|_| ClientError::Protocol("dedup key is not 32 bytes".into()))?;
         let limits = hello
             .limits
@@ -117,7 +116,7 @@ impl Session {
 
     /// The repository's dedup key (chunk ids are keyed BLAKE3 under it).
     #[must_use]
-    pub fn dedup_key(&self) -> &[u8; 32] {
+    pub fn dedup_key(&self) -> &DedupKey {
         &self.dedup_key
     }
 

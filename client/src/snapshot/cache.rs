@@ -18,7 +18,7 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 use coffer_proto::v1::Tree;
-use coffer_proto::{ChunkId, CHUNK_ID_LEN};
+use coffer_proto::{ChunkId, DedupKey, CHUNK_ID_LEN};
 
 use super::tree::{check_unique, decode_checked, next_part, TreeError, MAX_TREE_PARTS};
 use crate::net::Session;
@@ -31,7 +31,7 @@ const MAGIC: &[u8; 16] = b"coffer-trees-v1\n";
 #[derive(Debug)]
 pub struct TreeCache {
     dir: Option<PathBuf>,
-    key: [u8; 32],
+    key: DedupKey,
     /// Every cached object, loaded from the cache files on first use.
     objects: Mutex<Option<HashMap<ChunkId, Bytes>>>,
 }
@@ -60,7 +60,7 @@ fn parse(b: &Bytes, out: &mut HashMap<ChunkId, Bytes>) {
 impl TreeCache {
     /// A cache in `dir` (none: no caching) for a repository whose dedup key is `key`.
     #[must_use]
-    pub fn new(dir: Option<PathBuf>, key: [u8; 32]) -> Self {
+    pub fn new(dir: Option<PathBuf>, key: DedupKey) -> Self {
         Self {
             dir,
             key,
@@ -102,7 +102,7 @@ impl TreeCache {
     /// replacing the previous one. Failures only cost time later, so they are ignored.
     pub fn save(&self, path: &str, trees: &[Chunk]) {
         let Some(dir) = &self.dir else { return };
-        let name = &blake3::keyed_hash(&self.key, path.as_bytes()).to_hex()[..32];
+        let name = &blake3::keyed_hash(self.key.as_bytes(), path.as_bytes()).to_hex()[..32];
         let file = dir.join(format!("{name}.trees"));
         let tmp = dir.join(format!("{name}.trees.tmp"));
         let write = || -> std::io::Result<()> {

@@ -6,7 +6,7 @@
 //! Must never commit before every batch was acknowledged, nor write the local tree cache before
 //! the commit succeeded.
 
-use coffer_proto::{v1, ChunkId, ChunkerParams, SnapshotId};
+use coffer_proto::{v1, ChunkId, ChunkerParams, DedupKey, SnapshotId};
 
 use super::cache::TreeCache;
 use super::tree::{FileContent, TreeBuilder};
@@ -20,7 +20,7 @@ use crate::ClientError;
 /// subtrees first.
 #[must_use]
 pub fn build_trees(
-    dedup_key: &[u8; 32],
+    dedup_key: &DedupKey,
     params: ChunkerParams,
     root: &Dir,
     contents: &[Option<FileContent>],

@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 use coffer_proto::v1::{Node, NodeKind, Tree};
-use coffer_proto::{pack_ids, ChunkId, CHUNK_ID_LEN};
+use coffer_proto::{pack_ids, ChunkId, DedupKey, CHUNK_ID_LEN};
 use prost::Message;
 
 use crate::stages::chunk::Chunk;
@@ -40,7 +40,7 @@ pub struct FileContent {
 
 /// Builds trees within `max_object` bytes each.
 pub struct TreeBuilder<'a> {
-    pub dedup_key: &'a [u8; 32],
+    pub dedup_key: &'a DedupKey,
     /// Largest object the appliance accepts (its maximum chunk size).
     pub max_object: usize,
 }
@@ -242,7 +242,7 @@ mod tests {
 
     #[test]
     fn large_listings_and_chunk_lists_split_within_the_object_limit() {
-        let key = [3u8; 32];
+        let key = DedupKey::from_bytes([3u8; 32]);
         let max = 2048;
         let many: Vec<ChunkId> = (0..500u32)
             .map(|i| coffer_proto::chunk_id(&key, &i.to_le_bytes()))

@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use coffer_proto::{ChunkId, ChunkerParams};
+use coffer_proto::{ChunkId, ChunkerParams, DedupKey};
 
 use super::hash::id_of;
 
@@ -139,7 +139,7 @@ pub(super) fn zero_prefix(data: &[u8]) -> usize {
 ///
 /// `data` must extend at least `max` bytes beyond `own_len` unless it ends at end of file.
 #[must_use]
-pub fn cut(data: &[u8], own_len: usize, p: ChunkerParams, dedup_key: &[u8; 32]) -> Vec<Cut> {
+pub fn cut(data: &[u8], own_len: usize, p: ChunkerParams, dedup_key: &DedupKey) -> Vec<Cut> {
     let cdc = Cdc::new(p);
     let mut cuts = Vec::with_capacity(own_len / p.avg as usize + 1);
     let mut offset = 0;
@@ -207,7 +207,7 @@ impl Merge {
     }
 
     /// Adds extent number `k`; appends to `out` every chunk that became final, in file order.
-    pub fn push(&mut self, k: u64, e: Extent, dedup_key: &[u8; 32], out: &mut Vec<Chunk>) {
+    pub fn push(&mut self, k: u64, e: Extent, dedup_key: &DedupKey, out: &mut Vec<Chunk>) {
         self.waiting.insert(k, e);
         while let Some(e) = self.waiting.remove(&self.next) {
             self.merge(&e, dedup_key, out);
@@ -215,7 +215,7 @@ impl Merge {
         }
     }
 
-    fn merge(&mut self, e: &Extent, dedup_key: &[u8; 32], out: &mut Vec<Chunk>) {
+    fn merge(&mut self, e: &Extent, dedup_key: &DedupKey, out: &mut Vec<Chunk>) {
         let own_end = e.start + e.own_len as u64;
         debug_assert!(self.pos >= e.start, "extents cover the file without gaps");
         while self.pos < own_end {
@@ -248,7 +248,7 @@ mod tests {
         avg: 256,
         max: 1024,
     };
-    const KEY: [u8; 32] = [7; 32];
+    const KEY: DedupKey = DedupKey::from_bytes([7; 32]);
 
     fn sequential(data: &[u8], p: ChunkerParams) -> Vec<(usize, usize)> {
         fastcdc::v2020::FastCDC::new(data, p.min, p.avg, p.max)

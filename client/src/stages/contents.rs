@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use coffer_proto::{ChunkId, ChunkerParams};
+use coffer_proto::{ChunkId, ChunkerParams, DedupKey};
 
 use super::chunk::{Chunk, Extent, Merge};
 use super::read::{extents_of, segment, FileRead, Output, Stored};
@@ -36,7 +36,7 @@ pub struct Contents<'w> {
     by_file: Vec<Option<FileContent>>,
     merges: HashMap<usize, FileMerge>,
     params: ChunkerParams,
-    dedup_key: [u8; 32],
+    dedup_key: DedupKey,
     segment: usize,
     progress: Arc<Progress>,
     read: FilesRead,
@@ -61,7 +61,7 @@ impl<'w> Contents<'w> {
         walk: &'w Walk,
         reused: Vec<Option<FileContent>>,
         params: ChunkerParams,
-        dedup_key: [u8; 32],
+        dedup_key: DedupKey,
         progress: Arc<Progress>,
     ) -> Self {
         progress

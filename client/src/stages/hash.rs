@@ -4,17 +4,17 @@
 //! [`super::chunk::cut`] calls [`id_of`] on the reader thread right after each cut, while the
 //! bytes are still in the CPU cache; tree objects are hashed where they are built.
 
-use coffer_proto::ChunkId;
+use coffer_proto::{ChunkId, DedupKey};
 
 use super::chunk::zero_prefix;
 
 /// The keyed id of a chunk. All-zero chunks (whole runs of a disk image's free space) are
 /// hashed once per length and key and remembered.
 #[must_use]
-pub fn id_of(dedup_key: &[u8; 32], data: &[u8]) -> ChunkId {
+pub fn id_of(dedup_key: &DedupKey, data: &[u8]) -> ChunkId {
     const ZERO_IDS: usize = 8;
     thread_local! {
-        static ZEROS: std::cell::RefCell<Vec<([u8; 32], usize, ChunkId)>> =
+        static ZEROS: std::cell::RefCell<Vec<(DedupKey, usize, ChunkId)>> =
             const { std::cell::RefCell::new(Vec::new()) };
     }
     if data.len() < 4096 || data[0] != 0 || zero_prefix(data) != data.len() {
@@ -38,7 +38,7 @@ pub fn id_of(dedup_key: &[u8; 32], data: &[u8]) -> ChunkId {
 mod tests {
     use super::*;
 
-    const KEY: [u8; 32] = [7; 32];
+    const KEY: DedupKey = DedupKey::from_bytes([7; 32]);
 
     #[test]
     fn all_zero_chunks_get_the_id_hashing_gives_them() {
@@ -51,6 +51,9 @@ mod tests {
                 coffer_proto::chunk_id(&KEY, &zeros[..len])
             );
         }
-        assert_ne!(id_of(&[1; 32], &zeros), id_of(&KEY, &zeros));
+        assert_ne!(
+            id_of(&DedupKey::from_bytes([1; 32]), &zeros),
+            id_of(&KEY, &zeros)
+        );
     }
 }

@@ -21,7 +21,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use coffer_proto::ChunkerParams;
+use coffer_proto::{ChunkerParams, DedupKey};
 use tokio::sync::mpsc;
 
 use super::chunk::{chunk_slice, cut, Chunk, Cut, Extent};
@@ -184,7 +184,7 @@ pub fn run(
     mut buf: Buf,
     pool: &Arc<BufPool>,
     params: ChunkerParams,
-    dedup_key: &[u8; 32],
+    dedup_key: &DedupKey,
 ) -> Output {
     match job {
         Job::Group(files) => read_group(files, buf, pool, params, dedup_key),
@@ -225,7 +225,7 @@ fn read_group(
     mut buf: Buf,
     pool: &Arc<BufPool>,
     params: ChunkerParams,
-    dedup_key: &[u8; 32],
+    dedup_key: &DedupKey,
 ) -> Output {
     let (small, target) = bundle_limits(params.max as usize);
     // Small files land next to each other in the buffer (a failed read adds nothing), so a run
@@ -348,7 +348,7 @@ impl Readers {
         files: impl IntoIterator<Item = (usize, PathBuf, u64)>,
         workers: usize,
         params: ChunkerParams,
-        dedup_key: [u8; 32],
+        dedup_key: DedupKey,
     ) -> Self {
         let segment = segment(params);
         let capacity = segment + params.max as usize;

@@ -33,10 +33,10 @@ impl Inner {
         let h = &self.hello;
         Ok(v1::HelloResponse {
             protocol_version: coffer_proto::PROTOCOL_VERSION,
-            repository_id: Bytes::copy_from_slice(&h.repository_id),
+            repository_id: Bytes::copy_from_slice(h.repository_id.as_bytes()),
             mode: v1::EncryptionMode::Managed.into(),
             chunker: Some(h.chunker),
-            dedup_key: Bytes::copy_from_slice(&h.dedup_key),
+            dedup_key: Bytes::copy_from_slice(h.dedup_key.as_bytes()),
             limits: Some(h.limits),
             appliance_version: env!("CARGO_PKG_VERSION").to_string(),
             disclosure: self.auth.disclosure().into(),

@@ -16,6 +16,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use coffer_proto::v1::{self, coffer_server::Coffer};
+use coffer_proto::{DedupKey, RepositoryId};
 use futures::{Stream, StreamExt, TryStreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -31,9 +32,9 @@ const PIPELINE_DEPTH: usize = 4;
 /// What `Hello` tells a client.
 #[derive(Debug, Clone)]
 pub struct HelloInfo {
-    pub repository_id: [u8; 16],
+    pub repository_id: RepositoryId,
     pub chunker: v1::ChunkerParams,
-    pub dedup_key: [u8; 32],
+    pub dedup_key: DedupKey,
     pub limits: v1::Limits,
 }
 
