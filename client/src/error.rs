@@ -56,8 +56,9 @@ pub enum ClientError {
     /// touched; a partly written file is removed).
     #[error("cannot restore {}: {why}", path.display())]
     Restore { path: PathBuf, why: String },
-    /// A worker task of the client died (a bug): the operation stopped, nothing was committed.
-    #[error("a client worker task failed ({0}); nothing was committed: run the command again, and report this if it repeats")]
+    /// A worker task of the client died (a bug): the operation stopped where it was (a backup
+    /// commits nothing; a restore may have written some files, which a new run overwrites).
+    #[error("a client worker task failed ({0}); the operation stopped (a backup commits nothing, a restore may be partial): run the command again, and report this if it repeats")]
     Task(String),
 }
 

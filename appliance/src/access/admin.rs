@@ -55,6 +55,10 @@ pub struct Reply {
     pub ok: bool,
     #[serde(default)]
     pub error: String,
+    /// With `ok: false`: `not_found`, `already_exists`, `invalid_argument`,
+    /// `failed_precondition` or `internal` (absent from older appliances).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kind: String,
     #[serde(default)]
     pub users: Vec<String>,
     #[serde(default)]
@@ -179,9 +183,33 @@ pub fn call_socket(socket: &Path, req: &Request) -> Result<Option<Reply>, Applia
     let reply: Reply = serde_json::from_str(&answer)
         .map_err(|e| ApplianceError::Internal(format!("admin socket answered {answer:?}: {e}")))?;
     if !reply.ok {
-        return Err(ApplianceError::FailedPrecondition(reply.error));
+        return Err(refusal(&reply.kind, reply.error));
     }
     Ok(Some(reply))
+}
+
+/// The kind of a refusal, as the admin socket carries it (`Reply::kind`).
+#[must_use]
+pub fn kind_of(e: &ApplianceError) -> &'static str {
+    match e {
+        ApplianceError::NotFound(_) => "not_found",
+        ApplianceError::AlreadyExists(_) => "already_exists",
+        ApplianceError::InvalidArgument(_) => "invalid_argument",
+        ApplianceError::FailedPrecondition(_) => "failed_precondition",
+        _ => "internal",
+    }
+}
+
+/// A refusal read back from the socket: the same kind of error as when applied offline.
+fn refusal(kind: &str, message: String) -> ApplianceError {
+    match kind {
+        "not_found" => ApplianceError::NotFound(message),
+        "already_exists" => ApplianceError::AlreadyExists(message),
+        "invalid_argument" => ApplianceError::InvalidArgument(message),
+        "internal" => ApplianceError::Internal(message),
+        // Older appliances send no kind.
+        _ => ApplianceError::FailedPrecondition(message),
+    }
 }
 
 /// Runs `req` on the running appliance if there is one, else directly on the catalog at
@@ -235,5 +263,28 @@ mod tests {
         apply(&catalog, &add).unwrap();
         let status = tonic::Status::from(apply(&catalog, &add).unwrap_err());
         assert_eq!(status.code(), tonic::Code::AlreadyExists, "{status:?}");
+    }
+
+    #[test]
+    fn refusals_keep_their_kind_through_the_socket() {
+        for e in [
+            ApplianceError::NotFound("no user x@y".into()),
+            ApplianceError::AlreadyExists("user x@y already exists".into()),
+            ApplianceError::InvalidArgument("bad".into()),
+            ApplianceError::FailedPrecondition("run acl enable".into()),
+        ] {
+            let msg = e.to_string();
+            let back = refusal(kind_of(&e), msg.clone());
+            assert_eq!(back.to_string(), msg);
+            assert_eq!(
+                tonic::Status::from(back).code(),
+                tonic::Status::from(e).code()
+            );
+        }
+        // An older appliance sends no kind.
+        assert!(matches!(
+            refusal("", "x".into()),
+            ApplianceError::FailedPrecondition(_)
+        ));
     }
 }

@@ -43,6 +43,12 @@ pub fn migrate(c: &Catalog) -> Result<(), CatalogError> {
 
 fn migrate_with(c: &Catalog, steps: &[Step], current: u32) -> Result<(), CatalogError> {
     let found = version(c)?;
+    if found == 0 {
+        return Err(CatalogError::Decode {
+            key: "meta/schema".into(),
+            why: "version 0 does not exist".into(),
+        });
+    }
     if found > current {
         return Err(CatalogError::Newer {
             found,

@@ -1,6 +1,10 @@
 //! The `coffer-appliance` command line: one file per command group. `main.rs` parses and calls
 //! [`run`]; these modules belong to the binary, not to the library, and use only the library's
 //! public surface. `anyhow` lives here and in `main.rs` only.
+//!
+//! Owns: argument definitions, password prompts and environment variables, everything printed,
+//! exit codes. Must never hold repository logic (verification, rebuilding, serving, the admin
+//! protocol): it calls the library and reports what it answers.
 
 mod accounts;
 mod repo;

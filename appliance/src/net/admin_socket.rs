@@ -71,6 +71,7 @@ impl Admin {
         .unwrap_or_else(|e| Err(ApplianceError::Internal(format!("admin request: {e}"))))
         .unwrap_or_else(|e| admin::Reply {
             ok: false,
+            kind: admin::kind_of(&e).into(),
             error: e.to_string(),
             ..admin::Reply::default()
         });

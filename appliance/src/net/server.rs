@@ -15,7 +15,7 @@ use super::ServeError;
 use crate::access::{Auth, ControlUser};
 use crate::catalog::Catalog;
 use crate::crypto::keys::MasterKey;
-use crate::error::RepoError;
+use crate::error::{ApplianceError, RepoError};
 use crate::net::service::{CofferService, HelloInfo};
 use crate::net::tls::TlsIdentity;
 use crate::repo::{RepoConfig, RepoPaths};
@@ -238,7 +238,11 @@ async fn run_network(
             return;
         };
         while hup.recv().await.is_some() {
-            match reloader.auth.reload() {
+            let auth = reloader.auth.clone();
+            let outcome = tokio::task::spawn_blocking(move || auth.reload())
+                .await
+                .unwrap_or_else(|e| Err(ApplianceError::Internal(format!("reload: {e}"))));
+            match outcome {
                 Ok(()) => tracing::info!("SIGHUP: accounts and rules reloaded"),
                 Err(e) => tracing::error!("SIGHUP: reload failed, previous state kept: {e}"),
             }

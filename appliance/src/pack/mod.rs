@@ -9,6 +9,10 @@
 //!   again (rule 3). Its records are never acknowledged.
 //! * Every record carries its chunk id, and the footer lists every record, so the index can be
 //!   rebuilt from packs alone ([`recover`]).
+//!
+//! Owns: the pack byte format ([`format`], specified in `docs/format.md`), writing records
+//! ([`writer`]) through the [`crate::crypto::Encryption`] seam into a [`store::PackStore`], reading
+//! and recovering them. Must never decide what is stored (ingest's job) nor answer the network.
 
 pub mod format;
 pub mod read;
