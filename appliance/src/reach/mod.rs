@@ -2,14 +2,15 @@
 //! what its session may reference.
 //!
 //! Owns: the level-by-level walk from a root tree (commit checks, opened snapshots; the GC mark
-//! next), its bounds, the cache of recently walked snapshots and the walk permits. All decoding
-//! and every set insertion run on tokio's blocking pool (at most [`WALKS`] walks at once, one per
-//! account), never on the network threads; chunks are read through [`Shards`].
+//! next), its bounds, the cache of recently walked snapshots and the walk permits. Each walk runs
+//! on one thread of tokio's blocking pool from start to end (at most [`WALKS`] walks at once, one
+//! per account), never on the network threads; chunks are read through [`Shards`].
 //!
 //! Must never write anything: it reads chunks and answers sets. It never decides access itself:
 //! the caller passes what a session knows as a [`Known`].
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
@@ -91,10 +92,10 @@ pub struct Walker {
     per_account: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
-/// One walk's gate and bound, checked at every insertion.
-#[derive(Clone)]
+/// One walk's gate and bound, checked at every insertion, and whether its caller still waits.
 struct Rules {
     known: Option<Arc<dyn Known>>,
+    stop: Arc<AtomicBool>,
 }
 
 fn bad(e: String) -> ApplianceError {
@@ -102,6 +103,16 @@ fn bad(e: String) -> ApplianceError {
 }
 
 impl Rules {
+    fn running(&self) -> Result<(), ApplianceError> {
+        if self.stop.load(Ordering::Relaxed) {
+            Err(ApplianceError::Unavailable(
+                "tree walk abandoned: its caller went away".into(),
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
     fn knows(&self, id: &ChunkId) -> Result<(), ApplianceError> {
         if self.known.as_ref().is_none_or(|k| k.knows(id)) {
             Ok(())
@@ -217,27 +228,17 @@ impl Walker {
         root: ChunkId,
         known: Option<Arc<dyn Known>>,
     ) -> Result<Walk, ApplianceError> {
-        let rules = Rules { known };
-        let mut w = Walk::default();
-        let mut level = vec![root];
-        while !level.is_empty() {
-            let todo;
-            (w, todo) = blocking(&rules, w, move |r, w| r.admit_trees(w, level)).await?;
-            let (mut next, mut lists) = (Vec::new(), Vec::new());
-            for part in todo.chunks(TREES_PER_FETCH) {
-                let chunks = self.shards.get(part.to_vec()).await?;
-                let found;
-                (w, found) = blocking(&rules, w, move |r, w| r.add_trees(w, &chunks)).await?;
-                next.extend(found.0);
-                lists.extend(found.1);
-            }
-            for part in lists.chunks(LISTS_PER_FETCH) {
-                let chunks = self.shards.get(part.to_vec()).await?;
-                (w, ()) = blocking(&rules, w, move |r, w| r.add_lists(w, &chunks)).await?;
-            }
-            level = next;
-        }
-        Ok(w)
+        // The whole walk runs on one blocking-pool thread (decoding, checks and the sets all
+        // stay there, so the sets grow in one thread's heap); its reads are the shards' async
+        // calls, driven there with `block_on`. A caller that goes away stops it at its next step.
+        let shards = self.shards.clone();
+        let rt = tokio::runtime::Handle::current();
+        let stop = Arc::new(AtomicBool::new(false));
+        let _guard = StopOnDrop(stop.clone());
+        let rules = Rules { known, stop };
+        tokio::task::spawn_blocking(move || rt.block_on(walk_from(&shards, root, &rules)))
+            .await
+            .map_err(|e| ApplianceError::Internal(format!("tree walk: {e}")))?
     }
 
     /// Waits for this account's turn to walk trees (one walk per account at a time) and for one
@@ -300,19 +301,37 @@ impl Walker {
     }
 }
 
-/// Runs one step of a walk on tokio's blocking pool, moving the walk's state there and back.
-async fn blocking<T: Send + 'static>(
-    rules: &Rules,
-    mut w: Walk,
-    f: impl FnOnce(&Rules, &mut Walk) -> Result<T, ApplianceError> + Send + 'static,
-) -> Result<(Walk, T), ApplianceError> {
-    let rules = rules.clone();
-    tokio::task::spawn_blocking(move || {
-        let out = f(&rules, &mut w)?;
-        Ok((w, out))
-    })
-    .await
-    .map_err(|e| ApplianceError::Internal(format!("tree walk: {e}")))?
+/// Sets its flag when the caller of a walk goes away.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The walk from `root`, level by level (see [`Walker::walk`]).
+async fn walk_from(shards: &Shards, root: ChunkId, rules: &Rules) -> Result<Walk, ApplianceError> {
+    let mut w = Walk::default();
+    let mut level = vec![root];
+    while !level.is_empty() {
+        let todo = rules.admit_trees(&mut w, level)?;
+        let (mut next, mut lists) = (Vec::new(), Vec::new());
+        for part in todo.chunks(TREES_PER_FETCH) {
+            rules.running()?;
+            let chunks = shards.get(part.to_vec()).await?;
+            let (trees, more) = rules.add_trees(&mut w, &chunks)?;
+            next.extend(trees);
+            lists.extend(more);
+        }
+        for part in lists.chunks(LISTS_PER_FETCH) {
+            rules.running()?;
+            let chunks = shards.get(part.to_vec()).await?;
+            rules.add_lists(&mut w, &chunks)?;
+        }
+        level = next;
+    }
+    Ok(w)
 }
 
 /// The plaintext of a stored chunk.
