@@ -129,28 +129,37 @@ fn new_user(identity: &str, password_file: Option<&Path>) -> anyhow::Result<User
     })
 }
 
+/// `user add` (`new`) or `user set`: asks for the password and stores its hash.
+fn set_password(
+    identity: &str,
+    repo: &RepoArg,
+    password_file: Option<&Path>,
+    new: bool,
+) -> anyhow::Result<()> {
+    let user = new_user(identity, password_file)?;
+    let id = user.identity.clone();
+    if new {
+        admin_run(&repo.repo, &admin::Request::UserAdd { user })?;
+        println!("added user {id}");
+    } else {
+        admin_run(&repo.repo, &admin::Request::UserSet { user })?;
+        println!("changed the password of {id}");
+    }
+    Ok(())
+}
+
 pub fn user(cmd: UserCmd) -> anyhow::Result<()> {
     match cmd {
         UserCmd::Add {
             identity,
             repo,
             password_file,
-        } => {
-            let user = new_user(&identity, password_file.as_deref())?;
-            let id = user.identity.clone();
-            admin_run(&repo.repo, &admin::Request::UserAdd { user })?;
-            println!("added user {id}");
-        }
+        } => set_password(&identity, &repo, password_file.as_deref(), true)?,
         UserCmd::Set {
             identity,
             repo,
             password_file,
-        } => {
-            let user = new_user(&identity, password_file.as_deref())?;
-            let id = user.identity.clone();
-            admin_run(&repo.repo, &admin::Request::UserSet { user })?;
-            println!("changed the password of {id}");
-        }
+        } => set_password(&identity, &repo, password_file.as_deref(), false)?,
         UserCmd::Delete { identity, repo } => {
             let identity = coffer_appliance::normalise_identity(&identity)?;
             admin_run(
