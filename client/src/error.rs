@@ -96,31 +96,36 @@ impl From<tokio::task::JoinError> for ClientError {
     }
 }
 
+/// Whether `s` says the connection to the appliance was lost (rather than that the appliance
+/// refused something). A graceful shutdown of the appliance (HTTP/2 GOAWAY) mid-stream reaches
+/// tonic as INTERNAL "h2 protocol error"; a reset as UNAVAILABLE or CANCELLED.
+pub(crate) fn connection_lost(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Cancelled
+            | tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Internal
+    ) && [
+        "connection",
+        "canceled",
+        "transport",
+        "broken pipe",
+        "h2 protocol error",
+    ]
+    .iter()
+    .any(|w| s.message().to_ascii_lowercase().contains(w))
+}
+
 /// The appliance's message; for a lost connection, what happened and what to do.
 fn rpc_message(s: &tonic::Status) -> String {
-    match s.code() {
-        // A graceful shutdown of the appliance (HTTP/2 GOAWAY) mid-stream reaches tonic as
-        // INTERNAL "h2 protocol error"; a reset as UNAVAILABLE or CANCELLED.
-        tonic::Code::Cancelled
-        | tonic::Code::Unavailable
-        | tonic::Code::Unknown
-        | tonic::Code::Internal
-            if [
-                "connection",
-                "canceled",
-                "transport",
-                "broken pipe",
-                "h2 protocol error",
-            ]
-            .iter()
-            .any(|w| s.message().to_ascii_lowercase().contains(w)) =>
-        {
-            "the connection to the appliance was lost (it may be shutting down or restarting); \
-             the operation was interrupted and nothing was committed; run it again (data already \
-             acknowledged is kept)"
-                .to_string()
-        }
-        _ => s.message().to_string(),
+    if connection_lost(s) {
+        "the connection to the appliance was lost (it may be shutting down or restarting); \
+         the operation was interrupted and nothing was committed; run it again (data already \
+         acknowledged is kept)"
+            .to_string()
+    } else {
+        s.message().to_string()
     }
 }
 

@@ -127,6 +127,7 @@ impl Raw {
             .client
             .commit_snapshot(self.req(v1::CommitSnapshotRequest {
                 snapshot: Some(snap),
+                commit_id: bytes::Bytes::new(),
             }))
             .await
             .map_err(|s| s.code())?;

@@ -4,7 +4,9 @@
 //!
 //! Keys: `user/<identity>` -> JSON [`UserRecord`]; `snap/<id hex>` -> protobuf `coffer.v1.Snapshot`;
 //! `acl/<rule id>` -> JSON [`crate::access::rules::Rule`]; `setting/<name>` -> UTF-8 value;
-//! `meta/schema` -> the schema version ([`schema`]), checked and migrated at every open.
+//! `commit/<identity>/<commit id hex>` -> the 16-byte id of the snapshot committed with that
+//! commit id (idempotent commits); `meta/schema` -> the schema version ([`schema`]), checked and
+//! migrated at every open.
 //!
 //! Owns: the catalog database and its records. Must never touch packs or shard indexes, nor
 //! decide access (that is [`crate::access`]).
@@ -39,6 +41,28 @@ pub enum CatalogError {
 /// The catalog database.
 pub struct Catalog {
     db: rocksdb::DB,
+    /// Serialises snapshot commits and deletes: the check for an earlier commit with the same
+    /// commit id and the write of a new one are one step.
+    commits: std::sync::Mutex<()>,
+}
+
+/// What [`Catalog::commit_snapshot`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// A new snapshot with this id.
+    New(SnapshotId),
+    /// A retry of an earlier commit (same identity, same commit id): its snapshot.
+    Earlier(SnapshotId),
+}
+
+impl Committed {
+    /// The snapshot's id.
+    #[must_use]
+    pub fn id(self) -> SnapshotId {
+        match self {
+            Self::New(id) | Self::Earlier(id) => id,
+        }
+    }
 }
 
 impl std::fmt::Debug for Catalog {
@@ -79,7 +103,10 @@ impl Catalog {
                 ce(e)
             }
         })?;
-        let catalog = Self { db };
+        let catalog = Self {
+            db,
+            commits: std::sync::Mutex::new(()),
+        };
         schema::migrate(&catalog)?;
         Ok(catalog)
     }
@@ -242,13 +269,38 @@ impl Catalog {
         })
     }
 
-    /// Commits a snapshot: one synced write is the commit point.
+    /// Commits a snapshot: one synced write (the record and, with a commit id, the commit key
+    /// `commit/<identity>/<commit id>`) is the commit point. A snapshot whose identity already
+    /// committed one with the same commit id is not written again: the earlier one is answered.
     ///
     /// # Errors
     /// Engine errors.
-    pub fn commit_snapshot(&self, snap: &v1::Snapshot) -> Result<(), CatalogError> {
+    pub fn commit_snapshot(&self, snap: &v1::Snapshot) -> Result<Committed, CatalogError> {
         let id = SnapshotId::from_slice(&snap.id).map_err(|e| bad(b"snap/", e))?;
-        self.put(key::snapshot(&id).as_bytes(), &snap.encode_to_vec())
+        let _one = self
+            .commits
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut batch = rocksdb::WriteBatch::default();
+        if !snap.commit_id.is_empty() {
+            let ck = key::commit(&snap.identity, &snap.commit_id);
+            if let Some(v) = self.db.get(&ck).map_err(ce)? {
+                let earlier = SnapshotId::from_slice(&v).map_err(|e| bad(ck.as_bytes(), e))?;
+                if self.snapshot(&earlier)?.is_some() {
+                    return Ok(Committed::Earlier(earlier));
+                }
+            }
+            batch.put(ck.as_bytes(), id.as_bytes());
+        }
+        batch.put(key::snapshot(&id).as_bytes(), snap.encode_to_vec());
+        self.write(batch)?;
+        Ok(Committed::New(id))
+    }
+
+    fn write(&self, batch: rocksdb::WriteBatch) -> Result<(), CatalogError> {
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo).map_err(ce)
     }
 
     /// One snapshot.
@@ -265,12 +317,23 @@ impl Catalog {
         }
     }
 
-    /// Deletes a snapshot (one synced write).
+    /// Deletes a snapshot and its commit key (one synced write).
     ///
     /// # Errors
     /// Engine errors.
     pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), CatalogError> {
-        self.delete(key::snapshot(id).as_bytes())
+        let _one = self
+            .commits
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut batch = rocksdb::WriteBatch::default();
+        if let Some(s) = self.snapshot(id)? {
+            if !s.commit_id.is_empty() {
+                batch.delete(key::commit(&s.identity, &s.commit_id).as_bytes());
+            }
+        }
+        batch.delete(key::snapshot(id).as_bytes());
+        self.write(batch)
     }
 
     /// Every snapshot.

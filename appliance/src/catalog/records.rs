@@ -36,6 +36,10 @@ pub(crate) mod key {
     pub fn setting(name: &str) -> String {
         format!("setting/{name}")
     }
+    /// The snapshot an identity committed with a commit id (its 16 bytes as the value).
+    pub fn commit(identity: &str, commit_id: &[u8]) -> String {
+        format!("commit/{identity}/{}", hex::encode(commit_id))
+    }
     pub const USERS: &[u8] = b"user/";
     pub const RULES: &[u8] = b"acl/";
     pub const SNAPSHOTS: &[u8] = b"snap/";

@@ -15,6 +15,9 @@ use super::connect::{channel, Target};
 use super::frame::{codec_for, Codec, Frame};
 use crate::ClientError;
 
+/// Times a commit is asked again after losing its connection before the answer.
+pub const COMMIT_RETRIES: u32 = 3;
+
 /// Credentials and where to connect.
 #[derive(Debug, Clone)]
 pub struct SessionOptions {
@@ -335,20 +338,57 @@ impl Session {
         Ok(out)
     }
 
-    /// Commits a snapshot whose root tree chunk is already stored.
+    /// Commits a snapshot whose root tree chunk is already stored, under a fresh random commit
+    /// id (see [`Session::commit_as`]).
     ///
     /// # Errors
-    /// RPC failures.
+    /// RPC failures; a connection still lost after the retries.
     pub async fn commit(&self, snap: v1::Snapshot) -> Result<SnapshotId, ClientError> {
-        let r = self
-            .client
-            .clone()
-            .commit_snapshot(v1::CommitSnapshotRequest {
-                snapshot: Some(snap),
-            })
-            .await?
-            .into_inner();
-        SnapshotId::from_slice(&r.id).map_err(|e| ClientError::Protocol(e.to_string()))
+        self.commit_as(snap, rand::random()).await
+    }
+
+    /// Commits a snapshot under `commit_id` (one per snapshot), which makes the commit
+    /// idempotent: when the connection is lost before the answer, the commit is asked again with
+    /// it (up to [`COMMIT_RETRIES`] times, waiting 0.25, 0.5, 1 s) and the appliance answers the
+    /// snapshot the first attempt made, never a second one.
+    ///
+    /// # Errors
+    /// RPC failures; a connection still lost after the retries.
+    pub async fn commit_as(
+        &self,
+        snap: v1::Snapshot,
+        commit_id: [u8; 16],
+    ) -> Result<SnapshotId, ClientError> {
+        let mut retries = COMMIT_RETRIES;
+        let mut wait = std::time::Duration::from_millis(250);
+        loop {
+            let r = self
+                .client
+                .clone()
+                .commit_snapshot(v1::CommitSnapshotRequest {
+                    snapshot: Some(snap.clone()),
+                    commit_id: Bytes::copy_from_slice(&commit_id),
+                })
+                .await;
+            match r {
+                Ok(r) => {
+                    return SnapshotId::from_slice(&r.into_inner().id)
+                        .map_err(|e| ClientError::Protocol(e.to_string()));
+                }
+                // The commit may have happened and only its answer been lost: ask again with
+                // the same commit id, which the appliance answers with the snapshot it made.
+                Err(s)
+                    if retries > 0
+                        && (crate::error::connection_lost(&s)
+                            || s.code() == tonic::Code::Unavailable) =>
+                {
+                    retries -= 1;
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+                Err(s) => return Err(s.into()),
+            }
+        }
     }
 
     /// This user's snapshots (with `all`: every snapshot it may read), oldest first; `path`

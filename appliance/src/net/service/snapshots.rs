@@ -8,7 +8,7 @@ use coffer_proto::{v1, ChunkId, SnapshotId};
 use super::{catalog_call, Inner};
 use crate::access::rules::{snapshot_access, Access};
 use crate::access::Session;
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, Committed};
 use crate::error::ApplianceError;
 
 fn snapshot_id(bytes: &[u8]) -> Result<SnapshotId, ApplianceError> {
@@ -30,6 +30,14 @@ impl Inner {
         let mut snap = req
             .snapshot
             .ok_or_else(|| ApplianceError::InvalidArgument("commit without a snapshot".into()))?;
+        if !req.commit_id.is_empty() && req.commit_id.len() != 16 {
+            return Err(ApplianceError::InvalidArgument(format!(
+                "a commit id is 16 bytes, not {}",
+                req.commit_id.len()
+            )));
+        }
+        // Set by the appliance only: a retry is recognised by the request's commit id.
+        snap.commit_id = req.commit_id;
         let root = ChunkId::from_slice(&snap.root)
             .map_err(|e| ApplianceError::InvalidArgument(format!("snapshot root: {e}")))?;
         let id = SnapshotId::from_bytes(rand::random());
@@ -67,13 +75,16 @@ impl Inner {
         if snap.time_us == 0 {
             snap.time_us = coffer_proto::now_us();
         }
-        let s2 = snap.clone();
-        catalog_call(&self.catalog, move |c| c.commit_snapshot(&s2)).await?;
-        if !walk.skipped {
+        let committed = catalog_call(&self.catalog, move |c| c.commit_snapshot(&snap)).await?;
+        if let Committed::Earlier(id) = committed {
+            tracing::info!(snapshot = %id, identity = %session.identity, "a retried commit answered with its earlier snapshot");
+        } else if !walk.skipped {
             // The walk saw everything: the new snapshot's reachable set, ready for restores.
             self.walker.remember(root, Arc::new(walk.reach));
         }
-        Ok(v1::CommitSnapshotResponse { id: snap.id })
+        Ok(v1::CommitSnapshotResponse {
+            id: Bytes::copy_from_slice(committed.id().as_bytes()),
+        })
     }
 
     pub(super) async fn open_snapshot(

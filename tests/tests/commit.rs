@@ -1,0 +1,175 @@
+//! Idempotent commits (issue 12, item 5): a commit is sent with a commit id chosen once per
+//! snapshot; when its answer is lost, the client asks again with the same id and the appliance
+//! answers the snapshot it already made. A lost acknowledgement never makes a second snapshot.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use coffer_client::Session;
+use coffer_proto::v1;
+use coffer_tests::{snapshot_of, tree_frame, Appliance};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const ALICE: &str = "alice@laptop";
+const BOB: &str = "bob@desktop";
+
+/// Alice's snapshots of `/probe`, as the appliance lists them.
+async fn probes(s: &Session) -> Vec<v1::Snapshot> {
+    s.list("/probe", false).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_commit_id_answers_the_first_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = Appliance::init(dir.path(), 2, 64 << 10, &[ALICE, BOB]).unwrap();
+    app.start().unwrap();
+    let alice = app.session(ALICE).await.unwrap();
+    let bob = app.session(BOB).await.unwrap();
+    let root = tree_frame(&alice, vec![]);
+    let root_id = root.id;
+    alice.put(vec![root.clone()], 1 << 20).await.unwrap();
+    bob.put(vec![root], 1 << 20).await.unwrap();
+
+    let first = alice
+        .commit_as(snapshot_of(root_id), [7; 16])
+        .await
+        .unwrap();
+    let again = alice
+        .commit_as(snapshot_of(root_id), [7; 16])
+        .await
+        .unwrap();
+    assert_eq!(
+        first, again,
+        "a retried commit answers the snapshot it made"
+    );
+    assert_eq!(probes(&alice).await.len(), 1);
+    // Another commit id is another snapshot; another identity's commit ids are its own.
+    let other = alice
+        .commit_as(snapshot_of(root_id), [8; 16])
+        .await
+        .unwrap();
+    assert_ne!(other, first);
+    let bobs = bob.commit_as(snapshot_of(root_id), [7; 16]).await.unwrap();
+    assert_ne!(bobs, first);
+    assert_eq!(probes(&alice).await.len(), 2);
+    // A deleted snapshot is not answered again: the same commit id then makes a new one.
+    alice.delete(&first).await.unwrap();
+    let anew = alice
+        .commit_as(snapshot_of(root_id), [7; 16])
+        .await
+        .unwrap();
+    assert!(anew != first && anew != other);
+    assert_eq!(probes(&alice).await.len(), 2);
+}
+
+/// A TCP proxy in front of the appliance. While `swallow` is set it drops every byte the
+/// appliance sends; `cut` closes the connections open at that moment.
+struct Proxy {
+    addr: SocketAddr,
+    swallow: Arc<AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl Proxy {
+    async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let swallow = Arc::new(AtomicBool::new(false));
+        let (cut, cuts) = tokio::sync::watch::channel(0u64);
+        let sw = swallow.clone();
+        tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                let up = TcpStream::connect(upstream).await.unwrap();
+                tokio::spawn(pump(down, up, sw.clone(), cuts.clone()));
+            }
+        });
+        Self { addr, swallow, cut }
+    }
+}
+
+/// Copies bytes both ways until either side closes or the connection is cut.
+async fn pump(
+    down: TcpStream,
+    up: TcpStream,
+    swallow: Arc<AtomicBool>,
+    mut cuts: tokio::sync::watch::Receiver<u64>,
+) {
+    // Only a cut after this connection opened closes it.
+    cuts.borrow_and_update();
+    let (mut dr, mut dw) = down.into_split();
+    let (mut ur, mut uw) = up.into_split();
+    let to_server = async {
+        let mut b = vec![0u8; 64 << 10];
+        while let Ok(n @ 1..) = dr.read(&mut b).await {
+            if uw.write_all(&b[..n]).await.is_err() {
+                break;
+            }
+        }
+    };
+    let to_client = async {
+        let mut b = vec![0u8; 64 << 10];
+        while let Ok(n @ 1..) = ur.read(&mut b).await {
+            if swallow.load(Ordering::SeqCst) {
+                continue;
+            }
+            if dw.write_all(&b[..n]).await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        () = to_server => {}
+        () = to_client => {}
+        _ = cuts.changed() => {}
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_answer_is_lost_is_not_made_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = Appliance::init(dir.path(), 2, 64 << 10, &[ALICE]).unwrap();
+    app.start().unwrap();
+    let direct = app.session(ALICE).await.unwrap();
+    let mut opts = app.options(ALICE);
+    let proxy = Proxy::start(
+        format!("{}:{}", opts.target.host, opts.target.port)
+            .parse()
+            .unwrap(),
+    )
+    .await;
+    opts.target.host = proxy.addr.ip().to_string();
+    opts.target.port = proxy.addr.port();
+    let alice = Session::connect(&opts).await.unwrap();
+    let root = tree_frame(&alice, vec![]);
+    let root_id = root.id;
+    alice.put(vec![root], 1 << 20).await.unwrap();
+
+    // The appliance's answer to the commit never arrives: the commit is durable, the client
+    // does not know it.
+    proxy.swallow.store(true, Ordering::SeqCst);
+    let committing = tokio::spawn(async move { alice.commit(snapshot_of(root_id)).await });
+    let mut made = Vec::new();
+    for _ in 0..2000 {
+        made = probes(&direct).await;
+        if !made.is_empty() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(made.len(), 1, "the commit reached the appliance");
+    // Now the connection drops; the client asks again on a new one.
+    proxy.swallow.store(false, Ordering::SeqCst);
+    proxy.cut.send_modify(|g| *g += 1);
+    let answered = committing
+        .await
+        .unwrap()
+        .expect("the retried commit succeeds");
+    assert_eq!(
+        answered.as_bytes()[..],
+        made[0].id[..],
+        "answered with the snapshot it made"
+    );
+    assert_eq!(probes(&direct).await.len(), 1, "no second snapshot");
+}
