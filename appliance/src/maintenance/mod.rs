@@ -1,12 +1,13 @@
 //! Maintenance of a repository at rest or beside a running appliance: [`verify`] (invariants I1,
-//! I2, I5) and [`rebuild`] (the index from pack footers alone). Retention, GC and compaction land
-//! here next.
+//! I2, I5), [`rebuild`] (the index from pack footers alone) and [`retention`] (which snapshots a
+//! policy keeps). Forgetting, GC and compaction land here next.
 //!
 //! Owns: whole-repository passes, which report every problem they meet and never present a
 //! partial result as complete. Must never serve requests, nor write an index a running shard has
 //! open (rebuild builds a new one beside it and swaps it in only when complete).
 
 mod rebuild;
+pub mod retention;
 mod verify;
 
 pub use rebuild::{rebuild_index, RebuildOutcome};
