@@ -28,6 +28,7 @@ pub use access::accounts::{hash_password, normalise_identity, MIN_PASSWORD_CHARS
 pub use access::admin;
 pub use access::rules::{Access, Rule, Target};
 pub use access::ControlUser;
+pub use catalog::policy::{self, Policy, PolicyTarget};
 pub use catalog::{Catalog, CatalogError, UserRecord};
 pub use crypto::keys::{KdfParams, MasterKey};
 pub use crypto::{Encryption, RecordCipher};

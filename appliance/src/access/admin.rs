@@ -14,6 +14,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::access::rules::Rule;
+use crate::catalog::policy::{resolve, Effective, Policy, PolicyTarget};
 use crate::catalog::{Catalog, UserRecord};
 use crate::error::ApplianceError;
 
@@ -47,6 +48,33 @@ pub enum Request {
     Disclosure {
         mode: Option<String>,
     },
+    /// Sets the fields given in `policy` at `target` (the others stay as stored) and clears
+    /// the fields named in `unset`.
+    PolicySet {
+        target: String,
+        policy: Policy,
+        #[serde(default)]
+        unset: Vec<String>,
+    },
+    PolicyDelete {
+        target: String,
+    },
+    PolicyList,
+    /// The effective policy of `identity` backing up `path`, each field with its level.
+    PolicyShow {
+        identity: String,
+        path: String,
+    },
+}
+
+/// One field of an effective policy, for display.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyField {
+    pub field: String,
+    /// JSON of the value.
+    pub value: String,
+    /// The level it came from.
+    pub from: String,
 }
 
 /// What an operation returned.
@@ -69,6 +97,12 @@ pub struct Reply {
     /// The disclosure mode in force (for `Disclosure`).
     #[serde(default)]
     pub disclosure: String,
+    /// Stored policies by target (`PolicyList`, and the level written by `PolicySet`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<(String, Policy)>,
+    /// The effective policy (`PolicyShow`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub effective: Vec<PolicyField>,
 }
 
 /// Applies `req` to the catalog.
@@ -132,6 +166,30 @@ pub fn apply(catalog: &Catalog, req: &Request) -> Result<Reply, ApplianceError> 
             }
         }
         Request::Refresh => {}
+        Request::PolicySet {
+            target,
+            policy,
+            unset,
+        } => {
+            let t = parse_target(target)?;
+            let stored = catalog.policy(&t)?.unwrap_or_default();
+            let merged = merge(&stored, policy, unset)?;
+            catalog.put_policy(&t, &merged)?;
+            reply.policies = vec![(t.to_string(), merged)];
+        }
+        Request::PolicyDelete { target } => catalog.delete_policy(&parse_target(target)?)?,
+        Request::PolicyList => {
+            reply.policies = catalog
+                .policies()?
+                .into_iter()
+                .map(|(t, p)| (t.to_string(), p))
+                .collect();
+        }
+        Request::PolicyShow { identity, path } => {
+            let identity = crate::access::normalise_identity(identity)?;
+            let e = resolve(&catalog.policies()?, &identity, path);
+            reply.effective = effective_fields(&e);
+        }
         Request::Disclosure { mode } => {
             if let Some(m) = mode {
                 crate::access::auth::parse_disclosure(Some(m))?;
@@ -145,6 +203,77 @@ pub fn apply(catalog: &Catalog, req: &Request) -> Result<Reply, ApplianceError> 
         }
     }
     Ok(reply)
+}
+
+fn parse_target(t: &str) -> Result<PolicyTarget, ApplianceError> {
+    PolicyTarget::parse(t).map_err(|e| ApplianceError::InvalidArgument(e.to_string()))
+}
+
+/// `stored` with the fields set in `set` replaced and the fields named in `unset` cleared.
+fn merge(stored: &Policy, set: &Policy, unset: &[String]) -> Result<Policy, ApplianceError> {
+    let bad = |e: serde_json::Error| ApplianceError::InvalidArgument(format!("policy: {e}"));
+    let mut m = serde_json::to_value(stored).map_err(bad)?;
+    let obj = m.as_object_mut().expect("a policy is a JSON object");
+    if let serde_json::Value::Object(fields) = serde_json::to_value(set).map_err(bad)? {
+        obj.extend(fields);
+    }
+    for f in unset {
+        if obj.remove(f).is_none() && !POLICY_FIELDS.contains(&f.as_str()) {
+            return Err(ApplianceError::InvalidArgument(format!(
+                "no policy field {f:?}; fields: {}",
+                POLICY_FIELDS.join(", ")
+            )));
+        }
+    }
+    serde_json::from_value(m).map_err(bad)
+}
+
+/// The fields of a policy, in display order.
+pub const POLICY_FIELDS: &[&str] = &[
+    "keep_last",
+    "keep_hourly",
+    "keep_daily",
+    "keep_weekly",
+    "keep_monthly",
+    "keep_yearly",
+    "keep_within_secs",
+    "compression",
+    "excludes",
+    "exclude_caches",
+    "one_file_system",
+    "max_file_size",
+    "schedule",
+];
+
+fn effective_fields(e: &Effective) -> Vec<PolicyField> {
+    fn one<T: Serialize>(
+        out: &mut Vec<PolicyField>,
+        field: &str,
+        v: Option<&crate::catalog::policy::Sourced<T>>,
+    ) {
+        if let Some(s) = v {
+            out.push(PolicyField {
+                field: field.to_string(),
+                value: serde_json::to_string(&s.value).unwrap_or_default(),
+                from: s.from.to_string(),
+            });
+        }
+    }
+    let mut out = Vec::new();
+    one(&mut out, "keep_last", e.keep_last.as_ref());
+    one(&mut out, "keep_hourly", e.keep_hourly.as_ref());
+    one(&mut out, "keep_daily", e.keep_daily.as_ref());
+    one(&mut out, "keep_weekly", e.keep_weekly.as_ref());
+    one(&mut out, "keep_monthly", e.keep_monthly.as_ref());
+    one(&mut out, "keep_yearly", e.keep_yearly.as_ref());
+    one(&mut out, "keep_within_secs", e.keep_within_secs.as_ref());
+    one(&mut out, "compression", e.compression.as_ref());
+    one(&mut out, "excludes", e.excludes.as_ref());
+    one(&mut out, "exclude_caches", e.exclude_caches.as_ref());
+    one(&mut out, "one_file_system", e.one_file_system.as_ref());
+    one(&mut out, "max_file_size", e.max_file_size.as_ref());
+    one(&mut out, "schedule", e.schedule.as_ref());
+    out
 }
 
 /// Only well-formed identities and argon2id PHC strings are ever stored.

@@ -4,6 +4,7 @@
 //!
 //! Keys: `user/<identity>` -> JSON [`UserRecord`]; `snap/<id hex>` -> protobuf `coffer.v1.Snapshot`;
 //! `acl/<rule id>` -> JSON [`crate::access::rules::Rule`]; `setting/<name>` -> UTF-8 value;
+//! `policy/<target>` -> JSON [`policy::Policy`];
 //! `commit/<identity>/<commit id hex>` -> the 16-byte id of the snapshot committed with that
 //! commit id (idempotent commits); `meta/schema` -> the schema version ([`schema`]), checked and
 //! migrated at every open.
@@ -11,9 +12,11 @@
 //! Owns: the catalog database and its records. Must never touch packs or shard indexes, nor
 //! decide access (that is [`crate::access`]).
 
+pub mod policy;
 mod records;
 pub mod schema;
 
+use policy::{Policy, PolicyTarget};
 use records::key;
 pub use records::UserRecord;
 
@@ -194,15 +197,72 @@ impl Catalog {
         prefix: &[u8],
         decode: impl Fn(&[u8]) -> Result<T, String>,
     ) -> Result<Vec<T>, CatalogError> {
+        self.prefixed_kv(prefix, |_, v| decode(v))
+    }
+
+    /// Every record under `prefix`, decoded from its key (without the prefix) and value.
+    fn prefixed_kv<T>(
+        &self,
+        prefix: &[u8],
+        decode: impl Fn(&[u8], &[u8]) -> Result<T, String>,
+    ) -> Result<Vec<T>, CatalogError> {
         let mut out = Vec::new();
         for item in self.db.prefix_iterator(prefix) {
             let (k, v) = item.map_err(ce)?;
             if !k.starts_with(prefix) {
                 break;
             }
-            out.push(decode(&v).map_err(|e| bad(&k, e))?);
+            out.push(decode(&k[prefix.len()..], &v).map_err(|e| bad(&k, e))?);
         }
         Ok(out)
+    }
+
+    /// The policy stored at `target`, if any.
+    ///
+    /// # Errors
+    /// Engine or decoding errors.
+    pub fn policy(&self, target: &PolicyTarget) -> Result<Option<Policy>, CatalogError> {
+        let k = key::policy(target);
+        match self.db.get(&k).map_err(ce)? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| bad(k.as_bytes(), e)),
+        }
+    }
+
+    /// Stores the policy of `target` (replacing the stored one).
+    ///
+    /// # Errors
+    /// Engine errors.
+    pub fn put_policy(&self, target: &PolicyTarget, p: &Policy) -> Result<(), CatalogError> {
+        self.put(
+            key::policy(target).as_bytes(),
+            &serde_json::to_vec(p).map_err(ce)?,
+        )
+    }
+
+    /// Deletes the policy of `target`.
+    ///
+    /// # Errors
+    /// [`CatalogError::NotFound`] when none is stored there.
+    pub fn delete_policy(&self, target: &PolicyTarget) -> Result<(), CatalogError> {
+        if self.policy(target)?.is_none() {
+            return Err(CatalogError::NotFound(format!("no policy at {target}")));
+        }
+        self.delete(key::policy(target).as_bytes())
+    }
+
+    /// Every stored policy, by target.
+    ///
+    /// # Errors
+    /// Engine or decoding errors.
+    pub fn policies(&self) -> Result<Vec<(PolicyTarget, Policy)>, CatalogError> {
+        self.prefixed_kv(key::POLICIES, |k, v| {
+            let t = std::str::from_utf8(k).map_err(|e| e.to_string())?;
+            let t = PolicyTarget::parse(t).map_err(|e| e.to_string())?;
+            Ok((t, serde_json::from_slice(v).map_err(|e| e.to_string())?))
+        })
     }
 
     /// Stored access rules (none: the defaults apply).

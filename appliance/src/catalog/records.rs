@@ -40,6 +40,11 @@ pub(crate) mod key {
     pub fn commit(identity: &str, commit_id: &[u8]) -> String {
         format!("commit/{identity}/{}", hex::encode(commit_id))
     }
+    /// The policy of a target (`global`, `@host`, `user@host`, `user@host:/path`).
+    pub fn policy(target: &crate::catalog::policy::PolicyTarget) -> String {
+        format!("policy/{target}")
+    }
+    pub const POLICIES: &[u8] = b"policy/";
     pub const USERS: &[u8] = b"user/";
     pub const RULES: &[u8] = b"acl/";
     pub const SNAPSHOTS: &[u8] = b"snap/";

@@ -90,7 +90,7 @@ pub enum AclCmd {
 }
 
 /// Runs an administrative request through the running appliance or on the catalog.
-fn admin_run(repo: &Path, req: &admin::Request) -> anyhow::Result<admin::Reply> {
+pub(super) fn admin_run(repo: &Path, req: &admin::Request) -> anyhow::Result<admin::Reply> {
     let paths = RepoPaths::new(repo);
     paths.load_config()?;
     let (reply, live) = admin::run(&paths.admin_socket(), &paths.catalog(), req)?;
@@ -98,6 +98,8 @@ fn admin_run(repo: &Path, req: &admin::Request) -> anyhow::Result<admin::Reply> 
         req,
         admin::Request::UserList
             | admin::Request::AclList
+            | admin::Request::PolicyList
+            | admin::Request::PolicyShow { .. }
             | admin::Request::Disclosure { mode: None }
     ) {
         if live {

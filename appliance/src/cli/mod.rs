@@ -7,6 +7,7 @@
 //! protocol): it calls the library and reports what it answers.
 
 mod accounts;
+mod policy;
 mod repo;
 mod serve;
 mod tune;
@@ -78,6 +79,12 @@ pub enum Cmd {
         repo: RepoArg,
         /// `user` or `repository`; omit to show the current mode.
         mode: Option<String>,
+    },
+    /// Manage the policies the appliance serves: retention, compression, excludes, schedule
+    /// (through the running appliance if there is one: effective at once).
+    Policy {
+        #[command(subcommand)]
+        cmd: policy::PolicyCmd,
     },
     /// Make the running appliance reload accounts and rules from its catalog (as SIGHUP does).
     Refresh {
@@ -173,6 +180,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Acl { cmd } => accounts::acl(cmd)?,
         Cmd::Disclosure { repo, mode } => accounts::disclosure(&repo.repo, mode)?,
         Cmd::Refresh { repo } => accounts::refresh(&repo.repo)?,
+        Cmd::Policy { cmd } => policy::run(cmd)?,
         Cmd::Verify {
             repo,
             password,
