@@ -111,3 +111,92 @@ fn bad_targets_fields_and_values_are_refused_plainly() {
     let (ok, err) = run(&["policy", "delete", "@nowhere"]);
     assert!(!ok && err.contains("no policy at @nowhere"), "{err}");
 }
+
+/// Acceptance of issue 12: an APPEND-only client whose policy keeps 3 daily snapshots ends,
+/// after 10 simulated days of two backups a day and a maintenance run each day (the clock is
+/// injected), with exactly the snapshots retention keeps — without ever being able to delete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_only_client_keeps_exactly_what_retention_keeps() {
+    const HOUR: i64 = 3_600_000_000;
+    const DAY: i64 = 24 * HOUR;
+    // 2026-01-05 00:00 UTC.
+    const T0: i64 = 1_767_571_200_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = Appliance::init(dir.path(), 1, 64 << 10, &[ALICE]).unwrap();
+    app.start().unwrap();
+    admin(&app, &["acl", "enable"]);
+    admin(
+        &app,
+        &["acl", "remove", "default-own-snapshots", "--delete"],
+    );
+    admin(
+        &app,
+        &[
+            "acl",
+            "add",
+            "--user",
+            ALICE,
+            "--access",
+            "APPEND",
+            "--target",
+            "type=snapshot,username=OWN_USER,hostname=OWN_HOST",
+        ],
+    );
+    admin(
+        &app,
+        &["policy", "set", "alice@laptop:/probe", "--keep-daily", "3"],
+    );
+    let alice = app.session(ALICE).await.unwrap();
+    let root = coffer_tests::tree_frame(&alice, vec![]);
+    let root_id = root.id;
+    alice.put(vec![root], 1 << 20).await.unwrap();
+    for day in 0..10 {
+        for hour in [2, 14] {
+            let mut snap = coffer_tests::snapshot_of(root_id);
+            snap.time_us = T0 + day * DAY + hour * HOUR;
+            alice.commit(snap).await.unwrap();
+        }
+        let now = (T0 + day * DAY + 15 * HOUR).to_string();
+        admin(&app, &["maintenance", "run", "--now-us", &now]);
+    }
+    let mut left: Vec<i64> = alice
+        .list("/probe", false)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.time_us)
+        .collect();
+    left.sort_unstable();
+    assert_eq!(
+        left,
+        vec![
+            T0 + 7 * DAY + 14 * HOUR,
+            T0 + 8 * DAY + 14 * HOUR,
+            T0 + 9 * DAY + 14 * HOUR
+        ]
+    );
+    // The client could not have done it itself.
+    let mine = alice.list("/probe", false).await.unwrap();
+    let id = coffer_proto::SnapshotId::from_slice(&mine[0].id).unwrap();
+    let e = alice.delete(&id).await.unwrap_err();
+    assert_eq!(
+        coffer_tests::code(&e),
+        Some(tonic::Code::PermissionDenied),
+        "{e}"
+    );
+    // A dry run changes nothing and says why each is kept.
+    let dry = admin(
+        &app,
+        &[
+            "maintenance",
+            "run",
+            "--dry-run",
+            "--now-us",
+            &(T0 + 10 * DAY).to_string(),
+        ],
+    );
+    assert!(
+        dry.contains("(daily") && dry.contains("0 snapshots would be forgotten"),
+        "{dry}"
+    );
+}

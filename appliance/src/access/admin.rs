@@ -17,6 +17,7 @@ use crate::access::rules::Rule;
 use crate::catalog::policy::{resolve, Effective, Policy, PolicyTarget};
 use crate::catalog::{Catalog, UserRecord};
 use crate::error::ApplianceError;
+use crate::maintenance::forget::{self, Verdict};
 
 /// One administrative operation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -65,6 +66,13 @@ pub enum Request {
         identity: String,
         path: String,
     },
+    /// Forgets the snapshots retention no longer keeps (with `dry_run`, only says which), at
+    /// time `now_us` (default: now; tests inject it).
+    MaintenanceRun {
+        dry_run: bool,
+        #[serde(default)]
+        now_us: Option<i64>,
+    },
 }
 
 /// One field of an effective policy, for display.
@@ -103,6 +111,12 @@ pub struct Reply {
     /// The effective policy (`PolicyShow`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub effective: Vec<PolicyField>,
+    /// Every snapshot with retention's decision (`MaintenanceRun`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verdicts: Vec<Verdict>,
+    /// Snapshots forgotten (`MaintenanceRun` without `dry_run`).
+    #[serde(default)]
+    pub forgotten: u64,
 }
 
 /// Applies `req` to the catalog.
@@ -184,6 +198,13 @@ pub fn apply(catalog: &Catalog, req: &Request) -> Result<Reply, ApplianceError> 
                 .into_iter()
                 .map(|(t, p)| (t.to_string(), p))
                 .collect();
+        }
+        Request::MaintenanceRun { dry_run, now_us } => {
+            let verdicts = forget::plan(catalog, now_us.unwrap_or_else(coffer_proto::now_us))?;
+            if !dry_run {
+                reply.forgotten = forget::apply(catalog, &verdicts)? as u64;
+            }
+            reply.verdicts = verdicts;
         }
         Request::PolicyShow { identity, path } => {
             let identity = crate::access::normalise_identity(identity)?;

@@ -100,6 +100,7 @@ pub(super) fn admin_run(repo: &Path, req: &admin::Request) -> anyhow::Result<adm
             | admin::Request::AclList
             | admin::Request::PolicyList
             | admin::Request::PolicyShow { .. }
+            | admin::Request::MaintenanceRun { dry_run: true, .. }
             | admin::Request::Disclosure { mode: None }
     ) {
         if live {

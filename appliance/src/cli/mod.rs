@@ -7,6 +7,7 @@
 //! protocol): it calls the library and reports what it answers.
 
 mod accounts;
+mod maintenance;
 mod policy;
 mod repo;
 mod serve;
@@ -45,6 +46,12 @@ pub struct RepoPassword {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum MaintenanceCmd {
+    /// Apply retention (through the running appliance if there is one).
+    Run(maintenance::RunArgs),
+}
+
+#[derive(Subcommand, Debug)]
 pub enum Cmd {
     /// Create a new repository.
     Init {
@@ -79,6 +86,11 @@ pub enum Cmd {
         repo: RepoArg,
         /// `user` or `repository`; omit to show the current mode.
         mode: Option<String>,
+    },
+    /// Maintenance: `run` forgets the snapshots each path's retention no longer keeps.
+    Maintenance {
+        #[command(subcommand)]
+        cmd: MaintenanceCmd,
     },
     /// Manage the policies the appliance serves: retention, compression, excludes, schedule
     /// (through the running appliance if there is one: effective at once).
@@ -181,6 +193,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Disclosure { repo, mode } => accounts::disclosure(&repo.repo, mode)?,
         Cmd::Refresh { repo } => accounts::refresh(&repo.repo)?,
         Cmd::Policy { cmd } => policy::run(cmd)?,
+        Cmd::Maintenance {
+            cmd: MaintenanceCmd::Run(a),
+        } => maintenance::run(&a)?,
         Cmd::Verify {
             repo,
             password,

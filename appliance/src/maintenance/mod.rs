@@ -6,6 +6,7 @@
 //! partial result as complete. Must never serve requests, nor write an index a running shard has
 //! open (rebuild builds a new one beside it and swaps it in only when complete).
 
+pub mod forget;
 mod rebuild;
 pub mod retention;
 mod verify;
