@@ -35,6 +35,7 @@ pub use crypto::{Encryption, RecordCipher};
 pub use error::{ApplianceError, IngestError, RepoError};
 pub use index::{ChunkIndex, MemIndex, OpenMode, RocksIndex};
 pub use maintenance::retention::{self, Retention};
+pub use maintenance::schedule::Schedule;
 pub use maintenance::{rebuild_index, verify, RebuildOutcome, VerifyReport};
 pub use net::server::{serve, ServeOptions};
 pub use net::tls::{self, TlsError, TlsIdentity};

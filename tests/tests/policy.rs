@@ -108,6 +108,11 @@ fn bad_targets_fields_and_values_are_refused_plainly() {
         !ok && err.contains("expected none, lz4 or zstd:1 to zstd:19"),
         "{err}"
     );
+    let (ok, err) = run(&["policy", "set", "global", "--schedule", "weekly"]);
+    assert!(
+        !ok && err.contains("expected an interval like `30m`"),
+        "{err}"
+    );
     let (ok, err) = run(&["policy", "delete", "@nowhere"]);
     assert!(!ok && err.contains("no policy at @nowhere"), "{err}");
 }

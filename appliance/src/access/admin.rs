@@ -180,36 +180,16 @@ pub fn apply(catalog: &Catalog, req: &Request) -> Result<Reply, ApplianceError> 
             }
         }
         Request::Refresh => {}
-        Request::PolicySet {
-            target,
-            policy,
-            unset,
-        } => {
-            let t = parse_target(target)?;
-            let stored = catalog.policy(&t)?.unwrap_or_default();
-            let merged = merge(&stored, policy, unset)?;
-            catalog.put_policy(&t, &merged)?;
-            reply.policies = vec![(t.to_string(), merged)];
-        }
-        Request::PolicyDelete { target } => catalog.delete_policy(&parse_target(target)?)?,
-        Request::PolicyList => {
-            reply.policies = catalog
-                .policies()?
-                .into_iter()
-                .map(|(t, p)| (t.to_string(), p))
-                .collect();
-        }
+        Request::PolicySet { .. }
+        | Request::PolicyDelete { .. }
+        | Request::PolicyList
+        | Request::PolicyShow { .. } => apply_policy(catalog, req, &mut reply)?,
         Request::MaintenanceRun { dry_run, now_us } => {
             let verdicts = forget::plan(catalog, now_us.unwrap_or_else(coffer_proto::now_us))?;
             if !dry_run {
                 reply.forgotten = forget::apply(catalog, &verdicts)? as u64;
             }
             reply.verdicts = verdicts;
-        }
-        Request::PolicyShow { identity, path } => {
-            let identity = crate::access::normalise_identity(identity)?;
-            let e = resolve(&catalog.policies()?, &identity, path);
-            reply.effective = effective_fields(&e);
         }
         Request::Disclosure { mode } => {
             if let Some(m) = mode {
@@ -224,6 +204,42 @@ pub fn apply(catalog: &Catalog, req: &Request) -> Result<Reply, ApplianceError> 
         }
     }
     Ok(reply)
+}
+
+/// The policy operations of [`apply`].
+fn apply_policy(catalog: &Catalog, req: &Request, reply: &mut Reply) -> Result<(), ApplianceError> {
+    match req {
+        Request::PolicySet {
+            target,
+            policy,
+            unset,
+        } => {
+            let t = parse_target(target)?;
+            if let Some(s) = &policy.schedule {
+                crate::maintenance::schedule::Schedule::parse(s)
+                    .map_err(|e| ApplianceError::InvalidArgument(e.to_string()))?;
+            }
+            let stored = catalog.policy(&t)?.unwrap_or_default();
+            let merged = merge(&stored, policy, unset)?;
+            catalog.put_policy(&t, &merged)?;
+            reply.policies = vec![(t.to_string(), merged)];
+        }
+        Request::PolicyDelete { target } => catalog.delete_policy(&parse_target(target)?)?,
+        Request::PolicyList => {
+            reply.policies = catalog
+                .policies()?
+                .into_iter()
+                .map(|(t, p)| (t.to_string(), p))
+                .collect();
+        }
+        Request::PolicyShow { identity, path } => {
+            let identity = crate::access::normalise_identity(identity)?;
+            let e = resolve(&catalog.policies()?, &identity, path);
+            reply.effective = effective_fields(&e);
+        }
+        _ => unreachable!("apply passes policy requests only"),
+    }
+    Ok(())
 }
 
 fn parse_target(t: &str) -> Result<PolicyTarget, ApplianceError> {

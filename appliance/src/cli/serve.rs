@@ -47,6 +47,10 @@ pub struct ServeArgs {
     /// Pack size target in bytes (default from the tuning plan).
     #[arg(long, hide = true)]
     pub pack_target: Option<u64>,
+    /// When retention runs: `daily HH:MM` (UTC), an interval (`6h`), or `off` (only
+    /// `maintenance run`). Without policies retention keeps everything.
+    #[arg(long, default_value = "daily 03:00", value_name = "SCHEDULE")]
+    pub maintenance_at: String,
     /// Identity (`name@host`) of the server control user, who may only call Refresh and
     /// ServerStatus; its password comes from COFFER_SERVER_CONTROL_PASSWORD.
     #[arg(long, value_name = "NAME@HOST")]
@@ -95,6 +99,10 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             listen_mode: a.listen_mode,
             handshake_timeout: std::time::Duration::from_secs(a.handshake_timeout.max(1)),
             space_reserve: a.space_reserve,
+            maintenance: match a.maintenance_at.as_str() {
+                "off" => None,
+                s => Some(coffer_appliance::Schedule::parse(s)?),
+            },
         },
     )?;
     Ok(())

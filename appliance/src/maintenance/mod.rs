@@ -9,6 +9,7 @@
 pub mod forget;
 mod rebuild;
 pub mod retention;
+pub mod schedule;
 mod verify;
 
 pub use rebuild::{rebuild_index, RebuildOutcome};

@@ -16,6 +16,7 @@ use crate::access::{Auth, ControlUser};
 use crate::catalog::Catalog;
 use crate::crypto::keys::MasterKey;
 use crate::error::{ApplianceError, RepoError};
+use crate::maintenance::schedule::Schedule;
 use crate::net::service::{CofferService, HelloInfo};
 use crate::net::tls::TlsIdentity;
 use crate::repo::{RepoConfig, RepoPaths};
@@ -39,6 +40,8 @@ pub struct ServeOptions {
     /// Free bytes kept on the packs' file system for the index and catalog (`None`: 2 % of
     /// it, between 8 MiB and 1 GiB).
     pub space_reserve: Option<u64>,
+    /// When retention runs (`None`: never, only `maintenance run`).
+    pub maintenance: Option<Schedule>,
 }
 
 /// Warns when the repository is readable or writable by other local users (it holds password
@@ -257,6 +260,9 @@ async fn run_network(
             sweeper.sweep();
         }
     });
+    if let Some(at) = opts.maintenance {
+        tokio::spawn(maintenance_loop(admin.clone(), at));
+    }
     let result = serve_grpc(service, opts, max_msg).await;
     let _ = std::fs::remove_file(&socket);
     result
@@ -319,5 +325,36 @@ async fn shutdown_signal(on_stdin: bool) {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         () = stdin_closed => tracing::info!("standard input closed: shutting down"),
+    }
+}
+
+/// Runs retention on `at` (wall clock) until the appliance stops: the same step as
+/// `coffer-appliance maintenance run`, on the blocking pool, then a reload so that sessions drop
+/// what was forgotten. A failed run is logged and tried again at the next time.
+async fn maintenance_loop(admin: Arc<Admin>, at: Schedule) {
+    loop {
+        let now = coffer_proto::now_us();
+        let wait = u64::try_from(at.next_after(now) - now).unwrap_or(0);
+        tokio::time::sleep(Duration::from_micros(wait)).await;
+        let a = admin.clone();
+        let run = tokio::task::spawn_blocking(move || {
+            let req = crate::access::admin::Request::MaintenanceRun {
+                dry_run: false,
+                now_us: None,
+            };
+            let reply = crate::access::admin::apply(&a.catalog, &req)?;
+            a.auth.reload()?;
+            Ok::<_, ApplianceError>(reply.forgotten)
+        })
+        .await;
+        match run {
+            Ok(Ok(n)) => {
+                tracing::info!(forgotten = n, next = %at, "maintenance: retention applied");
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "maintenance failed; trying again at the next time");
+            }
+            Err(e) => tracing::error!(error = %e, "maintenance task failed"),
+        }
     }
 }
