@@ -173,3 +173,51 @@ async fn a_commit_whose_answer_is_lost_is_not_made_twice() {
     );
     assert_eq!(probes(&direct).await.len(), 1, "no second snapshot");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_id_is_never_reused_for_other_content_nor_the_future() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = Appliance::init(dir.path(), 1, 64 << 10, &[ALICE]).unwrap();
+    app.start().unwrap();
+    let alice = app.session(ALICE).await.unwrap();
+    let a = tree_frame(&alice, vec![]);
+    let b = tree_frame(&alice, vec![coffer_tests::node_referencing("chunks", a.id)]);
+    let (a_id, b_id) = (a.id, b.id);
+    alice.put(vec![a, b], 1 << 20).await.unwrap();
+    alice.commit_as(snapshot_of(a_id), [9; 16]).await.unwrap();
+    // The same commit id for another root is a client bug: refused, not silently dropped.
+    let e = alice
+        .commit_as(snapshot_of(b_id), [9; 16])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        coffer_tests::code(&e),
+        Some(tonic::Code::AlreadyExists),
+        "{e}"
+    );
+    assert_eq!(probes(&alice).await.len(), 1);
+    // Concurrent commits with one id make one snapshot.
+    let s = std::sync::Arc::new(alice);
+    let tries: Vec<_> = (0..8)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { s.commit_as(snapshot_of(b_id), [10; 16]).await.unwrap() })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for t in tries {
+        ids.push(t.await.unwrap());
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert_eq!(probes(&s).await.len(), 2);
+    // A snapshot dated in the future would outrank every real one in retention: refused.
+    let mut later = snapshot_of(a_id);
+    later.time_us = coffer_proto::now_us() + 3_600_000_000;
+    let e = s.commit(later).await.unwrap_err();
+    assert_eq!(
+        coffer_tests::code(&e),
+        Some(tonic::Code::InvalidArgument),
+        "{e}"
+    );
+}

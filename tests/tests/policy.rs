@@ -127,7 +127,7 @@ async fn an_append_only_client_keeps_exactly_what_retention_keeps() {
     // 2026-01-05 00:00 UTC.
     const T0: i64 = 1_767_571_200_000_000;
     let dir = tempfile::tempdir().unwrap();
-    let mut app = Appliance::init(dir.path(), 1, 64 << 10, &[ALICE]).unwrap();
+    let mut app = Appliance::init(dir.path(), 1, 64 << 10, &[ALICE, "bob@laptop"]).unwrap();
     app.start().unwrap();
     admin(&app, &["acl", "enable"]);
     admin(
@@ -140,7 +140,7 @@ async fn an_append_only_client_keeps_exactly_what_retention_keeps() {
             "acl",
             "add",
             "--user",
-            ALICE,
+            "*@laptop",
             "--access",
             "APPEND",
             "--target",
@@ -152,14 +152,18 @@ async fn an_append_only_client_keeps_exactly_what_retention_keeps() {
         &["policy", "set", "alice@laptop:/probe", "--keep-daily", "3"],
     );
     let alice = app.session(ALICE).await.unwrap();
+    // Bob backs up the same path on the same host; no policy names him: he keeps everything.
+    let bob = app.session("bob@laptop").await.unwrap();
     let root = coffer_tests::tree_frame(&alice, vec![]);
     let root_id = root.id;
-    alice.put(vec![root], 1 << 20).await.unwrap();
+    alice.put(vec![root.clone()], 1 << 20).await.unwrap();
+    bob.put(vec![root], 1 << 20).await.unwrap();
     for day in 0..10 {
         for hour in [2, 14] {
             let mut snap = coffer_tests::snapshot_of(root_id);
             snap.time_us = T0 + day * DAY + hour * HOUR;
-            alice.commit(snap).await.unwrap();
+            alice.commit(snap.clone()).await.unwrap();
+            bob.commit(snap).await.unwrap();
         }
         let now = (T0 + day * DAY + 15 * HOUR).to_string();
         admin(&app, &["maintenance", "run", "--now-us", &now]);
@@ -180,6 +184,7 @@ async fn an_append_only_client_keeps_exactly_what_retention_keeps() {
             T0 + 9 * DAY + 14 * HOUR
         ]
     );
+    assert_eq!(bob.list("/probe", false).await.unwrap().len(), 20);
     // The client could not have done it itself.
     let mine = alice.list("/probe", false).await.unwrap();
     let id = coffer_proto::SnapshotId::from_slice(&mine[0].id).unwrap();

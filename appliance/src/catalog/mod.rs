@@ -346,7 +346,15 @@ impl Catalog {
             let ck = key::commit(&snap.identity, &snap.commit_id);
             if let Some(v) = self.db.get(&ck).map_err(ce)? {
                 let earlier = SnapshotId::from_slice(&v).map_err(|e| bad(ck.as_bytes(), e))?;
-                if self.snapshot(&earlier)?.is_some() {
+                if let Some(e) = self.snapshot(&earlier)? {
+                    if e.root != snap.root || e.path != snap.path {
+                        return Err(CatalogError::Exists(format!(
+                            "commit id {} was used for another snapshot ({earlier}) of {}; \
+                             a new snapshot needs a new commit id",
+                            hex::encode(&snap.commit_id),
+                            e.path
+                        )));
+                    }
                     return Ok(Committed::Earlier(earlier));
                 }
             }

@@ -57,6 +57,17 @@ impl PolicyTarget {
         if !ok(host) || (!user.is_empty() && !ok(user)) {
             return Err(bad());
         }
+        // A path is written as the client records it: absolute, no `.` or `..`, no empty
+        // component, no trailing `/` (but `/` itself) — else it would never match a snapshot.
+        if let Some(p) = path {
+            let clean = p == "/"
+                || p[1..]
+                    .split('/')
+                    .all(|c| !c.is_empty() && c != "." && c != "..");
+            if !clean {
+                return Err(bad());
+            }
+        }
         let (user, host) = (user.to_ascii_lowercase(), host.to_ascii_lowercase());
         match (user.is_empty(), path) {
             (true, None) => Ok(Self::Host(host)),
@@ -234,7 +245,19 @@ mod tests {
             PolicyTarget::parse("Alice@Laptop").unwrap().to_string(),
             "alice@laptop"
         );
-        for bad in ["", "alice", "@", "a@b:rel", "@h:/p", "a b@h", "a@h/x"] {
+        for bad in [
+            "",
+            "alice",
+            "@",
+            "a@b:rel",
+            "@h:/p",
+            "a b@h",
+            "a@h/x",
+            "a@h:/x/",
+            "a@h://x",
+            "a@h:/x/../y",
+            "a@h:/./x",
+        ] {
             assert!(PolicyTarget::parse(bad).is_err(), "{bad:?} accepted");
         }
     }

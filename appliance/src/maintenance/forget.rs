@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use coffer_proto::{v1, SnapshotId};
 use serde::{Deserialize, Serialize};
 
-use super::retention::{decide, Reason};
+use super::retention::{decide_with_partial, Reason};
 use crate::catalog::policy::resolve;
 use crate::catalog::{Catalog, CatalogError};
 
@@ -49,7 +49,11 @@ pub fn plan(catalog: &Catalog, now_us: i64) -> Result<Vec<Verdict>, CatalogError
         snaps.sort_by_key(|s| s.time_us);
         let retention = resolve(&policies, &identity, &path).retention();
         let times: Vec<i64> = snaps.iter().map(|s| s.time_us).collect();
-        for (s, d) in snaps.iter().zip(decide(&times, &retention, now_us)) {
+        let complete: Vec<bool> = snaps.iter().map(|s| !s.partial).collect();
+        for (s, d) in snaps
+            .iter()
+            .zip(decide_with_partial(&times, &complete, &retention, now_us))
+        {
             out.push(Verdict {
                 snapshot: hex::encode(&s.id),
                 identity: identity.clone(),

@@ -12,7 +12,9 @@
 //! whatever the policy says:
 //!
 //! * R1: a policy that sets no rule keeps everything (an empty policy never deletes);
-//! * R2: the newest snapshot is always kept (a policy never removes the latest backup).
+//! * R2: the newest snapshot is always kept, and so is the newest complete one (a policy never
+//!   removes the latest backup);
+//! * R3: partial snapshots never fill `keep-last` or a calendar bucket.
 //!
 //! This module decides; it never deletes (the maintenance run does, through the catalog).
 
@@ -88,10 +90,28 @@ fn bucket(reason: Reason, time_us: i64) -> i64 {
     }
 }
 
-/// Decides, for snapshots taken at `times_us` (one identity and path, any order), which the
-/// policy keeps, at time `now_us`. One decision per snapshot, in the order given.
+/// Decides, for complete snapshots taken at `times_us` (one identity and path, any order),
+/// which the policy keeps, at time `now_us`. One decision per snapshot, in the order given.
 #[must_use]
 pub fn decide(times_us: &[i64], policy: &Retention, now_us: i64) -> Vec<Decision> {
+    decide_with_partial(times_us, &vec![true; times_us.len()], policy, now_us)
+}
+
+/// [`decide`] where `complete[i]` says whether snapshot `i` is complete. Only complete
+/// snapshots fill `keep-last` and the calendar buckets (R3: a partial snapshot never takes a
+/// complete one's place); R2 keeps the newest complete snapshot and, when newer still, the
+/// newest partial one; `keep-within` keeps either kind.
+///
+/// # Panics
+/// When `complete` and `times_us` differ in length.
+#[must_use]
+pub fn decide_with_partial(
+    times_us: &[i64],
+    complete: &[bool],
+    policy: &Retention,
+    now_us: i64,
+) -> Vec<Decision> {
+    assert_eq!(times_us.len(), complete.len(), "one flag per snapshot");
     let mut out: Vec<Decision> = (0..times_us.len())
         .map(|index| Decision {
             index,
@@ -109,6 +129,13 @@ pub fn decide(times_us: &[i64], policy: &Retention, now_us: i64) -> Vec<Decision
     }
     if let Some(&newest) = order.first() {
         out[newest].reasons.push(Reason::Newest);
+    }
+    let all = order.clone();
+    order.retain(|&i| complete[i]);
+    if let Some(&newest) = order.first() {
+        if !out[newest].reasons.contains(&Reason::Newest) {
+            out[newest].reasons.push(Reason::Newest);
+        }
     }
     if let Some(n) = policy.keep_last {
         for &i in order.iter().take(n as usize) {
@@ -138,7 +165,7 @@ pub fn decide(times_us: &[i64], policy: &Retention, now_us: i64) -> Vec<Decision
         }
     }
     if let Some(d) = policy.keep_within_us {
-        for &i in &order {
+        for &i in &all {
             if times_us[i] > now_us.saturating_sub(d) {
                 out[i].reasons.push(Reason::Within);
             }
@@ -234,6 +261,25 @@ mod tests {
             ..Retention::default()
         };
         assert_eq!(kept(&times, &one, MONDAY), vec![times[1]]);
+    }
+
+    #[test]
+    fn partial_snapshots_never_take_a_complete_ones_place() {
+        // Each day: a complete backup at 02:00, a partial one at 14:00.
+        let times: Vec<i64> = (0..5)
+            .flat_map(|d| [MONDAY + d * DAY + 2 * HOUR, MONDAY + d * DAY + 14 * HOUR])
+            .collect();
+        let complete: Vec<bool> = (0..10).map(|i| i % 2 == 0).collect();
+        let p = Retention {
+            keep_daily: Some(2),
+            ..Retention::default()
+        };
+        let d = decide_with_partial(&times, &complete, &p, MONDAY + 5 * DAY);
+        let kept: Vec<usize> = d.iter().filter(|x| x.keep()).map(|x| x.index).collect();
+        // The complete ones of days 3 and 4, and the newest (a partial one).
+        assert_eq!(kept, vec![6, 8, 9]);
+        assert_eq!(d[9].reasons, vec![Reason::Newest]);
+        assert_eq!(d[8].reasons, vec![Reason::Newest, Reason::Daily]);
     }
 
     #[test]

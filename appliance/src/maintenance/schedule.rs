@@ -18,6 +18,8 @@ pub enum Schedule {
 pub struct BadSchedule(pub String);
 
 const US: i64 = 1_000_000;
+/// Longest interval accepted: a year.
+const MAX_INTERVAL_SECS: u64 = 366 * 86_400;
 
 impl Schedule {
     /// Parses `30m`, `6h`, `1d` or `daily HH:MM`.
@@ -44,7 +46,7 @@ impl Schedule {
             'd' => n.checked_mul(86_400),
             _ => None,
         }
-        .filter(|s| *s >= 60)
+        .filter(|s| (60..=MAX_INTERVAL_SECS).contains(s))
         .ok_or_else(bad)?;
         Ok(Self::Every(secs))
     }
@@ -54,7 +56,7 @@ impl Schedule {
     #[must_use]
     pub fn next_after(self, now_us: i64) -> i64 {
         let period = match self {
-            Self::Every(secs) => i64::try_from(secs).unwrap_or(i64::MAX / US) * US,
+            Self::Every(secs) => i64::try_from(secs.min(MAX_INTERVAL_SECS)).unwrap_or(1) * US,
             Self::Daily { .. } => 86_400 * US,
         };
         let offset = match self {
@@ -101,6 +103,8 @@ mod tests {
             "daily",
             "weekly 03:00",
             "0h",
+            "367d",
+            "200000000d",
         ] {
             assert!(Schedule::parse(bad).is_err(), "{bad:?} accepted");
         }

@@ -11,6 +11,9 @@ use crate::access::Session;
 use crate::catalog::{Catalog, Committed};
 use crate::error::ApplianceError;
 
+/// How far ahead of the appliance's clock a client may date a snapshot.
+const MAX_CLOCK_SKEW_US: i64 = 5 * 60 * 1_000_000;
+
 fn snapshot_id(bytes: &[u8]) -> Result<SnapshotId, ApplianceError> {
     SnapshotId::from_slice(bytes)
         .map_err(|e| ApplianceError::InvalidArgument(format!("snapshot id: {e}")))
@@ -72,8 +75,17 @@ impl Inner {
             })?
         };
         session.state.check()?;
+        let now = coffer_proto::now_us();
         if snap.time_us == 0 {
-            snap.time_us = coffer_proto::now_us();
+            snap.time_us = now;
+        } else if snap.time_us < 0 || snap.time_us > now + MAX_CLOCK_SKEW_US {
+            // Retention ranks snapshots by time: a snapshot dated in the future would outrank
+            // every real one and make retention forget them.
+            return Err(ApplianceError::InvalidArgument(format!(
+                "snapshot time {} µs is before 1970 or more than 5 minutes ahead of the \
+                 appliance's clock; check the client's clock or send 0",
+                snap.time_us
+            )));
         }
         let committed = catalog_call(&self.catalog, move |c| c.commit_snapshot(&snap)).await?;
         if let Committed::Earlier(id) = committed {
