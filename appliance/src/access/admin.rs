@@ -282,35 +282,21 @@ pub const POLICY_FIELDS: &[&str] = &[
     "schedule",
 ];
 
+/// The fields of an effective policy in [`POLICY_FIELDS`] order, each with its level.
 fn effective_fields(e: &Effective) -> Vec<PolicyField> {
-    fn one<T: Serialize>(
-        out: &mut Vec<PolicyField>,
-        field: &str,
-        v: Option<&crate::catalog::policy::Sourced<T>>,
-    ) {
-        if let Some(s) = v {
-            out.push(PolicyField {
-                field: field.to_string(),
-                value: serde_json::to_string(&s.value).unwrap_or_default(),
-                from: s.from.to_string(),
-            });
-        }
-    }
-    let mut out = Vec::new();
-    one(&mut out, "keep_last", e.keep_last.as_ref());
-    one(&mut out, "keep_hourly", e.keep_hourly.as_ref());
-    one(&mut out, "keep_daily", e.keep_daily.as_ref());
-    one(&mut out, "keep_weekly", e.keep_weekly.as_ref());
-    one(&mut out, "keep_monthly", e.keep_monthly.as_ref());
-    one(&mut out, "keep_yearly", e.keep_yearly.as_ref());
-    one(&mut out, "keep_within_secs", e.keep_within_secs.as_ref());
-    one(&mut out, "compression", e.compression.as_ref());
-    one(&mut out, "excludes", e.excludes.as_ref());
-    one(&mut out, "exclude_caches", e.exclude_caches.as_ref());
-    one(&mut out, "one_file_system", e.one_file_system.as_ref());
-    one(&mut out, "max_file_size", e.max_file_size.as_ref());
-    one(&mut out, "schedule", e.schedule.as_ref());
-    out
+    let Ok(serde_json::Value::Object(values)) = serde_json::to_value(&e.policy) else {
+        return Vec::new();
+    };
+    POLICY_FIELDS
+        .iter()
+        .filter_map(|f| {
+            Some(PolicyField {
+                field: (*f).to_string(),
+                value: values.get(*f)?.to_string(),
+                from: e.from.get(*f)?.to_string(),
+            })
+        })
+        .collect()
 }
 
 /// Only well-formed identities and argon2id PHC strings are ever stored.

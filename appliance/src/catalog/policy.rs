@@ -3,6 +3,7 @@
 //! (Kopia's model). Stored in the catalog under `policy/<target>`; [`resolve`] gives the
 //! effective policy of one identity and path with the level each field came from.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -148,88 +149,56 @@ pub struct Policy {
     pub schedule: Option<String>,
 }
 
-/// A field of the effective policy and the level it came from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sourced<T> {
-    pub value: T,
-    pub from: PolicyTarget,
-}
-
 /// The effective policy of one identity and path: each field set by the most specific level
-/// that sets it, `None` when no level does.
+/// that sets it (`policy`; unset when no level does) and that level (`from`, by field name).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Effective {
-    pub keep_last: Option<Sourced<u32>>,
-    pub keep_hourly: Option<Sourced<u32>>,
-    pub keep_daily: Option<Sourced<u32>>,
-    pub keep_weekly: Option<Sourced<u32>>,
-    pub keep_monthly: Option<Sourced<u32>>,
-    pub keep_yearly: Option<Sourced<u32>>,
-    pub keep_within_secs: Option<Sourced<u64>>,
-    pub compression: Option<Sourced<String>>,
-    pub excludes: Option<Sourced<Vec<String>>>,
-    pub exclude_caches: Option<Sourced<bool>>,
-    pub one_file_system: Option<Sourced<bool>>,
-    pub max_file_size: Option<Sourced<u64>>,
-    pub schedule: Option<Sourced<String>>,
+    pub policy: Policy,
+    pub from: BTreeMap<String, PolicyTarget>,
 }
 
 impl Effective {
     /// The retention rules in force.
     #[must_use]
     pub fn retention(&self) -> Retention {
-        let v = |f: &Option<Sourced<u32>>| f.as_ref().map(|s| s.value);
+        let p = &self.policy;
         Retention {
-            keep_last: v(&self.keep_last),
-            keep_hourly: v(&self.keep_hourly),
-            keep_daily: v(&self.keep_daily),
-            keep_weekly: v(&self.keep_weekly),
-            keep_monthly: v(&self.keep_monthly),
-            keep_yearly: v(&self.keep_yearly),
-            keep_within_us: self
+            keep_last: p.keep_last,
+            keep_hourly: p.keep_hourly,
+            keep_daily: p.keep_daily,
+            keep_weekly: p.keep_weekly,
+            keep_monthly: p.keep_monthly,
+            keep_yearly: p.keep_yearly,
+            keep_within_us: p
                 .keep_within_secs
-                .as_ref()
-                .map(|s| i64::try_from(s.value.saturating_mul(1_000_000)).unwrap_or(i64::MAX)),
+                .map(|s| i64::try_from(s.saturating_mul(1_000_000)).unwrap_or(i64::MAX)),
         }
     }
 }
 
 /// The effective policy for `identity` backing up `path`, from the stored `levels` (any order,
-/// any targets: those that do not apply are ignored).
+/// any targets: those that do not apply are ignored). Fields are merged as the JSON objects
+/// they are stored as, so a field added to [`Policy`] is inherited without more code.
 #[must_use]
 pub fn resolve(levels: &[(PolicyTarget, Policy)], identity: &str, path: &str) -> Effective {
-    let mut e = Effective::default();
+    let mut merged = serde_json::Map::new();
+    let mut from = BTreeMap::new();
     for target in PolicyTarget::chain(identity, path) {
         let Some((_, p)) = levels.iter().find(|(t, _)| *t == target) else {
             continue;
         };
-        macro_rules! take {
-            ($($field:ident),*) => {$(
-                if let Some(value) = p.$field.clone() {
-                    e.$field = Some(Sourced {
-                        value,
-                        from: target.clone(),
-                    });
-                }
-            )*};
+        if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(p) {
+            for (field, value) in fields {
+                from.insert(field.clone(), target.clone());
+                merged.insert(field, value);
+            }
         }
-        take!(
-            keep_last,
-            keep_hourly,
-            keep_daily,
-            keep_weekly,
-            keep_monthly,
-            keep_yearly,
-            keep_within_secs,
-            compression,
-            excludes,
-            exclude_caches,
-            one_file_system,
-            max_file_size,
-            schedule
-        );
     }
-    e
+    Effective {
+        policy: serde_json::from_value(serde_json::Value::Object(merged))
+            .expect("the fields of policies make a policy"),
+        from,
+    }
 }
 
 #[cfg(test)]
@@ -301,27 +270,23 @@ mod tests {
             ),
         ];
         let e = resolve(&levels, "alice@laptop", "/home/alice");
-        let from = |s: &Option<Sourced<u32>>| s.as_ref().map(|x| (x.value, x.from.to_string()));
+        let from = |f: &str| e.from.get(f).map(ToString::to_string);
+        assert_eq!(e.policy.keep_daily, Some(3));
         assert_eq!(
-            from(&e.keep_daily),
-            Some((3, "alice@laptop:/home/alice".into()))
+            from("keep_daily").as_deref(),
+            Some("alice@laptop:/home/alice")
         );
-        assert_eq!(from(&e.keep_weekly), Some((4, "global".into())));
-        assert_eq!(e.keep_last, None);
-        let c = e.compression.as_ref().unwrap();
-        assert_eq!(
-            (c.value.as_str(), c.from.to_string()),
-            ("lz4", "@laptop".into())
-        );
-        assert_eq!(
-            e.excludes.as_ref().unwrap().value,
-            vec!["*.iso".to_string()]
-        );
+        assert_eq!(e.policy.keep_weekly, Some(4));
+        assert_eq!(from("keep_weekly").as_deref(), Some("global"));
+        assert_eq!((e.policy.keep_last, from("keep_last")), (None, None));
+        assert_eq!(e.policy.compression.as_deref(), Some("lz4"));
+        assert_eq!(from("compression").as_deref(), Some("@laptop"));
+        assert_eq!(e.policy.excludes, Some(vec!["*.iso".to_string()]));
         assert_eq!(e.retention().keep_daily, Some(3));
         // Another path of the same user inherits the global list.
         let other = resolve(&levels, "alice@laptop", "/srv");
-        assert_eq!(other.keep_daily.unwrap().value, 7);
-        assert_eq!(other.excludes.unwrap().value, vec!["*.tmp".to_string()]);
+        assert_eq!(other.policy.keep_daily, Some(7));
+        assert_eq!(other.policy.excludes, Some(vec!["*.tmp".to_string()]));
     }
 
     #[test]
