@@ -252,6 +252,16 @@ impl Appliance {
         }
     }
 
+    /// Waits for the appliance to exit by itself (a kill point); returns how it ended.
+    ///
+    /// # Errors
+    /// When it was not running or waiting fails.
+    pub fn wait(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        self.stdin = None;
+        let mut c = self.child.take().context("the appliance is not running")?;
+        Ok(c.wait()?)
+    }
+
     /// SIGTERM and wait; returns the exit code.
     ///
     /// # Errors

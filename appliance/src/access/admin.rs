@@ -117,6 +117,9 @@ pub struct Reply {
     /// Snapshots forgotten (`MaintenanceRun` without `dry_run`).
     #[serde(default)]
     pub forgotten: u64,
+    /// What garbage collection did, or with `dry_run` would do (`MaintenanceRun`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gc: Option<crate::maintenance::gc::GcReport>,
 }
 
 /// Applies `req` to the catalog.

@@ -215,6 +215,15 @@ impl Auth {
         });
     }
 
+    /// Every live session's state (the GC's pins, read under its barrier).
+    #[must_use]
+    pub fn session_states(&self) -> Vec<Arc<SessionState>> {
+        lock(&self.sessions)
+            .values()
+            .map(|s| s.state.clone())
+            .collect()
+    }
+
     /// The state of the session named by `token` (for Hello's answer).
     #[must_use]
     pub fn state_of(&self, token: &str) -> Option<Arc<SessionState>> {
@@ -370,6 +379,14 @@ impl Auth {
     ///
     /// # Errors
     /// [`ApplianceError::Unauthenticated`] for a missing, unknown, expired or ended token.
+    /// Ends the session named by `token` (the client is done): calls in progress fail at their
+    /// next message, and its memory and GC pins are released.
+    pub fn end_session(&self, token: &str) {
+        if let Some(s) = lock(&self.sessions).remove(token) {
+            s.state.revoke();
+        }
+    }
+
     pub fn session(&self, token: Option<&str>) -> Result<Session, ApplianceError> {
         let token = token.ok_or_else(|| {
             ApplianceError::Unauthenticated(
@@ -609,5 +626,13 @@ mod tests {
         assert!(h.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{h}");
         assert!(verify_password(&h, "pw"));
         assert!(!verify_password(&h, "px"));
+    }
+}
+
+impl crate::maintenance::gc::Pins for Auth {
+    fn pinned(&self, mark: &mut dyn FnMut(&coffer_proto::ChunkId)) {
+        for s in self.session_states() {
+            s.each_pinned(mark);
+        }
     }
 }

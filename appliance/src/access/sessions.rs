@@ -38,6 +38,9 @@ pub struct SessionState {
     /// for the server control user.
     pub owner: Option<[u8; 16]>,
     uploaded: Mutex<HashSet<ChunkId>>,
+    /// Chunks answered "prove" (stored, not yet known): pinned against the GC until the session
+    /// ends, so that the proof it sends next finds them (G3). Not readable.
+    pinned: Mutex<HashSet<ChunkId>>,
     opened: Mutex<Vec<Opened>>,
     /// Set when the session is ended (account deleted, password changed, idle): streams already
     /// running check it before every message.
@@ -51,6 +54,7 @@ impl SessionState {
             possession_key: rand::random(),
             owner,
             uploaded: Mutex::new(HashSet::new()),
+            pinned: Mutex::new(HashSet::new()),
             opened: Mutex::new(Vec::new()),
             revoked: AtomicBool::new(false),
             last_used: Mutex::new(now),
@@ -60,6 +64,22 @@ impl SessionState {
     /// Records chunks the session uploaded (verified against their ids) or proved.
     pub fn add_uploaded(&self, ids: impl IntoIterator<Item = ChunkId>) {
         lock(&self.uploaded).extend(ids);
+    }
+
+    /// Pins chunks answered "present" that the session does not know yet (see `pinned`).
+    pub fn add_pinned(&self, ids: impl IntoIterator<Item = ChunkId>) {
+        lock(&self.pinned).extend(ids);
+    }
+
+    /// Reports every chunk this session holds against the GC: uploaded, proved, answered
+    /// present, and reachable from what it opened.
+    pub fn each_pinned(&self, mark: &mut dyn FnMut(&ChunkId)) {
+        lock(&self.uploaded).iter().for_each(&mut *mark);
+        lock(&self.pinned).iter().for_each(&mut *mark);
+        for o in lock(&self.opened).iter() {
+            o.reach.trees.iter().for_each(&mut *mark);
+            o.reach.leaves.iter().for_each(&mut *mark);
+        }
     }
 
     /// Records the reachable set of a snapshot the session opened.
@@ -115,6 +135,7 @@ impl SessionState {
     pub fn revoke(&self) {
         self.revoked.store(true, Ordering::SeqCst);
         lock(&self.uploaded).clear();
+        lock(&self.pinned).clear();
         lock(&self.opened).clear();
     }
 

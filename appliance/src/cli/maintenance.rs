@@ -1,4 +1,5 @@
-//! `maintenance run [--dry-run]`: forget the snapshots retention no longer keeps.
+//! `maintenance run [--dry-run]`: forget the snapshots retention no longer keeps, then collect
+//! garbage (in the running appliance).
 
 use coffer_appliance::admin;
 
@@ -39,14 +40,43 @@ pub fn run(a: &RunArgs) -> anyhow::Result<()> {
         }
     }
     let forget = r.verdicts.iter().filter(|v| !v.kept()).count();
+    let gc = r.gc.unwrap_or_default();
     if a.dry_run {
-        println!("dry run: {forget} snapshots would be forgotten, nothing changed");
+        println!(
+            "dry run: {forget} snapshots would be forgotten; {} chunks ({}) would be removed; \
+             nothing changed",
+            gc.condemned,
+            bytes(gc.condemned_bytes)
+        );
     } else {
         println!(
-            "forgot {} snapshots; their space is reclaimed by garbage collection, which this \
-             version does not run yet (docs/maintenance.md)",
-            r.forgotten
+            "forgot {} snapshots; removed {} unreachable chunks ({}); deleted {} packs, \
+             compacted {} (moved {} records, {}); freed {} on disk",
+            r.forgotten,
+            gc.condemned,
+            bytes(gc.condemned_bytes),
+            gc.packs_deleted,
+            gc.packs_compacted,
+            gc.records_moved,
+            bytes(gc.bytes_moved),
+            bytes(gc.bytes_deleted.saturating_sub(gc.bytes_moved))
         );
     }
     Ok(())
+}
+
+#[allow(clippy::cast_precision_loss)] // a display figure
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }

@@ -51,10 +51,40 @@ pub struct ServeArgs {
     /// `maintenance run`). Without policies retention keeps everything.
     #[arg(long, default_value = "daily 03:00", value_name = "SCHEDULE")]
     pub maintenance_at: String,
+    /// Garbage collection keeps every chunk written within this window before a run starts
+    /// (`24h`, `30m`, `0` for none): a backup that uploads today and commits later never loses
+    /// a chunk, whatever the clock. Safety does not rest on it (docs/maintenance.md, G6).
+    #[arg(long, default_value = "24h", value_name = "DURATION", value_parser = parse_grace)]
+    pub gc_grace: i64,
+    /// Compact a pack (copy its live records, delete it) when more than this percentage of it
+    /// is garbage.
+    #[arg(long, default_value_t = 25, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub compact_above: u8,
     /// Identity (`name@host`) of the server control user, who may only call Refresh and
     /// ServerStatus; its password comes from COFFER_SERVER_CONTROL_PASSWORD.
     #[arg(long, value_name = "NAME@HOST")]
     pub server_control_username: Option<String>,
+}
+
+/// `0`, or a number followed by `s`, `m`, `h` or `d`, as microseconds.
+fn parse_grace(s: &str) -> Result<i64, String> {
+    if s.trim() == "0" {
+        return Ok(0);
+    }
+    let bad = || format!("{s:?}: expected `0` or a duration like `90s`, `30m`, `24h`, `7d`");
+    let t = s.trim();
+    let unit = t.chars().last().ok_or_else(bad)?;
+    let n: i64 = t[..t.len() - unit.len_utf8()].parse().map_err(|_| bad())?;
+    let secs = match unit {
+        's' => Some(n),
+        'm' => n.checked_mul(60),
+        'h' => n.checked_mul(3600),
+        'd' => n.checked_mul(86_400),
+        _ => None,
+    }
+    .filter(|v| (0..=3660 * 86_400).contains(v))
+    .ok_or_else(bad)?;
+    Ok(secs * 1_000_000)
 }
 
 /// The server control account, from its flag and COFFER_SERVER_CONTROL_PASSWORD.
@@ -102,6 +132,10 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             maintenance: match a.maintenance_at.as_str() {
                 "off" => None,
                 s => Some(coffer_appliance::Schedule::parse(s)?),
+            },
+            gc: coffer_appliance::GcConfig {
+                grace_us: a.gc_grace,
+                compact_above: f64::from(a.compact_above) / 100.0,
             },
         },
     )?;

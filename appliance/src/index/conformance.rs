@@ -49,6 +49,26 @@ fn suite(idx: &dyn ChunkIndex) {
         2,
         "ownership rows are not entries"
     );
+    // A scan streams the same entries in id order.
+    let mut scanned = Vec::new();
+    idx.scan(&mut |id, e| {
+        scanned.push((*id, *e));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(scanned, vec![(a, entry(1)), (b, entry(2))]);
+    // An error of the callback ends the scan with that error.
+    let mut seen = 0;
+    let stopped = idx.scan(&mut |_, _| {
+        seen += 1;
+        Err(RepoError::Index("stop".into()))
+    });
+    assert!(matches!(stopped, Err(RepoError::Index(ref m)) if m == "stop") && seen == 1);
+    // Deleting removes chunk entries only, not ownership records.
+    idx.delete_batch(&[a], true).unwrap();
+    assert_eq!(idx.get_many(&[a, b]).unwrap(), vec![None, Some(entry(2))]);
+    assert_eq!(idx.owned(&alice, &[a]).unwrap(), vec![true]);
+    idx.insert_batch(&[(a, entry(1))], false).unwrap();
     idx.sync().unwrap();
 }
 

@@ -75,6 +75,26 @@ impl ChunkIndex for MemIndex {
             .collect())
     }
 
+    fn scan(
+        &self,
+        f: &mut dyn FnMut(&ChunkId, &IndexEntry) -> Result<(), RepoError>,
+    ) -> Result<(), RepoError> {
+        // A copy, so that `f` may call back into this index.
+        for item in self.entries()? {
+            let (id, e) = item.map_err(ie)?;
+            f(&id, &e)?;
+        }
+        Ok(())
+    }
+
+    fn delete_batch(&self, ids: &[ChunkId], _sync: bool) -> Result<(), RepoError> {
+        let mut m = self.map();
+        for id in ids {
+            m.remove(&id.as_bytes()[..]);
+        }
+        Ok(())
+    }
+
     fn sync(&self) -> Result<(), RepoError> {
         Ok(())
     }

@@ -85,6 +85,20 @@ pub trait ChunkIndex: Send + Sync {
     /// # Errors
     /// Engine errors.
     fn entries(&self) -> Result<Vec<EntryResult>, RepoError>;
+    /// Calls `f` for every chunk entry, in id order, without holding them all in memory (the
+    /// GC's scans of 10⁸ entries). Stops at the first undecodable entry or error of `f`.
+    ///
+    /// # Errors
+    /// Engine errors, undecodable entries, and what `f` returns.
+    fn scan(
+        &self,
+        f: &mut dyn FnMut(&ChunkId, &IndexEntry) -> Result<(), RepoError>,
+    ) -> Result<(), RepoError>;
+    /// Removes chunk entries (the GC's sweep) atomically; `sync` as for [`Self::insert_batch`].
+    ///
+    /// # Errors
+    /// Engine errors.
+    fn delete_batch(&self, ids: &[ChunkId], sync: bool) -> Result<(), RepoError>;
     /// Makes every earlier write durable.
     ///
     /// # Errors

@@ -69,6 +69,11 @@ impl NeedSet {
         self.0.insert(key(id));
     }
 
+    /// Forgets `id` (the GC removed it): from now on it is answered as missing.
+    pub fn remove(&mut self, id: &ChunkId) {
+        self.0.remove(&key(id));
+    }
+
     #[must_use]
     pub fn contains(&self, id: &ChunkId) -> bool {
         self.0.contains(&key(id))
@@ -105,5 +110,7 @@ mod tests {
         assert!(!s.contains(&b));
         s.insert(&b);
         assert!(s.contains(&b) && s.len() == 2);
+        s.remove(&a);
+        assert!(!s.contains(&a) && s.contains(&b));
     }
 }

@@ -131,6 +131,32 @@ impl ChunkIndex for RocksIndex {
         Ok(out)
     }
 
+    fn scan(
+        &self,
+        f: &mut dyn FnMut(&ChunkId, &IndexEntry) -> Result<(), RepoError>,
+    ) -> Result<(), RepoError> {
+        for item in self.db.iterator(rocksdb::IteratorMode::Start) {
+            let (k, v) = item.map_err(ie)?;
+            if k.len() != CHUNK_ID_LEN {
+                continue; // meta keys, ownership records
+            }
+            let id = ChunkId::from_slice(&k).map_err(ie)?;
+            let e = IndexEntry::decode(&v).map_err(|e| ie(BadEntry::Value(id, e)))?;
+            f(&id, &e)?;
+        }
+        Ok(())
+    }
+
+    fn delete_batch(&self, ids: &[ChunkId], sync: bool) -> Result<(), RepoError> {
+        let mut batch = rocksdb::WriteBatch::default();
+        for id in ids {
+            batch.delete(id.as_bytes());
+        }
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(sync);
+        self.db.write_opt(batch, &wo).map_err(ie)
+    }
+
     fn sync(&self) -> Result<(), RepoError> {
         self.db.flush_wal(true).map_err(ie)
     }

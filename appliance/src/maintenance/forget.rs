@@ -92,6 +92,7 @@ pub fn apply(catalog: &Catalog, verdicts: &[Verdict]) -> Result<usize, CatalogEr
             why: e.to_string(),
         })?;
         catalog.delete_snapshot(&id)?;
+        crate::faults::point("forget.deleted");
         n += 1;
     }
     Ok(n)

@@ -7,6 +7,7 @@
 //! open (rebuild builds a new one beside it and swaps it in only when complete).
 
 pub mod forget;
+pub mod gc;
 mod rebuild;
 pub mod retention;
 pub mod schedule;

@@ -12,12 +12,15 @@ use super::ServeError;
 use crate::access::{admin, Auth};
 use crate::catalog::Catalog;
 use crate::error::ApplianceError;
+use crate::maintenance::forget;
+use crate::maintenance::gc::Collector;
 
 /// What the admin socket and SIGHUP act on.
 pub(super) struct Admin {
     pub(super) socket: PathBuf,
     pub(super) catalog: Arc<Catalog>,
     pub(super) auth: Arc<Auth>,
+    pub(super) gc: Arc<Collector>,
 }
 
 impl Admin {
@@ -49,6 +52,41 @@ impl Admin {
         }
     }
 
+    /// Maintenance (on a blocking thread): forget what retention no longer keeps, reload so that
+    /// sessions drop what was forgotten, then collect garbage. With `dry_run`, report what
+    /// would be forgotten and freed and change nothing.
+    ///
+    /// # Errors
+    /// Catalog errors; the collector's (see [`Collector::run`]).
+    pub(super) fn maintain(
+        &self,
+        rt: &tokio::runtime::Handle,
+        dry_run: bool,
+        now_us: Option<i64>,
+    ) -> Result<admin::Reply, ApplianceError> {
+        let verdicts = forget::plan(&self.catalog, now_us.unwrap_or_else(coffer_proto::now_us))?;
+        let mut reply = admin::Reply {
+            ok: true,
+            ..admin::Reply::default()
+        };
+        let gc = if dry_run {
+            let gone = verdicts
+                .iter()
+                .filter(|v| !v.kept())
+                .filter_map(|v| coffer_proto::SnapshotId::from_hex(&v.snapshot).ok())
+                .collect();
+            self.gc.run(rt, true, &gone)?
+        } else {
+            reply.forgotten = forget::apply(&self.catalog, &verdicts)? as u64;
+            crate::faults::point("maintenance.forgotten");
+            self.auth.reload()?;
+            self.gc.run(rt, false, &std::collections::HashSet::new())?
+        };
+        reply.verdicts = verdicts;
+        reply.gc = Some(gc);
+        Ok(reply)
+    }
+
     /// One request line in, one reply line out.
     async fn answer(self: Arc<Self>, stream: tokio::net::UnixStream) {
         use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
@@ -59,9 +97,13 @@ impl Admin {
             return;
         }
         let me = self.clone();
+        let rt = tokio::runtime::Handle::current();
         let reply = tokio::task::spawn_blocking(move || -> Result<admin::Reply, ApplianceError> {
             let req: admin::Request = serde_json::from_str(&line)
                 .map_err(|e| ApplianceError::InvalidArgument(format!("bad request: {e}")))?;
+            if let admin::Request::MaintenanceRun { dry_run, now_us } = req {
+                return me.maintain(&rt, dry_run, now_us);
+            }
             let reply = admin::apply(&me.catalog, &req)?;
             me.auth.reload()?;
             tracing::info!(request = ?std::mem::discriminant(&req), "admin change applied");

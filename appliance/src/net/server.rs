@@ -16,6 +16,7 @@ use crate::access::{Auth, ControlUser};
 use crate::catalog::Catalog;
 use crate::crypto::keys::MasterKey;
 use crate::error::{ApplianceError, RepoError};
+use crate::maintenance::gc::{Collector, Gate, GcConfig};
 use crate::maintenance::schedule::Schedule;
 use crate::net::service::{CofferService, HelloInfo};
 use crate::net::tls::TlsIdentity;
@@ -42,6 +43,8 @@ pub struct ServeOptions {
     pub space_reserve: Option<u64>,
     /// When retention runs (`None`: never, only `maintenance run`).
     pub maintenance: Option<Schedule>,
+    /// How garbage collection collects (grace window, compaction threshold).
+    pub gc: GcConfig,
 }
 
 /// Warns when the repository is readable or writable by other local users (it holds password
@@ -192,16 +195,22 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
         }
     }
     let auth = Arc::new(Auth::new(catalog.clone(), opts.control.clone())?);
-    let service = CofferService::new(
-        crate::shard::Shards::new(handles),
+    let fanout = crate::shard::Shards::new(handles);
+    let gate = Arc::new(Gate::default());
+    let gc = Arc::new(Collector::new(
+        fanout.clone(),
         catalog.clone(),
         auth.clone(),
-        hello,
-    );
+        gate.clone(),
+        paths.clone(),
+        opts.gc,
+    ));
+    let service = CofferService::new(fanout, catalog.clone(), auth.clone(), hello, gate);
     let admin = Admin {
         socket: paths.admin_socket(),
         catalog,
         auth,
+        gc,
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -328,28 +337,28 @@ async fn shutdown_signal(on_stdin: bool) {
     }
 }
 
-/// Runs retention on `at` (wall clock) until the appliance stops: the same step as
-/// `coffer-appliance maintenance run`, on the blocking pool, then a reload so that sessions drop
-/// what was forgotten. A failed run is logged and tried again at the next time.
+/// Runs maintenance on `at` (wall clock) until the appliance stops: the same steps as
+/// `coffer-appliance maintenance run` (retention, then garbage collection), on the blocking pool.
+/// A failed run is logged and tried again at the next time.
 async fn maintenance_loop(admin: Arc<Admin>, at: Schedule) {
     loop {
         let now = coffer_proto::now_us();
         let wait = u64::try_from(at.next_after(now) - now).unwrap_or(0);
         tokio::time::sleep(Duration::from_micros(wait)).await;
         let a = admin.clone();
-        let run = tokio::task::spawn_blocking(move || {
-            let req = crate::access::admin::Request::MaintenanceRun {
-                dry_run: false,
-                now_us: None,
-            };
-            let reply = crate::access::admin::apply(&a.catalog, &req)?;
-            a.auth.reload()?;
-            Ok::<_, ApplianceError>(reply.forgotten)
-        })
-        .await;
+        let rt = tokio::runtime::Handle::current();
+        let run = tokio::task::spawn_blocking(move || a.maintain(&rt, false, None)).await;
         match run {
-            Ok(Ok(n)) => {
-                tracing::info!(forgotten = n, next = %at, "maintenance: retention applied");
+            Ok(Ok(r)) => {
+                let gc = r.gc.unwrap_or_default();
+                tracing::info!(
+                    forgotten = r.forgotten,
+                    chunks_removed = gc.condemned,
+                    packs_deleted = gc.packs_deleted,
+                    bytes_deleted = gc.bytes_deleted,
+                    next = %at,
+                    "maintenance: retention and garbage collection done"
+                );
             }
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "maintenance failed; trying again at the next time");

@@ -5,6 +5,7 @@
 //! appended with one durable [`PackSink::append`] (one io_uring write and one `fdatasync` in the
 //! local store). Only then are their index entries inserted.
 
+use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -86,6 +87,9 @@ pub struct PackWriter<S: PackStore = LocalStore> {
     repo_id: RepositoryId,
     target: u64,
     open: Option<OpenPack<S::Sink>>,
+    /// The pack this writer may still write or index into, from before its file is created
+    /// until its last index entry is in: the shard never lets the GC delete it (G8).
+    current: Rc<Cell<Option<PackId>>>,
     /// Packs sealed by this writer (for stats and tests).
     pub sealed: u64,
 }
@@ -114,12 +118,20 @@ impl<S: PackStore> PackWriter<S> {
             repo_id,
             target,
             open: None,
+            current: Rc::new(Cell::new(None)),
             sealed: 0,
         }
     }
 
+    /// The pack being written, shared with the shard (see `current`).
+    #[must_use]
+    pub fn current(&self) -> Rc<Cell<Option<PackId>>> {
+        self.current.clone()
+    }
+
     async fn create(&self) -> Result<OpenPack<S::Sink>, PackError> {
         let id = PackId::from_bytes(rand::random());
+        self.current.set(Some(id));
         let header = PackHeader {
             pack: id,
             shard: self.shard,
@@ -160,7 +172,13 @@ impl<S: PackStore> PackWriter<S> {
         let mut i = 0;
         while i < chunks.len() {
             if self.open.is_none() {
-                self.open = Some(self.create().await?);
+                match self.create().await {
+                    Ok(p) => self.open = Some(p),
+                    Err(e) => {
+                        self.current.set(None);
+                        return Err(e);
+                    }
+                }
             }
             let res = self.write_some(&chunks[i..], false).await;
             match res {
@@ -172,6 +190,7 @@ impl<S: PackStore> PackWriter<S> {
                     if let Some(p) = self.open.take() {
                         self.record_poisoned(p.id);
                     }
+                    self.current.set(None);
                     return Err(e);
                 }
             }
@@ -240,6 +259,7 @@ impl<S: PackStore> PackWriter<S> {
             .append(len, seal, fill)
             .await
             .map_err(|e| PackError::of(&id, e))?;
+        crate::faults::point("pack.appended");
         // Durable: now, and only now, the index may point at these bytes. A sealed pack's
         // entries are synced so that the open-pack marker can move on.
         let to_io = |e: crate::error::RepoError| PackError {
@@ -248,9 +268,11 @@ impl<S: PackStore> PackWriter<S> {
             source: std::io::Error::other(e.to_string()),
         };
         self.index.insert_batch(&index_batch, seal).map_err(to_io)?;
+        crate::faults::point("pack.indexed");
         if seal {
             self.index.put_meta(META_OPEN_PACK, None).map_err(to_io)?;
             self.open = None;
+            self.current.set(None);
             self.sealed += 1;
         }
         Ok(n)

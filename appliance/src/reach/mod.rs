@@ -334,6 +334,75 @@ async fn walk_from(shards: &Shards, root: ChunkId, rules: &Rules) -> Result<Walk
     Ok(w)
 }
 
+/// The GC mark's walk: everything reachable from many roots, each id reported to a callback
+/// instead of collected in a set (a mark of 10⁸ chunks is a bitmap, not 3 GB of ids; see
+/// `maintenance::gc`). Trees and list chunks are read once per marker: snapshots share most of
+/// their trees, so only the tree ids seen are remembered (~1 % of a repository's chunks).
+#[derive(Debug)]
+pub struct Marker {
+    shards: Shards,
+    seen: HashSet<ChunkId>,
+}
+
+impl Marker {
+    #[must_use]
+    pub fn new(shards: Shards) -> Self {
+        Self {
+            shards,
+            seen: HashSet::new(),
+        }
+    }
+
+    /// Trees and list chunks read so far.
+    #[must_use]
+    pub fn trees_seen(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// Reports to `mark` every tree, list and leaf reachable from `root` that this marker has
+    /// not walked yet (leaves may be reported more than once).
+    ///
+    /// # Errors
+    /// A tree or list chunk that is missing or does not decode: the mark is then incomplete and
+    /// its run must end before anything is swept (G10).
+    pub async fn mark_from(
+        &mut self,
+        root: ChunkId,
+        mark: &mut dyn FnMut(&ChunkId),
+    ) -> Result<(), ApplianceError> {
+        let mut level = vec![root];
+        while !level.is_empty() {
+            let todo: Vec<ChunkId> = level.into_iter().filter(|t| self.seen.insert(*t)).collect();
+            let (mut next, mut lists) = (Vec::new(), Vec::new());
+            for part in todo.chunks(TREES_PER_FETCH) {
+                for t in part {
+                    mark(t);
+                }
+                let chunks = self.shards.get(part.to_vec()).await?;
+                for r in tree_refs(&chunks)? {
+                    next.extend(r.trees);
+                    for l in &r.leaves {
+                        mark(l);
+                    }
+                    for l in r.lists {
+                        mark(&l);
+                        if self.seen.insert(l) {
+                            lists.push(l);
+                        }
+                    }
+                }
+            }
+            for part in lists.chunks(LISTS_PER_FETCH) {
+                for id in list_refs(&self.shards.get(part.to_vec()).await?)? {
+                    mark(&id);
+                }
+            }
+            level = next;
+        }
+        Ok(())
+    }
+}
+
 /// The plaintext of a stored chunk.
 ///
 /// # Errors

@@ -31,6 +31,12 @@ impl Shards {
         self.count
     }
 
+    /// Every shard's handle, in shard order (maintenance addresses shards one by one).
+    #[must_use]
+    pub(crate) fn handles(&self) -> &[ShardHandle] {
+        &self.handles
+    }
+
     /// Splits `items` by shard, remembering each item's position in `items`.
     fn split<T>(&self, items: Vec<T>, id: impl Fn(&T) -> ChunkId) -> Vec<(Vec<usize>, Vec<T>)> {
         let mut out: Vec<(Vec<usize>, Vec<T>)> =

@@ -5,7 +5,7 @@
 use std::rc::Rc;
 
 use coffer_proto::v1::Compression;
-use coffer_proto::DedupKey;
+use coffer_proto::{ChunkId, DedupKey};
 
 use crate::error::IngestError;
 use crate::pack::format::flags_of;
@@ -120,4 +120,39 @@ pub(super) async fn put(
             .map_err(|e| IngestError::Storage(e.to_string()))?;
     }
     Ok(outcome)
+}
+
+/// Copies chunks' records as stored (compaction, see [`super::ShardRequest::Rewrite`]): read,
+/// queued past the index's dedup (the index has them: that is the point) and written by the
+/// next group commit, which points the index at the copies once they are durable.
+pub(super) async fn rewrite(state: &Rc<ShardState>, ids: &[ChunkId]) -> Result<u64, IngestError> {
+    let stored = super::read::get(state, ids)
+        .await
+        .map_err(|e| IngestError::Storage(format!("reading records to compact: {e}")))?;
+    crate::faults::point("shard.rewrite.read");
+    let bytes: u64 = stored.iter().map(|c| c.data.len() as u64).sum();
+    let kib = (bytes >> 10).clamp(1, state.budget_kib);
+    let _permit = state
+        .budget
+        .acquire_static_permit(kib)
+        .await
+        .map_err(|_| IngestError::ShuttingDown)?;
+    state
+        .store
+        .check_space(bytes)
+        .map_err(|e| IngestError::NoSpace(e.source.to_string()))?;
+    let candidates = stored
+        .into_iter()
+        .map(|c| PendingChunk {
+            id: c.id,
+            raw_len: c.raw_len,
+            flags: flags_of(c.compression),
+            data: c.data,
+        })
+        .collect();
+    let mut outcome = PutOutcome::default();
+    for rx in state.enqueue(candidates, &mut outcome) {
+        rx.await.map_err(|_| IngestError::ShuttingDown)??;
+    }
+    Ok(bytes)
 }

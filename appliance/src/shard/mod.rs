@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use coffer_proto::{ChunkId, DedupKey, RepositoryId, ShardId};
+use coffer_proto::{ChunkId, DedupKey, PackId, RepositoryId, ShardId};
 use futures::channel::mpsc;
 use futures::StreamExt;
 use glommio::{LocalExecutorBuilder, Placement};
@@ -36,7 +36,7 @@ use crate::crypto::Encryption;
 use crate::error::{ApplianceError, IngestError};
 use crate::index::{ChunkIndex, OpenMode, RocksIndex};
 use crate::pack::recover::recover_open_pack;
-use crate::pack::store::LocalStore;
+use crate::pack::store::{LocalStore, PackStore};
 use crate::pack::writer::{PackWriter, PendingChunk};
 use crate::repo::RepoPaths;
 
@@ -111,12 +111,41 @@ pub enum ShardRequest {
         ids: Vec<ChunkId>,
         reply: Reply<Vec<StoredChunk>>,
     },
+    /// GC sweep: remove these entries from the index (one synced batch) and then from the need
+    /// set, in one step of this shard's thread: no `Need` answer or ingest lookup on this shard
+    /// sees one without the other. Answers how many were removed.
+    Condemn {
+        ids: Vec<ChunkId>,
+        reply: Reply<u64>,
+    },
+    /// GC compaction: copy these chunks' records, as stored, into this shard's open pack; answers
+    /// once they are durable and the index points at the copies.
+    Rewrite {
+        ids: Vec<ChunkId>,
+        reply: Reply<u64>,
+    },
+    /// GC: delete packs that no index entry points into any more. The shard refuses, and
+    /// leaves out of its answer, the pack its writer is creating, filling or indexing and packs
+    /// poisoned by a failed write: only the shard's own thread knows that without a race (G8).
+    DeletePacks {
+        packs: Vec<PackId>,
+        reply: Reply<Vec<PackId>>,
+    },
 }
 
 /// The network island's end of a shard.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ShardHandle {
     tx: flume::Sender<ShardRequest>,
+    /// The shard's index, for maintenance's read-only scans from its own thread (RocksDB reads
+    /// are thread-safe). Every write goes through the shard.
+    pub(crate) index: Arc<dyn ChunkIndex>,
+}
+
+impl std::fmt::Debug for ShardHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ShardHandle")
+    }
 }
 
 impl ShardHandle {
@@ -169,6 +198,33 @@ impl ShardHandle {
     /// Not found, corruption, shutdown.
     pub async fn get(&self, ids: Vec<ChunkId>) -> Result<Vec<StoredChunk>, ApplianceError> {
         self.call(|reply| ShardRequest::Get { ids, reply }).await
+    }
+
+    /// See [`ShardRequest::Condemn`].
+    ///
+    /// # Errors
+    /// Index errors, shutdown.
+    pub async fn condemn(&self, ids: Vec<ChunkId>) -> Result<u64, ApplianceError> {
+        self.call(|reply| ShardRequest::Condemn { ids, reply })
+            .await
+    }
+
+    /// See [`ShardRequest::Rewrite`].
+    ///
+    /// # Errors
+    /// Read, storage and index errors, shutdown.
+    pub async fn rewrite(&self, ids: Vec<ChunkId>) -> Result<u64, ApplianceError> {
+        self.call(|reply| ShardRequest::Rewrite { ids, reply })
+            .await
+    }
+
+    /// See [`ShardRequest::DeletePacks`].
+    ///
+    /// # Errors
+    /// Storage errors, shutdown.
+    pub async fn delete_packs(&self, packs: Vec<PackId>) -> Result<Vec<PackId>, ApplianceError> {
+        self.call(|reply| ShardRequest::DeletePacks { packs, reply })
+            .await
     }
 }
 
@@ -225,7 +281,8 @@ pub enum ShardError {
 /// Index missing or damaged, recovery failure, executor setup failure (io_uring, memlock).
 pub fn spawn(cfg: ShardConfig) -> Result<RunningShard, ShardError> {
     let (tx, rx) = flume::bounded(256);
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), ShardError>>();
+    let (ready_tx, ready_rx) =
+        std::sync::mpsc::channel::<Result<Arc<dyn ChunkIndex>, ShardError>>();
     let placement = cfg.cpu.map_or(Placement::Unbound, Placement::Fixed);
     let shard = cfg.shard;
     let name = shard.to_string();
@@ -235,7 +292,7 @@ pub fn spawn(cfg: ShardConfig) -> Result<RunningShard, ShardError> {
         .spawn(move || async move {
             match ShardState::open(&cfg) {
                 Ok((state, writer)) => {
-                    let _ = ready_tx.send(Ok(()));
+                    let _ = ready_tx.send(Ok(state.index.clone()));
                     run(state, writer, rx).await;
                 }
                 Err(e) => {
@@ -248,8 +305,8 @@ pub fn spawn(cfg: ShardConfig) -> Result<RunningShard, ShardError> {
             why: e.to_string(),
         })?;
     match ready_rx.recv() {
-        Ok(Ok(())) => Ok(RunningShard {
-            handle: ShardHandle { tx },
+        Ok(Ok(index)) => Ok(RunningShard {
+            handle: ShardHandle { tx, index },
             join,
         }),
         Ok(Err(e)) => Err(e),
@@ -280,6 +337,10 @@ pub(crate) struct ShardState {
     /// Ids durably stored on this shard (see `need`).
     need: RefCell<NeedSet>,
     active: Cell<usize>,
+    /// Packs deleted so far: a read that fails while this moved looks its chunks up again.
+    deletions: Cell<u64>,
+    /// The pack the writer is creating, filling or indexing (never deleted).
+    writing: Rc<Cell<Option<PackId>>>,
 }
 
 impl ShardState {
@@ -333,6 +394,8 @@ impl ShardState {
             budget_kib,
             need: RefCell::new(need),
             active: Cell::new(0),
+            deletions: Cell::new(0),
+            writing: writer.current(),
         });
         Ok((state, writer))
     }
@@ -438,9 +501,78 @@ async fn handle(state: &Rc<ShardState>, req: ShardRequest) {
         }
 
         ShardRequest::Get { ids, reply } => {
-            let _ = reply.send(read::get(state, &ids).await);
+            let _ = reply.send(get_retrying(state, &ids).await);
+        }
+        ShardRequest::Condemn { ids, reply } => {
+            let _ = reply.send(condemn(state, &ids));
+        }
+        ShardRequest::Rewrite { ids, reply } => {
+            let _ = reply.send(
+                ingest::rewrite(state, &ids)
+                    .await
+                    .map_err(ApplianceError::from),
+            );
+        }
+        ShardRequest::DeletePacks { packs, reply } => {
+            let _ = reply.send(delete_packs(state, packs));
         }
     }
+}
+
+/// Reads chunks; a read that failed while the GC deleted a pack (the chunk was just moved by
+/// compaction) looks its chunks up again.
+async fn get_retrying(
+    state: &Rc<ShardState>,
+    ids: &[ChunkId],
+) -> Result<Vec<StoredChunk>, ApplianceError> {
+    let mut tries = 0;
+    loop {
+        let before = state.deletions.get();
+        match read::get(state, ids).await {
+            Err(ApplianceError::Internal(_)) if state.deletions.get() != before && tries < 3 => {
+                tries += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// See [`ShardRequest::DeletePacks`]. Synchronous: the writer cannot start a pack in between.
+fn delete_packs(state: &ShardState, packs: Vec<PackId>) -> Result<Vec<PackId>, ApplianceError> {
+    let poisoned = state
+        .index
+        .get_meta(crate::index::META_POISONED)
+        .map_err(|e| ApplianceError::Internal(format!("reading the poisoned packs: {e}")))?
+        .unwrap_or_default();
+    let mut done = Vec::with_capacity(packs.len());
+    for p in packs {
+        if state.writing.get() == Some(p) || poisoned.chunks_exact(16).any(|c| c == p.as_bytes()) {
+            tracing::warn!(pack = %p, "gc: not deleting a pack that is being written or was poisoned");
+            continue;
+        }
+        state
+            .store
+            .delete(&p)
+            .map_err(|e| ApplianceError::Internal(format!("pack {p}: {e}")))?;
+        state.deletions.set(state.deletions.get() + 1);
+        crate::faults::point("shard.pack-deleted");
+        done.push(p);
+    }
+    Ok(done)
+}
+
+/// See [`ShardRequest::Condemn`]. Synchronous: nothing else runs on this shard in between.
+fn condemn(state: &ShardState, ids: &[ChunkId]) -> Result<u64, ApplianceError> {
+    state
+        .index
+        .delete_batch(ids, true)
+        .map_err(|e| ApplianceError::Internal(format!("removing index entries: {e}")))?;
+    crate::faults::point("shard.condemn.indexed");
+    let mut need = state.need.borrow_mut();
+    for id in ids {
+        need.remove(id);
+    }
+    Ok(ids.len() as u64)
 }
 
 /// The pack stage: one group commit per turn of the loop. While one commit is being written and

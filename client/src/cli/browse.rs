@@ -66,12 +66,14 @@ fn kind_char(k: i32) -> char {
 
 /// `coffer ls`: one line per entry of the directory `target` names, or the one file it names.
 pub async fn ls(cfg_path: &Path, target: &str) -> anyhow::Result<()> {
-    let s = connected(cfg_path).await?;
-    let (tree, node) = locate(&s, target).await?;
-    let nodes = match node {
-        Some(n) => vec![n],
-        None => fetch_tree(&s, &tree).await?.nodes,
-    };
+    let nodes = connected(cfg_path, async |s| {
+        let (tree, node) = locate(s, target).await?;
+        Ok(match node {
+            Some(n) => vec![n],
+            None => fetch_tree(s, &tree).await?.nodes,
+        })
+    })
+    .await?;
     for n in nodes {
         println!(
             "{}{:o} {:>12} {}",

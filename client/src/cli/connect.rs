@@ -71,6 +71,7 @@ pub async fn connect(to: ConnectTo, cfg_path: &Path) -> anyhow::Result<()> {
         password,
     };
     let s = super::session(&cfg).await?;
+    s.end().await;
     cfg.save(cfg_path)?;
     println!(
         "connected to {} as {} (configuration saved to {})",

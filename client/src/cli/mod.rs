@@ -109,8 +109,15 @@ async fn session(cfg: &ClientConfig) -> anyhow::Result<Session> {
     Ok(Session::connect(&opts).await?)
 }
 
-/// A session with the saved configuration at `cfg_path`.
-async fn connected(cfg_path: &Path) -> anyhow::Result<Session> {
+/// Runs `f` with a session of the saved configuration at `cfg_path`, then ends the session
+/// (whatever `f` answered), so that the appliance releases what it held for it.
+async fn connected<T>(
+    cfg_path: &Path,
+    f: impl AsyncFnOnce(&Session) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
     let cfg = ClientConfig::load(cfg_path)?;
-    session(&cfg).await
+    let s = session(&cfg).await?;
+    let r = f(&s).await;
+    s.end().await;
+    r
 }

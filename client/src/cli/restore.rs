@@ -16,13 +16,15 @@ pub async fn restore(
     target: &Path,
     json: bool,
 ) -> anyhow::Result<()> {
-    let s = connected(cfg_path).await?;
-    let (tree, node) = locate(&s, source).await?;
-    if node.is_some() {
-        bail!("{source} names a file; restore a directory (its parent) instead");
-    }
-    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
-    let sum = restore_tree(&s, tree, target, root).await?;
+    let sum = connected(cfg_path, async |s| {
+        let (tree, node) = locate(s, source).await?;
+        if node.is_some() {
+            bail!("{source} names a file; restore a directory (its parent) instead");
+        }
+        let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+        Ok(restore_tree(s, tree, target, root).await?)
+    })
+    .await?;
     if json {
         println!("{}", serde_json::to_string(&sum)?);
     } else {

@@ -54,7 +54,10 @@ pub enum SnapCmd {
 
 /// Runs one `snapshot` subcommand.
 pub async fn run(cmd: SnapCmd, cfg_path: &Path) -> anyhow::Result<ExitCode> {
-    let s = connected(cfg_path).await?;
+    connected(cfg_path, async |s| run_with(cmd, s).await).await
+}
+
+async fn run_with(cmd: SnapCmd, s: &Session) -> anyhow::Result<ExitCode> {
     match cmd {
         SnapCmd::Create {
             paths,
@@ -70,16 +73,16 @@ pub async fn run(cmd: SnapCmd, cfg_path: &Path) -> anyhow::Result<ExitCode> {
                 zstd_level: (compression > 0).then_some(compression),
                 ..BackupOptions::default()
             };
-            if create(&s, paths, &opts, json).await? {
+            if create(s, paths, &opts, json).await? {
                 return Ok(ExitCode::from(EXIT_PARTIAL));
             }
         }
-        SnapCmd::List { path, json, all } => list(&s, path, json, all).await?,
+        SnapCmd::List { path, json, all } => list(s, path, json, all).await?,
         SnapCmd::Diff { a, b, json } => {
-            let (ta, _) = locate(&s, &a).await?;
-            let (tb, _) = locate(&s, &b).await?;
+            let (ta, _) = locate(s, &a).await?;
+            let (tb, _) = locate(s, &b).await?;
             let cache = TreeCache::new(cache_dir(), *s.dedup_key());
-            for c in diff(&s, &cache, ta, tb).await? {
+            for c in diff(s, &cache, ta, tb).await? {
                 if json {
                     println!("{}", serde_json::to_string(&c)?);
                 } else {
@@ -88,7 +91,7 @@ pub async fn run(cmd: SnapCmd, cfg_path: &Path) -> anyhow::Result<ExitCode> {
             }
         }
         SnapCmd::Delete { id } => {
-            let snap = resolve(&s, &id).await?;
+            let snap = resolve(s, &id).await?;
             let sid = SnapshotId::from_slice(&snap.id)?;
             s.delete(&sid).await?;
             println!(

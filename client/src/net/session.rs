@@ -409,6 +409,17 @@ impl Session {
             .snapshots)
     }
 
+    /// Ends the session (best effort: a session not ended expires on the appliance after 30
+    /// idle minutes). Until then the appliance keeps what it uploaded safe from garbage
+    /// collection and holds its memory.
+    pub async fn end(&self) {
+        let _ = self
+            .client
+            .clone()
+            .end_session(v1::EndSessionRequest {})
+            .await;
+    }
+
     /// Deletes one of this user's snapshots.
     ///
     /// # Errors

@@ -26,11 +26,15 @@ impl Inner {
         let ids =
             unpack_ids(&ids, max).map_err(|e| ApplianceError::InvalidArgument(e.to_string()))?;
         let n = ids.len();
+        // G3: an answer "present" and the session's record of it happen with no GC barrier
+        // in between.
+        let _gate = self.gate.enter().await;
         let present = self.shards.need(ids.clone(), session.state.owner).await?;
         let disclosure = self.auth.disclosure();
         let mut missing = vec![0u8; bitmap_len(n)];
         let mut prove = vec![0u8; bitmap_len(n)];
         let mut adopted = Vec::new();
+        let mut answered = Vec::new();
         for (i, id) in ids.iter().enumerate() {
             let p = present[i];
             if p.stored && session.state.knows(id) {
@@ -44,6 +48,7 @@ impl Inner {
             }
             if p.stored && disclosure == v1::Disclosure::Repository {
                 bitmap_set(&mut prove, i);
+                answered.push(*id);
             } else {
                 // Stored by someone else but unknown to this session: answered exactly like a
                 // chunk nobody holds (user disclosure).
@@ -51,6 +56,7 @@ impl Inner {
             }
         }
         session.state.add_uploaded(adopted);
+        session.state.add_pinned(answered);
         Ok(v1::FindMissingResponse {
             missing: missing.into(),
             count: u32::try_from(n).unwrap_or(u32::MAX),
@@ -133,6 +139,8 @@ impl Inner {
                 data: f.data,
             });
         }
+        // G3: a deduplicated chunk is recorded as the session's before any GC barrier.
+        let _gate = self.gate.enter().await;
         if !proofs.is_empty() {
             self.check_proofs(session, proofs).await?;
         }

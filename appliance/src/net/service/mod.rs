@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::access::{Auth, Session};
 use crate::catalog::{Catalog, CatalogError};
 use crate::error::ApplianceError;
+use crate::maintenance::gc::Gate;
 use crate::reach::Walker;
 use crate::shard::Shards;
 
@@ -51,11 +52,19 @@ struct Inner {
     catalog: Arc<Catalog>,
     auth: Arc<Auth>,
     hello: HelloInfo,
+    /// Between index answers and the GC's barrier (see `maintenance::gc`).
+    gate: Arc<Gate>,
 }
 
 impl CofferService {
     #[must_use]
-    pub fn new(shards: Shards, catalog: Arc<Catalog>, auth: Arc<Auth>, hello: HelloInfo) -> Self {
+    pub fn new(
+        shards: Shards,
+        catalog: Arc<Catalog>,
+        auth: Arc<Auth>,
+        hello: HelloInfo,
+        gate: Arc<Gate>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 walker: Walker::new(shards.clone()),
@@ -63,6 +72,7 @@ impl CofferService {
                 catalog,
                 auth,
                 hello,
+                gate,
             }),
         }
     }
@@ -291,6 +301,21 @@ impl Coffer for CofferService {
         let auth = self.inner.auth.clone();
         on_blocking_pool("reload", move || auth.reload()).await?;
         Ok(Response::new(v1::RefreshResponse {}))
+    }
+
+    async fn end_session(
+        &self,
+        req: Request<v1::EndSessionRequest>,
+    ) -> Result<Response<v1::EndSessionResponse>, Status> {
+        let token = req
+            .metadata()
+            .get(coffer_proto::SESSION_HEADER)
+            .and_then(|v| v.to_str().ok());
+        // An unknown or expired token is already ended: nothing to say about it.
+        if let Some(t) = token {
+            self.inner.auth.end_session(t);
+        }
+        Ok(Response::new(v1::EndSessionResponse {}))
     }
 
     async fn server_status(

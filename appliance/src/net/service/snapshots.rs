@@ -66,6 +66,7 @@ impl Inner {
         // checks each reference before reading it, and does not descend into subtrees
         // reachable from an opened snapshot. A root the session does not know is refused in
         // the same words whether or not it is stored.
+        let generation = self.gate.generation();
         let walk = {
             let _turn = self.walker.permit(&session.identity).await?;
             session.state.check()?;
@@ -87,6 +88,16 @@ impl Inner {
                 snap.time_us
             )));
         }
+        // G4: a garbage collection that removed chunks after the walk began may have removed
+        // what the walk checked (a subtree of a snapshot forgotten since it was opened): check
+        // again. The gate keeps the next one from starting until the record is written.
+        let _gate = self.gate.enter().await;
+        if self.gate.generation() != generation {
+            return Err(ApplianceError::Unavailable(
+                "garbage collection ran while this snapshot was being checked; commit it again"
+                    .into(),
+            ));
+        }
         let committed = catalog_call(&self.catalog, move |c| c.commit_snapshot(&snap)).await?;
         if let Committed::Earlier(id) = committed {
             tracing::info!(snapshot = %id, identity = %session.identity, "a retried commit answered with its earlier snapshot");
@@ -105,6 +116,7 @@ impl Inner {
         req: v1::OpenSnapshotRequest,
     ) -> Result<v1::OpenSnapshotResponse, ApplianceError> {
         let id = snapshot_id(&req.id)?;
+        let generation = self.gate.generation();
         let snap = catalog_call(&self.catalog, move |c| c.snapshot(&id)).await?;
         let snap = match snap {
             Some(s) if snapshot_access(&self.auth.rules(), &session.identity, &s).is_some() => s,
@@ -116,6 +128,17 @@ impl Inner {
         };
         let reachable = reach.len() as u64;
         session.state.check()?;
+        // G4: a snapshot forgotten and collected while it was walked (or answered from the
+        // cache) must not be opened: a commit could then reference what is gone. Under the gate,
+        // a snapshot that still exists is one the last collection kept.
+        let _gate = self.gate.enter().await;
+        if self.gate.generation() != generation
+            && catalog_call(&self.catalog, move |c| c.snapshot(&id))
+                .await?
+                .is_none()
+        {
+            return Err(no_snapshot(&id));
+        }
         session.state.add_opened(snap, reach);
         // Rules may have changed while the trees were walked: what a reload revoked in the
         // meantime stays revoked.

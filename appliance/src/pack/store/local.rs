@@ -121,6 +121,22 @@ impl PackStore for LocalStore {
         std::fs::remove_file(self.paths.pack(id)).map_err(|e| StoreError::new("removing", e))
     }
 
+    fn delete(&self, id: &PackId) -> Result<(), StoreError> {
+        // Dropping the cached reader closes the file, so that its space is freed now.
+        self.readers.borrow_mut().remove(id);
+        let path = self.paths.pack(id);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(StoreError::new("deleting", e)),
+        }
+        crate::faults::point("store.unlinked");
+        let dir = path.parent().expect("pack paths have a parent");
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| StoreError::new("syncing its directory after deleting", e))
+    }
+
     fn check_space(&self, need: u64) -> Result<(), StoreError> {
         check_free_space(&self.paths.packs(), need + ALIGN * 2, self.reserve)
             .map_err(|e| StoreError::new("checking free space", e))

@@ -68,6 +68,15 @@ pub trait PackStore: std::fmt::Debug {
     /// The pack cannot be removed.
     fn discard(&self, id: &PackId) -> Result<(), StoreError>;
 
+    /// Deletes a sealed pack the GC emptied or compacted, durably (its name is gone after a
+    /// crash). A pack that is already gone is not an error: a run repeated after a crash deletes
+    /// again. Readers of it that are in flight may fail; the shard's read path then looks the
+    /// chunk up again.
+    ///
+    /// # Errors
+    /// The pack cannot be removed or the removal made durable.
+    fn delete(&self, id: &PackId) -> Result<(), StoreError>;
+
     /// Fails (`StorageFull`) when `need` more bytes would leave the store's reserve short.
     ///
     /// # Errors
