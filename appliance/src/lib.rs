@@ -35,7 +35,7 @@ pub use crypto::keys::{KdfParams, MasterKey};
 pub use crypto::{Encryption, RecordCipher};
 pub use error::{ApplianceError, IngestError, RepoError};
 pub use index::{ChunkIndex, MemIndex, OpenMode, RocksIndex};
-pub use maintenance::gc::{GcConfig, GcReport};
+pub use maintenance::gc::{GcConfig, GcReport, Mark as GcMark};
 pub use maintenance::retention::{self, Retention};
 pub use maintenance::schedule::Schedule;
 pub use maintenance::{rebuild_index, verify, RebuildOutcome, VerifyReport};

@@ -410,6 +410,14 @@ impl Auth {
     }
 }
 
+impl crate::maintenance::gc::Pins for Auth {
+    fn pinned(&self, mark: &mut dyn FnMut(&coffer_proto::ChunkId)) {
+        for s in self.session_states() {
+            s.each_pinned(mark);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -626,13 +634,5 @@ mod tests {
         assert!(h.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{h}");
         assert!(verify_password(&h, "pw"));
         assert!(!verify_password(&h, "px"));
-    }
-}
-
-impl crate::maintenance::gc::Pins for Auth {
-    fn pinned(&self, mark: &mut dyn FnMut(&coffer_proto::ChunkId)) {
-        for s in self.session_states() {
-            s.each_pinned(mark);
-        }
     }
 }

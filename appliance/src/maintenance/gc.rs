@@ -279,7 +279,9 @@ pub struct Collector {
 
 impl std::fmt::Debug for Collector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Collector").field("cfg", &self.cfg).finish()
+        f.debug_struct("Collector")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
     }
 }
 
@@ -508,9 +510,7 @@ impl Collector {
             point("gc.condemned");
             self.collect_packs(rt, &indexes, &packs, &mut report)?;
         }
-        let (candidates, marked) = mark.counts();
-        report.candidates = candidates;
-        report.marked = marked;
+        (report.candidates, report.marked) = mark.counts();
         report.trees_read = marker.trees_seen() as u64;
         tracing::info!(
             ?report,

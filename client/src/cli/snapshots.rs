@@ -95,7 +95,8 @@ async fn run_with(cmd: SnapCmd, s: &Session) -> anyhow::Result<ExitCode> {
             let sid = SnapshotId::from_slice(&snap.id)?;
             s.delete(&sid).await?;
             println!(
-                "deleted snapshot {sid} of {}:{} (space is reclaimed by maintenance)",
+                "deleted snapshot {sid} of {}:{} (its space is freed by the appliance's next \
+                 maintenance run)",
                 snap.identity, snap.path
             );
         }

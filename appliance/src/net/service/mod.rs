@@ -307,12 +307,13 @@ impl Coffer for CofferService {
         &self,
         req: Request<v1::EndSessionRequest>,
     ) -> Result<Response<v1::EndSessionResponse>, Status> {
-        let token = req
+        // Any session may end itself, the server control user's too.
+        self.inner.any_session(&req)?;
+        if let Some(t) = req
             .metadata()
             .get(coffer_proto::SESSION_HEADER)
-            .and_then(|v| v.to_str().ok());
-        // An unknown or expired token is already ended: nothing to say about it.
-        if let Some(t) = token {
+            .and_then(|v| v.to_str().ok())
+        {
             self.inner.auth.end_session(t);
         }
         Ok(Response::new(v1::EndSessionResponse {}))
