@@ -49,6 +49,10 @@ fn suite(idx: &dyn ChunkIndex) {
         2,
         "ownership rows are not entries"
     );
+    assert!(
+        idx.approximate_len().unwrap() <= 1_000,
+        "an estimate, but a sane one"
+    );
     // A scan streams the same entries in id order.
     let mut scanned = Vec::new();
     idx.scan(&mut |id, e| {

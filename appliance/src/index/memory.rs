@@ -87,6 +87,10 @@ impl ChunkIndex for MemIndex {
         Ok(())
     }
 
+    fn approximate_len(&self) -> Result<u64, RepoError> {
+        Ok(self.map().len() as u64)
+    }
+
     fn delete_batch(&self, ids: &[ChunkId], _sync: bool) -> Result<(), RepoError> {
         let mut m = self.map();
         for id in ids {

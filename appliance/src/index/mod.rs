@@ -94,6 +94,11 @@ pub trait ChunkIndex: Send + Sync {
         &self,
         f: &mut dyn FnMut(&ChunkId, &IndexEntry) -> Result<(), RepoError>,
     ) -> Result<(), RepoError>;
+    /// About how many keys the index holds (sizes the GC's tables; may be off either way).
+    ///
+    /// # Errors
+    /// Engine errors.
+    fn approximate_len(&self) -> Result<u64, RepoError>;
     /// Removes chunk entries (the GC's sweep) atomically; `sync` as for [`Self::insert_batch`].
     ///
     /// # Errors

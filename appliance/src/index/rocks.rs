@@ -147,6 +147,14 @@ impl ChunkIndex for RocksIndex {
         Ok(())
     }
 
+    fn approximate_len(&self) -> Result<u64, RepoError> {
+        Ok(self
+            .db
+            .property_int_value("rocksdb.estimate-num-keys")
+            .map_err(ie)?
+            .unwrap_or(0))
+    }
+
     fn delete_batch(&self, ids: &[ChunkId], sync: bool) -> Result<(), RepoError> {
         let mut batch = rocksdb::WriteBatch::default();
         for id in ids {
