@@ -96,6 +96,7 @@ const KILL_POINTS: &[&str] = &[
     "gc.mark-snapshot@3",
     "maintenance.forgotten",
     "gc.start",
+    "gc.sealed",
     "gc.tables",
     "gc.mark-snapshot",
     "gc.marked",

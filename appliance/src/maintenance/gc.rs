@@ -498,8 +498,17 @@ impl Collector {
             dry_run,
             ..GcReport::default()
         };
-        let start_us = coffer_proto::now_us();
         point("gc.start");
+        if !dry_run {
+            // Open packs hold records like any other; sealed, they can be compacted or deleted.
+            for h in self.shards.handles() {
+                rt.block_on(h.seal())?;
+            }
+            point("gc.sealed");
+        }
+        // Taken after the seals: the packs they closed are candidates too (their records are
+        // older than this).
+        let start_us = coffer_proto::now_us();
         let packs = self.candidate_packs(start_us.saturating_sub(self.cfg.grace_us))?;
         let indexes = self.indexes();
         let t_mark = Instant::now();

@@ -124,6 +124,9 @@ pub enum ShardRequest {
         ids: Vec<ChunkId>,
         reply: Reply<u64>,
     },
+    /// GC: seal the open pack once what is queued is written, so that the records in it can be
+    /// compacted or deleted like any other (an idle appliance would keep it open for days).
+    Seal { reply: Reply<()> },
     /// GC: delete packs that no index entry points into any more. The shard refuses, and
     /// leaves out of its answer, the pack its writer is creating, filling or indexing and packs
     /// poisoned by a failed write: only the shard's own thread knows that without a race (G8).
@@ -216,6 +219,14 @@ impl ShardHandle {
     pub async fn rewrite(&self, ids: Vec<ChunkId>) -> Result<u64, ApplianceError> {
         self.call(|reply| ShardRequest::Rewrite { ids, reply })
             .await
+    }
+
+    /// See [`ShardRequest::Seal`].
+    ///
+    /// # Errors
+    /// Storage errors, shutdown.
+    pub async fn seal(&self) -> Result<(), ApplianceError> {
+        self.call(|reply| ShardRequest::Seal { reply }).await
     }
 
     /// See [`ShardRequest::DeletePacks`].
@@ -332,6 +343,8 @@ pub(crate) struct ShardState {
     pub(crate) encryption: Arc<dyn Encryption>,
     q: RefCell<Queue>,
     bell: RefCell<Option<mpsc::UnboundedSender<()>>>,
+    /// Callers waiting for the open pack to be sealed (see [`ShardRequest::Seal`]).
+    seal_waiters: RefCell<Vec<oneshot::Sender<Result<(), IngestError>>>>,
     pub(crate) budget: Rc<glommio::sync::Semaphore>,
     pub(crate) budget_kib: u64,
     /// Ids durably stored on this shard (see `need`).
@@ -390,6 +403,7 @@ impl ShardState {
                 waiters: HashMap::new(),
             }),
             bell: RefCell::new(None),
+            seal_waiters: RefCell::new(Vec::new()),
             budget: Rc::new(glommio::sync::Semaphore::new(budget_kib)),
             budget_kib,
             need: RefCell::new(need),
@@ -513,6 +527,18 @@ async fn handle(state: &Rc<ShardState>, req: ShardRequest) {
                     .map_err(ApplianceError::from),
             );
         }
+        ShardRequest::Seal { reply } => {
+            let (tx, rx) = oneshot::channel();
+            state.seal_waiters.borrow_mut().push(tx);
+            if let Some(bell) = state.bell.borrow().as_ref() {
+                let _ = bell.unbounded_send(());
+            }
+            let res = match rx.await {
+                Ok(r) => r.map_err(ApplianceError::from),
+                Err(_) => Err(ApplianceError::Ingest(IngestError::ShuttingDown)),
+            };
+            let _ = reply.send(res);
+        }
         ShardRequest::DeletePacks { packs, reply } => {
             let _ = reply.send(delete_packs(state, packs));
         }
@@ -623,6 +649,16 @@ async fn pack_loop(
                 }
             }
             for w in q.waiters.remove(&gen).unwrap_or_default() {
+                let _ = w.send(res.clone());
+            }
+        }
+        let waiters = std::mem::take(&mut *state.seal_waiters.borrow_mut());
+        if !waiters.is_empty() {
+            let res = writer.seal().await.map_err(|e| {
+                tracing::error!(error = %e, "sealing the open pack for maintenance failed");
+                IngestError::Storage(e.to_string())
+            });
+            for w in waiters {
                 let _ = w.send(res.clone());
             }
         }
