@@ -38,7 +38,9 @@ pub use index::{ChunkIndex, MemIndex, OpenMode, RocksIndex};
 pub use maintenance::gc::{GcConfig, GcReport, Mark as GcMark};
 pub use maintenance::retention::{self, Retention};
 pub use maintenance::schedule::Schedule;
-pub use maintenance::{rebuild_index, verify, RebuildOutcome, VerifyReport};
+pub use maintenance::{
+    rebuild_catalog, rebuild_index, verify, CatalogRebuilt, RebuildOutcome, VerifyReport,
+};
 pub use net::server::{serve, ServeOptions};
 pub use net::tls::{self, TlsError, TlsIdentity};
 pub use net::ServeError;

@@ -12,6 +12,7 @@
 //! Owns: the catalog database and its records. Must never touch packs or shard indexes, nor
 //! decide access (that is [`crate::access`]).
 
+pub mod journal;
 pub mod policy;
 mod records;
 pub mod schema;
@@ -39,6 +40,8 @@ pub enum CatalogError {
     Exists(String),
     #[error("the catalog has schema version {found}, newer than this build's {supported}; run a newer coffer-appliance")]
     Newer { found: u32, supported: u32 },
+    #[error("the change is in the catalog but not yet in its journal (the next change writes a checkpoint): {0}")]
+    Journal(#[from] journal::JournalError),
 }
 
 /// The catalog database.
@@ -47,6 +50,9 @@ pub struct Catalog {
     /// Serialises snapshot commits and deletes: the check for an earlier commit with the same
     /// commit id and the write of a new one are one step.
     commits: std::sync::Mutex<()>,
+    /// The journal in the packs, once the running appliance attached it (offline tools write
+    /// the catalog alone; the next start checkpoints what they changed).
+    journal: std::sync::Mutex<Option<(journal::Journal, crate::repo::RepoPaths)>>,
 }
 
 /// What [`Catalog::commit_snapshot`] did.
@@ -109,6 +115,7 @@ impl Catalog {
         let catalog = Self {
             db,
             commits: std::sync::Mutex::new(()),
+            journal: std::sync::Mutex::new(None),
         };
         schema::migrate(&catalog)?;
         Ok(catalog)
@@ -125,9 +132,54 @@ impl Catalog {
     }
 
     fn put(&self, key: &[u8], value: &[u8]) -> Result<(), CatalogError> {
-        let mut wo = rocksdb::WriteOptions::default();
-        wo.set_sync(true);
-        self.db.put_opt(key, value, &wo).map_err(ce)
+        self.write(&[(key.to_vec(), Some(value.to_vec()))])
+    }
+
+    /// Every key and value (a journal checkpoint, `rebuild-catalog`'s check).
+    ///
+    /// # Errors
+    /// Engine errors.
+    pub fn dump(&self) -> Result<Vec<journal::Op>, CatalogError> {
+        self.db
+            .iterator(rocksdb::IteratorMode::Start)
+            .map(|kv| kv.map(|(k, v)| (k.to_vec(), Some(v.to_vec()))).map_err(ce))
+            .collect()
+    }
+
+    /// From now on every write is also appended to the journal in the packs, after a checkpoint
+    /// of the whole catalog (which takes in what offline tools changed).
+    ///
+    /// # Errors
+    /// Engine and journal errors.
+    pub fn attach_journal(
+        &self,
+        paths: &crate::repo::RepoPaths,
+        encryption: std::sync::Arc<dyn crate::crypto::Encryption>,
+        repo_id: coffer_proto::RepositoryId,
+    ) -> Result<(), CatalogError> {
+        let mut slot = self
+            .journal
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let j = journal::Journal::start(paths, encryption, repo_id, &self.dump()?)?;
+        *slot = Some((j, paths.clone()));
+        Ok(())
+    }
+
+    /// Writes a new catalog from a journal's replay (`rebuild-catalog`).
+    ///
+    /// # Errors
+    /// Engine errors.
+    pub fn restore(
+        &self,
+        state: &std::collections::BTreeMap<Vec<u8>, Vec<u8>>,
+    ) -> Result<(), CatalogError> {
+        self.write(
+            &state
+                .iter()
+                .map(|(k, v)| (k.clone(), Some(v.clone())))
+                .collect::<Vec<_>>(),
+        )
     }
 
     /// Looks up a user.
@@ -187,9 +239,7 @@ impl Catalog {
     }
 
     fn delete(&self, key: &[u8]) -> Result<(), CatalogError> {
-        let mut wo = rocksdb::WriteOptions::default();
-        wo.set_sync(true);
-        self.db.delete_opt(key, &wo).map_err(ce)
+        self.write(&[(key.to_vec(), None)])
     }
 
     fn prefixed<T>(
@@ -341,7 +391,7 @@ impl Catalog {
             .commits
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut batch = rocksdb::WriteBatch::default();
+        let mut ops = Vec::new();
         if !snap.commit_id.is_empty() {
             let ck = key::commit(&snap.identity, &snap.commit_id);
             if let Some(v) = self.db.get(&ck).map_err(ce)? {
@@ -358,17 +408,39 @@ impl Catalog {
                     return Ok(Committed::Earlier(earlier));
                 }
             }
-            batch.put(ck.as_bytes(), id.as_bytes());
+            ops.push((ck.into_bytes(), Some(id.as_bytes().to_vec())));
         }
-        batch.put(key::snapshot(&id).as_bytes(), snap.encode_to_vec());
-        self.write(batch)?;
+        ops.push((key::snapshot(&id).into_bytes(), Some(snap.encode_to_vec())));
+        self.write(&ops)?;
         Ok(Committed::New(id))
     }
 
-    fn write(&self, batch: rocksdb::WriteBatch) -> Result<(), CatalogError> {
+    /// The one way anything is written: one synced batch, then the same changes appended to
+    /// the journal (after, so that the journal never holds a change the catalog refused).
+    fn write(&self, ops: &[journal::Op]) -> Result<(), CatalogError> {
+        let mut batch = rocksdb::WriteBatch::default();
+        for (k, v) in ops {
+            match v {
+                Some(v) => batch.put(k, v),
+                None => batch.delete(k),
+            }
+        }
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
-        self.db.write_opt(batch, &wo).map_err(ce)
+        let mut slot = self
+            .journal
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.db.write_opt(batch, &wo).map_err(ce)?;
+        if let Some((j, paths)) = slot.as_mut() {
+            j.append(paths, ops, || {
+                self.dump().map_err(|e| journal::JournalError::Corrupt {
+                    path: "catalog/".into(),
+                    why: e.to_string(),
+                })
+            })?;
+        }
+        Ok(())
     }
 
     /// One snapshot.
@@ -394,14 +466,14 @@ impl Catalog {
             .commits
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut batch = rocksdb::WriteBatch::default();
+        let mut ops = Vec::new();
         if let Some(s) = self.snapshot(id)? {
             if !s.commit_id.is_empty() {
-                batch.delete(key::commit(&s.identity, &s.commit_id).as_bytes());
+                ops.push((key::commit(&s.identity, &s.commit_id).into_bytes(), None));
             }
         }
-        batch.delete(key::snapshot(id).as_bytes());
-        self.write(batch)
+        ops.push((key::snapshot(id).into_bytes(), None));
+        self.write(&ops)
     }
 
     /// Every snapshot.

@@ -120,6 +120,15 @@ pub enum Cmd {
         #[command(flatten)]
         password: RepoPassword,
     },
+    /// Recreate catalog/ (snapshots, accounts, rules, policies, settings) from the catalog
+    /// journal the appliance keeps in packs/catalog/, after catalog/ was lost. Refuses to
+    /// overwrite an existing catalog/.
+    RebuildCatalog {
+        #[command(flatten)]
+        repo: RepoArg,
+        #[command(flatten)]
+        password: RepoPassword,
+    },
     /// Print the hardware found, the plan `serve` would apply (which core runs which shard,
     /// network threads, queue depth, pack size, index cache) and what to change, with reasons.
     Tune(tune::TuneArgs),
@@ -203,6 +212,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => return repo::verify(&repo.repo, &password, read_data),
         Cmd::RebuildIndex { repo, password } => {
             repo::rebuild_index(&RepoPaths::new(&repo.repo), &password)?;
+        }
+        Cmd::RebuildCatalog { repo, password } => {
+            repo::rebuild_catalog(&RepoPaths::new(&repo.repo), &password)?;
         }
         Cmd::Tune(a) => tune::run(&a)?,
     }

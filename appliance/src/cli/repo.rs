@@ -1,4 +1,4 @@
-//! `init`, `verify` and `rebuild-index`: the repository on disk.
+//! `init`, `verify`, `rebuild-index` and `rebuild-catalog`: the repository on disk.
 
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
@@ -93,6 +93,25 @@ pub fn rebuild_index(paths: &RepoPaths, password: &RepoPassword) -> anyhow::Resu
          set aside as <id>.torn)",
         stats.packs, stats.chunks, stats.unsealed_packs_sealed, stats.set_aside
     );
+    Ok(())
+}
+
+pub fn rebuild_catalog(paths: &RepoPaths, password: &RepoPassword) -> anyhow::Result<()> {
+    paths.load_config()?;
+    let master = unlock(paths, password)?;
+    let r = coffer_appliance::rebuild_catalog(paths, &master)?;
+    println!(
+        "rebuilt the catalog from journal segment {} (checkpoint + {} changes): {} users, {} \
+         snapshots, {} access rules, {} policies",
+        r.segment, r.changes, r.users, r.snapshots, r.rules, r.policies
+    );
+    if r.torn_bytes > 0 {
+        println!(
+            "ignored {} bytes at the journal's end: a write cut short by a crash, never \
+             acknowledged",
+            r.torn_bytes
+        );
+    }
     Ok(())
 }
 

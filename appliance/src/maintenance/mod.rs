@@ -13,5 +13,5 @@ pub mod retention;
 pub mod schedule;
 mod verify;
 
-pub use rebuild::{rebuild_index, RebuildOutcome};
+pub use rebuild::{rebuild_catalog, rebuild_index, CatalogRebuilt, RebuildOutcome};
 pub use verify::{verify, VerifyReport};

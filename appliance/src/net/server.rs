@@ -173,6 +173,9 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
         shards.push(s);
     }
     let catalog = Arc::new(Catalog::open(&paths.catalog(), false)?);
+    // Every catalog change is also journaled in the packs (rebuild-catalog), starting with a
+    // checkpoint that takes in what offline tools changed.
+    catalog.attach_journal(paths, master.clone(), cfg.id)?;
     let max_msg = max_message_size(cfg.chunker.max);
     let hello = HelloInfo {
         repository_id: cfg.id,
