@@ -18,6 +18,7 @@ use crate::catalog::policy::{resolve, Effective, Policy, PolicyTarget};
 use crate::catalog::{Catalog, UserRecord};
 use crate::error::ApplianceError;
 use crate::maintenance::forget::{self, Verdict};
+pub use crate::maintenance::usage::{By as UsageBy, UsageReport};
 
 /// One administrative operation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -32,6 +33,16 @@ pub enum Request {
     },
     UserDelete {
         identity: String,
+    },
+    /// Sets (`Some`) or lifts (`None`) an account's quota of stored bytes.
+    UserQuota {
+        identity: String,
+        quota: Option<u64>,
+    },
+    /// Counts space per owner (running appliance only).
+    Usage {
+        #[serde(default)]
+        by: UsageBy,
     },
     UserList,
     AclList,
@@ -117,6 +128,9 @@ pub struct Reply {
     /// Snapshots forgotten (`MaintenanceRun` without `dry_run`).
     #[serde(default)]
     pub forgotten: u64,
+    /// Space per owner (`Usage`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageReport>,
     /// What garbage collection did, or with `dry_run` would do (`MaintenanceRun`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gc: Option<crate::maintenance::gc::GcReport>,
@@ -147,6 +161,20 @@ pub fn apply(catalog: &Catalog, req: &Request) -> Result<Reply, ApplianceError> 
             catalog.set_user(&rec)?;
         }
         Request::UserDelete { identity } => catalog.delete_user(identity)?,
+        Request::UserQuota { identity, quota } => {
+            let mut rec = catalog
+                .user(identity)?
+                .ok_or_else(|| ApplianceError::NotFound(format!("no user {identity}")))?;
+            rec.quota = *quota;
+            catalog.set_user(&rec)?;
+        }
+        Request::Usage { .. } => {
+            return Err(ApplianceError::FailedPrecondition(
+                "usage is counted by the running appliance (it walks every snapshot's trees); \
+                 start it first"
+                    .into(),
+            ))
+        }
         Request::UserList => {
             reply.users = catalog.users()?.into_iter().map(|u| u.identity).collect();
         }
@@ -394,6 +422,7 @@ mod tests {
             password_hash: crate::access::accounts::hash_password("a long password").unwrap(),
             created_unix: 1,
             owner: None,
+            quota: None,
         }
     }
 

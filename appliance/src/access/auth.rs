@@ -64,6 +64,8 @@ pub struct Auth {
     checked: AtomicU64,
     /// Attempts waiting for a hashing slot.
     queued: std::sync::atomic::AtomicUsize,
+    /// Quotas in force and usage (refreshed at every reload).
+    pub quotas: super::quota::Quotas,
 }
 
 impl Auth {
@@ -86,6 +88,7 @@ impl Auth {
             ttl: Duration::from_hours(24),
             checked: AtomicU64::new(0),
             queued: std::sync::atomic::AtomicUsize::new(0),
+            quotas: super::quota::Quotas::default(),
         };
         a.reload()?;
         Ok(a)
@@ -107,10 +110,13 @@ impl Auth {
         } else {
             stored
         };
-        let users: HashMap<String, String> = self
+        let records = self
             .catalog
             .users()
-            .map_err(|e| ApplianceError::Internal(e.to_string()))?
+            .map_err(|e| ApplianceError::Internal(e.to_string()))?;
+        self.quotas
+            .set_quotas(records.iter().map(|u| (u.identity.clone(), u.quota)));
+        let users: HashMap<String, String> = records
             .into_iter()
             .map(|u| (u.identity, u.password_hash))
             .collect();
@@ -435,6 +441,7 @@ mod tests {
                     password_hash: hash.clone(),
                     created_unix: 0,
                     owner: None,
+                    quota: None,
                 })
                 .unwrap();
         }

@@ -8,6 +8,7 @@
 pub mod accounts;
 pub mod admin;
 pub mod auth;
+pub mod quota;
 pub mod rules;
 pub mod sessions;
 mod throttle;

@@ -18,6 +18,10 @@ pub struct UserRecord {
     /// written before format 2 of the record (see `auth::owner_key`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// Most stored bytes the account's snapshots may reference (`user set --quota`); absent:
+    /// no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<u64>,
 }
 
 /// Where each kind of record lives.

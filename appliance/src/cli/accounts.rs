@@ -37,6 +37,10 @@ pub enum UserCmd {
         /// File whose first line is the new password (else COFFER_USER_PASSWORD, else a prompt).
         #[arg(long, value_name = "FILE")]
         password_file: Option<PathBuf>,
+        /// Set the account's quota of stored bytes instead of its password: a number with an
+        /// optional K, M, G or T suffix (powers of 1024), or `none` to lift it.
+        #[arg(long, value_name = "BYTES")]
+        quota: Option<String>,
     },
     /// Delete an account (ends its sessions; its snapshots stay).
     Delete {
@@ -101,6 +105,7 @@ pub(super) fn admin_run(repo: &Path, req: &admin::Request) -> anyhow::Result<adm
             | admin::Request::PolicyList
             | admin::Request::PolicyShow { .. }
             | admin::Request::MaintenanceRun { dry_run: true, .. }
+            | admin::Request::Usage { .. }
             | admin::Request::Disclosure { mode: None }
     ) {
         if live {
@@ -110,6 +115,28 @@ pub(super) fn admin_run(repo: &Path, req: &admin::Request) -> anyhow::Result<adm
         }
     }
     Ok(reply)
+}
+
+/// `none`, or bytes with an optional K/M/G/T suffix (powers of 1024).
+fn parse_quota(s: &str) -> anyhow::Result<Option<u64>> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M') => (&t[..t.len() - 1], 1 << 20),
+        Some('G') => (&t[..t.len() - 1], 1 << 30),
+        Some('T') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("quota {s:?}: expected bytes like 500G, 1048576 or `none`"))?;
+    n.checked_mul(mult)
+        .map(Some)
+        .ok_or_else(|| anyhow::anyhow!("quota {s:?} is too large"))
 }
 
 fn new_user(identity: &str, password_file: Option<&Path>) -> anyhow::Result<UserRecord> {
@@ -129,6 +156,7 @@ fn new_user(identity: &str, password_file: Option<&Path>) -> anyhow::Result<User
             .as_secs()
             .cast_signed(),
         owner: Some(hex::encode(rand::random::<[u8; 16]>())),
+        quota: None,
     })
 }
 
@@ -161,7 +189,28 @@ pub fn user(cmd: UserCmd) -> anyhow::Result<()> {
         UserCmd::Set {
             identity,
             repo,
+            quota: Some(q),
+            ..
+        } => {
+            let identity = coffer_appliance::normalise_identity(&identity)?;
+            let quota = parse_quota(&q)?;
+            admin_run(
+                &repo.repo,
+                &admin::Request::UserQuota {
+                    identity: identity.clone(),
+                    quota,
+                },
+            )?;
+            match quota {
+                Some(b) => println!("{identity} may now store {b} bytes"),
+                None => println!("{identity} has no quota now"),
+            }
+        }
+        UserCmd::Set {
+            identity,
+            repo,
             password_file,
+            quota: None,
         } => set_password(&identity, &repo, password_file.as_deref(), false)?,
         UserCmd::Delete { identity, repo } => {
             let identity = coffer_appliance::normalise_identity(&identity)?;

@@ -65,6 +65,51 @@ pub fn run(a: &RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(clap::Args, Debug)]
+pub struct UsageArgs {
+    #[command(flatten)]
+    repo: RepoArg,
+    /// Count per `user` (user@host) or per `host`.
+    #[arg(long, default_value = "user", value_parser = ["user", "host"])]
+    by: String,
+    /// One JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn usage(a: &UsageArgs) -> anyhow::Result<()> {
+    let by = if a.by == "host" {
+        admin::UsageBy::Host
+    } else {
+        admin::UsageBy::User
+    };
+    let r = admin_run(&a.repo.repo, &admin::Request::Usage { by })?;
+    let u = r.usage.unwrap_or_default();
+    if a.json {
+        println!("{}", serde_json::to_string(&u)?);
+        return Ok(());
+    }
+    println!(
+        "{:<32} {:>9} {:>12} {:>12} {:>12}",
+        "owner", "snapshots", "logical", "only theirs", "shared"
+    );
+    for o in &u.owners {
+        println!(
+            "{:<32} {:>9} {:>12} {:>12} {:>12}",
+            o.owner,
+            o.snapshots,
+            bytes(o.logical_bytes),
+            bytes(o.only_bytes),
+            bytes(o.shared_bytes)
+        );
+    }
+    println!(
+        "stored bytes referenced by any snapshot (each chunk once): {}",
+        bytes(u.referenced_bytes)
+    );
+    Ok(())
+}
+
 #[allow(clippy::cast_precision_loss)] // a display figure
 fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

@@ -47,7 +47,8 @@ pub struct RepoPassword {
 
 #[derive(Subcommand, Debug)]
 pub enum MaintenanceCmd {
-    /// Apply retention (through the running appliance if there is one).
+    /// Forget what retention no longer keeps, then collect garbage (in the running appliance;
+    /// offline, only forget).
     Run(maintenance::RunArgs),
 }
 
@@ -87,7 +88,10 @@ pub enum Cmd {
         /// `user` or `repository`; omit to show the current mode.
         mode: Option<String>,
     },
-    /// Maintenance: `run` forgets the snapshots each path's retention no longer keeps.
+    /// Space per user or host: logical bytes, stored bytes only they reference, stored bytes
+    /// shared with others (counted by the running appliance).
+    Usage(maintenance::UsageArgs),
+    /// Maintenance: `run` applies retention and collects garbage.
     Maintenance {
         #[command(subcommand)]
         cmd: MaintenanceCmd,
@@ -202,6 +206,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Disclosure { repo, mode } => accounts::disclosure(&repo.repo, mode)?,
         Cmd::Refresh { repo } => accounts::refresh(&repo.repo)?,
         Cmd::Policy { cmd } => policy::run(cmd)?,
+        Cmd::Usage(a) => maintenance::usage(&a)?,
         Cmd::Maintenance {
             cmd: MaintenanceCmd::Run(a),
         } => maintenance::run(&a)?,

@@ -254,6 +254,13 @@ impl Mark {
         self.tables[s].mark(id);
     }
 
+    /// The shard of `id` and its positions there (empty when it is not in the table).
+    #[must_use]
+    pub fn positions(&self, id: &ChunkId) -> (usize, std::ops::Range<usize>) {
+        let s = self.shard(id);
+        (s, self.tables[s].run(id))
+    }
+
     /// Whether `id` is a candidate nothing marked (see [`Table::dead`]).
     #[must_use]
     pub fn dead(&self, id: &ChunkId) -> bool {
@@ -274,12 +281,26 @@ impl Mark {
         indexes: &[&dyn ChunkIndex],
         candidate: &dyn Fn(&PackId) -> bool,
     ) -> Result<Self, RepoError> {
+        Self::build_with(indexes, candidate, &mut |_, _| {})
+    }
+
+    /// [`Self::build`], calling `each(shard, entry)` for every candidate in position order (the
+    /// usage count keeps each record's length beside its position).
+    ///
+    /// # Errors
+    /// Index scan errors.
+    pub fn build_with(
+        indexes: &[&dyn ChunkIndex],
+        candidate: &dyn Fn(&PackId) -> bool,
+        each: &mut dyn FnMut(usize, &crate::pack::format::IndexEntry),
+    ) -> Result<Self, RepoError> {
         let mut tables = Vec::with_capacity(indexes.len());
-        for idx in indexes {
+        for (s, idx) in indexes.iter().enumerate() {
             let mut t = Table::new(idx.approximate_len()?);
             idx.scan(&mut |id, e| {
                 if candidate(&e.pack) {
                     t.push(prefix(id))?;
+                    each(s, e);
                 }
                 Ok(())
             })?;
@@ -358,6 +379,20 @@ impl Collector {
             cfg,
             running: Mutex::new(()),
         }
+    }
+
+    /// Counts space per owner (see [`crate::maintenance::usage`]); not beside a running
+    /// collection (they would share the two cores for nothing).
+    ///
+    /// # Errors
+    /// As [`crate::maintenance::usage::count`].
+    pub fn usage(
+        &self,
+        rt: &tokio::runtime::Handle,
+        by: crate::maintenance::usage::By,
+    ) -> Result<crate::maintenance::usage::UsageReport, ApplianceError> {
+        let _one = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        crate::maintenance::usage::count(rt, &self.shards, &self.catalog, by)
     }
 
     fn indexes(&self) -> Vec<Arc<dyn ChunkIndex>> {

@@ -11,6 +11,7 @@ pub mod gc;
 mod rebuild;
 pub mod retention;
 pub mod schedule;
+pub mod usage;
 mod verify;
 
 pub use rebuild::{rebuild_catalog, rebuild_index, CatalogRebuilt, RebuildOutcome};

@@ -14,6 +14,7 @@ use crate::catalog::Catalog;
 use crate::error::ApplianceError;
 use crate::maintenance::forget;
 use crate::maintenance::gc::Collector;
+use crate::maintenance::usage::{By, UsageReport};
 
 /// What the admin socket and SIGHUP act on.
 pub(super) struct Admin {
@@ -84,7 +85,33 @@ impl Admin {
         };
         reply.verdicts = verdicts;
         reply.gc = Some(gc);
+        if !dry_run && self.auth.quotas.any() {
+            // What retention and GC freed counts against the quotas at once.
+            self.usage(rt, By::User)?;
+        }
         Ok(reply)
+    }
+
+    /// Counts usage; a count by user also becomes the quotas' new base.
+    ///
+    /// # Errors
+    /// As [`crate::maintenance::usage::count`].
+    pub(super) fn usage(
+        &self,
+        rt: &tokio::runtime::Handle,
+        by: By,
+    ) -> Result<UsageReport, ApplianceError> {
+        let began = self.auth.quotas.begin_count();
+        let r = self.gc.usage(rt, by)?;
+        if by == By::User {
+            let stored = r
+                .owners
+                .iter()
+                .map(|o| (o.owner.clone(), o.stored_bytes()))
+                .collect();
+            self.auth.quotas.counted(&stored, &began);
+        }
+        Ok(r)
     }
 
     /// One request line in, one reply line out.
@@ -103,6 +130,13 @@ impl Admin {
                 .map_err(|e| ApplianceError::InvalidArgument(format!("bad request: {e}")))?;
             if let admin::Request::MaintenanceRun { dry_run, now_us } = req {
                 return me.maintain(&rt, dry_run, now_us);
+            }
+            if let admin::Request::Usage { by } = req {
+                return Ok(admin::Reply {
+                    ok: true,
+                    usage: Some(me.usage(&rt, by)?),
+                    ..admin::Reply::default()
+                });
             }
             let reply = admin::apply(&me.catalog, &req)?;
             me.auth.reload()?;

@@ -272,6 +272,16 @@ async fn run_network(
             sweeper.sweep();
         }
     });
+    if admin.auth.quotas.any() {
+        // Quotas need a first count; uploads are checked against what is known meanwhile.
+        let a = admin.clone();
+        let rt = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = a.usage(&rt, crate::maintenance::usage::By::User) {
+                tracing::error!(error = %e, "counting usage for the quotas failed");
+            }
+        });
+    }
     if let Some(at) = opts.maintenance {
         tokio::spawn(maintenance_loop(admin.clone(), at));
     }

@@ -156,8 +156,18 @@ impl Inner {
                 masked.stored_bytes += c.data.len() as u64;
             }
         }
+        // Quota: what this session does not know may be new to the repository.
+        let incoming: u64 = chunks
+            .iter()
+            .filter(|c| !session.state.knows(&c.id))
+            .map(|c| c.data.len() as u64)
+            .sum();
+        self.auth.quotas.check(&session.identity, incoming)?;
         let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
         let mut total = self.shards.put(chunks, session.state.owner).await?;
+        self.auth
+            .quotas
+            .uploaded(&session.identity, total.stored_bytes);
         // Verified against their ids and durable: the session holds these chunks.
         session.state.add_uploaded(ids);
         if self.auth.disclosure() == v1::Disclosure::User {
