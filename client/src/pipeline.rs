@@ -14,6 +14,7 @@
 //!   once the appliance acknowledged it durable.
 //! * trees, uploaded like any chunk, then the commit point ([`crate::snapshot::commit`]).
 
+use crate::policy::{Filter, Left};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -44,6 +45,10 @@ pub struct BackupOptions {
     pub no_parent: bool,
     /// Counters the caller may display while the backup runs.
     pub progress: Option<Arc<Progress>>,
+    /// What the policy leaves out (excludes, caches, other file systems, large files).
+    pub filter: Filter,
+    /// Every file as LZ4 when the appliance accepts it (policy `compression: lz4`).
+    pub lz4_all: bool,
 }
 
 impl Default for BackupOptions {
@@ -57,6 +62,8 @@ impl Default for BackupOptions {
             cache_dir: None,
             no_parent: false,
             progress: None,
+            filter: Filter::default(),
+            lz4_all: false,
         }
     }
 }
@@ -96,7 +103,8 @@ pub async fn backup(
     let root = std::fs::canonicalize(path).map_err(|e| ClientError::io("read", path, e))?;
     let root_text = root.to_string_lossy().into_owned();
     // walk
-    let w = tokio::task::spawn_blocking(move || walk::walk(&root)).await??;
+    let filter = opts.filter.clone();
+    let w = tokio::task::spawn_blocking(move || walk::walk(&root, &filter)).await??;
     let params = chunker_params(session)?;
     let key = *session.dedup_key();
     let cache = TreeCache::new(opts.cache_dir.clone(), key);
@@ -110,9 +118,14 @@ pub async fn backup(
 
     // need + upload, batch by batch, while reading goes on
     let batch_bytes = opts.batch_bytes;
-    let mut up = Uploads::new(session, opts.zstd_level, batch_bytes, progress, |batch| {
-        need_and_upload(session.clone(), batch, batch_bytes)
-    });
+    let mut up = Uploads::new(
+        session,
+        opts.zstd_level,
+        opts.lz4_all,
+        batch_bytes,
+        progress,
+        |batch| need_and_upload(session.clone(), batch, batch_bytes),
+    );
     gather(&mut readers, &mut files, &mut up).await?;
     readers.join();
     let read = files.finish();
@@ -143,10 +156,38 @@ pub async fn backup(
         new_chunks: sent.new_chunks,
         uploaded_bytes: sent.bytes,
         errors: read.errors,
-        warnings: read.warnings,
+        warnings: {
+            let mut ws = read.warnings;
+            ws.extend(left_out_warnings(&w.left_out));
+            ws
+        },
         partial,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// What the policy left out, as warnings: every path up to 20, then a count.
+fn left_out_warnings(left: &[(std::path::PathBuf, Left)]) -> Vec<String> {
+    let mut out: Vec<String> = left
+        .iter()
+        .take(20)
+        .map(|(p, why)| {
+            let why = match why {
+                Left::Excluded => "excluded by the policy",
+                Left::CacheDir => "a cache directory (CACHEDIR.TAG)",
+                Left::OtherFileSystem => "on another file system (one_file_system)",
+                Left::TooLarge => "larger than the policy's max_file_size",
+            };
+            format!("left out {}: {why}", p.display())
+        })
+        .collect();
+    if left.len() > 20 {
+        out.push(format!(
+            "left out {} more entries by the policy",
+            left.len() - 20
+        ));
+    }
+    out
 }
 
 /// The chunker sizes the appliance announced in `Hello`, checked.

@@ -319,7 +319,7 @@ impl Appliance {
         Ok((out.status.code().unwrap_or(-1), text))
     }
 
-    /// Total bytes of all pack files.
+    /// Total bytes and number of all pack files (the catalog journal is not counted).
     ///
     /// # Errors
     /// Listing errors.
@@ -327,7 +327,12 @@ impl Appliance {
         let mut total = 0;
         let mut n = 0;
         for sub in std::fs::read_dir(self.repo.join("packs"))? {
-            for f in std::fs::read_dir(sub?.path())? {
+            let sub = sub?;
+            // `packs/catalog/` holds the catalog journal, not packs.
+            if sub.file_name() == "catalog" {
+                continue;
+            }
+            for f in std::fs::read_dir(sub.path())? {
                 total += f?.metadata()?.len();
                 n += 1;
             }

@@ -210,3 +210,92 @@ async fn an_append_only_client_keeps_exactly_what_retention_keeps() {
         "{dry}"
     );
 }
+
+/// The client applies what each level sets: excludes from the global level, cache directories
+/// from Alice's level, the size limit from her host's, compression from her path's — and
+/// `coffer policy show` names the level of each.
+#[test]
+fn a_backup_applies_every_level_and_policy_show_names_each_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = Appliance::started(dir.path(), 1, 64 << 10, &[ALICE]).unwrap();
+    let src = dir.path().join("src");
+    for d in ["build/deep", "cache", "sub"] {
+        std::fs::create_dir_all(src.join(d)).unwrap();
+    }
+    std::fs::write(src.join("a.iso"), b"disk image").unwrap();
+    std::fs::write(src.join("build/deep/out.o"), b"object").unwrap();
+    std::fs::write(
+        src.join("cache/CACHEDIR.TAG"),
+        b"Signature: 8a477f597d28d172789f06886806bc55\n",
+    )
+    .unwrap();
+    std::fs::write(src.join("cache/blob"), b"cached").unwrap();
+    std::fs::write(src.join("big"), vec![7u8; 200_000]).unwrap();
+    // Very compressible: stored as is only because the path's policy says `none`.
+    std::fs::write(src.join("keep.txt"), "all work and no play ".repeat(2000)).unwrap();
+    std::fs::write(src.join("sub/keep2"), b"kept").unwrap();
+    let src = std::fs::canonicalize(&src).unwrap();
+    let path_level = format!("{ALICE}:{}", src.display());
+    admin(
+        &app,
+        &[
+            "policy",
+            "set",
+            "global",
+            "--exclude",
+            "*.iso",
+            "--exclude",
+            "build/",
+        ],
+    );
+    admin(
+        &app,
+        &["policy", "set", "@laptop", "--max-file-size", "100000"],
+    );
+    admin(&app, &["policy", "set", ALICE, "--exclude-caches", "true"]);
+    admin(
+        &app,
+        &["policy", "set", &path_level, "--compression", "none"],
+    );
+
+    let cfg = dir.path().join("alice.toml");
+    coffer_tests::connect_client(&app, &cfg, "alice", "laptop");
+    let (rc, shown, err) =
+        coffer_tests::coffer(&cfg, &["policy", "show", src.to_str().unwrap()]).unwrap();
+    assert_eq!(rc, 0, "{err}");
+    for line in [
+        r#"excludes = ["*.iso","build/"]  (from global)"#.to_string(),
+        "max_file_size = 100000  (from @laptop)".to_string(),
+        format!("exclude_caches = true  (from {ALICE})"),
+        format!(r#"compression = "none"  (from {path_level})"#),
+    ] {
+        assert!(shown.contains(&line), "{line:?} not in:\n{shown}");
+    }
+
+    let sum = coffer_tests::create_snapshot(&cfg, &src);
+    let warnings = sum["warnings"].to_string();
+    for left in ["a.iso", "build", "cache", "big"] {
+        assert!(
+            warnings.contains(&format!("{left}: ")),
+            "{left}: {warnings}"
+        );
+    }
+    assert!(
+        sum["uploaded_bytes"].as_u64().unwrap() >= 42_000,
+        "compression none stores keep.txt as is: {sum}"
+    );
+    let out = dir.path().join("restored");
+    let (rc, o, e) = coffer_tests::coffer(
+        &cfg,
+        &[
+            "restore",
+            sum["snapshot"].as_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    assert_eq!(rc, 0, "{o}{e}");
+    let got = coffer_tests::describe(&out).unwrap();
+    let names: Vec<&str> = got.keys().map(String::as_str).collect();
+    assert_eq!(names, ["keep.txt", "sub", "sub/keep2"], "{got:?}");
+}

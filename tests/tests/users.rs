@@ -266,6 +266,8 @@ fn s7_access_matrix() {
             ("ServerStatus", [pd, pd, pd, pd, pd, y, u, u, u]),
             // Last in the proto, so each column ends its session only after every other probe.
             ("EndSession", [y, y, y, y, y, y, u, u, u]),
+            // Every account reads the policy of its own paths (built-in rule).
+            ("GetPolicy", [y, y, y, y, y, pd, u, u, u]),
         ]);
         let listed: Vec<&str> = expected.keys().copied().collect();
         let mut in_proto: Vec<String> = rpcs.clone();
@@ -365,6 +367,14 @@ fn s7_access_matrix() {
                         }
                         got
                     }
+                    "GetPolicy" => c
+                        .client
+                        .get_policy(c.req(v1::GetPolicyRequest {
+                            path: "/home/me".into(),
+                        }))
+                        .await
+                        .err()
+                        .map_or(Code::Ok, |s| s.code()),
                     other => panic!("no probe for RPC {other}: add it to this test"),
                 };
                 if rpc != "ChangePassword" && got != expected[rpc.as_str()][col] {

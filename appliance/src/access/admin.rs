@@ -314,7 +314,7 @@ pub const POLICY_FIELDS: &[&str] = &[
 ];
 
 /// The fields of an effective policy in [`POLICY_FIELDS`] order, each with its level.
-fn effective_fields(e: &Effective) -> Vec<PolicyField> {
+pub(crate) fn effective_fields(e: &Effective) -> Vec<PolicyField> {
     let Ok(serde_json::Value::Object(values)) = serde_json::to_value(&e.policy) else {
         return Vec::new();
     };

@@ -37,6 +37,17 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+enum PolicyCmd {
+    /// The effective policy for PATH, each field with its level.
+    Show {
+        path: Option<PathBuf>,
+        /// One JSON object per field.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum Cmd {
     /// Connect to an appliance and save the client configuration.
     Connect {
@@ -49,6 +60,12 @@ enum Cmd {
     Snapshot {
         #[command(subcommand)]
         cmd: snapshots::SnapCmd,
+    },
+    /// Show the policy the appliance applies to PATH (default: the current directory): each
+    /// field with the level it came from.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
     },
     /// List the contents of SNAPSHOT[:/path].
     Ls { target: String },
@@ -73,6 +90,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Disconnect => connect::disconnect(&cfg_path)?,
         Cmd::Snapshot { cmd } => return snapshots::run(cmd, &cfg_path).await,
         Cmd::Ls { target } => browse::ls(&cfg_path, &target).await?,
+        Cmd::Policy {
+            cmd: PolicyCmd::Show { path, json },
+        } => {
+            let path = std::fs::canonicalize(path.unwrap_or_else(|| PathBuf::from(".")))?;
+            let text = path.to_string_lossy().into_owned();
+            let p = connected(&cfg_path, async |s| Ok(s.policy(&text).await?)).await?;
+            if p.fields.is_empty() {
+                println!("no policy sets anything for {text}: retention keeps everything");
+            }
+            for f in &p.fields {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"field": f.name, "value": serde_json::from_str::<serde_json::Value>(&f.value_json)?, "from": f.level})
+                    );
+                } else {
+                    println!("{} = {}  (from {})", f.name, f.value_json, f.level);
+                }
+            }
+        }
         Cmd::Restore {
             source,
             target,

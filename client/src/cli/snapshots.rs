@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Subcommand;
-use coffer_client::{backup, diff, BackupOptions, Progress, Session, TreeCache};
+use coffer_client::{backup, diff, BackupOptions, BackupPolicy, Progress, Session, TreeCache};
 use coffer_proto::SnapshotId;
 
 use super::browse::{locate, resolve};
@@ -27,10 +27,11 @@ pub enum SnapCmd {
         /// Files read at the same time (reading is I/O-bound: more readers than cores helps).
         #[arg(long, default_value_t = 16)]
         readers: usize,
-        /// zstd level for new chunks (1-19; 0 = store uncompressed). Level 3 stores the Linux
-        /// tree 4% smaller than level 1 for no loss of speed on a 2-core machine.
-        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(0..=19))]
-        compression: i32,
+        /// zstd level for new chunks (1-19; 0 = store uncompressed); overrides the policy's
+        /// `compression`. Default: the policy's, else 3 (level 3 stores the Linux tree 4%
+        /// smaller than level 1 for no loss of speed on a 2-core machine).
+        #[arg(long, value_parser = clap::value_parser!(i32).range(0..=19))]
+        compression: Option<i32>,
     },
     /// What changed from snapshot A to snapshot B.
     Diff {
@@ -70,10 +71,9 @@ async fn run_with(cmd: SnapCmd, s: &Session) -> anyhow::Result<ExitCode> {
                 cache_dir: cache_dir(),
                 no_parent,
                 workers: readers.max(1),
-                zstd_level: (compression > 0).then_some(compression),
                 ..BackupOptions::default()
             };
-            if create(s, paths, &opts, json).await? {
+            if create(s, paths, &opts, compression, json).await? {
                 return Ok(ExitCode::from(EXIT_PARTIAL));
             }
         }
@@ -110,13 +110,31 @@ async fn create(
     s: &Session,
     paths: Vec<PathBuf>,
     opts: &BackupOptions,
+    compression: Option<i32>,
     json: bool,
 ) -> anyhow::Result<bool> {
     let mut partial = false;
     for p in paths {
         let progress = Arc::new(Progress::default());
+        let root = std::fs::canonicalize(&p)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?;
+        // The appliance's policy for this path: excludes, size limit, compression.
+        let policy = match s.policy(&root.to_string_lossy()).await {
+            Ok(policy) => policy,
+            Err(e) => {
+                eprintln!("warning: no policy applied to {} ({e})", root.display());
+                BackupPolicy::default()
+            }
+        };
+        let (zstd_level, lz4_all) = match compression {
+            Some(c) => ((c > 0).then_some(c), false),
+            None => policy.codec(opts.zstd_level)?,
+        };
         let opts = BackupOptions {
             progress: Some(progress.clone()),
+            filter: policy.filter(&root)?,
+            zstd_level,
+            lz4_all,
             ..opts.clone()
         };
         let ticker = tokio::spawn(show_progress(progress));

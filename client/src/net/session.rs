@@ -409,6 +409,22 @@ impl Session {
             .snapshots)
     }
 
+    /// The effective policy for `path` (absolute), as the appliance serves it.
+    ///
+    /// # Errors
+    /// RPC failures (`PERMISSION_DENIED` without READ on the path's policy).
+    pub async fn policy(&self, path: &str) -> Result<crate::policy::BackupPolicy, ClientError> {
+        let r = self
+            .client
+            .clone()
+            .get_policy(v1::GetPolicyRequest {
+                path: path.to_string(),
+            })
+            .await?
+            .into_inner();
+        crate::policy::BackupPolicy::from_fields(&r.fields)
+    }
+
     /// Ends the session (best effort: a session not ended expires on the appliance after 30
     /// idle minutes). Until then the appliance keeps what it uploaded safe from garbage
     /// collection and holds its memory.

@@ -68,6 +68,8 @@ pub struct Uploaded {
 pub struct Uploads<'a, F> {
     session: &'a Session,
     zstd_level: Option<i32>,
+    /// Every file as LZ4 (when the appliance accepts it).
+    lz4_all: bool,
     batch_bytes: usize,
     seen: HashSet<ChunkId>,
     /// Chunks to send, each with its compression (see [`Session::codec_for`]).
@@ -88,6 +90,7 @@ where
     pub fn new(
         session: &'a Session,
         zstd_level: Option<i32>,
+        lz4_all: bool,
         batch_bytes: usize,
         progress: Arc<Progress>,
         job: F,
@@ -95,6 +98,7 @@ where
         Self {
             session,
             zstd_level,
+            lz4_all,
             batch_bytes,
             seen: HashSet::new(),
             pending: Vec::new(),
@@ -113,6 +117,10 @@ where
     /// The failure of an earlier batch.
     pub async fn add(&mut self, c: Chunk, extents_of: Option<u64>) -> Result<(), ClientError> {
         let codec = match extents_of {
+            // LZ4 for every file: any size counts as one past the LZ4 threshold.
+            Some(_) | None if self.lz4_all => {
+                self.session.codec_for(self.zstd_level, u64::MAX, true)
+            }
             Some(size) => self.session.codec_for(self.zstd_level, size, true),
             None => self.session.codec_for(self.zstd_level, 0, false),
         };

@@ -1,6 +1,7 @@
 //! The walk stage: stat the tree, remember what each directory holds, and list the regular files
 //! whose contents must be read. Symlinks are recorded, never followed.
 
+use crate::policy::{Filter, Left};
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -86,6 +87,8 @@ pub struct Walk {
     pub files: Vec<FileJob>,
     /// Entries that could not be read (path, reason); the snapshot is then partial.
     pub errors: Vec<(PathBuf, String)>,
+    /// Entries the policy leaves out (not an error: the snapshot is whole for the policy).
+    pub left_out: Vec<(PathBuf, Left)>,
     pub bytes: u64,
 }
 
@@ -130,6 +133,14 @@ struct ScanDir {
     meta: Meta,
     entries: Vec<Scanned>,
     errors: Vec<(PathBuf, String)>,
+    left_out: Vec<(PathBuf, Left)>,
+}
+
+/// What every scanning thread shares: the walker budget and the policy's filter.
+struct Ctx<'a> {
+    busy: std::sync::atomic::AtomicUsize,
+    filter: &'a Filter,
+    root_dev: u64,
 }
 
 /// Walks `root` (a directory): a parallel scan of metadata, then a sequential pass that numbers
@@ -137,13 +148,17 @@ struct ScanDir {
 ///
 /// # Errors
 /// [`ClientError::Io`] when `root` itself cannot be read, [`ClientError::NotADirectory`].
-pub fn walk(root: &Path) -> Result<Walk, ClientError> {
+pub fn walk(root: &Path, filter: &Filter) -> Result<Walk, ClientError> {
     let meta = std::fs::symlink_metadata(root).map_err(|e| ClientError::io("read", root, e))?;
     if !meta.is_dir() {
         return Err(ClientError::NotADirectory(root.to_path_buf()));
     }
-    let busy = std::sync::atomic::AtomicUsize::new(1);
-    let scanned = std::thread::scope(|s| scan(s, &busy, root, Meta::of(&meta), 0))
+    let ctx = Ctx {
+        busy: std::sync::atomic::AtomicUsize::new(1),
+        filter,
+        root_dev: std::os::unix::fs::MetadataExt::dev(&meta),
+    };
+    let scanned = std::thread::scope(|s| scan(s, &ctx, root, Meta::of(&meta), 0))
         .map_err(|e| ClientError::io("read", root, e))?;
     let mut w = Walk::default();
     let mut links: HashMap<(u64, u64), (usize, u64)> = HashMap::new();
@@ -153,14 +168,16 @@ pub fn walk(root: &Path) -> Result<Walk, ClientError> {
 
 fn scan<'s>(
     s: &'s std::thread::Scope<'s, '_>,
-    busy: &'s std::sync::atomic::AtomicUsize,
+    ctx: &'s Ctx<'s>,
     path: &Path,
     meta: Meta,
     depth: usize,
 ) -> std::io::Result<ScanDir> {
     use std::sync::atomic::Ordering::SeqCst;
+    let busy = &ctx.busy;
     let rd = std::fs::read_dir(path)?;
     let mut errors = Vec::new();
+    let mut left_out = Vec::new();
     let mut names: Vec<std::ffi::OsString> = Vec::new();
     for e in rd {
         match e {
@@ -180,6 +197,10 @@ fn scan<'s>(
                 continue;
             }
         };
+        if let Some(why) = ctx.filter.leaves_out(&p, &m, ctx.root_dev) {
+            left_out.push((p, why));
+            continue;
+        }
         let ft = m.file_type();
         let meta = Meta::of(&m);
         if ft.is_dir() {
@@ -190,13 +211,13 @@ fn scan<'s>(
             if claimed {
                 let (p2, m2) = (p.clone(), meta.clone());
                 let h = s.spawn(move || {
-                    let r = scan(s, busy, &p2, m2, depth + 1);
+                    let r = scan(s, ctx, &p2, m2, depth + 1);
                     busy.fetch_sub(1, SeqCst);
                     r
                 });
                 slots.push(Slot::Spawned(raw, meta, p, h));
             } else {
-                match scan(s, busy, &p, meta.clone(), depth + 1) {
+                match scan(s, ctx, &p, meta.clone(), depth + 1) {
                     Ok(d) => slots.push(Slot::Done(Scanned::Dir {
                         name: raw,
                         meta,
@@ -243,6 +264,7 @@ fn scan<'s>(
         meta,
         entries,
         errors,
+        left_out,
     })
 }
 
@@ -250,6 +272,7 @@ fn scan<'s>(
 /// ones reuse its chunks).
 fn number(d: ScanDir, w: &mut Walk, links: &mut HashMap<(u64, u64), (usize, u64)>) -> Dir {
     w.errors.extend(d.errors);
+    w.left_out.extend(d.left_out);
     let mut dir = Dir {
         meta: d.meta,
         entries: Vec::with_capacity(d.entries.len()),

@@ -11,6 +11,52 @@ use crate::access::Session;
 use crate::error::ApplianceError;
 
 impl Inner {
+    /// The effective policy of one of the caller's paths: READ on that path's policy target
+    /// (the built-in rules give every account FULL on its own levels).
+    pub(super) async fn get_policy(
+        &self,
+        session: &Session,
+        req: v1::GetPolicyRequest,
+    ) -> Result<v1::GetPolicyResponse, ApplianceError> {
+        let path = req.path;
+        crate::catalog::policy::PolicyTarget::parse(&format!("{}:{path}", session.identity))
+            .map_err(|e| ApplianceError::InvalidArgument(e.to_string()))?;
+        let (user, host) = session
+            .identity
+            .split_once('@')
+            .unwrap_or((session.identity.as_str(), ""));
+        let may = rules::access(
+            &self.auth.rules(),
+            &session.identity,
+            TargetType::Policy,
+            &[
+                ("policyType", "path"),
+                ("username", user),
+                ("hostname", host),
+                ("path", &path),
+            ],
+        );
+        if may.is_none() {
+            return Err(ApplianceError::PermissionDenied(format!(
+                "{} may not read the policy of {path}",
+                session.identity
+            )));
+        }
+        let identity = session.identity.clone();
+        let levels = catalog_call(&self.catalog, crate::catalog::Catalog::policies).await?;
+        let e = crate::catalog::policy::resolve(&levels, &identity, &path);
+        Ok(v1::GetPolicyResponse {
+            fields: crate::access::admin::effective_fields(&e)
+                .into_iter()
+                .map(|f| v1::PolicyField {
+                    name: f.field,
+                    value_json: f.value,
+                    level: f.from,
+                })
+                .collect(),
+        })
+    }
+
     pub(super) async fn hello(
         &self,
         req: Request<v1::HelloRequest>,

@@ -319,6 +319,16 @@ impl Coffer for CofferService {
         Ok(Response::new(v1::EndSessionResponse {}))
     }
 
+    async fn get_policy(
+        &self,
+        req: Request<v1::GetPolicyRequest>,
+    ) -> Result<Response<v1::GetPolicyResponse>, Status> {
+        let s = self.inner.session(&req)?;
+        Ok(Response::new(
+            self.inner.get_policy(&s, req.into_inner()).await?,
+        ))
+    }
+
     async fn server_status(
         &self,
         req: Request<v1::ServerStatusRequest>,
