@@ -23,7 +23,7 @@ pub use config::{default_path, ClientConfig};
 pub use error::{ClientError, TreeError};
 pub use net::{channel, Codec, Frame, Need, PutStats, Session, SessionOptions, Target};
 pub use pipeline::{backup, BackupOptions, BackupSummary};
-pub use policy::{BackupPolicy, Filter, PolicyField};
+pub use policy::{systemd_timer, BackupPolicy, Filter, PolicyField};
 pub use restore::{restore, RestoreSummary};
 pub use snapshot::{diff, fetch_tree, Change, TreeCache};
 pub use stages::chunk::Cdc;

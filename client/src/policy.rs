@@ -31,6 +31,65 @@ pub struct BackupPolicy {
     pub compression: Option<String>,
     /// The fields as served, for `coffer policy show`.
     pub fields: Vec<PolicyField>,
+    /// The caller's paths whose policy has a schedule, with it.
+    pub scheduled: Vec<(String, String)>,
+}
+
+/// The `[Timer]` lines of a systemd timer that fires on every schedule in `schedules`: `daily
+/// HH:MM` (UTC) as `OnCalendar=`, an interval (`30m`, `6h`, `1d`) as `OnUnitActiveSec=`.
+///
+/// # Errors
+/// [`ClientError::Protocol`] for a schedule that is neither.
+pub fn systemd_timer(schedules: &[String]) -> Result<String, ClientError> {
+    let mut out = Vec::new();
+    let mut interval = false;
+    for s in schedules {
+        let t = s.trim();
+        if let Some(hm) = t.strip_prefix("daily ") {
+            let (h, m) = hm
+                .trim()
+                .split_once(':')
+                .filter(|(h, m)| {
+                    h.parse::<u8>().is_ok_and(|h| h < 24)
+                        && m.len() == 2
+                        && m.parse::<u8>().is_ok_and(|m| m < 60)
+                })
+                .ok_or_else(|| bad("schedule", format!("{s:?}")))?;
+            out.push(format!("OnCalendar=*-*-* {h:0>2}:{m}:00 UTC"));
+        } else {
+            let unit = t.chars().last().filter(|u| matches!(u, 'm' | 'h' | 'd'));
+            let n = t[..t.len().saturating_sub(1)]
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n > 0);
+            match (n, unit) {
+                (Some(n), Some(u)) => {
+                    out.push(format!(
+                        "OnUnitActiveSec={n}{}",
+                        if u == 'm' {
+                            "min"
+                        } else if u == 'h' {
+                            "h"
+                        } else {
+                            "d"
+                        }
+                    ));
+                    interval = true;
+                }
+                _ => return Err(bad("schedule", format!("{s:?}"))),
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(bad("schedule", "no path of this account has a schedule"));
+    }
+    if interval {
+        // An interval counts from the last run; the first one comes shortly after boot.
+        out.push("OnBootSec=5min".into());
+    }
+    out.sort();
+    out.dedup();
+    Ok(out.join("\n"))
 }
 
 fn bad(name: &str, e: impl std::fmt::Display) -> ClientError {
@@ -225,6 +284,11 @@ mod tests {
                 .codec(None)
                 .is_err()
         );
+        assert_eq!(
+            systemd_timer(&["daily 02:30".into(), "6h".into(), "daily 02:30".into()]).unwrap(),
+            "OnBootSec=5min\nOnCalendar=*-*-* 02:30:00 UTC\nOnUnitActiveSec=6h"
+        );
+        assert!(systemd_timer(&["weekly".into()]).is_err() && systemd_timer(&[]).is_err());
         assert_eq!(
             BackupPolicy::from_fields(&[field("compression", r#""lz4""#)])
                 .unwrap()

@@ -79,7 +79,13 @@ fn playbook_provisions_idempotently_and_the_scheduled_snapshot_restores() {
         "coffer_bin_src": bin_dir(),
         "coffer_listen": format!("127.0.0.1:{}", free_port()),
         "coffer_front_listen": format!("127.0.0.1:{}", free_port()),
-        "coffer_backup_paths": [src],
+        // The client backs up what the appliance's policy schedules, on a timer made from it.
+        "coffer_backup_paths": [],
+        "coffer_backup_schedule": "policy",
+        "coffer_policies": [{
+            "target": format!("alice@laptop:{}", src.display()),
+            "policy": {"schedule": "daily 02:30"},
+        }],
     });
     let vars_file = dir.path().join("vars.json");
     std::fs::write(&vars_file, vars.to_string()).unwrap();
@@ -98,6 +104,12 @@ fn playbook_provisions_idempotently_and_the_scheduled_snapshot_restores() {
         "a second run must report changed=0: {again:?}\n{second}"
     );
 
+    let timer =
+        std::fs::read_to_string(root.join("etc/systemd/system/coffer-backup.timer")).unwrap();
+    assert!(
+        timer.contains("OnCalendar=*-*-* 02:30:00 UTC"),
+        "the timer comes from the policy's schedule:\n{timer}"
+    );
     // The client's scheduled snapshot, run by hand (no systemd here), then a restore.
     let script = root.join("usr/local/bin/coffer-backup");
     let out = Command::new(&script).output().unwrap();

@@ -298,4 +298,26 @@ fn a_backup_applies_every_level_and_policy_show_names_each_source() {
     let got = coffer_tests::describe(&out).unwrap();
     let names: Vec<&str> = got.keys().map(String::as_str).collect();
     assert_eq!(names, ["keep.txt", "sub", "sub/keep2"], "{got:?}");
+
+    // Without paths, `snapshot create` backs up what the policies schedule; the systemd timer
+    // lines come from the same schedules (the Ansible client role installs them).
+    let (rc, _, err) = coffer_tests::coffer(&cfg, &["snapshot", "create"]).unwrap();
+    assert_ne!(rc, 0);
+    assert!(err.contains("no policy schedules a path"), "{err}");
+    admin(
+        &app,
+        &["policy", "set", &path_level, "--schedule", "daily 02:30"],
+    );
+    let (rc, listed, _) = coffer_tests::coffer(&cfg, &["policy", "schedule"]).unwrap();
+    assert_eq!(
+        (rc, listed.trim()),
+        (0, format!("{}\tdaily 02:30", src.display()).as_str())
+    );
+    let (_, timer, _) = coffer_tests::coffer(&cfg, &["policy", "schedule", "--systemd"]).unwrap();
+    assert_eq!(timer.trim(), "OnCalendar=*-*-* 02:30:00 UTC");
+    let (rc, out, err) = coffer_tests::coffer(&cfg, &["snapshot", "create", "--json"]).unwrap();
+    assert_eq!(rc, 0, "{err}");
+    let again: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(again["path"], src.to_str().unwrap());
+    assert_eq!(again["files"], 2, "the same policy applies: {again}");
 }

@@ -45,6 +45,12 @@ enum PolicyCmd {
         #[arg(long)]
         json: bool,
     },
+    /// The paths your policies schedule, with their schedules; with --systemd, the [Timer]
+    /// lines of a systemd timer that fires on them (the Ansible client role installs it).
+    Schedule {
+        #[arg(long)]
+        systemd: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -90,6 +96,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Disconnect => connect::disconnect(&cfg_path)?,
         Cmd::Snapshot { cmd } => return snapshots::run(cmd, &cfg_path).await,
         Cmd::Ls { target } => browse::ls(&cfg_path, &target).await?,
+        Cmd::Policy {
+            cmd: PolicyCmd::Schedule { systemd },
+        } => {
+            let p = connected(&cfg_path, async |s| Ok(s.policy("/").await?)).await?;
+            if systemd {
+                let schedules: Vec<String> = p.scheduled.iter().map(|(_, s)| s.clone()).collect();
+                println!("{}", coffer_client::systemd_timer(&schedules)?);
+            } else if p.scheduled.is_empty() {
+                println!("no policy schedules a path for this account");
+            } else {
+                for (path, schedule) in &p.scheduled {
+                    println!("{path}\t{schedule}");
+                }
+            }
+        }
         Cmd::Policy {
             cmd: PolicyCmd::Show { path, json },
         } => {

@@ -14,9 +14,9 @@ use super::{cache_dir, connected, EXIT_PARTIAL};
 
 #[derive(Subcommand, Debug)]
 pub enum SnapCmd {
-    /// Back up each PATH (a directory) as its own snapshot.
+    /// Back up each PATH (a directory) as its own snapshot; without PATH, every path your
+    /// policies schedule (`coffer policy schedule`).
     Create {
-        #[arg(required = true)]
         paths: Vec<PathBuf>,
         /// Print a JSON summary per snapshot.
         #[arg(long)]
@@ -72,6 +72,24 @@ async fn run_with(cmd: SnapCmd, s: &Session) -> anyhow::Result<ExitCode> {
                 no_parent,
                 workers: readers.max(1),
                 ..BackupOptions::default()
+            };
+            let paths = if paths.is_empty() {
+                // The paths the appliance's policy schedules for this account.
+                let p = s.policy("/").await?;
+                if p.scheduled.is_empty() {
+                    anyhow::bail!(
+                        "no paths given, and no policy schedules a path for {}: name the \
+                         directories to back up, or ask the operator to set a schedule \
+                         (coffer-appliance policy set USER@HOST:/path --schedule 'daily 02:30')",
+                        s.hello.identity
+                    );
+                }
+                p.scheduled
+                    .into_iter()
+                    .map(|(path, _)| PathBuf::from(path))
+                    .collect()
+            } else {
+                paths
             };
             if create(s, paths, &opts, compression, json).await? {
                 return Ok(ExitCode::from(EXIT_PARTIAL));

@@ -422,7 +422,13 @@ impl Session {
             })
             .await?
             .into_inner();
-        crate::policy::BackupPolicy::from_fields(&r.fields)
+        let mut p = crate::policy::BackupPolicy::from_fields(&r.fields)?;
+        p.scheduled = r
+            .scheduled
+            .into_iter()
+            .map(|s| (s.path, s.schedule))
+            .collect();
+        Ok(p)
     }
 
     /// Ends the session (best effort: a session not ended expires on the appliance after 30

@@ -45,7 +45,29 @@ impl Inner {
         let identity = session.identity.clone();
         let levels = catalog_call(&self.catalog, crate::catalog::Catalog::policies).await?;
         let e = crate::catalog::policy::resolve(&levels, &identity, &path);
+        let mut scheduled = Vec::new();
+        for (t, _) in &levels {
+            if let crate::catalog::policy::PolicyTarget::Path {
+                user: u,
+                host: h,
+                path: p,
+            } = t
+            {
+                if u == user && h == host {
+                    if let Some(schedule) = crate::catalog::policy::resolve(&levels, &identity, p)
+                        .policy
+                        .schedule
+                    {
+                        scheduled.push(v1::ScheduledPath {
+                            path: p.clone(),
+                            schedule,
+                        });
+                    }
+                }
+            }
+        }
         Ok(v1::GetPolicyResponse {
+            scheduled,
             fields: crate::access::admin::effective_fields(&e)
                 .into_iter()
                 .map(|f| v1::PolicyField {
