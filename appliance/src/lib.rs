@@ -27,6 +27,7 @@ mod shard;
 
 pub use access::accounts::{hash_password, normalise_identity, MIN_PASSWORD_CHARS};
 pub use access::admin;
+pub use access::quota::human_bytes;
 pub use access::rules::{Access, Rule, Target};
 pub use access::ControlUser;
 pub use catalog::policy::{self, Policy, PolicyTarget};

@@ -46,6 +46,16 @@ fn appliance(dir: &Path, pack_target: u64) -> Appliance {
     app
 }
 
+/// How many chunks a `maintenance run` report says it removed.
+fn removed_chunks(report: &str) -> u64 {
+    report
+        .split("removed ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 fn id_of(summary: &serde_json::Value) -> String {
     summary["snapshot"].as_str().unwrap().to_string()
 }
@@ -185,12 +195,7 @@ fn a_kill_anywhere_in_maintenance_loses_nothing() {
         }
         // The next run completes what the killed one began.
         let report = admin(&app, &["maintenance", "run"]);
-        condemned += report
-            .split("removed ")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0);
+        condemned += removed_chunks(&report);
         verify_clean(&app);
         assert_restores(&cfg, &latest, &p, &restored.join("p-again"));
     }
@@ -291,12 +296,7 @@ fn maintenance_in_a_loop_beside_four_busy_clients_loses_nothing() {
     let mut removed = 0u64;
     while std::time::Instant::now() < deadline {
         let report = admin(&app, &["maintenance", "run"]);
-        removed += report
-            .split("removed ")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0);
+        removed += removed_chunks(&report);
         runs += 1;
     }
     stop.store(true, Ordering::Relaxed);

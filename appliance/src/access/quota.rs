@@ -31,10 +31,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// `n` bytes, for people.
+/// `n` bytes for people: `512 B`, `1.5 MiB`.
 #[allow(clippy::cast_precision_loss)] // a display figure
 #[must_use]
-pub fn human(n: u64) -> String {
+pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut u = 0;
@@ -45,7 +45,16 @@ pub fn human(n: u64) -> String {
     if u == 0 {
         format!("{n} B")
     } else {
-        format!("{v:.1} {} ({n} bytes)", UNITS[u])
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// `n` bytes for people, exact figure beside (error messages).
+fn human(n: u64) -> String {
+    if n < 1024 {
+        human_bytes(n)
+    } else {
+        format!("{} ({n} bytes)", human_bytes(n))
     }
 }
 

@@ -2,6 +2,7 @@
 //! garbage (in the running appliance).
 
 use coffer_appliance::admin;
+use coffer_appliance::human_bytes as bytes;
 
 use super::accounts::admin_run;
 use super::RepoArg;
@@ -108,20 +109,4 @@ pub fn usage(a: &UsageArgs) -> anyhow::Result<()> {
         bytes(u.referenced_bytes)
     );
     Ok(())
-}
-
-#[allow(clippy::cast_precision_loss)] // a display figure
-fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }

@@ -68,6 +68,30 @@ pub fn verify(
     })
 }
 
+/// An index failure during ingest; a full disk (RocksDB's write-ahead log cannot grow) is told
+/// as such, like a pack write that found no space.
+fn index_error(e: &crate::error::RepoError) -> IngestError {
+    let text = e.to_string();
+    if text.contains("No space left") {
+        IngestError::NoSpace(text)
+    } else {
+        IngestError::Storage(text)
+    }
+}
+
+/// A share of the shard's ingest budget for `bytes` waiting for a group commit.
+async fn budget(
+    state: &ShardState,
+    bytes: u64,
+) -> Result<glommio::sync::StaticPermit, IngestError> {
+    let kib = (bytes >> 10).clamp(1, state.budget_kib);
+    state
+        .budget
+        .acquire_static_permit(kib)
+        .await
+        .map_err(|_| IngestError::ShuttingDown)
+}
+
 pub(super) async fn put(
     state: &Rc<ShardState>,
     chunks: Vec<IncomingChunk>,
@@ -76,12 +100,7 @@ pub(super) async fn put(
     // Bound the bytes waiting for a group commit on this shard; the permit is held until this
     // request's chunks are durable.
     let bytes: u64 = chunks.iter().map(|c| c.data.len() as u64).sum();
-    let kib = (bytes >> 10).clamp(1, state.budget_kib);
-    let _permit = state
-        .budget
-        .acquire_static_permit(kib)
-        .await
-        .map_err(|_| IngestError::ShuttingDown)?;
+    let _permit = budget(state, bytes).await?;
 
     let mut verified = Vec::with_capacity(chunks.len());
     for c in chunks {
@@ -95,10 +114,7 @@ pub(super) async fn put(
         .check_space(bytes)
         .map_err(|e| IngestError::NoSpace(e.source.to_string()))?;
     let ids: Vec<_> = verified.iter().map(|c| c.id).collect();
-    let present = state
-        .index
-        .get_many(&ids)
-        .map_err(|e| IngestError::Storage(e.to_string()))?;
+    let present = state.index.get_many(&ids).map_err(|e| index_error(&e))?;
     let mut outcome = PutOutcome::default();
     let mut candidates = Vec::with_capacity(verified.len());
     for (c, p) in verified.into_iter().zip(present) {
@@ -117,7 +133,7 @@ pub(super) async fn put(
         state
             .index
             .insert_owned(&owner, &ids)
-            .map_err(|e| IngestError::Storage(e.to_string()))?;
+            .map_err(|e| index_error(&e))?;
     }
     Ok(outcome)
 }
@@ -131,12 +147,7 @@ pub(super) async fn rewrite(state: &Rc<ShardState>, ids: &[ChunkId]) -> Result<u
         .map_err(|e| IngestError::Storage(format!("reading records to compact: {e}")))?;
     crate::faults::point("shard.rewrite.read");
     let bytes: u64 = stored.iter().map(|c| c.data.len() as u64).sum();
-    let kib = (bytes >> 10).clamp(1, state.budget_kib);
-    let _permit = state
-        .budget
-        .acquire_static_permit(kib)
-        .await
-        .map_err(|_| IngestError::ShuttingDown)?;
+    let _permit = budget(state, bytes).await?;
     state
         .store
         .check_space(bytes)
