@@ -14,7 +14,7 @@
 //!   once the appliance acknowledged it durable.
 //! * trees, uploaded like any chunk, then the commit point ([`crate::snapshot::commit`]).
 
-use crate::policy::{Filter, Left};
+use crate::policy::{BackupPolicy, Left};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -45,8 +45,10 @@ pub struct BackupOptions {
     pub no_parent: bool,
     /// Counters the caller may display while the backup runs.
     pub progress: Option<Arc<Progress>>,
-    /// What the policy leaves out (excludes, caches, other file systems, large files).
-    pub filter: Filter,
+    /// The appliance's policy for the path: what the walk leaves out (excludes, caches, other
+    /// file systems, large files). Its compression is applied by the caller (`zstd_level`,
+    /// `lz4_all`).
+    pub policy: BackupPolicy,
     /// Every file as LZ4 when the appliance accepts it (policy `compression: lz4`).
     pub lz4_all: bool,
 }
@@ -62,7 +64,7 @@ impl Default for BackupOptions {
             cache_dir: None,
             no_parent: false,
             progress: None,
-            filter: Filter::default(),
+            policy: BackupPolicy::default(),
             lz4_all: false,
         }
     }
@@ -103,7 +105,8 @@ pub async fn backup(
     let root = std::fs::canonicalize(path).map_err(|e| ClientError::io("read", path, e))?;
     let root_text = root.to_string_lossy().into_owned();
     // walk
-    let filter = opts.filter.clone();
+    // Built on the root the walk uses, so that every path it matches lies under it.
+    let filter = opts.policy.filter(&root)?;
     let w = tokio::task::spawn_blocking(move || walk::walk(&root, &filter)).await??;
     let params = chunker_params(session)?;
     let key = *session.dedup_key();
@@ -158,7 +161,7 @@ pub async fn backup(
         errors: read.errors,
         warnings: {
             let mut ws = read.warnings;
-            ws.extend(left_out_warnings(&w.left_out));
+            ws.extend(left_out_warnings(&w.left_out, w.left_out_total));
             ws
         },
         partial,
@@ -167,10 +170,9 @@ pub async fn backup(
 }
 
 /// What the policy left out, as warnings: every path up to 20, then a count.
-fn left_out_warnings(left: &[(std::path::PathBuf, Left)]) -> Vec<String> {
+fn left_out_warnings(left: &[(std::path::PathBuf, Left)], total: u64) -> Vec<String> {
     let mut out: Vec<String> = left
         .iter()
-        .take(20)
         .map(|(p, why)| {
             let why = match why {
                 Left::Excluded => "excluded by the policy",
@@ -181,10 +183,11 @@ fn left_out_warnings(left: &[(std::path::PathBuf, Left)]) -> Vec<String> {
             format!("left out {}: {why}", p.display())
         })
         .collect();
-    if left.len() > 20 {
+    let shown = left.len() as u64;
+    if total > shown {
         out.push(format!(
             "left out {} more entries by the policy",
-            left.len() - 20
+            total - shown
         ));
     }
     out

@@ -58,9 +58,9 @@ pub fn systemd_timer(schedules: &[String]) -> Result<String, ClientError> {
             out.push(format!("OnCalendar=*-*-* {h:0>2}:{m}:00 UTC"));
         } else {
             let unit = t.chars().last().filter(|u| matches!(u, 'm' | 'h' | 'd'));
-            let n = t[..t.len().saturating_sub(1)]
-                .parse::<u64>()
-                .ok()
+            let n = unit
+                .and_then(|u| t.strip_suffix(u))
+                .and_then(|n| n.parse::<u64>().ok())
                 .filter(|n| *n > 0);
             match (n, unit) {
                 (Some(n), Some(u)) => {
@@ -289,6 +289,7 @@ mod tests {
             "OnBootSec=5min\nOnCalendar=*-*-* 02:30:00 UTC\nOnUnitActiveSec=6h"
         );
         assert!(systemd_timer(&["weekly".into()]).is_err() && systemd_timer(&[]).is_err());
+        assert!(systemd_timer(&["6é".into()]).is_err() && systemd_timer(&["é".into()]).is_err());
         assert_eq!(
             BackupPolicy::from_fields(&[field("compression", r#""lz4""#)])
                 .unwrap()

@@ -92,6 +92,11 @@ fn deleting_the_only_snapshot_of_data_frees_its_space() {
         "freed {} of {x} bytes ({before} -> {after}): {report}",
         before.saturating_sub(after)
     );
+    eprintln!(
+        "reclaim: {before} -> {after} bytes on disk, {} freed of {x} unique ({:.1} %)",
+        before - after,
+        (before - after) as f64 * 100.0 / x as f64
+    );
     verify_clean(&app);
     assert_restores(&cfg, &kept, &shared, &dir.path().join("restored"));
     // A second run finds nothing more to do.

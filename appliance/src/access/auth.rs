@@ -230,6 +230,17 @@ impl Auth {
             .collect()
     }
 
+    /// Bytes the live sessions of each account uploaded (quotas).
+    #[must_use]
+    pub fn live_uploads(&self) -> HashMap<String, u64> {
+        let mut out: HashMap<String, u64> = HashMap::new();
+        for s in lock(&self.sessions).values() {
+            *out.entry(s.identity.clone()).or_default() +=
+                s.state.stored_bytes.load(Ordering::Relaxed);
+        }
+        out
+    }
+
     /// The state of the session named by `token` (for Hello's answer).
     #[must_use]
     pub fn state_of(&self, token: &str) -> Option<Arc<SessionState>> {
@@ -381,10 +392,6 @@ impl Auth {
         }
     }
 
-    /// The session a token names.
-    ///
-    /// # Errors
-    /// [`ApplianceError::Unauthenticated`] for a missing, unknown, expired or ended token.
     /// Ends the session named by `token` (the client is done): calls in progress fail at their
     /// next message, and its memory and GC pins are released.
     pub fn end_session(&self, token: &str) {
@@ -393,6 +400,10 @@ impl Auth {
         }
     }
 
+    /// The session a token names.
+    ///
+    /// # Errors
+    /// [`ApplianceError::Unauthenticated`] for a missing, unknown, expired or ended token.
     pub fn session(&self, token: Option<&str>) -> Result<Session, ApplianceError> {
         let token = token.ok_or_else(|| {
             ApplianceError::Unauthenticated(

@@ -17,7 +17,8 @@ struct Account {
     quota: Option<u64>,
     /// Stored bytes at the last count (`None`: not counted yet).
     counted: Option<u64>,
-    /// New stored bytes uploaded since that count began.
+    /// New stored bytes uploaded since that count, or before it by sessions still live (their
+    /// uploads may not be in a snapshot yet: the count could not see them).
     since: u64,
 }
 
@@ -113,27 +114,19 @@ impl Quotas {
         }
     }
 
-    /// Called when a count begins: what was uploaded so far (the count will include it).
-    #[must_use]
-    pub fn begin_count(&self) -> HashMap<String, u64> {
-        lock(&self.accounts)
-            .iter()
-            .map(|(k, v)| (k.clone(), v.since))
-            .collect()
-    }
-
-    /// Records a finished count: each account's stored bytes; uploads made while it ran stay
-    /// counted on top.
-    pub fn counted(&self, stored: &HashMap<String, u64>, began: &HashMap<String, u64>) {
+    /// Records a finished count: each account's stored bytes (its snapshots), and what its
+    /// live sessions uploaded (`live`, read when the count ended), which stays counted on top
+    /// until those sessions end — an upload not committed yet is in no snapshot the count saw.
+    pub fn counted(&self, stored: &HashMap<String, u64>, live: &HashMap<String, u64>) {
         let mut a = lock(&self.accounts);
         for (id, acc) in a.iter_mut() {
             acc.counted = Some(stored.get(id).copied().unwrap_or(0));
-            acc.since = acc
-                .since
-                .saturating_sub(began.get(id).copied().unwrap_or(0));
+            acc.since = live.get(id).copied().unwrap_or(0);
         }
         for (id, s) in stored {
-            a.entry(id.clone()).or_default().counted = Some(*s);
+            let acc = a.entry(id.clone()).or_default();
+            acc.counted = Some(*s);
+            acc.since = live.get(id).copied().unwrap_or(0);
         }
     }
 }
@@ -151,15 +144,22 @@ mod tests {
         q.uploaded("a@h", 600);
         let e = q.check("a@h", 500).unwrap_err().to_string();
         assert!(e.contains("1000 B") && e.contains("600 B"), "{e}");
-        // A count begins, 100 more bytes arrive, the count says 700 were stored.
-        let began = q.begin_count();
+        // A count says 700 are in snapshots; a live session uploaded 100 that no snapshot holds
+        // yet: they stay counted.
         q.uploaded("a@h", 100);
-        q.counted(&HashMap::from([("a@h".to_string(), 700)]), &began);
+        q.counted(
+            &HashMap::from([("a@h".to_string(), 700)]),
+            &HashMap::from([("a@h".to_string(), 100)]),
+        );
         q.check("a@h", 200).unwrap();
         assert!(
             q.check("a@h", 201).is_err(),
-            "700 counted + 100 since + 201 > 1000"
+            "700 counted + 100 live + 201 > 1000"
         );
+        // The session ended; the next count sees its snapshot.
+        q.counted(&HashMap::from([("a@h".to_string(), 800)]), &HashMap::new());
+        q.check("a@h", 200).unwrap();
+        assert!(q.check("a@h", 201).is_err());
         // Lifting the quota lifts the limit.
         q.set_quotas([("a@h".to_string(), None)]);
         assert!(q.check("a@h", u64::MAX).is_ok() && !q.any());

@@ -42,9 +42,15 @@ pub struct SessionState {
     /// ends, so that the proof it sends next finds them (G3). Not readable.
     pinned: Mutex<HashSet<ChunkId>>,
     opened: Mutex<Vec<Opened>>,
+    /// Reachable sets of snapshots the session opened and may no longer read (deleted,
+    /// forgotten, access revoked): still pinned against the GC while the session lives — its
+    /// client may have been answered "present" for their chunks (G3) — but no longer known.
+    released: Mutex<Vec<Arc<Reach>>>,
     /// Set when the session is ended (account deleted, password changed, idle): streams already
     /// running check it before every message.
     revoked: AtomicBool,
+    /// New bytes this session's uploads stored (quotas: counted until the session ends).
+    pub stored_bytes: std::sync::atomic::AtomicU64,
     last_used: Mutex<Instant>,
 }
 
@@ -56,7 +62,9 @@ impl SessionState {
             uploaded: Mutex::new(HashSet::new()),
             pinned: Mutex::new(HashSet::new()),
             opened: Mutex::new(Vec::new()),
+            released: Mutex::new(Vec::new()),
             revoked: AtomicBool::new(false),
+            stored_bytes: std::sync::atomic::AtomicU64::new(0),
             last_used: Mutex::new(now),
         }
     }
@@ -80,6 +88,10 @@ impl SessionState {
             o.reach.trees.iter().for_each(&mut *mark);
             o.reach.leaves.iter().for_each(&mut *mark);
         }
+        for r in lock(&self.released).iter() {
+            r.trees.iter().for_each(&mut *mark);
+            r.leaves.iter().for_each(&mut *mark);
+        }
     }
 
     /// Records the reachable set of a snapshot the session opened.
@@ -96,9 +108,19 @@ impl SessionState {
     /// Keeps only the opened snapshots for which `keep` holds (access re-checked on reload).
     pub fn retain_opened(&self, keep: impl Fn(&v1::Snapshot) -> bool) -> usize {
         let mut o = lock(&self.opened);
-        let before = o.len();
-        o.retain(|x| keep(&x.snapshot));
-        before - o.len()
+        let (kept, dropped): (Vec<Opened>, Vec<Opened>) = std::mem::take(&mut *o)
+            .into_iter()
+            .partition(|x| keep(&x.snapshot));
+        *o = kept;
+        drop(o);
+        let n = dropped.len();
+        let mut r = lock(&self.released);
+        r.extend(dropped.into_iter().map(|x| x.reach));
+        if r.len() > MAX_OPENED {
+            let excess = r.len() - MAX_OPENED;
+            r.drain(..excess);
+        }
+        n
     }
 
     /// The snapshots this session opened.
@@ -137,6 +159,7 @@ impl SessionState {
         lock(&self.uploaded).clear();
         lock(&self.pinned).clear();
         lock(&self.opened).clear();
+        lock(&self.released).clear();
     }
 
     /// Fails once the session was ended; marks it used otherwise. Called for every message of
@@ -186,5 +209,38 @@ impl crate::reach::Known for SessionState {
 
     fn opened_tree(&self, id: &ChunkId) -> bool {
         SessionState::opened_tree(self, id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_dropped_from_a_session_stays_pinned_but_unknown() {
+        let s = SessionState::new(None, Instant::now());
+        let (tree, leaf) = (ChunkId::from_bytes([1; 32]), ChunkId::from_bytes([2; 32]));
+        let reach = Reach {
+            trees: [tree].into(),
+            leaves: [leaf].into(),
+        };
+        let snap = v1::Snapshot {
+            id: vec![9; 16].into(),
+            ..v1::Snapshot::default()
+        };
+        s.add_opened(snap, Arc::new(reach));
+        assert!(s.knows(&leaf));
+        assert_eq!(s.retain_opened(|_| false), 1);
+        assert!(!s.knows(&leaf), "a dropped snapshot is no longer readable");
+        let mut pinned = Vec::new();
+        s.each_pinned(&mut |id| pinned.push(*id));
+        assert!(
+            pinned.contains(&tree) && pinned.contains(&leaf),
+            "but still pinned (G3)"
+        );
+        s.revoke();
+        let mut after = Vec::new();
+        s.each_pinned(&mut |id| after.push(*id));
+        assert!(after.is_empty(), "until the session ends");
     }
 }

@@ -244,6 +244,12 @@ impl Journal {
     fn write_record(&mut self, kind: u8, ops: &[Op]) -> Result<(), JournalError> {
         let path = segment_path(&self.dir, self.number);
         let mut payload = encode_ops(kind, ops);
+        if payload.len() as u64 + TAG_LEN as u64 > MAX_RECORD {
+            return Err(corrupt(
+                &path,
+                "a catalog change larger than a journal record (2 GiB)",
+            ));
+        }
         let nonce = record_nonce(self.records);
         let h = RecordHeader {
             flags: 0,
@@ -270,6 +276,12 @@ impl Journal {
         self.len += rec.len() as u64;
         self.records += 1;
         Ok(())
+    }
+
+    /// Whether the last write failed (the next one starts a new segment with a checkpoint).
+    #[must_use]
+    pub fn is_broken(&self) -> bool {
+        self.broken
     }
 
     /// Appends changes the catalog made durable. When the segment is full, or an earlier write
@@ -330,7 +342,9 @@ fn replay_segment(
         return Err(corrupt(&path, "belongs to another repository"));
     }
     let id = PackId::from_slice(&h[16..32]).map_err(|e| corrupt(&path, e.to_string()))?;
-    debug_assert_eq!(le_u64(&h, 48), n);
+    if le_u64(&h, 48) != n {
+        return Err(corrupt(&path, "its header names another segment number"));
+    }
     let cipher = encryption.pack_cipher(&id);
     let mut out = Replayed {
         segment: n,
@@ -455,5 +469,39 @@ mod tests {
         let other = MasterKey::generate();
         assert!(replay(&paths, &other, repo).is_err());
         assert!(replay(&paths, key.as_ref(), RepositoryId::from_bytes([8; 16])).is_err());
+    }
+}
+
+#[cfg(test)]
+mod guard {
+    use super::*;
+    use crate::catalog::{Catalog, UserRecord};
+    use crate::crypto::keys::MasterKey;
+
+    #[test]
+    fn an_empty_catalog_is_not_checkpointed_over_a_journal_that_knows_accounts() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = RepoPaths::new(dir.path());
+        let key: Arc<dyn Encryption> = Arc::new(MasterKey::generate());
+        let repo = RepositoryId::from_bytes([3; 16]);
+        {
+            let c = Catalog::open(&dir.path().join("catalog"), true).unwrap();
+            c.attach_journal(&paths, key.clone(), repo).unwrap();
+            c.add_user(&UserRecord {
+                identity: "a@h".into(),
+                password_hash: "$argon2id$x".into(),
+                created_unix: 1,
+                owner: None,
+                quota: None,
+            })
+            .unwrap();
+        }
+        // catalog/ replaced by an empty one: the appliance must refuse to start on it.
+        let empty = Catalog::open(&dir.path().join("catalog-empty"), true).unwrap();
+        let e = empty.attach_journal(&paths, key.clone(), repo).unwrap_err();
+        assert!(e.to_string().contains("rebuild-catalog"), "{e}");
+        // The journal still has the account.
+        let r = replay(&paths, key.as_ref(), repo).unwrap();
+        assert!(r.state.contains_key(&b"user/a@h"[..]));
     }
 }

@@ -161,8 +161,55 @@ impl Catalog {
             .journal
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let j = journal::Journal::start(paths, encryption, repo_id, &self.dump()?)?;
+        let state = self.dump()?;
+        let count = |ops: &mut dyn Iterator<Item = &[u8]>| {
+            ops.filter(|k| k.starts_with(key::USERS) || k.starts_with(key::SNAPSHOTS))
+                .count()
+        };
+        let have = count(&mut state.iter().map(|(k, _)| k.as_slice()));
+        if have == 0 {
+            // An empty catalog over a journal that knows accounts or snapshots: `catalog/` was
+            // lost or replaced. A checkpoint now would erase the journal's record of them.
+            if let Ok(r) = journal::replay(paths, encryption.as_ref(), repo_id) {
+                let known = count(&mut r.state.keys().map(Vec::as_slice));
+                if known > 0 {
+                    return Err(CatalogError::Journal(journal::JournalError::Corrupt {
+                        path: journal::dir(paths).display().to_string(),
+                        why: format!(
+                            "catalog/ holds no account and no snapshot, but the journal records \
+                             {known}: catalog/ was lost or replaced. Stop, move catalog/ aside \
+                             and run `coffer-appliance rebuild-catalog`"
+                        ),
+                    }));
+                }
+            }
+        }
+        let j = journal::Journal::start(paths, encryption, repo_id, &state)?;
         *slot = Some((j, paths.clone()));
+        Ok(())
+    }
+
+    /// Writes a checkpoint into a new journal segment if the last journal write failed, so that
+    /// the journal again holds every change (maintenance runs only then: collecting the chunks
+    /// of a snapshot whose deletion the journal missed would let a rebuild bring it back broken).
+    ///
+    /// # Errors
+    /// The checkpoint's I/O errors.
+    pub fn repair_journal(&self) -> Result<(), CatalogError> {
+        let mut slot = self
+            .journal
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((j, paths)) = slot.as_mut() {
+            if j.is_broken() {
+                j.append(paths, &[], || {
+                    self.dump().map_err(|e| journal::JournalError::Corrupt {
+                        path: "catalog/".into(),
+                        why: e.to_string(),
+                    })
+                })?;
+            }
+        }
         Ok(())
     }
 

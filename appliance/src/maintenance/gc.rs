@@ -711,10 +711,17 @@ impl Collector {
         packs: &HashMap<PackId, PackFile>,
         report: &mut GcReport,
     ) -> Result<(), ApplianceError> {
-        // Each shard refuses the pack it is writing; a pack any shard refuses is kept (its
-        // records may be about to be indexed). Every shard drops its reader of the others; the
-        // first deletes them.
+        // Every shard first says which it refuses (written during this run, or poisoned); a
+        // pack no shard refuses is never written again. Then every shard drops its readers of
+        // the rest and the first one unlinks them.
         let mut ids = ids.to_vec();
+        for h in self.shards.handles() {
+            let refused: HashSet<PackId> = rt
+                .block_on(h.check_packs(ids.clone()))?
+                .into_iter()
+                .collect();
+            ids.retain(|p| !refused.contains(p));
+        }
         for h in self.shards.handles() {
             let done: HashSet<PackId> = rt
                 .block_on(h.delete_packs(ids.clone()))?

@@ -40,8 +40,28 @@ pub fn rebuild_catalog(
     }
     let r = crate::catalog::journal::replay(paths, master, cfg.id)
         .map_err(|e| ApplianceError::FailedPrecondition(e.to_string()))?;
-    let catalog = crate::catalog::Catalog::open(&target, true)?;
-    catalog.restore(&r.state)?;
+    // Built beside and renamed into place: a crash half-way leaves no `catalog/` that a start
+    // would take for the truth (and checkpoint over the journal).
+    let tmp = paths.root.join("catalog.rebuilding");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| {
+            ApplianceError::Internal(format!(
+                "removing {} left by an interrupted rebuild: {e}",
+                tmp.display()
+            ))
+        })?;
+    }
+    {
+        let catalog = crate::catalog::Catalog::open(&tmp, true)?;
+        catalog.restore(&r.state)?;
+    }
+    let io = |e: std::io::Error| {
+        ApplianceError::Internal(format!("moving the rebuilt catalog into place: {e}"))
+    };
+    std::fs::rename(&tmp, &target).map_err(io)?;
+    std::fs::File::open(&paths.root)
+        .and_then(|d| d.sync_all())
+        .map_err(io)?;
     let count = |p: &[u8]| r.state.keys().filter(|k| k.starts_with(p)).count();
     Ok(CatalogRebuilt {
         users: count(b"user/"),

@@ -65,6 +65,7 @@ impl Admin {
         dry_run: bool,
         now_us: Option<i64>,
     ) -> Result<admin::Reply, ApplianceError> {
+        self.catalog.repair_journal()?;
         let verdicts = forget::plan(&self.catalog, now_us.unwrap_or_else(coffer_proto::now_us))?;
         let mut reply = admin::Reply {
             ok: true,
@@ -101,7 +102,6 @@ impl Admin {
         rt: &tokio::runtime::Handle,
         by: By,
     ) -> Result<UsageReport, ApplianceError> {
-        let began = self.auth.quotas.begin_count();
         let r = self.gc.usage(rt, by)?;
         if by == By::User {
             let stored = r
@@ -109,7 +109,7 @@ impl Admin {
                 .iter()
                 .map(|o| (o.owner.clone(), o.stored_bytes()))
                 .collect();
-            self.auth.quotas.counted(&stored, &began);
+            self.auth.quotas.counted(&stored, &self.auth.live_uploads());
         }
         Ok(r)
     }

@@ -5,7 +5,8 @@
 //! appended with one durable [`PackSink::append`] (one io_uring write and one `fdatasync` in the
 //! local store). Only then are their index entries inserted.
 
-use std::cell::Cell;
+use std::cell::RefCell;
+use std::collections::HashSet;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -87,9 +88,10 @@ pub struct PackWriter<S: PackStore = LocalStore> {
     repo_id: RepositoryId,
     target: u64,
     open: Option<OpenPack<S::Sink>>,
-    /// The pack this writer may still write or index into, from before its file is created
-    /// until its last index entry is in: the shard never lets the GC delete it (G8).
-    current: Rc<Cell<Option<PackId>>>,
+    /// Every pack this writer created or appended to since the GC last cleared the set (at the
+    /// start of its run, once the open pack is sealed): the shard never lets the GC delete one
+    /// of them in that run (G8), since its live records may postdate the run's count.
+    written: Rc<RefCell<HashSet<PackId>>>,
     /// Packs sealed by this writer (for stats and tests).
     pub sealed: u64,
 }
@@ -118,20 +120,22 @@ impl<S: PackStore> PackWriter<S> {
             repo_id,
             target,
             open: None,
-            current: Rc::new(Cell::new(None)),
+            written: Rc::new(RefCell::new(HashSet::new())),
             sealed: 0,
         }
     }
 
-    /// The pack being written, shared with the shard (see `current`).
+    /// The packs written since the GC last cleared the set, shared with the shard (see
+    /// `written`).
     #[must_use]
-    pub fn current(&self) -> Rc<Cell<Option<PackId>>> {
-        self.current.clone()
+    pub fn written(&self) -> Rc<RefCell<HashSet<PackId>>> {
+        self.written.clone()
     }
 
     async fn create(&self) -> Result<OpenPack<S::Sink>, PackError> {
         let id = PackId::from_bytes(rand::random());
-        self.current.set(Some(id));
+        // Before the file exists: from its creation on, the GC may not delete it this run.
+        self.written.borrow_mut().insert(id);
         let header = PackHeader {
             pack: id,
             shard: self.shard,
@@ -174,10 +178,7 @@ impl<S: PackStore> PackWriter<S> {
             if self.open.is_none() {
                 match self.create().await {
                     Ok(p) => self.open = Some(p),
-                    Err(e) => {
-                        self.current.set(None);
-                        return Err(e);
-                    }
+                    Err(e) => return Err(e),
                 }
             }
             let res = self.write_some(&chunks[i..], false).await;
@@ -190,7 +191,6 @@ impl<S: PackStore> PackWriter<S> {
                     if let Some(p) = self.open.take() {
                         self.record_poisoned(p.id);
                     }
-                    self.current.set(None);
                     return Err(e);
                 }
             }
@@ -272,7 +272,6 @@ impl<S: PackStore> PackWriter<S> {
         if seal {
             self.index.put_meta(META_OPEN_PACK, None).map_err(to_io)?;
             self.open = None;
-            self.current.set(None);
             self.sealed += 1;
         }
         Ok(n)

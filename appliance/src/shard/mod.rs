@@ -21,6 +21,7 @@ use coffer_proto::v1::Compression;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -127,9 +128,17 @@ pub enum ShardRequest {
     /// GC: seal the open pack once what is queued is written, so that the records in it can be
     /// compacted or deleted like any other (an idle appliance would keep it open for days).
     Seal { reply: Reply<()> },
-    /// GC: delete packs that no index entry points into any more. The shard refuses, and
-    /// leaves out of its answer, the pack its writer is creating, filling or indexing and packs
-    /// poisoned by a failed write: only the shard's own thread knows that without a race (G8).
+    /// GC, before deleting packs: which of these this shard refuses to see deleted — packs its
+    /// writer created or appended to since the run began (their records may postdate the run's
+    /// count) and packs poisoned by a failed write. Only the shard's own thread knows that
+    /// without a race (G8); a pack no shard refuses is never written again.
+    CheckPacks {
+        packs: Vec<PackId>,
+        reply: Reply<Vec<PackId>>,
+    },
+    /// GC: delete packs that no index entry points into any more (checked with `CheckPacks` by
+    /// every shard first); the shard drops its readers of them. Answers those it deleted or
+    /// found gone.
     DeletePacks {
         packs: Vec<PackId>,
         reply: Reply<Vec<PackId>>,
@@ -227,6 +236,15 @@ impl ShardHandle {
     /// Storage errors, shutdown.
     pub async fn seal(&self) -> Result<(), ApplianceError> {
         self.call(|reply| ShardRequest::Seal { reply }).await
+    }
+
+    /// See [`ShardRequest::CheckPacks`].
+    ///
+    /// # Errors
+    /// Index errors, shutdown.
+    pub async fn check_packs(&self, packs: Vec<PackId>) -> Result<Vec<PackId>, ApplianceError> {
+        self.call(|reply| ShardRequest::CheckPacks { packs, reply })
+            .await
     }
 
     /// See [`ShardRequest::DeletePacks`].
@@ -350,10 +368,8 @@ pub(crate) struct ShardState {
     /// Ids durably stored on this shard (see `need`).
     need: RefCell<NeedSet>,
     active: Cell<usize>,
-    /// Packs deleted so far: a read that fails while this moved looks its chunks up again.
-    deletions: Cell<u64>,
-    /// The pack the writer is creating, filling or indexing (never deleted).
-    writing: Rc<Cell<Option<PackId>>>,
+    /// Packs the writer created or appended to since the GC's run began (never deleted in it).
+    written: Rc<RefCell<std::collections::HashSet<PackId>>>,
 }
 
 impl ShardState {
@@ -408,8 +424,7 @@ impl ShardState {
             budget_kib,
             need: RefCell::new(need),
             active: Cell::new(0),
-            deletions: Cell::new(0),
-            writing: writer.current(),
+            written: writer.written(),
         });
         Ok((state, writer))
     }
@@ -539,6 +554,9 @@ async fn handle(state: &Rc<ShardState>, req: ShardRequest) {
             };
             let _ = reply.send(res);
         }
+        ShardRequest::CheckPacks { packs, reply } => {
+            let _ = reply.send(refused_packs(state, &packs));
+        }
         ShardRequest::DeletePacks { packs, reply } => {
             let _ = reply.send(delete_packs(state, packs));
         }
@@ -553,9 +571,11 @@ async fn get_retrying(
 ) -> Result<Vec<StoredChunk>, ApplianceError> {
     let mut tries = 0;
     loop {
-        let before = state.deletions.get();
+        let before = PACK_DELETIONS.load(Ordering::SeqCst);
         match read::get(state, ids).await {
-            Err(ApplianceError::Internal(_)) if state.deletions.get() != before && tries < 3 => {
+            Err(ApplianceError::Internal(_))
+                if PACK_DELETIONS.load(Ordering::SeqCst) != before && tries < 3 =>
+            {
                 tries += 1;
             }
             r => return r,
@@ -563,24 +583,42 @@ async fn get_retrying(
     }
 }
 
-/// See [`ShardRequest::DeletePacks`]. Synchronous: the writer cannot start a pack in between.
-fn delete_packs(state: &ShardState, packs: Vec<PackId>) -> Result<Vec<PackId>, ApplianceError> {
+/// Packs deleted by any shard so far, process-wide: a read on any shard that fails while this
+/// moved (its chunk was just moved by compaction, and the old pack unlinked, perhaps by another
+/// shard) looks its chunks up again.
+static PACK_DELETIONS: AtomicU64 = AtomicU64::new(0);
+
+/// See [`ShardRequest::CheckPacks`]. Synchronous: the writer cannot start a pack in between.
+fn refused_packs(state: &ShardState, packs: &[PackId]) -> Result<Vec<PackId>, ApplianceError> {
     let poisoned = state
         .index
         .get_meta(crate::index::META_POISONED)
         .map_err(|e| ApplianceError::Internal(format!("reading the poisoned packs: {e}")))?
         .unwrap_or_default();
+    let written = state.written.borrow();
+    Ok(packs
+        .iter()
+        .filter(|p| written.contains(*p) || poisoned.chunks_exact(16).any(|c| c == p.as_bytes()))
+        .copied()
+        .collect())
+}
+
+/// See [`ShardRequest::DeletePacks`]. Refuses again what this shard would refuse (defence in
+/// depth: the caller checked every shard first).
+fn delete_packs(state: &ShardState, packs: Vec<PackId>) -> Result<Vec<PackId>, ApplianceError> {
+    let refused = refused_packs(state, &packs)?;
     let mut done = Vec::with_capacity(packs.len());
     for p in packs {
-        if state.writing.get() == Some(p) || poisoned.chunks_exact(16).any(|c| c == p.as_bytes()) {
-            tracing::warn!(pack = %p, "gc: not deleting a pack that is being written or was poisoned");
+        if refused.contains(&p) {
+            tracing::warn!(pack = %p, "gc: not deleting a pack written during this run or poisoned");
             continue;
         }
+        PACK_DELETIONS.fetch_add(1, Ordering::SeqCst);
         state
             .store
             .delete(&p)
             .map_err(|e| ApplianceError::Internal(format!("pack {p}: {e}")))?;
-        state.deletions.set(state.deletions.get() + 1);
+        PACK_DELETIONS.fetch_add(1, Ordering::SeqCst);
         crate::faults::point("shard.pack-deleted");
         done.push(p);
     }
@@ -658,6 +696,10 @@ async fn pack_loop(
                 tracing::error!(error = %e, "sealing the open pack for maintenance failed");
                 IngestError::Storage(e.to_string())
             });
+            if res.is_ok() {
+                // A GC run begins: from now on it may not delete what this writer touches.
+                state.written.borrow_mut().clear();
+            }
             for w in waiters {
                 let _ = w.send(res.clone());
             }

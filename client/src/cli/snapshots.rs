@@ -150,7 +150,7 @@ async fn create(
         };
         let opts = BackupOptions {
             progress: Some(progress.clone()),
-            filter: policy.filter(&root)?,
+            policy,
             zstd_level,
             lz4_all,
             ..opts.clone()

@@ -87,8 +87,10 @@ pub struct Walk {
     pub files: Vec<FileJob>,
     /// Entries that could not be read (path, reason); the snapshot is then partial.
     pub errors: Vec<(PathBuf, String)>,
-    /// Entries the policy leaves out (not an error: the snapshot is whole for the policy).
+    /// The first [`LEFT_OUT_SHOWN`] entries the policy leaves out (not an error: the snapshot
+    /// is whole for the policy), and how many there were in all.
     pub left_out: Vec<(PathBuf, Left)>,
+    pub left_out_total: u64,
     pub bytes: u64,
 }
 
@@ -134,7 +136,12 @@ struct ScanDir {
     entries: Vec<Scanned>,
     errors: Vec<(PathBuf, String)>,
     left_out: Vec<(PathBuf, Left)>,
+    left_out_total: u64,
 }
+
+/// Left-out entries remembered by path (the rest are only counted: a policy may leave out
+/// millions of files).
+pub const LEFT_OUT_SHOWN: usize = 20;
 
 /// What every scanning thread shares: the walker budget and the policy's filter.
 struct Ctx<'a> {
@@ -178,6 +185,7 @@ fn scan<'s>(
     let rd = std::fs::read_dir(path)?;
     let mut errors = Vec::new();
     let mut left_out = Vec::new();
+    let mut left_out_total = 0u64;
     let mut names: Vec<std::ffi::OsString> = Vec::new();
     for e in rd {
         match e {
@@ -198,7 +206,10 @@ fn scan<'s>(
             }
         };
         if let Some(why) = ctx.filter.leaves_out(&p, &m, ctx.root_dev) {
-            left_out.push((p, why));
+            left_out_total += 1;
+            if left_out.len() < LEFT_OUT_SHOWN {
+                left_out.push((p, why));
+            }
             continue;
         }
         let ft = m.file_type();
@@ -265,6 +276,7 @@ fn scan<'s>(
         entries,
         errors,
         left_out,
+        left_out_total,
     })
 }
 
@@ -272,7 +284,9 @@ fn scan<'s>(
 /// ones reuse its chunks).
 fn number(d: ScanDir, w: &mut Walk, links: &mut HashMap<(u64, u64), (usize, u64)>) -> Dir {
     w.errors.extend(d.errors);
-    w.left_out.extend(d.left_out);
+    let room = LEFT_OUT_SHOWN.saturating_sub(w.left_out.len());
+    w.left_out.extend(d.left_out.into_iter().take(room));
+    w.left_out_total += d.left_out_total;
     let mut dir = Dir {
         meta: d.meta,
         entries: Vec::with_capacity(d.entries.len()),

@@ -168,6 +168,10 @@ impl Inner {
         self.auth
             .quotas
             .uploaded(&session.identity, total.stored_bytes);
+        session
+            .state
+            .stored_bytes
+            .fetch_add(total.stored_bytes, std::sync::atomic::Ordering::Relaxed);
         // Verified against their ids and durable: the session holds these chunks.
         session.state.add_uploaded(ids);
         if self.auth.disclosure() == v1::Disclosure::User {
