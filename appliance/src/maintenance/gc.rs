@@ -541,8 +541,9 @@ impl Collector {
             }
             point("gc.sealed");
         }
-        // Taken after the seals: the packs they closed are candidates too (their records are
-        // older than this).
+        // Taken after the seals, so that with a grace of 0 the packs they closed are candidates
+        // (with a longer grace, a pack sealed now becomes one at a later run: sealing rewrote
+        // its modification time).
         let start_us = coffer_proto::now_us();
         let packs = self.candidate_packs(start_us.saturating_sub(self.cfg.grace_us))?;
         let indexes = self.indexes();
