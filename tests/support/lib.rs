@@ -85,6 +85,22 @@ impl Appliance {
     /// # Errors
     /// When a command fails.
     pub fn init(dir: &Path, shards: u16, chunk_avg: u32, users: &[&str]) -> anyhow::Result<Self> {
+        // Most tests exercise deletion by a snapshot's owner: they use the full defaults of
+        // repositories made before append-only defaults (tests of the new default say so).
+        Self::init_with(dir, shards, chunk_avg, users, &["--default-access", "full"])
+    }
+
+    /// [`Appliance::init`] with more `init` arguments.
+    ///
+    /// # Errors
+    /// When a command fails.
+    pub fn init_with(
+        dir: &Path,
+        shards: u16,
+        chunk_avg: u32,
+        users: &[&str],
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let a = Self {
             dir: dir.to_path_buf(),
             repo: dir.join("repo"),
@@ -102,15 +118,20 @@ impl Appliance {
         let repo = a.repo.to_str().context("utf-8 path")?.to_string();
         let shards = shards.to_string();
         let avg = chunk_avg.to_string();
-        let out = a.run(&[
-            "init",
-            "--repo",
-            &repo,
-            "--shards",
-            &shards,
-            "--chunk-avg",
-            &avg,
-        ])?;
+        let out = a.run(
+            &[
+                "init",
+                "--repo",
+                &repo,
+                "--shards",
+                &shards,
+                "--chunk-avg",
+                &avg,
+            ]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect::<Vec<_>>(),
+        )?;
         if !out.status.success() {
             bail!("init failed: {}", String::from_utf8_lossy(&out.stderr));
         }

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::access::rules::Rule;
+use crate::access::rules::{DefaultAccess, Rule};
 use crate::catalog::policy::{resolve, Effective, Policy, PolicyTarget};
 use crate::catalog::{Catalog, UserRecord};
 use crate::error::ApplianceError;
@@ -52,8 +52,20 @@ pub enum Request {
     AclRemove {
         ids: Vec<String>,
     },
-    /// Stores the default rules explicitly (when no rules are stored).
-    AclEnable,
+    /// Stores the default rules explicitly (when no rules are stored); from then on an empty
+    /// rule set means no access. With `append_only`, the repository's defaults become
+    /// append-only (stored rules: the own-snapshots and own-policies defaults lose delete and
+    /// change). With `defaults`, stores the defaults again into an enabled, empty rule set.
+    AclEnable {
+        #[serde(default)]
+        append_only: bool,
+        #[serde(default)]
+        defaults: bool,
+    },
+    /// Sets the built-in defaults of a new repository (`init --default-access`).
+    DefaultAccess {
+        access: String,
+    },
     /// Reloads everything from the catalog.
     Refresh,
     /// Sets (with a value) or shows the disclosure mode: `user` or `repository`.
@@ -113,6 +125,12 @@ pub struct Reply {
     /// Whether the rules listed are the built-in defaults (nothing stored).
     #[serde(default)]
     pub defaults: bool,
+    /// The repository's default access (`append` or `full`) and whether rules are enabled
+    /// (`AclList`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub default_access: String,
+    #[serde(default)]
+    pub enabled: bool,
     /// The disclosure mode in force (for `Disclosure`).
     #[serde(default)]
     pub disclosure: String,
@@ -178,38 +196,11 @@ pub fn apply(catalog: &Catalog, req: &Request) -> Result<Reply, ApplianceError> 
         Request::UserList => {
             reply.users = catalog.users()?.into_iter().map(|u| u.identity).collect();
         }
-        Request::AclList => {
-            reply.rules = catalog.acl_rules()?;
-            if reply.rules.is_empty() {
-                reply.rules = crate::access::rules::default_rules();
-                reply.defaults = true;
-            }
-        }
-        Request::AclAdd { rule } => {
-            if catalog.acl_rules()?.is_empty() {
-                return Err(ApplianceError::FailedPrecondition(
-                    "no rules are stored yet, so the built-in defaults apply; run `acl enable` \
-                     first so that adding a rule does not silently drop the defaults"
-                        .into(),
-                ));
-            }
-            catalog.put_rule(rule)?;
-        }
-        Request::AclRemove { ids } => {
-            for id in ids {
-                catalog.delete_rule(id)?;
-            }
-        }
-        Request::AclEnable => {
-            if !catalog.acl_rules()?.is_empty() {
-                return Err(ApplianceError::FailedPrecondition(
-                    "rules are already stored".into(),
-                ));
-            }
-            for r in crate::access::rules::default_rules() {
-                catalog.put_rule(&r)?;
-            }
-        }
+        Request::AclList
+        | Request::DefaultAccess { .. }
+        | Request::AclAdd { .. }
+        | Request::AclRemove { .. }
+        | Request::AclEnable { .. } => apply_acl(catalog, req, &mut reply)?,
         Request::Refresh => {}
         Request::PolicySet { .. }
         | Request::PolicyDelete { .. }
@@ -269,6 +260,77 @@ fn apply_policy(catalog: &Catalog, req: &Request, reply: &mut Reply) -> Result<(
             reply.effective = effective_fields(&e);
         }
         _ => unreachable!("apply passes policy requests only"),
+    }
+    Ok(())
+}
+
+/// The access-rule operations of [`apply`].
+fn apply_acl(catalog: &Catalog, req: &Request, reply: &mut Reply) -> Result<(), ApplianceError> {
+    match req {
+        Request::AclList => {
+            let (rules, defaults) = crate::access::rules::in_force(catalog)?;
+            reply.rules = rules;
+            reply.defaults = defaults.is_some();
+            reply.default_access = crate::access::rules::default_access(catalog)?
+                .as_str()
+                .into();
+            reply.enabled = crate::access::rules::enabled(catalog)?;
+        }
+        Request::DefaultAccess { access } => {
+            let d = DefaultAccess::parse(access).map_err(ApplianceError::InvalidArgument)?;
+            catalog.set_setting(DefaultAccess::SETTING, d.as_str())?;
+        }
+        Request::AclAdd { rule } => {
+            if catalog.acl_rules()?.is_empty() && !crate::access::rules::enabled(catalog)? {
+                return Err(ApplianceError::FailedPrecondition(
+                    "no rules are stored yet, so the built-in defaults apply; run `acl enable` \
+                     first so that adding a rule does not silently drop the defaults"
+                        .into(),
+                ));
+            }
+            catalog.put_rule(rule)?;
+        }
+        Request::AclRemove { ids } => {
+            for id in ids {
+                catalog.delete_rule(id)?;
+            }
+        }
+        Request::AclEnable {
+            append_only,
+            defaults,
+        } => {
+            if *append_only {
+                catalog.set_setting(DefaultAccess::SETTING, DefaultAccess::Append.as_str())?;
+            }
+            let d = crate::access::rules::default_access(catalog)?;
+            let stored = catalog.acl_rules()?;
+            if stored.is_empty() {
+                if crate::access::rules::enabled(catalog)? && !*defaults && !*append_only {
+                    return Err(ApplianceError::FailedPrecondition(
+                        "rules are enabled and none is stored, so nobody has access; `acl enable \
+                         --defaults` stores the built-in defaults again"
+                            .into(),
+                    ));
+                }
+                for r in crate::access::rules::defaults(d) {
+                    catalog.put_rule(&r)?;
+                }
+            } else if *append_only {
+                // Stored rules stay, but the built-in ones that granted delete or change are
+                // narrowed to the append-only defaults.
+                for r in crate::access::rules::defaults(d) {
+                    if stored.iter().any(|s| s.id == r.id) {
+                        catalog.put_rule(&r)?;
+                    }
+                }
+            } else if !*defaults {
+                return Err(ApplianceError::FailedPrecondition(
+                    "rules are already stored".into(),
+                ));
+            }
+            catalog.set_setting(DefaultAccess::ENABLED_SETTING, "enabled")?;
+        }
+        _ => unreachable!("apply passes rule requests only"),
     }
     Ok(())
 }

@@ -101,15 +101,7 @@ impl Auth {
     /// # Errors
     /// Catalog errors (the previous state stays in force).
     pub fn reload(&self) -> Result<(), ApplianceError> {
-        let stored = self
-            .catalog
-            .acl_rules()
-            .map_err(|e| ApplianceError::Internal(e.to_string()))?;
-        let rules = if stored.is_empty() {
-            crate::access::rules::default_rules()
-        } else {
-            stored
-        };
+        let (rules, _) = crate::access::rules::in_force(&self.catalog)?;
         let records = self
             .catalog
             .users()

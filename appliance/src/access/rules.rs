@@ -210,9 +210,60 @@ fn pattern_matches(pattern: &str, user: &str, host: &str) -> bool {
     (pu == "*" || pu == user) && (ph == "*" || ph == host)
 }
 
-/// The rules in force when none are stored (and what `acl enable` installs).
+/// What the built-in rules give each user on their own snapshots (catalog setting
+/// `default_access`; absent in repositories made before it existed: `Full`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultAccess {
+    /// Add, list and read their own snapshots; never delete them (retention is the
+    /// appliance's). The default of new repositories.
+    Append,
+    /// Also delete their own snapshots and change their own policies.
+    Full,
+}
+
+impl DefaultAccess {
+    /// The catalog setting's name.
+    pub const SETTING: &'static str = "default_access";
+    /// The catalog setting that records that rules were enabled (stored explicitly): from then
+    /// on an empty rule set means no access, never "the defaults".
+    pub const ENABLED_SETTING: &'static str = "acl";
+
+    /// Reads `full` or `append`.
+    ///
+    /// # Errors
+    /// Anything else.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "full" => Ok(Self::Full),
+            "append" => Ok(Self::Append),
+            _ => Err(format!("default access {s:?}: expected `append` or `full`")),
+        }
+    }
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::Append => "append",
+        }
+    }
+}
+
+/// The built-in rules of repositories made before append-only defaults (FULL on one's own
+/// snapshots).
+#[cfg(test)]
 #[must_use]
 pub fn default_rules() -> Vec<Rule> {
+    defaults(DefaultAccess::Full)
+}
+
+/// The built-in rules for `d`.
+#[must_use]
+pub fn defaults(d: DefaultAccess) -> Vec<Rule> {
+    let (snapshots, policies) = match d {
+        DefaultAccess::Full => (Access::Full, Access::Full),
+        DefaultAccess::Append => (Access::Append, Access::Read),
+    };
     let own = |kind| Target {
         kind,
         labels: BTreeMap::from([
@@ -236,14 +287,10 @@ pub fn default_rules() -> Vec<Rule> {
     vec![
         rule(
             "default-own-snapshots",
-            Access::Full,
+            snapshots,
             own(TargetType::Snapshot),
         ),
-        rule(
-            "default-own-policies",
-            Access::Full,
-            own(TargetType::Policy),
-        ),
+        rule("default-own-policies", policies, own(TargetType::Policy)),
         rule(
             "default-global-policy",
             Access::Read,
@@ -257,6 +304,44 @@ pub fn default_rules() -> Vec<Rule> {
         // Read one's own account and change one's own password; never delete it.
         rule("default-own-user", Access::Append, own(TargetType::User)),
     ]
+}
+
+/// The rules in force with what `catalog` stores: its rules; none stored and rules never
+/// enabled: the built-in defaults of its `default_access`; none stored but enabled: none (fail
+/// closed — removing every rule never brings the defaults back by itself).
+///
+/// # Errors
+/// Catalog errors; a `default_access` setting that does not parse.
+pub fn in_force(
+    catalog: &crate::catalog::Catalog,
+) -> Result<(Vec<Rule>, Option<DefaultAccess>), crate::error::ApplianceError> {
+    let stored = catalog.acl_rules()?;
+    if !stored.is_empty() || enabled(catalog)? {
+        return Ok((stored, None));
+    }
+    let d = default_access(catalog)?;
+    Ok((defaults(d), Some(d)))
+}
+
+/// The repository's default access (absent: `Full`, repositories made before it existed).
+///
+/// # Errors
+/// Catalog errors; a value that does not parse.
+pub fn default_access(
+    catalog: &crate::catalog::Catalog,
+) -> Result<DefaultAccess, crate::error::ApplianceError> {
+    match catalog.setting(DefaultAccess::SETTING)? {
+        None => Ok(DefaultAccess::Full),
+        Some(v) => DefaultAccess::parse(&v).map_err(crate::error::ApplianceError::Internal),
+    }
+}
+
+/// Whether rules were enabled (stored explicitly) at some point.
+///
+/// # Errors
+/// Catalog errors.
+pub fn enabled(catalog: &crate::catalog::Catalog) -> Result<bool, crate::error::ApplianceError> {
+    Ok(catalog.setting(DefaultAccess::ENABLED_SETTING)?.as_deref() == Some("enabled"))
 }
 
 /// The labels of a concrete target, e.g. a snapshot's owner and path.

@@ -54,9 +54,17 @@ pub enum UserCmd {
 #[derive(Subcommand, Debug)]
 pub enum AclCmd {
     /// Store the built-in default rules explicitly, so that rules can be added and removed.
+    /// From then on an empty rule set means no access.
     Enable {
         #[command(flatten)]
         repo: RepoArg,
+        /// Make the defaults append-only: users add, list and read their own snapshots but
+        /// never delete them (stored built-in rules are narrowed too).
+        #[arg(long)]
+        append_only_defaults: bool,
+        /// Store the built-in defaults again into an enabled, empty rule set.
+        #[arg(long)]
+        defaults: bool,
     },
     /// List the rules in force.
     List {
@@ -233,14 +241,33 @@ pub fn user(cmd: UserCmd) -> anyhow::Result<()> {
 
 pub fn acl(cmd: AclCmd) -> anyhow::Result<()> {
     match cmd {
-        AclCmd::Enable { repo } => {
-            admin_run(&repo.repo, &admin::Request::AclEnable)?;
-            println!("default rules stored; `acl list` shows them");
+        AclCmd::Enable {
+            repo,
+            append_only_defaults,
+            defaults,
+        } => {
+            admin_run(
+                &repo.repo,
+                &admin::Request::AclEnable {
+                    append_only: append_only_defaults,
+                    defaults,
+                },
+            )?;
+            println!("rules stored; `acl list` shows them");
         }
         AclCmd::List { repo } => {
             let r = admin_run(&repo.repo, &admin::Request::AclList)?;
+            let kind = if r.default_access == "append" {
+                "append-only defaults: users never delete their own snapshots"
+            } else {
+                "full defaults: users may delete their own snapshots"
+            };
             if r.defaults {
-                println!("# no rules stored: these built-in defaults apply");
+                println!("# no rules stored: these built-in defaults apply ({kind})");
+            } else if r.rules.is_empty() {
+                println!("# rules are enabled and none is stored: nobody has access");
+            } else {
+                println!("# stored rules ({kind} when re-enabled)");
             }
             for rule in r.rules {
                 println!("{rule}");

@@ -66,6 +66,10 @@ pub enum Cmd {
         /// FastCDC average chunk size in bytes (min = avg/4, max = avg*4).
         #[arg(long, default_value_t = ChunkerParams::DEFAULT.avg)]
         chunk_avg: u32,
+        /// What users may do with their own snapshots under the built-in rules: `append` (add,
+        /// list, read; never delete: retention is the appliance's) or `full` (also delete).
+        #[arg(long, default_value = "append", value_parser = ["append", "full"])]
+        default_access: String,
     },
     /// Serve the repository over gRPC + TLS until SIGTERM/SIGINT.
     Serve(serve::ServeArgs),
@@ -199,7 +203,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             password,
             shards,
             chunk_avg,
-        } => repo::init(&RepoPaths::new(&repo.repo), &password, shards, chunk_avg)?,
+            default_access,
+        } => repo::init(
+            &RepoPaths::new(&repo.repo),
+            &password,
+            shards,
+            chunk_avg,
+            &default_access,
+        )?,
         Cmd::Serve(a) => serve::run(a)?,
         Cmd::User { cmd } => accounts::user(cmd)?,
         Cmd::Acl { cmd } => accounts::acl(cmd)?,

@@ -17,6 +17,7 @@ pub fn init(
     password: &RepoPassword,
     shards: Option<u16>,
     avg: u32,
+    default_access: &str,
 ) -> anyhow::Result<()> {
     if paths.config().exists() {
         return Err(coffer_appliance::RepoError::AlreadyExists(paths.root.clone()).into());
@@ -61,13 +62,29 @@ pub fn init(
             8 << 20,
         )?;
     }
-    Catalog::open(&paths.catalog(), true)?;
+    let catalog = Catalog::open(&paths.catalog(), true)?;
+    coffer_appliance::admin::apply(
+        &catalog,
+        &coffer_appliance::admin::Request::DefaultAccess {
+            access: default_access.to_string(),
+        },
+    )?;
+    drop(catalog);
     // The repository file is written last: its presence means the repository is complete.
     let tmp = paths.root.join("coffer.repo.tmp");
     std::fs::write(&tmp, cfg.encode())?;
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, paths.config())?;
     std::fs::File::open(&paths.root)?.sync_all()?;
+    println!(
+        "built-in access: {}",
+        if default_access == "append" {
+            "append-only (users add and read their own snapshots, never delete them; retention \
+             is the appliance's policies)"
+        } else {
+            "full (users may delete their own snapshots)"
+        }
+    );
     println!(
         "created repository {} in {} ({} shards, chunks {}..{}..{} bytes)",
         cfg.id,
