@@ -64,6 +64,33 @@ fn stop(pidfile: &Path) {
     }
 }
 
+/// `ansible-lint --offline` over the roles.
+fn ansible_lint_is_clean() {
+    let linted = Command::new("ansible-lint")
+        .current_dir(ansible_dir().join(".."))
+        .args(["--offline", "--nocolor", "ansible/"])
+        .output()
+        .expect(
+            "ansible-lint is not installed: `bash .ci/run` installs it (pip install ansible-lint)",
+        );
+    assert!(
+        linted.status.success(),
+        "ansible-lint:\n{}{}",
+        String::from_utf8_lossy(&linted.stdout),
+        String::from_utf8_lossy(&linted.stderr)
+    );
+}
+
+/// Runs the provisioned client with its configuration.
+fn client(coffer: &Path, cfg: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(coffer)
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn playbook_provisions_idempotently_and_the_scheduled_snapshot_restores() {
     let dir = tempfile::tempdir().unwrap();
@@ -121,12 +148,7 @@ fn playbook_provisions_idempotently_and_the_scheduled_snapshot_restores() {
     );
     let coffer = root.join("usr/local/bin/coffer");
     let cfg = root.join("etc/coffer-client/client.json");
-    let list = Command::new(&coffer)
-        .arg("--config")
-        .arg(&cfg)
-        .args(["snapshot", "list", "--json"])
-        .output()
-        .unwrap();
+    let list = client(&coffer, &cfg, &["snapshot", "list", "--json"]);
     let line = String::from_utf8_lossy(&list.stdout)
         .lines()
         .last()
@@ -135,13 +157,15 @@ fn playbook_provisions_idempotently_and_the_scheduled_snapshot_restores() {
     let snap: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(snap["identity"], "alice@laptop");
     let target = dir.path().join("restored");
-    let out = Command::new(&coffer)
-        .arg("--config")
-        .arg(&cfg)
-        .args(["restore", snap["id"].as_str().unwrap()])
-        .arg(&target)
-        .output()
-        .unwrap();
+    let out = client(
+        &coffer,
+        &cfg,
+        &[
+            "restore",
+            snap["id"].as_str().unwrap(),
+            target.to_str().unwrap(),
+        ],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -154,22 +178,25 @@ fn playbook_provisions_idempotently_and_the_scheduled_snapshot_restores() {
         .arg(root.join("srv/coffer"))
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&acl.stdout).contains("user=auditor@*  access=READ"));
+    let acl = String::from_utf8_lossy(&acl.stdout);
+    assert!(acl.contains("user=auditor@*  access=READ"), "{acl}");
+    // The role made an append-only repository (its default): the client cannot delete.
+    assert!(
+        acl.contains("default-own-snapshots  user=*@*  access=APPEND"),
+        "{acl}"
+    );
+    let delete = client(
+        &coffer,
+        &cfg,
+        &["snapshot", "delete", snap["id"].as_str().unwrap()],
+    );
+    assert!(
+        !delete.status.success(),
+        "an append-only client deleted a snapshot"
+    );
 
     stop(&root.join("etc/coffer-front/nginx.pid"));
     stop(&root.join("run/coffer/appliance.pid"));
 
-    let linted = Command::new("ansible-lint")
-        .current_dir(ansible_dir().join(".."))
-        .args(["--offline", "--nocolor", "ansible/"])
-        .output()
-        .expect(
-            "ansible-lint is not installed: `bash .ci/run` installs it (pip install ansible-lint)",
-        );
-    assert!(
-        linted.status.success(),
-        "ansible-lint:\n{}{}",
-        String::from_utf8_lossy(&linted.stdout),
-        String::from_utf8_lossy(&linted.stderr)
-    );
+    ansible_lint_is_clean();
 }

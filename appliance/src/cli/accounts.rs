@@ -267,7 +267,7 @@ pub fn acl(cmd: AclCmd) -> anyhow::Result<()> {
             } else if r.rules.is_empty() {
                 println!("# rules are enabled and none is stored: nobody has access");
             } else {
-                println!("# stored rules ({kind} when re-enabled)");
+                println!("# stored rules; this repository's built-in defaults: {kind}");
             }
             for rule in r.rules {
                 println!("{rule}");
