@@ -2,7 +2,8 @@
 //! the access rules ([`rules`]) and the administrative operations on them ([`admin`]).
 //!
 //! Owns: password hashing and login throttling, session tokens, the opened-snapshot and uploaded
-//! sets of each session, rule evaluation. Must never touch pack files or shard indexes: it learns
+//! sets of each session and what they pin against the GC, rule evaluation and the built-in
+//! defaults, quotas ([`quota`]). Must never touch pack files or shard indexes: it learns
 //! what a snapshot reaches from [`crate::reach`] and stores accounts through [`crate::catalog`].
 
 pub mod accounts;

@@ -2,8 +2,9 @@
 //! of stored bytes is refused with `RESOURCE_EXHAUSTED`, naming the quota and the usage.
 //!
 //! Usage is the last count's stored bytes (`maintenance::usage`, run at start, after every
-//! maintenance run and by `coffer-appliance usage`) plus the new bytes the account's uploads
-//! stored since. Retention and GC never consult it: they run whatever the quotas say.
+//! maintenance run and by `coffer-appliance usage`) plus the bytes the account's uploads sent
+//! since that were new to their sessions (never whether they were new to the repository: that
+//! would tell whether someone else stored them). Retention and GC never consult it: they run whatever the quotas say.
 //!
 //! Owns: the quotas in force and the running totals. Must never count by itself (it is told).
 

@@ -1,6 +1,7 @@
-//! The catalog: users, access rules, snapshots and settings (policies, locks and the audit chain
+//! The catalog: users, access rules, snapshots, policies and settings (locks and the audit chain
 //! land here next). Small and transactional: one RocksDB instance under `catalog/`, every write
-//! synced, a snapshot committed by exactly one write (its single commit point).
+//! synced, a snapshot committed by exactly one write (its single commit point); with a running
+//! appliance every write is then also appended to the [`journal`] in the packs.
 //!
 //! Keys: `user/<identity>` -> JSON [`UserRecord`]; `snap/<id hex>` -> protobuf `coffer.v1.Snapshot`;
 //! `acl/<rule id>` -> JSON [`crate::access::rules::Rule`]; `setting/<name>` -> UTF-8 value;
@@ -135,6 +136,14 @@ impl Catalog {
         self.write(&[(key.to_vec(), Some(value.to_vec()))])
     }
 
+    /// The whole catalog for a journal checkpoint.
+    fn checkpoint_state(&self) -> Result<Vec<journal::Op>, journal::JournalError> {
+        self.dump().map_err(|e| journal::JournalError::Corrupt {
+            path: "catalog/".into(),
+            why: e.to_string(),
+        })
+    }
+
     /// Every key and value (a journal checkpoint, `rebuild-catalog`'s check).
     ///
     /// # Errors
@@ -202,12 +211,7 @@ impl Catalog {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some((j, paths)) = slot.as_mut() {
             if j.is_broken() {
-                j.append(paths, &[], || {
-                    self.dump().map_err(|e| journal::JournalError::Corrupt {
-                        path: "catalog/".into(),
-                        why: e.to_string(),
-                    })
-                })?;
+                j.append(paths, &[], || self.checkpoint_state())?;
             }
         }
         Ok(())
@@ -480,12 +484,7 @@ impl Catalog {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.db.write_opt(batch, &wo).map_err(ce)?;
         if let Some((j, paths)) = slot.as_mut() {
-            j.append(paths, ops, || {
-                self.dump().map_err(|e| journal::JournalError::Corrupt {
-                    path: "catalog/".into(),
-                    why: e.to_string(),
-                })
-            })?;
+            j.append(paths, ops, || self.checkpoint_state())?;
         }
         Ok(())
     }

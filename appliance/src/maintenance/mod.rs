@@ -1,6 +1,7 @@
 //! Maintenance of a repository at rest or beside a running appliance: [`verify`] (invariants I1,
-//! I2, I5), [`rebuild`] (the index from pack footers alone) and [`retention`] (which snapshots a
-//! policy keeps). Forgetting, GC and compaction land here next.
+//! I2, I5), [`rebuild`] (the index from pack footers alone, the catalog from its journal),
+//! [`retention`] (which snapshots a policy keeps), [`forget`], [`gc`] (mark, barrier, sweep,
+//! compaction) and [`usage`] (space per owner).
 //!
 //! Owns: whole-repository passes, which report every problem they meet and never present a
 //! partial result as complete. Must never serve requests, nor write an index a running shard has

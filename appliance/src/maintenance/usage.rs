@@ -62,6 +62,11 @@ pub struct UsageReport {
 
 const SHARED: u32 = u32::MAX;
 
+/// The state value of the `k`-th owner (0 means nobody).
+fn tag(k: usize) -> u32 {
+    u32::try_from(k + 1).map_or(SHARED - 1, |t| t.min(SHARED - 1))
+}
+
 fn owner_of(s: &v1::Snapshot, by: By) -> String {
     match by {
         By::User => s.identity.clone(),
@@ -99,7 +104,7 @@ pub fn count(
     // Pass 1: who references each chunk (0: nobody, k + 1: owner k alone, SHARED).
     let mut state: Vec<Vec<u32>> = lens.iter().map(|l| vec![0; l.len()]).collect();
     for (k, snaps) in groups.values().enumerate() {
-        let me = u32::try_from(k + 1).unwrap_or(SHARED - 1).min(SHARED - 1);
+        let me = tag(k);
         let mut marker = Marker::new(shards.clone());
         for s in snaps {
             rt.block_on(marker.mark_from(root(s)?, &mut |id| {
@@ -128,7 +133,7 @@ pub fn count(
         }
     }
     for (k, (owner, snaps)) in groups.iter().enumerate() {
-        let me = u32::try_from(k + 1).unwrap_or(SHARED - 1).min(SHARED - 1);
+        let me = tag(k);
         let mut u = OwnerUsage {
             owner: owner.clone(),
             snapshots: snaps.len() as u64,

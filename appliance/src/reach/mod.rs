@@ -1,8 +1,8 @@
 //! Reachability over trees: what a snapshot reaches, and whether a new snapshot references only
 //! what its session may reference.
 //!
-//! Owns: the level-by-level walk from a root tree (commit checks, opened snapshots; the GC mark
-//! next), its bounds, the cache of recently walked snapshots and the walk permits. Each walk runs
+//! Owns: the level-by-level walk from a root tree (commit checks, opened snapshots, the GC mark:
+//! [`Marker`]), its bounds, the cache of recently walked snapshots and the walk permits. Each walk runs
 //! on one thread of tokio's blocking pool from start to end (at most [`WALKS`] walks at once, one
 //! per account), never on the network threads; chunks are read through [`Shards`].
 //!

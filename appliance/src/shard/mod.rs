@@ -5,7 +5,8 @@
 //! replies by oneshot). Nothing here takes a lock on the hot path: shard state is `Rc<RefCell>`
 //! owned by one thread. What runs where is written down in `docs/concurrency.md`.
 //!
-//! Owns: the per-core state (need set, ingest queue, group commit, reads) and [`Shards`], the one
+//! Owns: the per-core state (need set, ingest queue, group commit, reads, and the GC's steps that
+//! must be atomic with them: condemn, rewrite, seal, pack deletion) and [`Shards`], the one
 //! fan-out/gather the network island uses. Must never speak gRPC nor decide access: requests
 //! arrive checked, and only chunk ids, bytes and ownership keys cross the channel.
 

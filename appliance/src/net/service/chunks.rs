@@ -156,22 +156,23 @@ impl Inner {
                 masked.stored_bytes += c.data.len() as u64;
             }
         }
-        // Quota: what this session does not know may be new to the repository.
-        let incoming: u64 = chunks
-            .iter()
-            .filter(|c| !session.state.knows(&c.id))
-            .map(|c| c.data.len() as u64)
-            .sum();
-        self.auth.quotas.check(&session.identity, incoming)?;
-        let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
-        let mut total = self.shards.put(chunks, session.state.owner).await?;
+        // Quota: what is new to this session (the masked answer's bytes) may be new to the
+        // repository.
         self.auth
             .quotas
-            .uploaded(&session.identity, total.stored_bytes);
+            .check(&session.identity, masked.stored_bytes)?;
+        let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
+        let mut total = self.shards.put(chunks, session.state.owner).await?;
+        // Counted as what is new to this session, not what was new to the repository: usage
+        // counts shared chunks too, and the figure a quota refusal shows must not tell whether
+        // someone else stored these chunks (user disclosure).
+        self.auth
+            .quotas
+            .uploaded(&session.identity, masked.stored_bytes);
         session
             .state
             .stored_bytes
-            .fetch_add(total.stored_bytes, std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(masked.stored_bytes, std::sync::atomic::Ordering::Relaxed);
         // Verified against their ids and durable: the session holds these chunks.
         session.state.add_uploaded(ids);
         if self.auth.disclosure() == v1::Disclosure::User {
