@@ -4,7 +4,8 @@
 //! Usage is the last count's stored bytes (`maintenance::usage`, run at start, after every
 //! maintenance run and by `coffer-appliance usage`) plus the bytes the account's uploads sent
 //! since that were new to their sessions (never whether they were new to the repository: that
-//! would tell whether someone else stored them). Retention and GC never consult it: they run whatever the quotas say.
+//! would tell whether someone else stored them). Retention and GC never consult it: they run
+//! whatever the quotas say.
 //!
 //! Owns: the quotas in force and the running totals. Must never count by itself (it is told).
 
