@@ -101,6 +101,7 @@ impl From<crate::catalog::CatalogError> for ApplianceError {
         match e {
             C::NotFound(m) => Self::NotFound(m),
             C::Exists(m) => Self::AlreadyExists(m),
+            C::Held(m) => Self::PermissionDenied(m),
             e => Self::Internal(e.to_string()),
         }
     }

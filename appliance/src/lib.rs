@@ -13,6 +13,7 @@
 
 mod access;
 mod catalog;
+mod clock;
 mod crypto;
 mod error;
 pub mod faults;
@@ -31,7 +32,7 @@ pub use access::quota::human_bytes;
 pub use access::rules::{Access, Rule, Target};
 pub use access::ControlUser;
 pub use catalog::policy::{self, Policy, PolicyTarget};
-pub use catalog::{Catalog, CatalogError, UserRecord};
+pub use catalog::{audit, Catalog, CatalogError, UserRecord};
 pub use crypto::keys::{KdfParams, MasterKey};
 pub use crypto::{Encryption, RecordCipher};
 pub use error::{ApplianceError, IngestError, RepoError};

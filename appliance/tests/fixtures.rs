@@ -105,8 +105,10 @@ fn snapshot() -> v1::Snapshot {
         partial: true,
         tags: vec!["nightly".into(), "fixture".into()],
         parent: Bytes::from_static(&[0x33; 16]),
-        // Added after the fixture was written: absent from it, so it decodes as empty.
+        // Added after the fixture was written: absent from it, so they decode as empty.
         commit_id: Bytes::new(),
+        lock_until_us: 0,
+        protected_until_us: 0,
     }
 }
 

@@ -10,6 +10,7 @@ mod chunker;
 pub mod codec;
 mod ids;
 mod packed;
+pub mod when;
 
 pub use chunker::{ChunkerError, ChunkerParams};
 pub use ids::{chunk_id, ChunkId, DedupKey, IdError, PackId, RepositoryId, ShardId, SnapshotId};

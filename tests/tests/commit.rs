@@ -55,7 +55,7 @@ async fn a_repeated_commit_id_answers_the_first_snapshot() {
     assert_ne!(bobs, first);
     assert_eq!(probes(&alice).await.len(), 2);
     // A deleted snapshot is not answered again: the same commit id then makes a new one.
-    alice.delete(&first).await.unwrap();
+    alice.delete(&first, "").await.unwrap();
     let anew = alice
         .commit_as(snapshot_of(root_id), [7; 16])
         .await

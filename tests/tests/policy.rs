@@ -188,7 +188,7 @@ async fn an_append_only_client_keeps_exactly_what_retention_keeps() {
     // The client could not have done it itself.
     let mine = alice.list("/probe", false).await.unwrap();
     let id = coffer_proto::SnapshotId::from_slice(&mine[0].id).unwrap();
-    let e = alice.delete(&id).await.unwrap_err();
+    let e = alice.delete(&id, "").await.unwrap_err();
     assert_eq!(
         coffer_tests::code(&e),
         Some(tonic::Code::PermissionDenied),

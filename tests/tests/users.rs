@@ -268,6 +268,12 @@ fn s7_access_matrix() {
             ("EndSession", [y, y, y, y, y, y, u, u, u]),
             // Every account reads the policy of its own paths (built-in rule).
             ("GetPolicy", [y, y, y, y, y, pd, u, u, u]),
+            // Protecting adds (APPEND); locking binds everyone (FULL); alice's policy is hers;
+            // nobody holds FULL on the rules.
+            ("ProtectSnapshot", [y, nf, pd, y, y, pd, u, u, u]),
+            ("LockSnapshot", [y, nf, pd, pd, y, pd, u, u, u]),
+            ("SetPolicy", [y, pd, pd, pd, pd, pd, u, u, u]),
+            ("AddRule", [pd, pd, pd, pd, pd, pd, u, u, u]),
         ]);
         let listed: Vec<&str> = expected.keys().copied().collect();
         let mut in_proto: Vec<String> = rpcs.clone();
@@ -335,7 +341,10 @@ fn s7_access_matrix() {
                     "DeleteSnapshot" => {
                         let victim = alice.commit("/home/alice").await.unwrap();
                         c.client
-                            .delete_snapshot(c.req(v1::DeleteSnapshotRequest { id: victim }))
+                            .delete_snapshot(c.req(v1::DeleteSnapshotRequest {
+                                id: victim,
+                                delete_passphrase: String::new(),
+                            }))
                             .await
                             .err()
                             .map_or(Code::Ok, |s| s.code())
@@ -371,6 +380,47 @@ fn s7_access_matrix() {
                         .client
                         .get_policy(c.req(v1::GetPolicyRequest {
                             path: "/home/me".into(),
+                        }))
+                        .await
+                        .err()
+                        .map_or(Code::Ok, |s| s.code()),
+                    "ProtectSnapshot" => c
+                        .client
+                        .protect_snapshot(c.req(v1::ProtectSnapshotRequest {
+                            id: alices.clone(),
+                            protect: true,
+                            ..Default::default()
+                        }))
+                        .await
+                        .err()
+                        .map_or(Code::Ok, |s| s.code()),
+                    "LockSnapshot" => {
+                        let victim = alice.commit("/home/alice").await.unwrap();
+                        c.client
+                            .lock_snapshot(c.req(v1::LockSnapshotRequest {
+                                id: victim,
+                                until_us: coffer_proto::now_us() + 3_600_000_000,
+                            }))
+                            .await
+                            .err()
+                            .map_or(Code::Ok, |s| s.code())
+                    }
+                    "SetPolicy" => c
+                        .client
+                        .set_policy(c.req(v1::SetPolicyRequest {
+                            target: "alice@laptop".into(),
+                            policy_json: r#"{"keep_daily": 5}"#.into(),
+                            ..Default::default()
+                        }))
+                        .await
+                        .err()
+                        .map_or(Code::Ok, |s| s.code()),
+                    "AddRule" => c
+                        .client
+                        .add_rule(c.req(v1::AddRuleRequest {
+                            user: "*@*".into(),
+                            access: "FULL".into(),
+                            target: "type=snapshot".into(),
                         }))
                         .await
                         .err()

@@ -14,6 +14,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::access::rules::{DefaultAccess, Rule};
+use crate::catalog::audit::{self, Event};
 use crate::catalog::policy::{resolve, Effective, Policy, PolicyTarget};
 use crate::catalog::{Catalog, UserRecord};
 use crate::error::ApplianceError;
@@ -33,6 +34,12 @@ pub enum Request {
     },
     UserDelete {
         identity: String,
+    },
+    /// Sets (`Some`, hashed here; it must differ from the login password) or removes (`None`)
+    /// an account's delete passphrase.
+    UserDeletePassphrase {
+        identity: String,
+        passphrase: Option<String>,
     },
     /// Sets (`Some`) or lifts (`None`) an account's quota of stored bytes.
     UserQuota {
@@ -89,6 +96,30 @@ pub enum Request {
         identity: String,
         path: String,
     },
+    /// Every snapshot, with its protection and lock.
+    SnapshotList,
+    /// Deletes a snapshot (refused while it is protected or locked).
+    SnapshotDelete {
+        id: String,
+    },
+    /// Protects a snapshot until `until_us` (`i64::MAX`: until unprotected), or with 0 removes
+    /// its protection (refused while it is locked).
+    SnapshotProtect {
+        id: String,
+        until_us: i64,
+    },
+    /// Extends a snapshot's retention lock to `until_us` (never shortens it).
+    SnapshotLock {
+        id: String,
+        until_us: i64,
+    },
+    /// Audit entries at or after `since_us`.
+    AuditShow {
+        #[serde(default)]
+        since_us: i64,
+    },
+    /// Checks the audit chain.
+    AuditVerify,
     /// Forgets the snapshots retention no longer keeps (with `dry_run`, only says which), at
     /// time `now_us` (default: now; tests inject it).
     MaintenanceRun {
@@ -149,16 +180,125 @@ pub struct Reply {
     /// Space per owner (`Usage`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageReport>,
+    /// Snapshots (`SnapshotList`, and the one changed by `SnapshotProtect` / `SnapshotLock`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotRow>,
+    /// Audit entries (`AuditShow`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audit: Vec<audit::Entry>,
+    /// The audit chain's check (`AuditVerify`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<audit::Verified>,
     /// What garbage collection did, or with `dry_run` would do (`MaintenanceRun`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gc: Option<crate::maintenance::gc::GcReport>,
 }
 
-/// Applies `req` to the catalog.
+/// A snapshot as the admin commands list it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRow {
+    pub id: String,
+    pub identity: String,
+    pub path: String,
+    pub time_us: i64,
+    pub partial: bool,
+    /// 0: not locked.
+    pub lock_until_us: i64,
+    /// 0: not protected; `i64::MAX`: until unprotected.
+    pub protected_until_us: i64,
+}
+
+impl From<&coffer_proto::v1::Snapshot> for SnapshotRow {
+    fn from(s: &coffer_proto::v1::Snapshot) -> Self {
+        Self {
+            id: hex::encode(&s.id),
+            identity: s.identity.clone(),
+            path: s.path.clone(),
+            time_us: s.time_us,
+            partial: s.partial,
+            lock_until_us: s.lock_until_us,
+            protected_until_us: s.protected_until_us,
+        }
+    }
+}
+
+/// The audit entry of an administrative change (`None`: reads, and changes that record their
+/// own entry in the same write as the change).
+fn admin_event(req: &Request, actor: &str) -> Option<Event> {
+    let done = |action: &str, target: &str| Some(Event::done(actor, action, target));
+    match req {
+        Request::UserAdd { user } => done("user.add", &user.identity),
+        Request::UserSet { user } => done("user.set", &user.identity),
+        Request::UserDelete { identity } => done("user.delete", identity),
+        Request::UserDeletePassphrase {
+            identity,
+            passphrase,
+        } => done("user.delete_passphrase", identity).map(|e| {
+            e.with_detail(if passphrase.is_some() {
+                "set"
+            } else {
+                "removed"
+            })
+        }),
+        Request::UserQuota { identity, quota } => done("user.quota", identity)
+            .map(|e| e.with_detail(quota.map_or("none".into(), |q| q.to_string()))),
+        Request::AclAdd { rule } => {
+            done("acl.add", &rule.id).map(|e| e.with_detail(rule.to_string()))
+        }
+        Request::AclRemove { ids } => done("acl.remove", &ids.join(",")),
+        Request::AclEnable {
+            append_only,
+            defaults,
+        } => done("acl.enable", "")
+            .map(|e| e.with_detail(format!("append_only={append_only} defaults={defaults}"))),
+        Request::DefaultAccess { access } => done("acl.default_access", access),
+        Request::Disclosure { mode: Some(m) } => done("disclosure.set", m),
+        Request::PolicySet {
+            target,
+            policy,
+            unset,
+        } => done("policy.set", target).map(|e| {
+            e.with_detail(format!(
+                "{} unset={:?}",
+                serde_json::to_string(policy).unwrap_or_default(),
+                unset
+            ))
+        }),
+        Request::PolicyDelete { target } => done("policy.delete", target),
+        _ => None,
+    }
+}
+
+/// Applies `req` to the catalog, and records each change in the audit chain (actor `admin`).
 ///
 /// # Errors
 /// What the catalog refused (an existing user, an unknown rule, …).
 pub fn apply(catalog: &Catalog, req: &Request) -> Result<Reply, ApplianceError> {
+    apply_as(catalog, req, "admin")
+}
+
+/// [`apply`] on behalf of `actor` (an account with the access the request needs).
+///
+/// # Errors
+/// As [`apply`].
+pub(crate) fn apply_as(
+    catalog: &Catalog,
+    req: &Request,
+    actor: &str,
+) -> Result<Reply, ApplianceError> {
+    let reply = apply_unaudited(catalog, req)?;
+    if let Some(e) = admin_event(req, actor) {
+        catalog.audit(&e)?;
+    }
+    Ok(reply)
+}
+
+fn snapshot_id(id: &str) -> Result<coffer_proto::SnapshotId, ApplianceError> {
+    coffer_proto::SnapshotId::from_hex(id)
+        .map_err(|e| ApplianceError::InvalidArgument(format!("snapshot id {id:?}: {e}")))
+}
+
+fn apply_unaudited(catalog: &Catalog, req: &Request) -> Result<Reply, ApplianceError> {
     let mut reply = Reply {
         ok: true,
         ..Reply::default()
@@ -170,14 +310,26 @@ pub fn apply(catalog: &Catalog, req: &Request) -> Result<Reply, ApplianceError> 
         }
         Request::UserSet { user } => {
             check_user(user)?;
-            // A password change keeps the account's creation time.
+            // A password change keeps everything else about the account.
             let mut rec = user.clone();
             if let Some(old) = catalog.user(&user.identity)? {
                 rec.created_unix = old.created_unix;
                 rec.owner = old.owner;
+                rec.quota = old.quota;
+                rec.delete_passphrase = old.delete_passphrase;
             }
             catalog.set_user(&rec)?;
         }
+        Request::UserDeletePassphrase {
+            identity,
+            passphrase,
+        } => set_delete_passphrase(catalog, identity, passphrase.as_deref())?,
+        Request::SnapshotList
+        | Request::SnapshotDelete { .. }
+        | Request::SnapshotProtect { .. }
+        | Request::SnapshotLock { .. }
+        | Request::AuditShow { .. }
+        | Request::AuditVerify => apply_history(catalog, req, &mut reply)?,
         Request::UserDelete { identity } => catalog.delete_user(identity)?,
         Request::UserQuota { identity, quota } => {
             let mut rec = catalog
@@ -207,9 +359,13 @@ pub fn apply(catalog: &Catalog, req: &Request) -> Result<Reply, ApplianceError> 
         | Request::PolicyList
         | Request::PolicyShow { .. } => apply_policy(catalog, req, &mut reply)?,
         Request::MaintenanceRun { dry_run, now_us } => {
-            let verdicts = forget::plan(catalog, now_us.unwrap_or_else(coffer_proto::now_us))?;
+            let verdicts = forget::plan(catalog, now_us.unwrap_or_else(crate::clock::now_us))?;
             if !dry_run {
                 reply.forgotten = forget::apply(catalog, &verdicts)? as u64;
+                catalog.audit(
+                    &Event::done("maintenance", "maintenance.run", "")
+                        .with_detail(format!("offline: forgot {} snapshots", reply.forgotten)),
+                )?;
             }
             reply.verdicts = verdicts;
         }
@@ -226,6 +382,91 @@ pub fn apply(catalog: &Catalog, req: &Request) -> Result<Reply, ApplianceError> 
         }
     }
     Ok(reply)
+}
+
+/// Sets or removes an account's delete passphrase (hashed here; never its login password).
+fn set_delete_passphrase(
+    catalog: &Catalog,
+    identity: &str,
+    passphrase: Option<&str>,
+) -> Result<(), ApplianceError> {
+    let mut rec = catalog
+        .user(identity)?
+        .ok_or_else(|| ApplianceError::NotFound(format!("no user {identity}")))?;
+    rec.delete_passphrase = match passphrase {
+        None => None,
+        Some(p) => {
+            if p.chars().count() < crate::access::accounts::MIN_PASSWORD_CHARS {
+                return Err(ApplianceError::InvalidArgument(format!(
+                    "a delete passphrase has at least {} characters",
+                    crate::access::accounts::MIN_PASSWORD_CHARS
+                )));
+            }
+            if crate::access::accounts::verify_password(&rec.password_hash, p) {
+                return Err(ApplianceError::InvalidArgument(
+                    "the delete passphrase must differ from the login password (the \
+                     client stores that one)"
+                        .into(),
+                ));
+            }
+            Some(crate::access::accounts::hash_password(p)?)
+        }
+    };
+    catalog.set_user(&rec)?;
+    Ok(())
+}
+
+/// How an audit entry states a time given to protect or lock.
+fn until_detail(until_us: i64) -> String {
+    match until_us {
+        0 => "removed".into(),
+        i64::MAX => "until unprotected".into(),
+        t => format!("until {}", coffer_proto::when::format_us(t)),
+    }
+}
+
+/// The snapshot and audit operations of [`apply`]: protections and locks are the catalog's to
+/// enforce, for the operator as for everyone.
+fn apply_history(
+    catalog: &Catalog,
+    req: &Request,
+    reply: &mut Reply,
+) -> Result<(), ApplianceError> {
+    match req {
+        Request::SnapshotList => {
+            let mut all = catalog.snapshots()?;
+            all.sort_by_key(|s| s.time_us);
+            reply.snapshots = all.iter().map(SnapshotRow::from).collect();
+        }
+        Request::SnapshotDelete { id } => {
+            let sid = snapshot_id(id)?;
+            catalog.delete_snapshot(&sid, &Event::done("admin", "snapshot.delete", id.clone()))?;
+        }
+        Request::SnapshotProtect { id, until_us } => {
+            let sid = snapshot_id(id)?;
+            let action = if *until_us == 0 {
+                "snapshot.unprotect"
+            } else {
+                "snapshot.protect"
+            };
+            let e = Event::done("admin", action, id.clone()).with_detail(until_detail(*until_us));
+            reply.snapshots = vec![SnapshotRow::from(
+                &catalog.protect_snapshot(&sid, *until_us, &e)?,
+            )];
+        }
+        Request::SnapshotLock { id, until_us } => {
+            let sid = snapshot_id(id)?;
+            let e = Event::done("admin", "snapshot.lock", id.clone())
+                .with_detail(until_detail(*until_us));
+            reply.snapshots = vec![SnapshotRow::from(
+                &catalog.extend_lock(&sid, *until_us, &e)?,
+            )];
+        }
+        Request::AuditShow { since_us } => reply.audit = catalog.audit_entries(*since_us)?,
+        Request::AuditVerify => reply.verified = Some(catalog.audit_verify()?),
+        _ => unreachable!("apply passes snapshot and audit requests only"),
+    }
+    Ok(())
 }
 
 /// The policy operations of [`apply`].
@@ -340,7 +581,11 @@ fn parse_target(t: &str) -> Result<PolicyTarget, ApplianceError> {
 }
 
 /// `stored` with the fields set in `set` replaced and the fields named in `unset` cleared.
-fn merge(stored: &Policy, set: &Policy, unset: &[String]) -> Result<Policy, ApplianceError> {
+pub(crate) fn merge(
+    stored: &Policy,
+    set: &Policy,
+    unset: &[String],
+) -> Result<Policy, ApplianceError> {
     let bad = |e: serde_json::Error| ApplianceError::InvalidArgument(format!("policy: {e}"));
     let mut m = serde_json::to_value(stored).map_err(bad)?;
     let obj = m.as_object_mut().expect("a policy is a JSON object");
@@ -373,6 +618,7 @@ pub const POLICY_FIELDS: &[&str] = &[
     "one_file_system",
     "max_file_size",
     "schedule",
+    "lock_secs",
 ];
 
 /// The fields of an effective policy in [`POLICY_FIELDS`] order, each with its level.
@@ -441,6 +687,7 @@ pub fn kind_of(e: &ApplianceError) -> &'static str {
         ApplianceError::AlreadyExists(_) => "already_exists",
         ApplianceError::InvalidArgument(_) => "invalid_argument",
         ApplianceError::FailedPrecondition(_) => "failed_precondition",
+        ApplianceError::PermissionDenied(_) => "permission_denied",
         _ => "internal",
     }
 }
@@ -452,6 +699,7 @@ fn refusal(kind: &str, message: String) -> ApplianceError {
         "already_exists" => ApplianceError::AlreadyExists(message),
         "invalid_argument" => ApplianceError::InvalidArgument(message),
         "internal" => ApplianceError::Internal(message),
+        "permission_denied" => ApplianceError::PermissionDenied(message),
         // Older appliances send no kind.
         _ => ApplianceError::FailedPrecondition(message),
     }
@@ -485,6 +733,7 @@ mod tests {
             created_unix: 1,
             owner: None,
             quota: None,
+            delete_passphrase: None,
         }
     }
 
@@ -518,6 +767,7 @@ mod tests {
             ApplianceError::AlreadyExists("user x@y already exists".into()),
             ApplianceError::InvalidArgument("bad".into()),
             ApplianceError::FailedPrecondition("run acl enable".into()),
+            ApplianceError::PermissionDenied("locked".into()),
         ] {
             let msg = e.to_string();
             let back = refusal(kind_of(&e), msg.clone());

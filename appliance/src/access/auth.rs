@@ -295,6 +295,7 @@ impl Auth {
                 .unwrap_or(false)
         };
         if !ok || (control.is_none() && user.is_none()) {
+            self.audit_failures(&identity, source, &keys, "login.failures");
             return Err(denied());
         }
         lock(&self.throttle).succeeded(&identity, source, &keys, Instant::now());
@@ -338,6 +339,115 @@ impl Auth {
         sessions.insert(token.clone(), session);
         drop(sessions);
         Ok((token, identity))
+    }
+
+    /// Records a burst of failures on `keys` in the audit log: at the failure that starts the
+    /// throttle's delays, and every 100th after (an attacker cannot make the log grow by one
+    /// entry a guess).
+    fn audit_failures(
+        &self,
+        identity: &str,
+        source: Option<IpAddr>,
+        keys: &[String],
+        action: &str,
+    ) {
+        let n = keys
+            .iter()
+            .map(|k| lock(&self.throttle).failures(k))
+            .max()
+            .unwrap_or(0);
+        if n == super::throttle::FREE_FAILURES || (n > 0 && n % 100 == 0) {
+            let event = crate::catalog::audit::Event::refused(
+                identity,
+                action,
+                identity,
+                &format!(
+                    "{n} failures in a row (from {}); further attempts are slowed down",
+                    source.map_or("an unknown address".into(), |ip| ip.to_string())
+                ),
+            );
+            let catalog = self.catalog.clone();
+            // Off the network threads; a failed write is logged, the refusal stands.
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = catalog.audit(&event) {
+                    tracing::warn!(error = %e, "audit entry for failed attempts not written");
+                }
+            });
+        }
+    }
+
+    /// Whether the account has a delete passphrase.
+    ///
+    /// # Errors
+    /// Catalog errors.
+    pub fn has_delete_passphrase(&self, identity: &str) -> Result<bool, ApplianceError> {
+        Ok(self
+            .catalog
+            .user(identity)
+            .map_err(|e| ApplianceError::Internal(e.to_string()))?
+            .is_some_and(|u| u.delete_passphrase.is_some()))
+    }
+
+    /// The step-up for one destructive operation (S4 applies: wrong passphrases are throttled
+    /// like logins, on their own account key and the source's): passes when the account has no
+    /// delete passphrase or `passphrase` is it. Nothing is remembered: the next operation
+    /// needs the passphrase again.
+    ///
+    /// # Errors
+    /// [`ApplianceError::PermissionDenied`] for a missing or wrong passphrase;
+    /// [`ApplianceError::ResourceExhausted`] while throttled.
+    pub async fn step_up(
+        &self,
+        identity: &str,
+        passphrase: &str,
+        source: Option<IpAddr>,
+    ) -> Result<(), ApplianceError> {
+        let Some(phc) = self
+            .catalog
+            .user(identity)
+            .map_err(|e| ApplianceError::Internal(e.to_string()))?
+            .and_then(|u| u.delete_passphrase)
+        else {
+            return Ok(());
+        };
+        if passphrase.is_empty() {
+            return Err(ApplianceError::PermissionDenied(format!(
+                "{identity} has a delete passphrase and this needs it (the client asks for it, \
+                 or reads --delete-passphrase-file)"
+            )));
+        }
+        if passphrase.len() > MAX_PASSWORD_BYTES {
+            return Err(ApplianceError::InvalidArgument(format!(
+                "passphrases are at most {MAX_PASSWORD_BYTES} bytes"
+            )));
+        }
+        let key = format!("step-up:{identity}");
+        let (slot, keys) = lock(&self.throttle)
+            .reserve(&key, source, Instant::now())
+            .map_err(|wait| {
+                ApplianceError::ResourceExhausted(format!(
+                    "too many wrong delete passphrases for this account or from this address; \
+                     try again in {} s",
+                    wait.as_secs().max(1)
+                ))
+            })?;
+        tokio::time::sleep_until(slot).await;
+        let ok = {
+            let _slot = self.hashing_slot().await?;
+            self.checked.fetch_add(1, Ordering::Relaxed);
+            let password = passphrase.to_string();
+            tokio::task::spawn_blocking(move || verify_password(&phc, &password))
+                .await
+                .unwrap_or(false)
+        };
+        if !ok {
+            self.audit_failures(identity, source, &keys[..1], "step_up.failures");
+            return Err(ApplianceError::PermissionDenied(format!(
+                "wrong delete passphrase for {identity}"
+            )));
+        }
+        lock(&self.throttle).succeeded(&key, source, &keys, Instant::now());
+        Ok(())
     }
 
     /// One of the two argon2id slots; refused at once when [`HASH_QUEUE_MAX`] attempts already
@@ -445,6 +555,7 @@ mod tests {
                     created_unix: 0,
                     owner: None,
                     quota: None,
+                    delete_passphrase: None,
                 })
                 .unwrap();
         }

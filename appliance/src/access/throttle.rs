@@ -135,6 +135,12 @@ impl Throttle {
         Ok((slot, keys))
     }
 
+    /// Attempts counted on `key` that have not succeeded (0 when forgotten).
+    #[must_use]
+    pub fn failures(&self, key: &str) -> u32 {
+        self.keys.get(key).map_or(0, |a| a.count)
+    }
+
     /// The attempt counted on `keys` succeeded: the account's key is cleared, the source's count
     /// gives back this attempt, and the source becomes trusted for the account.
     pub fn succeeded(

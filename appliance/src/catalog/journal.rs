@@ -493,6 +493,7 @@ mod guard {
                 created_unix: 1,
                 owner: None,
                 quota: None,
+                delete_passphrase: None,
             })
             .unwrap();
         }

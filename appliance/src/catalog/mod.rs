@@ -1,5 +1,5 @@
-//! The catalog: users, access rules, snapshots, policies and settings (locks and the audit chain
-//! land here next). Small and transactional: one RocksDB instance under `catalog/`, every write
+//! The catalog: users, access rules, snapshots (with their protections and retention locks),
+//! policies, settings and the [`audit`] chain. Small and transactional: one RocksDB instance under `catalog/`, every write
 //! synced, a snapshot committed by exactly one write (its single commit point); with a running
 //! appliance every write is then also appended to the [`journal`] in the packs.
 //!
@@ -7,12 +7,14 @@
 //! `acl/<rule id>` -> JSON [`crate::access::rules::Rule`]; `setting/<name>` -> UTF-8 value;
 //! `policy/<target>` -> JSON [`policy::Policy`];
 //! `commit/<identity>/<commit id hex>` -> the 16-byte id of the snapshot committed with that
-//! commit id (idempotent commits); `meta/schema` -> the schema version ([`schema`]), checked and
+//! commit id (idempotent commits); `audit/<n>` and `meta/audit_head` -> the [`audit`] chain;
+//! `meta/schema` -> the schema version ([`schema`]), checked and
 //! migrated at every open.
 //!
 //! Owns: the catalog database and its records. Must never touch packs or shard indexes, nor
 //! decide access (that is [`crate::access`]).
 
+pub mod audit;
 pub mod journal;
 pub mod policy;
 mod records;
@@ -41,6 +43,9 @@ pub enum CatalogError {
     Exists(String),
     #[error("the catalog has schema version {found}, newer than this build's {supported}; run a newer coffer-appliance")]
     Newer { found: u32, supported: u32 },
+    /// A protection or a retention lock keeps the snapshot (or the change would shorten a lock).
+    #[error("{0}")]
+    Held(String),
     #[error("the change is in the catalog but not yet in its journal (the next change writes a checkpoint): {0}")]
     Journal(#[from] journal::JournalError),
 }
@@ -469,6 +474,33 @@ impl Catalog {
     /// The one way anything is written: one synced batch, then the same changes appended to
     /// the journal (after, so that the journal never holds a change the catalog refused).
     fn write(&self, ops: &[journal::Op]) -> Result<(), CatalogError> {
+        self.write_audited(ops, None)
+    }
+
+    /// [`Self::write`] with `event` appended to the audit chain in the same batch (the chain's
+    /// order is the order of writes: this lock serialises them).
+    fn write_audited(
+        &self,
+        ops: &[journal::Op],
+        event: Option<&audit::Event>,
+    ) -> Result<(), CatalogError> {
+        let mut slot = self
+            .journal
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut owned;
+        let ops = match event {
+            None => ops,
+            Some(e) => {
+                let head = self.db.get(audit::HEAD).map_err(ce)?;
+                owned = ops.to_vec();
+                owned.extend(
+                    audit::append_ops(head.as_deref(), e, crate::clock::now_us())
+                        .map_err(|why| bad(audit::HEAD, why))?,
+                );
+                &owned[..]
+            }
+        };
         let mut batch = rocksdb::WriteBatch::default();
         for (k, v) in ops {
             match v {
@@ -478,10 +510,6 @@ impl Catalog {
         }
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
-        let mut slot = self
-            .journal
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.db.write_opt(batch, &wo).map_err(ce)?;
         if let Some((j, paths)) = slot.as_mut() {
             j.append(paths, ops, || self.checkpoint_state())?;
@@ -503,23 +531,157 @@ impl Catalog {
         }
     }
 
-    /// Deletes a snapshot and its commit key (one synced write).
+    /// Deletes a snapshot and its commit key, with `event` in the audit chain (one synced
+    /// write). A snapshot that a protection or a retention lock holds at the appliance's clock
+    /// is not deleted, by anyone: the refusal is recorded instead.
     ///
     /// # Errors
-    /// Engine errors.
-    pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), CatalogError> {
+    /// [`CatalogError::NotFound`]; [`CatalogError::Held`]; engine errors.
+    pub fn delete_snapshot(
+        &self,
+        id: &SnapshotId,
+        event: &audit::Event,
+    ) -> Result<(), CatalogError> {
         let _one = self
             .commits
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let s = self
+            .snapshot(id)?
+            .ok_or_else(|| CatalogError::NotFound(format!("no snapshot {id}")))?;
+        if let Some(why) = held(&s, crate::clock::now_us()) {
+            return Err(self.refuse(event, why));
+        }
         let mut ops = Vec::new();
-        if let Some(s) = self.snapshot(id)? {
-            if !s.commit_id.is_empty() {
-                ops.push((key::commit(&s.identity, &s.commit_id).into_bytes(), None));
-            }
+        if !s.commit_id.is_empty() {
+            ops.push((key::commit(&s.identity, &s.commit_id).into_bytes(), None));
         }
         ops.push((key::snapshot(id).into_bytes(), None));
-        self.write(&ops)
+        self.write_audited(&ops, Some(event))
+    }
+
+    /// Records `event` as refused because of `why` and returns the refusal.
+    fn refuse(&self, event: &audit::Event, why: String) -> CatalogError {
+        let refused = audit::Event {
+            outcome: audit::Outcome::Refused,
+            detail: why.clone(),
+            ..event.clone()
+        };
+        match self.write_audited(&[], Some(&refused)) {
+            Ok(()) => CatalogError::Held(why),
+            Err(e) => e,
+        }
+    }
+
+    /// Sets a snapshot's protection: `until_us` 0 removes it, `i64::MAX` protects until
+    /// removed. Removing or shortening a protection is refused while the snapshot is locked.
+    /// The caller decides who may (access rules, step-up); `event` is recorded with the change.
+    ///
+    /// # Errors
+    /// [`CatalogError::NotFound`]; [`CatalogError::Held`]; engine errors.
+    pub fn protect_snapshot(
+        &self,
+        id: &SnapshotId,
+        until_us: i64,
+        event: &audit::Event,
+    ) -> Result<v1::Snapshot, CatalogError> {
+        let _one = self
+            .commits
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut s = self
+            .snapshot(id)?
+            .ok_or_else(|| CatalogError::NotFound(format!("no snapshot {id}")))?;
+        let now = crate::clock::now_us();
+        if until_us < s.protected_until_us && s.lock_until_us > now {
+            return Err(self.refuse(
+                event,
+                format!(
+                    "snapshot {id} is locked until {}: nobody can unprotect it before then",
+                    coffer_proto::when::format_us(s.lock_until_us)
+                ),
+            ));
+        }
+        s.protected_until_us = until_us.max(0);
+        self.write_audited(
+            &[(key::snapshot(id).into_bytes(), Some(s.encode_to_vec()))],
+            Some(event),
+        )?;
+        Ok(s)
+    }
+
+    /// Extends a snapshot's retention lock to `until_us`; a lock is never shortened.
+    ///
+    /// # Errors
+    /// [`CatalogError::NotFound`]; [`CatalogError::Held`] for an earlier time; engine errors.
+    pub fn extend_lock(
+        &self,
+        id: &SnapshotId,
+        until_us: i64,
+        event: &audit::Event,
+    ) -> Result<v1::Snapshot, CatalogError> {
+        let _one = self
+            .commits
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut s = self
+            .snapshot(id)?
+            .ok_or_else(|| CatalogError::NotFound(format!("no snapshot {id}")))?;
+        if until_us < s.lock_until_us {
+            return Err(self.refuse(
+                event,
+                format!(
+                    "snapshot {id} is locked until {}; a lock can be extended, never shortened",
+                    coffer_proto::when::format_us(s.lock_until_us)
+                ),
+            ));
+        }
+        s.lock_until_us = until_us;
+        self.write_audited(
+            &[(key::snapshot(id).into_bytes(), Some(s.encode_to_vec()))],
+            Some(event),
+        )?;
+        Ok(s)
+    }
+
+    /// Appends `event` to the audit chain (one synced write).
+    ///
+    /// # Errors
+    /// Engine errors; a broken head.
+    pub fn audit(&self, event: &audit::Event) -> Result<(), CatalogError> {
+        self.write_audited(&[], Some(event))
+    }
+
+    /// The audit entries at or after `since_us`, oldest first (entries that do not decode are
+    /// left out: `audit verify` names them).
+    ///
+    /// # Errors
+    /// Engine errors.
+    pub fn audit_entries(&self, since_us: i64) -> Result<Vec<audit::Entry>, CatalogError> {
+        Ok(self
+            .prefixed(audit::PREFIX, |v| {
+                Ok(serde_json::from_slice::<audit::Entry>(v).ok())
+            })?
+            .into_iter()
+            .flatten()
+            .filter(|e| e.time_us >= since_us)
+            .collect())
+    }
+
+    /// Checks the audit chain.
+    ///
+    /// # Errors
+    /// Engine errors.
+    pub fn audit_verify(&self) -> Result<audit::Verified, CatalogError> {
+        let entries = self.prefixed_kv(audit::PREFIX, |k, v| {
+            let mut full = audit::PREFIX.to_vec();
+            full.extend_from_slice(k);
+            Ok((full, v.to_vec()))
+        })?;
+        Ok(audit::verify(
+            &entries,
+            self.get_raw(audit::HEAD)?.as_deref(),
+        ))
     }
 
     /// Every snapshot.
@@ -531,4 +693,29 @@ impl Catalog {
             v1::Snapshot::decode(v).map_err(|e| e.to_string())
         })
     }
+}
+
+/// Why `s` cannot be deleted or forgotten at `now_us`, if it cannot: a retention lock that has
+/// not expired, or a protection.
+#[must_use]
+pub fn held(s: &v1::Snapshot, now_us: i64) -> Option<String> {
+    let id = hex::encode(&s.id);
+    if s.lock_until_us > now_us {
+        return Some(format!(
+            "snapshot {id} is locked until {} (retention lock); nobody can delete or forget it \
+             before then",
+            coffer_proto::when::format_us(s.lock_until_us)
+        ));
+    }
+    if s.protected_until_us > now_us {
+        return Some(if s.protected_until_us == i64::MAX {
+            format!("snapshot {id} is protected; unprotect it first")
+        } else {
+            format!(
+                "snapshot {id} is protected until {}; unprotect it first",
+                coffer_proto::when::format_us(s.protected_until_us)
+            )
+        });
+    }
+    None
 }

@@ -147,6 +147,10 @@ pub struct Policy {
     /// An interval (`6h`) or a calendar expression (`daily 02:30`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<String>,
+    /// Retention lock (compliance mode), seconds: every snapshot committed under this policy is
+    /// locked until its commit time plus this; nobody can delete, forget or unprotect it before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_secs: Option<u64>,
 }
 
 /// The effective policy of one identity and path: each field set by the most specific level
@@ -158,6 +162,43 @@ pub struct Effective {
 }
 
 impl Effective {
+    /// Whether going from `self` to `after` weakens retention: a snapshot `self` would keep
+    /// could be forgotten sooner, or the lock is shorter. No `keep_*` rule at all keeps
+    /// everything; with rules, a rule removed or lowered weakens.
+    #[must_use]
+    pub fn weakened_by(&self, after: &Self) -> Option<String> {
+        let (b, a) = (self.retention(), after.retention());
+        if b.is_empty() && !a.is_empty() {
+            return Some("retention rules where none kept everything".into());
+        }
+        if !b.is_empty() {
+            let fields = [
+                ("keep_last", b.keep_last, a.keep_last),
+                ("keep_hourly", b.keep_hourly, a.keep_hourly),
+                ("keep_daily", b.keep_daily, a.keep_daily),
+                ("keep_weekly", b.keep_weekly, a.keep_weekly),
+                ("keep_monthly", b.keep_monthly, a.keep_monthly),
+                ("keep_yearly", b.keep_yearly, a.keep_yearly),
+            ];
+            for (name, before, now) in fields {
+                if let Some(x) = before {
+                    if now.is_none_or(|y| y < x) {
+                        return Some(format!("{name} lowered"));
+                    }
+                }
+            }
+            if let Some(x) = b.keep_within_us {
+                if a.keep_within_us.is_none_or(|y| y < x) {
+                    return Some("keep_within_secs lowered".into());
+                }
+            }
+        }
+        if after.policy.lock_secs.unwrap_or(0) < self.policy.lock_secs.unwrap_or(0) {
+            return Some("lock shortened".into());
+        }
+        None
+    }
+
     /// The retention rules in force.
     #[must_use]
     pub fn retention(&self) -> Retention {

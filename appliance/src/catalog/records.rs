@@ -22,6 +22,11 @@ pub struct UserRecord {
     /// no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota: Option<u64>,
+    /// argon2id PHC string of the account's delete passphrase (`user set --delete-passphrase`):
+    /// deleting, unprotecting and lowering retention need it in the request. Absent: FULL access
+    /// alone suffices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delete_passphrase: Option<String>,
 }
 
 /// Where each kind of record lives.

@@ -39,8 +39,20 @@ pub enum UserCmd {
         password_file: Option<PathBuf>,
         /// Set the account's quota of stored bytes instead of its password: a number with an
         /// optional K, M, G or T suffix (powers of 1024), or `none` to lift it.
-        #[arg(long, value_name = "BYTES")]
+        #[arg(long, value_name = "BYTES", conflicts_with_all = ["delete_passphrase", "no_delete_passphrase"])]
         quota: Option<String>,
+        /// Set the account's delete passphrase instead of its password (from
+        /// --delete-passphrase-file, else COFFER_DELETE_PASSPHRASE, else a prompt): deleting a
+        /// snapshot, removing a protection or lowering retention then needs it every time. It
+        /// must differ from the login password, and the client never stores it.
+        #[arg(long, conflicts_with = "no_delete_passphrase")]
+        delete_passphrase: bool,
+        /// File whose first line is the delete passphrase (implies --delete-passphrase).
+        #[arg(long, value_name = "FILE")]
+        delete_passphrase_file: Option<PathBuf>,
+        /// Remove the account's delete passphrase (FULL access alone then suffices to delete).
+        #[arg(long)]
+        no_delete_passphrase: bool,
     },
     /// Delete an account (ends its sessions; its snapshots stay).
     Delete {
@@ -115,6 +127,9 @@ pub(super) fn admin_run(repo: &Path, req: &admin::Request) -> anyhow::Result<adm
             | admin::Request::MaintenanceRun { dry_run: true, .. }
             | admin::Request::Usage { .. }
             | admin::Request::Disclosure { mode: None }
+            | admin::Request::SnapshotList
+            | admin::Request::AuditShow { .. }
+            | admin::Request::AuditVerify
     ) {
         if live {
             eprintln!("applied by the running appliance (in force now)");
@@ -165,6 +180,7 @@ fn new_user(identity: &str, password_file: Option<&Path>) -> anyhow::Result<User
             .cast_signed(),
         owner: Some(hex::encode(rand::random::<[u8; 16]>())),
         quota: None,
+        delete_passphrase: None,
     })
 }
 
@@ -197,6 +213,40 @@ pub fn user(cmd: UserCmd) -> anyhow::Result<()> {
         UserCmd::Set {
             identity,
             repo,
+            delete_passphrase,
+            delete_passphrase_file,
+            no_delete_passphrase,
+            quota: None,
+            ..
+        } if delete_passphrase || delete_passphrase_file.is_some() || no_delete_passphrase => {
+            let identity = coffer_appliance::normalise_identity(&identity)?;
+            let passphrase = if no_delete_passphrase {
+                None
+            } else {
+                Some(read_secret(
+                    delete_passphrase_file.as_deref(),
+                    "COFFER_DELETE_PASSPHRASE",
+                    "Delete passphrase: ",
+                    true,
+                )?)
+            };
+            let set = passphrase.is_some();
+            admin_run(
+                &repo.repo,
+                &admin::Request::UserDeletePassphrase {
+                    identity: identity.clone(),
+                    passphrase,
+                },
+            )?;
+            if set {
+                println!("{identity} now needs its delete passphrase to delete, unprotect or lower retention");
+            } else {
+                println!("{identity} has no delete passphrase now");
+            }
+        }
+        UserCmd::Set {
+            identity,
+            repo,
             quota: Some(q),
             ..
         } => {
@@ -219,6 +269,7 @@ pub fn user(cmd: UserCmd) -> anyhow::Result<()> {
             repo,
             password_file,
             quota: None,
+            ..
         } => set_password(&identity, &repo, password_file.as_deref(), false)?,
         UserCmd::Delete { identity, repo } => {
             let identity = coffer_appliance::normalise_identity(&identity)?;

@@ -7,6 +7,7 @@
 //! protocol): it calls the library and reports what it answers.
 
 mod accounts;
+mod history;
 mod maintenance;
 mod policy;
 mod repo;
@@ -105,6 +106,17 @@ pub enum Cmd {
     Policy {
         #[command(subcommand)]
         cmd: policy::PolicyCmd,
+    },
+    /// Snapshots as the operator manages them: list, delete, protect, unprotect, lock (locked
+    /// snapshots cannot be deleted here either).
+    Snapshot {
+        #[command(subcommand)]
+        cmd: history::SnapshotCmd,
+    },
+    /// The audit log: `show` and `verify` (its hash chain).
+    Audit {
+        #[command(subcommand)]
+        cmd: history::AuditCmd,
     },
     /// Make the running appliance reload accounts and rules from its catalog (as SIGHUP does).
     Refresh {
@@ -217,6 +229,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Disclosure { repo, mode } => accounts::disclosure(&repo.repo, mode)?,
         Cmd::Refresh { repo } => accounts::refresh(&repo.repo)?,
         Cmd::Policy { cmd } => policy::run(cmd)?,
+        Cmd::Snapshot { cmd } => history::snapshot(cmd)?,
+        Cmd::Audit { cmd } => return history::audit(cmd),
         Cmd::Usage(a) => maintenance::usage(&a)?,
         Cmd::Maintenance {
             cmd: MaintenanceCmd::Run(a),

@@ -76,6 +76,10 @@ pub struct Fields {
     /// An interval (`6h`) or a calendar expression (`daily 02:30`).
     #[arg(long)]
     schedule: Option<String>,
+    /// Retention lock (compliance mode): every snapshot committed under this policy cannot be
+    /// deleted, forgotten or unprotected by anyone for this long (`30d`, `1y`).
+    #[arg(long, value_name = "DURATION", value_parser = coffer_proto::when::parse_duration_secs)]
+    lock: Option<u64>,
 }
 
 impl Fields {
@@ -105,6 +109,7 @@ impl Fields {
             one_file_system: self.one_file_system,
             max_file_size: self.max_file_size,
             schedule: self.schedule,
+            lock_secs: self.lock,
         })
     }
 }

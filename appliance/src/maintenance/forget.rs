@@ -37,6 +37,9 @@ impl Verdict {
 /// Catalog errors.
 pub fn plan(catalog: &Catalog, now_us: i64) -> Result<Vec<Verdict>, CatalogError> {
     let policies = catalog.policies()?;
+    // Locks and protections expire by the appliance's clock, whatever time retention is asked
+    // to decide at (a run "in the future" must not forget a locked snapshot).
+    let clock = crate::clock::now_us();
     let mut groups: BTreeMap<(String, String), Vec<v1::Snapshot>> = BTreeMap::new();
     for s in catalog.snapshots()? {
         groups
@@ -54,12 +57,20 @@ pub fn plan(catalog: &Catalog, now_us: i64) -> Result<Vec<Verdict>, CatalogError
             .iter()
             .zip(decide_with_partial(&times, &complete, &retention, now_us))
         {
+            let mut kept_because: Vec<String> =
+                d.reasons.iter().map(|r| reason(*r).to_string()).collect();
+            if s.lock_until_us > clock {
+                kept_because.push("locked".into());
+            }
+            if s.protected_until_us > clock {
+                kept_because.push("protected".into());
+            }
             out.push(Verdict {
                 snapshot: hex::encode(&s.id),
                 identity: identity.clone(),
                 path: path.clone(),
                 time_us: s.time_us,
-                kept_because: d.reasons.iter().map(|r| reason(*r).to_string()).collect(),
+                kept_because,
             });
         }
     }
@@ -80,7 +91,9 @@ fn reason(r: Reason) -> &'static str {
     }
 }
 
-/// Forgets (deletes from the catalog) every snapshot `verdicts` does not keep. Returns how many.
+/// Forgets (deletes from the catalog) every snapshot `verdicts` does not keep, each with its
+/// audit entry. Returns how many. A snapshot protected or locked since the plan was made is kept
+/// (the catalog refuses, and records the refusal).
 ///
 /// # Errors
 /// Catalog errors; what was forgotten before one stays forgotten.
@@ -91,9 +104,17 @@ pub fn apply(catalog: &Catalog, verdicts: &[Verdict]) -> Result<usize, CatalogEr
             key: format!("snap/{}", v.snapshot),
             why: e.to_string(),
         })?;
-        catalog.delete_snapshot(&id)?;
+        let event =
+            crate::catalog::audit::Event::done("maintenance", "snapshot.forget", &v.snapshot)
+                .with_detail(format!("{}:{}", v.identity, v.path));
+        match catalog.delete_snapshot(&id, &event) {
+            Ok(()) => n += 1,
+            Err(CatalogError::Held(why)) => tracing::info!(%why, "retention keeps a held snapshot"),
+            // Deleted meanwhile (by its owner or an admin): nothing left to forget.
+            Err(CatalogError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
         crate::faults::point("forget.deleted");
-        n += 1;
     }
     Ok(n)
 }

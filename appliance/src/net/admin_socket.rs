@@ -66,7 +66,7 @@ impl Admin {
         now_us: Option<i64>,
     ) -> Result<admin::Reply, ApplianceError> {
         self.catalog.repair_journal()?;
-        let verdicts = forget::plan(&self.catalog, now_us.unwrap_or_else(coffer_proto::now_us))?;
+        let verdicts = forget::plan(&self.catalog, now_us.unwrap_or_else(crate::clock::now_us))?;
         let mut reply = admin::Reply {
             ok: true,
             ..admin::Reply::default()
@@ -84,6 +84,15 @@ impl Admin {
             self.auth.reload()?;
             self.gc.run(rt, false, &std::collections::HashSet::new())?
         };
+        if !dry_run {
+            self.catalog.audit(
+                &crate::catalog::audit::Event::done("maintenance", "maintenance.run", "")
+                    .with_detail(format!(
+                        "forgot {} snapshots; removed {} chunks; deleted {} packs, compacted {}",
+                        reply.forgotten, gc.condemned, gc.packs_deleted, gc.packs_compacted
+                    )),
+            )?;
+        }
         reply.verdicts = verdicts;
         reply.gc = Some(gc);
         if !dry_run && self.auth.quotas.any() {

@@ -1,4 +1,4 @@
-//! `coffer snapshot create|list|diff|delete`.
+//! `coffer snapshot create|list|diff|delete|protect|unprotect|lock`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -40,8 +40,34 @@ pub enum SnapCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Delete a snapshot; its space is reclaimed later by maintenance.
-    Delete { id: String },
+    /// Delete a snapshot; its space is reclaimed later by maintenance. Asks for the account's
+    /// delete passphrase when it has one (it is never stored).
+    Delete {
+        id: String,
+        #[command(flatten)]
+        step_up: StepUp,
+    },
+    /// Protect a snapshot from deletion and retention, until DATE or until unprotected.
+    Protect {
+        id: String,
+        /// `YYYY-MM-DD`, `YYYY-MM-DDTHH:MM:SSZ` or a duration from now (`90d`).
+        #[arg(long, value_name = "DATE")]
+        until: Option<String>,
+    },
+    /// Remove a snapshot's protection (needs FULL access and the delete passphrase; refused
+    /// while the snapshot is locked).
+    Unprotect {
+        id: String,
+        #[command(flatten)]
+        step_up: StepUp,
+    },
+    /// Extend a snapshot's retention lock to DATE (needs FULL access; never shortens a lock).
+    Lock {
+        id: String,
+        /// `YYYY-MM-DD`, `YYYY-MM-DDTHH:MM:SSZ` or a duration from now (`1y`).
+        #[arg(long, value_name = "DATE")]
+        until: String,
+    },
     /// List your snapshots, optionally of one PATH.
     List {
         path: Option<PathBuf>,
@@ -51,6 +77,50 @@ pub enum SnapCmd {
         #[arg(long)]
         all: bool,
     },
+}
+
+/// Where the delete passphrase comes from.
+#[derive(clap::Args, Debug)]
+pub struct StepUp {
+    /// File whose first line is the account's delete passphrase (else
+    /// COFFER_DELETE_PASSPHRASE, else a prompt when the account has one).
+    #[arg(long, value_name = "FILE")]
+    delete_passphrase_file: Option<PathBuf>,
+}
+
+impl StepUp {
+    /// The passphrase for one operation: empty when the account has none.
+    fn read(&self, s: &Session) -> anyhow::Result<String> {
+        if let Some(f) = &self.delete_passphrase_file {
+            let text = std::fs::read_to_string(f)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", f.display()))?;
+            return Ok(text.lines().next().unwrap_or_default().to_string());
+        }
+        if !s.hello.delete_passphrase_set {
+            return Ok(String::new());
+        }
+        if let Ok(p) = std::env::var("COFFER_DELETE_PASSPHRASE") {
+            return Ok(p);
+        }
+        rpassword::prompt_password(format!("Delete passphrase for {}: ", s.hello.identity)).map_err(
+            |e| {
+                anyhow::anyhow!(
+                    "{} has a delete passphrase and there is no terminal to ask for it on: use \
+                     --delete-passphrase-file or COFFER_DELETE_PASSPHRASE ({e})",
+                    s.hello.identity
+                )
+            },
+        )
+    }
+}
+
+/// How a snapshot's protection and lock read in a listing.
+fn holds(snap: &coffer_proto::v1::Snapshot) -> String {
+    coffer_proto::when::holds(
+        snap.protected_until_us,
+        snap.lock_until_us,
+        coffer_proto::now_us(),
+    )
 }
 
 /// Runs one `snapshot` subcommand.
@@ -108,15 +178,40 @@ async fn run_with(cmd: SnapCmd, s: &Session) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        SnapCmd::Delete { id } => {
+        SnapCmd::Delete { id, step_up } => {
             let snap = resolve(s, &id).await?;
             let sid = SnapshotId::from_slice(&snap.id)?;
-            s.delete(&sid).await?;
+            s.delete(&sid, &step_up.read(s)?).await?;
             println!(
                 "deleted snapshot {sid} of {}:{} (its space is freed by the appliance's next \
                  maintenance run)",
                 snap.identity, snap.path
             );
+        }
+        SnapCmd::Protect { id, until } => {
+            let snap = resolve(s, &id).await?;
+            let sid = SnapshotId::from_slice(&snap.id)?;
+            let until_us = match until {
+                Some(u) => coffer_proto::when::parse_time_us(&u, coffer_proto::now_us())
+                    .map_err(anyhow::Error::msg)?,
+                None => 0,
+            };
+            let after = s.protect(&sid, true, until_us, "").await?;
+            println!("snapshot {sid}{}", holds(&after));
+        }
+        SnapCmd::Unprotect { id, step_up } => {
+            let snap = resolve(s, &id).await?;
+            let sid = SnapshotId::from_slice(&snap.id)?;
+            let after = s.protect(&sid, false, 0, &step_up.read(s)?).await?;
+            println!("snapshot {sid} is no longer protected{}", holds(&after));
+        }
+        SnapCmd::Lock { id, until } => {
+            let snap = resolve(s, &id).await?;
+            let sid = SnapshotId::from_slice(&snap.id)?;
+            let until_us = coffer_proto::when::parse_time_us(&until, coffer_proto::now_us())
+                .map_err(anyhow::Error::msg)?;
+            let after = s.lock(&sid, until_us).await?;
+            println!("snapshot {sid}{}", holds(&after));
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -212,18 +307,20 @@ async fn list(s: &Session, path: Option<PathBuf>, json: bool, all: bool) -> anyh
                 serde_json::json!({
                     "id": hex::encode(&snap.id), "identity": snap.identity, "path": snap.path,
                     "time_us": snap.time_us, "files": st.files, "bytes": st.bytes, "partial": snap.partial,
+                    "lock_until_us": snap.lock_until_us, "protected_until_us": snap.protected_until_us,
                 })
             );
         } else {
             println!(
-                "{}  {}  {}:{}  {} files  {} bytes{}",
+                "{}  {}  {}:{}  {} files  {} bytes{}{}",
                 hex::encode(&snap.id),
                 snap.time_us / 1_000_000,
                 snap.identity,
                 snap.path,
                 st.files,
                 st.bytes,
-                if snap.partial { "  partial" } else { "" }
+                if snap.partial { "  partial" } else { "" },
+                holds(&snap)
             );
         }
     }

@@ -442,18 +442,101 @@ impl Session {
             .await;
     }
 
-    /// Deletes one of this user's snapshots.
+    /// Deletes a snapshot; `delete_passphrase` is the account's step-up passphrase (empty
+    /// when it has none), sent with this call only.
     ///
     /// # Errors
-    /// RPC failures (`NOT_FOUND` for unknown or invisible snapshots).
-    pub async fn delete(&self, id: &SnapshotId) -> Result<(), ClientError> {
+    /// RPC failures (`NOT_FOUND` for unknown or invisible snapshots, `PERMISSION_DENIED` when
+    /// it is protected or locked, or the passphrase is wrong).
+    pub async fn delete(
+        &self,
+        id: &SnapshotId,
+        delete_passphrase: &str,
+    ) -> Result<(), ClientError> {
         self.client
             .clone()
             .delete_snapshot(v1::DeleteSnapshotRequest {
                 id: Bytes::copy_from_slice(id.as_bytes()),
+                delete_passphrase: delete_passphrase.to_string(),
             })
             .await?;
         Ok(())
+    }
+
+    /// Protects a snapshot until `until_us` (0: until unprotected), or with `protect: false`
+    /// removes its protection (needs the step-up passphrase when the account has one).
+    ///
+    /// # Errors
+    /// RPC failures.
+    pub async fn protect(
+        &self,
+        id: &SnapshotId,
+        protect: bool,
+        until_us: i64,
+        delete_passphrase: &str,
+    ) -> Result<v1::Snapshot, ClientError> {
+        self.client
+            .clone()
+            .protect_snapshot(v1::ProtectSnapshotRequest {
+                id: Bytes::copy_from_slice(id.as_bytes()),
+                protect,
+                until_us,
+                delete_passphrase: delete_passphrase.to_string(),
+            })
+            .await?
+            .into_inner()
+            .snapshot
+            .ok_or_else(|| ClientError::Protocol("ProtectSnapshot answered no snapshot".into()))
+    }
+
+    /// Extends a snapshot's retention lock to `until_us`.
+    ///
+    /// # Errors
+    /// RPC failures (`PERMISSION_DENIED` for a shorter lock).
+    pub async fn lock(&self, id: &SnapshotId, until_us: i64) -> Result<v1::Snapshot, ClientError> {
+        self.client
+            .clone()
+            .lock_snapshot(v1::LockSnapshotRequest {
+                id: Bytes::copy_from_slice(id.as_bytes()),
+                until_us,
+            })
+            .await?
+            .into_inner()
+            .snapshot
+            .ok_or_else(|| ClientError::Protocol("LockSnapshot answered no snapshot".into()))
+    }
+
+    /// Sets fields of a policy level (`policy_json`) and clears `unset` ones.
+    ///
+    /// # Errors
+    /// RPC failures.
+    pub async fn set_policy(
+        &self,
+        target: &str,
+        policy_json: &str,
+        unset: &[String],
+        delete_passphrase: &str,
+    ) -> Result<String, ClientError> {
+        Ok(self
+            .client
+            .clone()
+            .set_policy(v1::SetPolicyRequest {
+                target: target.to_string(),
+                policy_json: policy_json.to_string(),
+                unset: unset.to_vec(),
+                delete_passphrase: delete_passphrase.to_string(),
+            })
+            .await?
+            .into_inner()
+            .policy_json)
+    }
+
+    /// The raw client, for calls this type does not wrap (tests, tools).
+    #[must_use]
+    pub fn raw(
+        &self,
+    ) -> CofferClient<InterceptedService<Channel, impl tonic::service::Interceptor + Clone>> {
+        self.client.clone()
     }
 
     /// One snapshot.

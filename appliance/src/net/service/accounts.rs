@@ -99,7 +99,12 @@ impl Inner {
             .login(&req.identity, &req.password, source)
             .await?;
         let h = &self.hello;
+        let who = identity.clone();
+        let auth = self.auth.clone();
+        let delete_passphrase_set =
+            on_blocking_pool("account", move || auth.has_delete_passphrase(&who)).await?;
         Ok(v1::HelloResponse {
+            delete_passphrase_set,
             protocol_version: coffer_proto::PROTOCOL_VERSION,
             repository_id: Bytes::copy_from_slice(h.repository_id.as_bytes()),
             mode: v1::EncryptionMode::Managed.into(),

@@ -201,9 +201,13 @@ impl Inner {
             ))
         })?;
         if let Some(id) = ids.iter().find(|id| !session.state.knows(id)) {
-            return Err(ApplianceError::NotFound(format!(
+            let e = ApplianceError::NotFound(format!(
                 "chunk {id} is not stored (or not reachable from a snapshot this session opened)"
-            )));
+            ));
+            // A chunk id alone never reads a chunk; asking is recorded (within the budget).
+            return Err(self
+                .refused(&session.identity, "chunk.read", &id.to_string(), e)
+                .await);
         }
         let ordered = self.shards.get(ids).await?;
         // Split the answer so that no message exceeds half the message limit.

@@ -10,6 +10,7 @@
 
 mod accounts;
 mod chunks;
+mod history;
 mod snapshots;
 
 use std::pin::Pin;
@@ -54,6 +55,8 @@ struct Inner {
     hello: HelloInfo,
     /// Between index answers and the GC's barrier (see `maintenance::gc`).
     gate: Arc<Gate>,
+    /// How many refused requests each identity may still leave in the audit log this minute.
+    refusals: history::Refusals,
 }
 
 impl CofferService {
@@ -73,6 +76,7 @@ impl CofferService {
                 auth,
                 hello,
                 gate,
+                refusals: history::Refusals::default(),
             }),
         }
     }
@@ -264,10 +268,57 @@ impl Coffer for CofferService {
         req: Request<v1::DeleteSnapshotRequest>,
     ) -> Result<Response<v1::DeleteSnapshotResponse>, Status> {
         let session = self.inner.session(&req)?;
+        let source = req.remote_addr().map(|a| a.ip());
         Ok(Response::new(
             self.inner
-                .delete_snapshot(&session, req.into_inner())
+                .delete_snapshot(&session, source, req.into_inner())
                 .await?,
+        ))
+    }
+
+    async fn protect_snapshot(
+        &self,
+        req: Request<v1::ProtectSnapshotRequest>,
+    ) -> Result<Response<v1::ProtectSnapshotResponse>, Status> {
+        let session = self.inner.session(&req)?;
+        let source = req.remote_addr().map(|a| a.ip());
+        Ok(Response::new(
+            self.inner
+                .protect_snapshot(&session, source, req.into_inner())
+                .await?,
+        ))
+    }
+
+    async fn lock_snapshot(
+        &self,
+        req: Request<v1::LockSnapshotRequest>,
+    ) -> Result<Response<v1::LockSnapshotResponse>, Status> {
+        let session = self.inner.session(&req)?;
+        Ok(Response::new(
+            self.inner.lock_snapshot(&session, req.into_inner()).await?,
+        ))
+    }
+
+    async fn set_policy(
+        &self,
+        req: Request<v1::SetPolicyRequest>,
+    ) -> Result<Response<v1::SetPolicyResponse>, Status> {
+        let session = self.inner.session(&req)?;
+        let source = req.remote_addr().map(|a| a.ip());
+        Ok(Response::new(
+            self.inner
+                .set_policy(&session, source, req.into_inner())
+                .await?,
+        ))
+    }
+
+    async fn add_rule(
+        &self,
+        req: Request<v1::AddRuleRequest>,
+    ) -> Result<Response<v1::AddRuleResponse>, Status> {
+        let session = self.inner.session(&req)?;
+        Ok(Response::new(
+            self.inner.add_rule(&session, req.into_inner()).await?,
         ))
     }
 

@@ -1,4 +1,5 @@
-//! Snapshot calls: commit (with the reference check), open, list, get and delete.
+//! Snapshot calls: commit (with the reference check), open, list and get (delete, protect and
+//! lock are in [`super::history`]).
 
 use std::sync::Arc;
 
@@ -14,13 +15,13 @@ use crate::error::ApplianceError;
 /// How far ahead of the appliance's clock a client may date a snapshot.
 const MAX_CLOCK_SKEW_US: i64 = 5 * 60 * 1_000_000;
 
-fn snapshot_id(bytes: &[u8]) -> Result<SnapshotId, ApplianceError> {
+pub(super) fn snapshot_id(bytes: &[u8]) -> Result<SnapshotId, ApplianceError> {
     SnapshotId::from_slice(bytes)
         .map_err(|e| ApplianceError::InvalidArgument(format!("snapshot id: {e}")))
 }
 
 /// A snapshot the caller may not read is reported exactly like a missing one.
-fn no_snapshot(id: &SnapshotId) -> ApplianceError {
+pub(super) fn no_snapshot(id: &SnapshotId) -> ApplianceError {
     ApplianceError::NotFound(format!("no snapshot {id}"))
 }
 
@@ -39,8 +40,24 @@ impl Inner {
                 req.commit_id.len()
             )));
         }
-        // Set by the appliance only: a retry is recognised by the request's commit id.
+        // Snapshots are never overwritten: the appliance chooses every new snapshot's id, and a
+        // commit that names one is refused rather than silently given another.
+        if !snap.id.is_empty() {
+            let e = ApplianceError::PermissionDenied(
+                "a commit may not name a snapshot id: snapshots are never replaced (send an \
+                 empty id; the appliance chooses it)"
+                    .into(),
+            );
+            let named = hex::encode(&snap.id);
+            return Err(self
+                .refused(&session.identity, "snapshot.replace", &named, e)
+                .await);
+        }
+        // Set by the appliance only: a retry is recognised by the request's commit id, and
+        // protections and locks come from the appliance's policies and calls.
         snap.commit_id = req.commit_id;
+        snap.protected_until_us = 0;
+        snap.lock_until_us = 0;
         let root = ChunkId::from_slice(&snap.root)
             .map_err(|e| ApplianceError::InvalidArgument(format!("snapshot root: {e}")))?;
         let id = SnapshotId::from_bytes(rand::random());
@@ -76,7 +93,7 @@ impl Inner {
             })?
         };
         session.state.check()?;
-        let now = coffer_proto::now_us();
+        let now = crate::clock::now_us();
         if snap.time_us == 0 {
             snap.time_us = now;
         } else if snap.time_us < 0 || snap.time_us > now + MAX_CLOCK_SKEW_US {
@@ -91,6 +108,23 @@ impl Inner {
         // G4: a garbage collection that removed chunks after the walk began may have removed
         // what the walk checked (a subtree of a snapshot forgotten since it was opened): check
         // again. The gate keeps the next one from starting until the record is written.
+        // The policy's retention lock runs from the commit (the appliance's clock, not the
+        // client's snapshot time).
+        let (identity, path) = (snap.identity.clone(), snap.path.clone());
+        let lock_secs = catalog_call(&self.catalog, move |c| {
+            Ok(
+                crate::catalog::policy::resolve(&c.policies()?, &identity, &path)
+                    .policy
+                    .lock_secs,
+            )
+        })
+        .await?;
+        if let Some(secs) = lock_secs.filter(|s| *s > 0) {
+            let d = i64::try_from(secs)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(1_000_000);
+            snap.lock_until_us = now.saturating_add(d);
+        }
         let _gate = self.gate.enter().await;
         if self.gate.generation() != generation {
             return Err(ApplianceError::Unavailable(
@@ -165,39 +199,6 @@ impl Inner {
             .collect();
         snapshots.sort_by_key(|s| s.time_us);
         Ok(v1::ListSnapshotsResponse { snapshots })
-    }
-
-    pub(super) async fn delete_snapshot(
-        &self,
-        session: &Session,
-        req: v1::DeleteSnapshotRequest,
-    ) -> Result<v1::DeleteSnapshotResponse, ApplianceError> {
-        let id = snapshot_id(&req.id)?;
-        let rules = self.auth.rules();
-        let who = session.identity.clone();
-        let outcome = catalog_call(&self.catalog, move |c| {
-            let Some(s) = c.snapshot(&id)? else {
-                return Ok(None);
-            };
-            let a = snapshot_access(&rules, &who, &s);
-            if a == Some(Access::Full) {
-                c.delete_snapshot(&id)?;
-            }
-            Ok(a)
-        })
-        .await?;
-        match outcome {
-            Some(Access::Full) => {
-                // Sessions that opened it read from it no longer.
-                self.auth.forget_snapshot(id.as_bytes());
-                Ok(v1::DeleteSnapshotResponse {})
-            }
-            Some(_) => Err(ApplianceError::PermissionDenied(format!(
-                "{} may read snapshot {id} but not delete it",
-                session.identity
-            ))),
-            None => Err(no_snapshot(&id)),
-        }
     }
 
     pub(super) async fn get_snapshot(

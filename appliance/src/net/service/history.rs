@@ -1,0 +1,423 @@
+//! Calls that can take history away or protect it: delete, protect/unprotect, lock, policy
+//! changes and rule additions. Each checks access, then (for what weakens history) the caller's
+//! step-up passphrase for this call alone, and leaves an audit entry — for a refusal too.
+//!
+//! Protections and locks themselves are enforced by the catalog (`Catalog::delete_snapshot`,
+//! `protect_snapshot`, `extend_lock`), whoever calls it: the same checks hold for the admin CLI,
+//! the admin socket and retention.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+
+use coffer_proto::v1;
+use tokio::time::Instant;
+
+use super::snapshots::{no_snapshot, snapshot_id};
+use super::{catalog_call, Inner};
+use crate::access::rules::{self, snapshot_access, Access, TargetType};
+use crate::access::Session;
+use crate::catalog::audit::Event;
+use crate::catalog::policy::{resolve, Policy, PolicyTarget};
+use crate::catalog::CatalogError;
+use crate::error::ApplianceError;
+
+/// Refusals recorded per identity and minute at most; more are counted, and the count goes into
+/// the next entry recorded (a client cannot grow the log by one synced write per request).
+const REFUSALS_PER_MINUTE: u32 = 30;
+/// Identities whose refusal counts are remembered at most (past it, the oldest windows go).
+const REFUSAL_IDENTITIES_MAX: usize = 10_000;
+
+/// The refusal budget of each identity.
+#[derive(Debug, Default)]
+pub(super) struct Refusals {
+    by: Mutex<HashMap<String, (Instant, u32, u64)>>,
+}
+
+impl Refusals {
+    /// Whether to record one more refusal of `who` now, and how many were left out before it.
+    fn admit(&self, who: &str) -> Option<u64> {
+        let now = Instant::now();
+        let mut by = self
+            .by
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if by.len() >= REFUSAL_IDENTITIES_MAX && !by.contains_key(who) {
+            by.retain(|_, (start, _, _)| now.duration_since(*start).as_secs() < 60);
+        }
+        let e = by.entry(who.to_string()).or_insert((now, 0, 0));
+        if now.duration_since(e.0).as_secs() >= 60 {
+            *e = (now, 0, e.2);
+        }
+        if e.1 >= REFUSALS_PER_MINUTE {
+            e.2 += 1;
+            return None;
+        }
+        e.1 += 1;
+        Some(std::mem::take(&mut e.2))
+    }
+}
+
+/// The snapshot a request names, if the caller may see it (else "not found", the same answer as
+/// for a snapshot that does not exist).
+async fn visible(
+    inner: &Inner,
+    session: &Session,
+    id: &coffer_proto::SnapshotId,
+) -> Result<(v1::Snapshot, Access), ApplianceError> {
+    let sid = *id;
+    let snap = catalog_call(&inner.catalog, move |c| c.snapshot(&sid)).await?;
+    snap.and_then(|s| snapshot_access(&inner.auth.rules(), &session.identity, &s).map(|a| (s, a)))
+        .ok_or_else(|| no_snapshot(id))
+}
+
+impl Inner {
+    /// Records a refusal of `action` on `target` (within the budget) and returns it.
+    pub(super) async fn refused(
+        &self,
+        who: &str,
+        action: &str,
+        target: &str,
+        e: ApplianceError,
+    ) -> ApplianceError {
+        if let Some(left_out) = self.refusals.admit(who) {
+            let mut why = e.to_string();
+            if left_out > 0 {
+                why =
+                    format!("{why} ({left_out} earlier refusals of {who} not recorded one by one)");
+            }
+            let event = Event::refused(who, action, target, &why);
+            let r = catalog_call(&self.catalog, move |c| c.audit(&event)).await;
+            if let Err(a) = r {
+                tracing::warn!(error = %a, "audit entry for a refusal not written");
+            }
+        }
+        e
+    }
+
+    /// Checks `what` and records a refusal when it fails.
+    async fn checked<T>(
+        &self,
+        session: &Session,
+        action: &str,
+        target: &str,
+        what: impl std::future::Future<Output = Result<T, ApplianceError>>,
+    ) -> Result<T, ApplianceError> {
+        match what.await {
+            Ok(v) => Ok(v),
+            Err(e) => Err(self.refused(&session.identity, action, target, e).await),
+        }
+    }
+
+    /// FULL on the snapshot, then the step-up.
+    async fn may_remove(
+        &self,
+        session: &Session,
+        source: Option<IpAddr>,
+        id: &coffer_proto::SnapshotId,
+        passphrase: &str,
+        verb: &str,
+    ) -> Result<(), ApplianceError> {
+        let (_, access) = visible(self, session, id).await?;
+        if access < Access::Full {
+            return Err(ApplianceError::PermissionDenied(format!(
+                "{} may read snapshot {id} but not {verb} it",
+                session.identity
+            )));
+        }
+        self.auth
+            .step_up(&session.identity, passphrase, source)
+            .await
+    }
+
+    pub(super) async fn delete_snapshot(
+        &self,
+        session: &Session,
+        source: Option<IpAddr>,
+        req: v1::DeleteSnapshotRequest,
+    ) -> Result<v1::DeleteSnapshotResponse, ApplianceError> {
+        let id = snapshot_id(&req.id)?;
+        let target = id.to_string();
+        self.checked(
+            session,
+            "snapshot.delete",
+            &target,
+            self.may_remove(session, source, &id, &req.delete_passphrase, "delete"),
+        )
+        .await?;
+        let event = Event::done(&session.identity, "snapshot.delete", target);
+        catalog_call(&self.catalog, move |c| c.delete_snapshot(&id, &event)).await?;
+        // Sessions that opened it read from it no longer.
+        self.auth.forget_snapshot(id.as_bytes());
+        Ok(v1::DeleteSnapshotResponse {})
+    }
+
+    pub(super) async fn protect_snapshot(
+        &self,
+        session: &Session,
+        source: Option<IpAddr>,
+        req: v1::ProtectSnapshotRequest,
+    ) -> Result<v1::ProtectSnapshotResponse, ApplianceError> {
+        let id = snapshot_id(&req.id)?;
+        let target = id.to_string();
+        let until = match (req.protect, req.until_us) {
+            (false, _) => 0,
+            (true, 0) => i64::MAX,
+            (true, t) if t <= crate::clock::now_us() => {
+                return Err(ApplianceError::InvalidArgument(format!(
+                    "protect until {}: that is in the past",
+                    coffer_proto::when::format_us(t)
+                )))
+            }
+            (true, t) => t,
+        };
+        let action = if req.protect {
+            "snapshot.protect"
+        } else {
+            "snapshot.unprotect"
+        };
+        let weakens = self
+            .checked(session, action, &target, async {
+                let (snap, access) = visible(self, session, &id).await?;
+                // Protecting adds (APPEND); removing or shortening a protection takes it away
+                // (FULL and the step-up).
+                let weakens = until < snap.protected_until_us;
+                if weakens {
+                    self.may_remove(session, source, &id, &req.delete_passphrase, "unprotect")
+                        .await?;
+                } else if access < Access::Append {
+                    return Err(ApplianceError::PermissionDenied(format!(
+                        "{} may read snapshot {id} but not protect it",
+                        session.identity
+                    )));
+                }
+                Ok(weakens)
+            })
+            .await?;
+        let event = Event::done(&session.identity, action, target).with_detail(if weakens {
+            "protection removed or shortened".to_string()
+        } else if until == i64::MAX {
+            "until unprotected".to_string()
+        } else {
+            format!("until {}", coffer_proto::when::format_us(until))
+        });
+        let snapshot = catalog_call(&self.catalog, move |c| {
+            c.protect_snapshot(&id, until, &event)
+        })
+        .await?;
+        Ok(v1::ProtectSnapshotResponse {
+            snapshot: Some(snapshot),
+        })
+    }
+
+    pub(super) async fn lock_snapshot(
+        &self,
+        session: &Session,
+        req: v1::LockSnapshotRequest,
+    ) -> Result<v1::LockSnapshotResponse, ApplianceError> {
+        let id = snapshot_id(&req.id)?;
+        let target = id.to_string();
+        self.checked(session, "snapshot.lock", &target, async {
+            let (_, access) = visible(self, session, &id).await?;
+            // A lock binds everyone, the account's own administrator too: only FULL may set one.
+            if access < Access::Full {
+                return Err(ApplianceError::PermissionDenied(format!(
+                    "{} may not lock snapshot {id} (needs FULL on it)",
+                    session.identity
+                )));
+            }
+            Ok(())
+        })
+        .await?;
+        let until = req.until_us;
+        let event = Event::done(&session.identity, "snapshot.lock", target)
+            .with_detail(format!("until {}", coffer_proto::when::format_us(until)));
+        // The catalog refuses (and records) a shorter lock.
+        let snapshot =
+            catalog_call(&self.catalog, move |c| c.extend_lock(&id, until, &event)).await?;
+        Ok(v1::LockSnapshotResponse {
+            snapshot: Some(snapshot),
+        })
+    }
+
+    pub(super) async fn set_policy(
+        &self,
+        session: &Session,
+        source: Option<IpAddr>,
+        req: v1::SetPolicyRequest,
+    ) -> Result<v1::SetPolicyResponse, ApplianceError> {
+        let target = PolicyTarget::parse(&req.target)
+            .map_err(|e| ApplianceError::InvalidArgument(e.to_string()))?;
+        let set: Policy = serde_json::from_str(&req.policy_json)
+            .map_err(|e| ApplianceError::InvalidArgument(format!("policy: {e}")))?;
+        if let Some(s) = &set.schedule {
+            crate::maintenance::schedule::Schedule::parse(s)
+                .map_err(|e| ApplianceError::InvalidArgument(e.to_string()))?;
+        }
+        let name = target.to_string();
+        let levels = catalog_call(&self.catalog, crate::catalog::Catalog::policies).await?;
+        let stored = levels
+            .iter()
+            .find(|(t, _)| *t == target)
+            .map(|(_, p)| p.clone())
+            .unwrap_or_default();
+        let merged = crate::access::admin::merge(&stored, &set, &req.unset)?;
+        self.checked(session, "policy.set", &name, async {
+            let (kind, labels) = policy_labels(&target);
+            let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            if rules::access(
+                &self.auth.rules(),
+                &session.identity,
+                TargetType::Policy,
+                &labels,
+            )
+            .is_none_or(|a| a < Access::Full)
+            {
+                return Err(ApplianceError::PermissionDenied(format!(
+                    "{} may not change the {kind} policy {name}",
+                    session.identity
+                )));
+            }
+            if let Some(why) = weakened(&levels, &target, &merged) {
+                self.auth
+                    .step_up(&session.identity, &req.delete_passphrase, source)
+                    .await
+                    .map_err(|e| match e {
+                        ApplianceError::PermissionDenied(m) => {
+                            ApplianceError::PermissionDenied(format!("{why}: {m}"))
+                        }
+                        e => e,
+                    })?;
+            }
+            Ok(())
+        })
+        .await?;
+        let (t, m) = (target.clone(), merged.clone());
+        let event = Event::done(&session.identity, "policy.set", name)
+            .with_detail(serde_json::to_string(&merged).unwrap_or_default());
+        catalog_call(&self.catalog, move |c| {
+            c.put_policy(&t, &m)?;
+            c.audit(&event)
+        })
+        .await?;
+        Ok(v1::SetPolicyResponse {
+            policy_json: serde_json::to_string(&merged)
+                .map_err(|e| ApplianceError::Internal(e.to_string()))?,
+        })
+    }
+
+    pub(super) async fn add_rule(
+        &self,
+        session: &Session,
+        req: v1::AddRuleRequest,
+    ) -> Result<v1::AddRuleResponse, ApplianceError> {
+        let rule = crate::access::rules::Rule::new(
+            &req.user,
+            req.access.parse()?,
+            crate::access::rules::Target::parse(&req.target)?,
+        )?;
+        self.checked(session, "acl.add", &rule.to_string(), async {
+            if rules::access(&self.auth.rules(), &session.identity, TargetType::Acl, &[])
+                .is_none_or(|a| a < Access::Full)
+            {
+                return Err(ApplianceError::PermissionDenied(format!(
+                    "{} may not change access rules",
+                    session.identity
+                )));
+            }
+            Ok(())
+        })
+        .await?;
+        let id = rule.id.clone();
+        let auth = self.auth.clone();
+        let who = session.identity.clone();
+        catalog_call(&self.catalog, move |c| {
+            let req = crate::access::admin::Request::AclAdd { rule };
+            crate::access::admin::apply_as(c, &req, &who)
+                .map_err(|e| CatalogError::Engine(e.to_string()))?;
+            auth.reload()
+                .map_err(|e| CatalogError::Engine(e.to_string()))
+        })
+        .await?;
+        Ok(v1::AddRuleResponse { id })
+    }
+}
+
+/// The policy type and labels a rule matches a policy target on.
+fn policy_labels(t: &PolicyTarget) -> (&'static str, Vec<(&'static str, String)>) {
+    match t {
+        PolicyTarget::Global => ("global", vec![("policyType", "global".into())]),
+        PolicyTarget::Host(h) => (
+            "host",
+            vec![("policyType", "host".into()), ("hostname", h.clone())],
+        ),
+        PolicyTarget::User { user, host } => (
+            "user",
+            vec![
+                ("policyType", "user".into()),
+                ("username", user.clone()),
+                ("hostname", host.clone()),
+            ],
+        ),
+        PolicyTarget::Path { user, host, path } => (
+            "path",
+            vec![
+                ("policyType", "path".into()),
+                ("username", user.clone()),
+                ("hostname", host.clone()),
+                ("path", path.clone()),
+            ],
+        ),
+    }
+}
+
+/// Whether storing `merged` at `target` weakens retention or the lock anywhere the level
+/// applies: for a user or path level, that identity's effective policy (at that path, or at
+/// every path it has a level for); global and host levels compare the level itself.
+fn weakened(
+    levels: &[(PolicyTarget, Policy)],
+    target: &PolicyTarget,
+    merged: &Policy,
+) -> Option<String> {
+    let mut after: Vec<(PolicyTarget, Policy)> = levels
+        .iter()
+        .filter(|(t, _)| t != target)
+        .cloned()
+        .collect();
+    after.push((target.clone(), merged.clone()));
+    let scopes: Vec<(String, String)> = match target {
+        PolicyTarget::Path { user, host, path } => vec![(format!("{user}@{host}"), path.clone())],
+        PolicyTarget::User { user, host } => {
+            let id = format!("{user}@{host}");
+            let mut v = vec![(id.clone(), String::new())];
+            for (t, _) in levels {
+                if let PolicyTarget::Path {
+                    user: u,
+                    host: h,
+                    path,
+                } = t
+                {
+                    if u == user && h == host {
+                        v.push((id.clone(), path.clone()));
+                    }
+                }
+            }
+            v
+        }
+        PolicyTarget::Global | PolicyTarget::Host(_) => {
+            let before = levels
+                .iter()
+                .find(|(t, _)| t == target)
+                .map(|(_, p)| p.clone())
+                .unwrap_or_default();
+            let one = |p: &Policy| crate::catalog::policy::Effective {
+                policy: p.clone(),
+                ..Default::default()
+            };
+            return one(&before).weakened_by(&one(merged));
+        }
+    };
+    scopes
+        .iter()
+        .find_map(|(id, path)| resolve(levels, id, path).weakened_by(&resolve(&after, id, path)))
+}
