@@ -40,6 +40,12 @@ fn deleting_the_catalog_loses_no_snapshot_and_no_account() {
     let (rc, out, err) = coffer(&cfg, &["snapshot", "delete", &id]).unwrap();
     assert_eq!(rc, 0, "{out}{err}");
     gone.push(id);
+    // A lock and a protection are part of the records, and the audit chain is journaled too.
+    admin(&app, &["snapshot", "lock", &kept[0].1, "--until", "30d"]);
+    admin(&app, &["snapshot", "protect", &kept[1].1]);
+    let snapshots = admin(&app, &["snapshot", "list", "--json"]);
+    assert!(snapshots.contains("\"lock_until_us\":1"), "{snapshots}");
+    let audit = admin(&app, &["audit", "show", "--json"]);
     let policies = admin(&app, &["policy", "list"]);
     let rules = admin(&app, &["acl", "list"]);
     app.stop().unwrap();
@@ -59,6 +65,9 @@ fn deleting_the_catalog_loses_no_snapshot_and_no_account() {
     );
     assert_eq!(admin(&app, &["policy", "list"]), policies);
     assert_eq!(admin(&app, &["acl", "list"]), rules);
+    assert_eq!(admin(&app, &["snapshot", "list", "--json"]), snapshots);
+    assert_eq!(admin(&app, &["audit", "show", "--json"]), audit);
+    assert!(admin(&app, &["audit", "verify"]).contains("audit log intact"));
 
     app.start().unwrap();
     let (rc, text) = app.verify(true).unwrap();

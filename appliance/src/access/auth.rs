@@ -376,6 +376,36 @@ impl Auth {
         }
     }
 
+    /// Whether `password` is the account's delete passphrase (a login password must never be:
+    /// the client stores that one).
+    ///
+    /// # Errors
+    /// Catalog errors; too many hashes queued.
+    pub async fn is_delete_passphrase(
+        &self,
+        identity: &str,
+        password: &str,
+    ) -> Result<bool, ApplianceError> {
+        let Some(phc) = self
+            .catalog
+            .user(identity)
+            .map_err(|e| ApplianceError::Internal(e.to_string()))?
+            .and_then(|u| u.delete_passphrase)
+        else {
+            return Ok(false);
+        };
+        if password.len() > MAX_PASSWORD_BYTES {
+            return Ok(false);
+        }
+        let _slot = self.hashing_slot().await?;
+        let password = password.to_string();
+        Ok(
+            tokio::task::spawn_blocking(move || verify_password(&phc, &password))
+                .await
+                .unwrap_or(false),
+        )
+    }
+
     /// Whether the account has a delete passphrase.
     ///
     /// # Errors

@@ -719,3 +719,87 @@ pub fn held(s: &v1::Snapshot, now_us: i64) -> Option<String> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use audit::{Event, Outcome};
+
+    fn snap(c: &Catalog, n: u8, lock_until_us: i64) -> SnapshotId {
+        let id = SnapshotId::from_bytes([n; 16]);
+        let s = v1::Snapshot {
+            id: bytes::Bytes::copy_from_slice(id.as_bytes()),
+            identity: "alice@laptop".into(),
+            path: "/data".into(),
+            lock_until_us,
+            ..v1::Snapshot::default()
+        };
+        c.commit_snapshot(&s).unwrap();
+        id
+    }
+
+    #[test]
+    fn held_snapshots_are_refused_to_every_caller_and_each_step_is_audited() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&dir.path().join("catalog"), true).unwrap();
+        let far = crate::clock::now_us() + 3_600_000_000;
+        let locked = snap(&c, 1, far);
+        let plain = snap(&c, 2, 0);
+        let ev = |a: &str| Event::done("admin", a, "x");
+
+        assert!(matches!(
+            c.delete_snapshot(&locked, &ev("snapshot.delete")),
+            Err(CatalogError::Held(m)) if m.contains("locked until")
+        ));
+        assert!(matches!(
+            c.extend_lock(&locked, far - 1, &ev("snapshot.lock")),
+            Err(CatalogError::Held(_))
+        ));
+        assert_eq!(
+            c.extend_lock(&locked, far + 1, &ev("snapshot.lock"))
+                .unwrap()
+                .lock_until_us,
+            far + 1
+        );
+        // Protecting a locked snapshot adds; removing that protection is refused while locked.
+        c.protect_snapshot(&locked, i64::MAX, &ev("snapshot.protect"))
+            .unwrap();
+        assert!(matches!(
+            c.protect_snapshot(&locked, 0, &ev("snapshot.unprotect")),
+            Err(CatalogError::Held(_))
+        ));
+        // A protection holds until removed; then the snapshot goes.
+        c.protect_snapshot(&plain, i64::MAX, &ev("snapshot.protect"))
+            .unwrap();
+        assert!(matches!(
+            c.delete_snapshot(&plain, &ev("snapshot.delete")),
+            Err(CatalogError::Held(m)) if m.contains("protected")
+        ));
+        c.protect_snapshot(&plain, 0, &ev("snapshot.unprotect"))
+            .unwrap();
+        c.delete_snapshot(&plain, &ev("snapshot.delete")).unwrap();
+        assert!(c.snapshot(&plain).unwrap().is_none());
+        assert!(c.snapshot(&locked).unwrap().is_some());
+
+        let log = c.audit_entries(0).unwrap();
+        let outcomes: Vec<(&str, Outcome)> =
+            log.iter().map(|e| (e.action.as_str(), e.outcome)).collect();
+        assert_eq!(
+            outcomes,
+            [
+                ("snapshot.delete", Outcome::Refused),
+                ("snapshot.lock", Outcome::Refused),
+                ("snapshot.lock", Outcome::Done),
+                ("snapshot.protect", Outcome::Done),
+                ("snapshot.unprotect", Outcome::Refused),
+                ("snapshot.protect", Outcome::Done),
+                ("snapshot.delete", Outcome::Refused),
+                ("snapshot.unprotect", Outcome::Done),
+                ("snapshot.delete", Outcome::Done),
+            ]
+        );
+        let v = c.audit_verify().unwrap();
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        assert_eq!(v.head.unwrap().seq, 9);
+    }
+}

@@ -171,7 +171,8 @@ impl Effective {
         if b.is_empty() && !a.is_empty() {
             return Some("retention rules where none kept everything".into());
         }
-        if !b.is_empty() {
+        // No rule after keeps everything: never a weakening.
+        if !b.is_empty() && !a.is_empty() {
             let fields = [
                 ("keep_last", b.keep_last, a.keep_last),
                 ("keep_hourly", b.keep_hourly, a.keep_hourly),
@@ -245,6 +246,43 @@ pub fn resolve(levels: &[(PolicyTarget, Policy)], identity: &str, path: &str) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn eff(json: &str) -> Effective {
+        Effective {
+            policy: serde_json::from_str(json).unwrap(),
+            ..Effective::default()
+        }
+    }
+
+    #[test]
+    fn weakening_is_any_rule_lowered_or_removed_and_any_shorter_lock() {
+        let weakens = |a: &str, b: &str| eff(a).weakened_by(&eff(b));
+        // No rule keeps everything: any rule weakens it.
+        assert!(weakens("{}", r#"{"keep_last": 100}"#).is_some());
+        assert!(weakens(r#"{"compression": "lz4"}"#, r#"{"keep_within_secs": 1}"#).is_some());
+        // Lowered or removed rules weaken; raised or added ones do not.
+        assert!(weakens(r#"{"keep_daily": 7}"#, r#"{"keep_daily": 6}"#).is_some());
+        assert!(weakens(
+            r#"{"keep_daily": 7, "keep_last": 2}"#,
+            r#"{"keep_last": 2}"#
+        )
+        .is_some());
+        assert!(weakens(r#"{"keep_within_secs": 60}"#, r#"{"keep_within_secs": 59}"#).is_some());
+        assert!(weakens(r#"{"keep_daily": 7}"#, r#"{"keep_daily": 8}"#).is_none());
+        assert!(weakens(
+            r#"{"keep_daily": 7}"#,
+            r#"{"keep_daily": 7, "keep_weekly": 1}"#
+        )
+        .is_none());
+        // Going back to no rule at all keeps more, not less.
+        assert!(weakens(r#"{"keep_daily": 7}"#, "{}").is_none());
+        // The lock: shorter or gone weakens.
+        assert!(weakens(r#"{"lock_secs": 60}"#, r#"{"lock_secs": 59}"#).is_some());
+        assert!(weakens(r#"{"lock_secs": 60}"#, "{}").is_some());
+        assert!(weakens("{}", r#"{"lock_secs": 60}"#).is_none());
+        // Other fields never need the step-up.
+        assert!(weakens(r#"{"compression": "lz4"}"#, r#"{"compression": "none"}"#).is_none());
+    }
 
     #[test]
     fn targets_parse_and_print_back() {
