@@ -158,12 +158,23 @@ async fn weaken_retention_and_rules(s: &Session, src: &std::path::Path, a2: &str
         Code::PermissionDenied,
         "shorten the lock",
     );
+    // Nor pin storage for ever: a client's locks end within a year.
+    refused(
+        s.lock(
+            &sid(a3),
+            coffer_proto::now_us() + 2 * 365 * 86_400 * 1_000_000,
+        )
+        .await,
+        Code::PermissionDenied,
+        "a lock for two years",
+    );
     let rule = s
         .raw()
         .add_rule(v1::AddRuleRequest {
             user: "alice@laptop".into(),
             access: "FULL".into(),
             target: "type=acl".into(),
+            delete_passphrase: String::new(),
         })
         .await;
     assert_eq!(
@@ -325,7 +336,7 @@ async fn the_passphrase_deletes_for_one_call_and_a_lock_binds_everyone() {
         .run(&["snapshot", "unprotect", &a3, "--repo", &app.repo_str()])
         .unwrap();
     assert!(!out.status.success(), "nobody unprotects a locked snapshot");
-    let extended = coffer_proto::now_us() + 400 * 86_400 * 1_000_000;
+    let extended = coffer_proto::now_us() + 200 * 86_400 * 1_000_000;
     let locked = s.lock(&sid(&a3), extended).await.unwrap();
     assert_eq!(locked.lock_until_us, extended, "a lock can be extended");
     let remaining: Vec<String> = s
@@ -340,10 +351,15 @@ async fn the_passphrase_deletes_for_one_call_and_a_lock_binds_everyone() {
     assert!(log.iter().any(|e| e["action"] == "snapshot.delete"
         && e["outcome"] == "done"
         && e["target"] == a0.as_str()));
-    assert!(log.iter().any(|e| e["action"] == "snapshot.delete"
-        && e["actor"] == "admin"
-        && e["outcome"] == "refused"
-        && e["target"] == a3.as_str()));
+    for action in ["snapshot.delete", "snapshot.unprotect"] {
+        assert!(
+            log.iter().any(|e| e["action"] == action
+                && e["actor"] == "admin"
+                && e["outcome"] == "refused"
+                && e["target"] == a3.as_str()),
+            "the operator's refused {action} is on the record: {log:#?}"
+        );
+    }
 }
 
 /// A retention lock binds everyone until it expires (the appliance is started "later" with an
@@ -400,6 +416,14 @@ fn a_lock_holds_until_it_expires_then_retention_and_gc_free_the_data() {
 
     // Three hours later by the appliance's clock: the lock has expired.
     app.stop().unwrap();
+    // Only `serve` reads the clock shift: the offline CLI cannot use it to pass a lock.
+    let offline = std::process::Command::new(coffer_tests::bin("coffer-appliance"))
+        .args(["snapshot", "delete", &old, "--repo", &app.repo_str()])
+        .env("COFFER_CLOCK_OFFSET_SECS", (3 * 3600).to_string())
+        .output()
+        .unwrap();
+    assert!(!offline.status.success());
+    assert!(String::from_utf8_lossy(&offline.stderr).contains("locked until"));
     app.serve_env = vec![("COFFER_CLOCK_OFFSET_SECS".into(), (3 * 3600).to_string())];
     app.start().unwrap();
     connect_client(&app, &cfg, "alice", "laptop");
@@ -421,6 +445,10 @@ fn a_lock_holds_until_it_expires_then_retention_and_gc_free_the_data() {
         .iter()
         .any(|e| e["action"] == "snapshot.forget" && e["target"] == old.as_str()));
     assert!(log.iter().any(|e| e["action"] == "maintenance.run"));
+    assert!(
+        log.iter().any(|e| e["action"] == "clock.shifted" && e["target"] == "10800"),
+        "a shifted clock is on the record"
+    );
 }
 
 /// `audit verify` passes on a real log and, with the appliance stopped, names the entry after

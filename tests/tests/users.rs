@@ -421,6 +421,7 @@ fn s7_access_matrix() {
                             user: "*@*".into(),
                             access: "FULL".into(),
                             target: "type=snapshot".into(),
+                            delete_passphrase: String::new(),
                         }))
                         .await
                         .err()

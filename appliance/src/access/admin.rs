@@ -286,11 +286,29 @@ pub(crate) fn apply_as(
     req: &Request,
     actor: &str,
 ) -> Result<Reply, ApplianceError> {
-    let reply = apply_unaudited(catalog, req)?;
-    if let Some(e) = admin_event(req, actor) {
-        catalog.audit(&e)?;
+    let out = match admin_event(req, actor) {
+        // The change and its audit entry in one write, or neither.
+        Some(e) => catalog.audited(&e, |c| apply_unaudited(c, req)),
+        None => apply_unaudited(catalog, req),
+    };
+    if let (Err(ApplianceError::PermissionDenied(why)), Some((action, target))) =
+        (&out, refusable(req))
+    {
+        // The operator is refused too (a protection or a lock): on the record.
+        catalog.audit(&Event::refused(actor, action, target, why))?;
     }
-    Ok(reply)
+    out
+}
+
+/// The audit action and target of a request whose refusal is recorded.
+fn refusable(req: &Request) -> Option<(&'static str, &str)> {
+    match req {
+        Request::SnapshotDelete { id } => Some(("snapshot.delete", id)),
+        Request::SnapshotProtect { id, until_us: 0 } => Some(("snapshot.unprotect", id)),
+        Request::SnapshotProtect { id, .. } => Some(("snapshot.protect", id)),
+        Request::SnapshotLock { id, .. } => Some(("snapshot.lock", id)),
+        _ => None,
+    }
 }
 
 fn snapshot_id(id: &str) -> Result<coffer_proto::SnapshotId, ApplianceError> {
@@ -374,7 +392,11 @@ fn apply_unaudited(catalog: &Catalog, req: &Request) -> Result<Reply, ApplianceE
                 crate::access::auth::parse_disclosure(Some(m))?;
                 catalog.set_setting(crate::access::auth::DISCLOSURE_SETTING, m)?;
             }
-            let v = catalog.setting(crate::access::auth::DISCLOSURE_SETTING)?;
+            // The value just set (inside an audited change, reads do not see its writes).
+            let v = match mode {
+                Some(m) => Some(m.clone()),
+                None => catalog.setting(crate::access::auth::DISCLOSURE_SETTING)?,
+            };
             reply.disclosure = match crate::access::auth::parse_disclosure(v.as_deref())? {
                 coffer_proto::v1::Disclosure::Repository => "repository".into(),
                 _ => "user".into(),
@@ -444,6 +466,13 @@ fn apply_history(
         }
         Request::SnapshotProtect { id, until_us } => {
             let sid = snapshot_id(id)?;
+            if *until_us != 0 && *until_us <= crate::clock::now_us() {
+                return Err(ApplianceError::InvalidArgument(format!(
+                    "protect until {}: that is in the past (`snapshot unprotect` removes a \
+                     protection)",
+                    coffer_proto::when::format_us(*until_us)
+                )));
+            }
             let action = if *until_us == 0 {
                 "snapshot.unprotect"
             } else {
@@ -451,7 +480,7 @@ fn apply_history(
             };
             let e = Event::done("admin", action, id.clone()).with_detail(until_detail(*until_us));
             reply.snapshots = vec![SnapshotRow::from(
-                &catalog.protect_snapshot(&sid, *until_us, &e)?,
+                &catalog.protect_snapshot(&sid, *until_us, true, &e)?,
             )];
         }
         Request::SnapshotLock { id, until_us } => {
@@ -540,10 +569,13 @@ fn apply_acl(catalog: &Catalog, req: &Request, reply: &mut Reply) -> Result<(), 
             append_only,
             defaults,
         } => {
-            if *append_only {
+            // Inside an audited change, reads do not see its writes: `d` is decided here.
+            let d = if *append_only {
                 catalog.set_setting(DefaultAccess::SETTING, DefaultAccess::Append.as_str())?;
-            }
-            let d = crate::access::rules::default_access(catalog)?;
+                DefaultAccess::Append
+            } else {
+                crate::access::rules::default_access(catalog)?
+            };
             let stored = catalog.acl_rules()?;
             if stored.is_empty() {
                 if crate::access::rules::enabled(catalog)? && !*defaults && !*append_only {

@@ -66,6 +66,29 @@ pub struct Auth {
     queued: std::sync::atomic::AtomicUsize,
     /// Quotas in force and usage (refreshed at every reload).
     pub quotas: super::quota::Quotas,
+    /// Audit entries for bursts of failures written this minute (capped appliance-wide).
+    burst_entries: Mutex<BurstBudget>,
+}
+
+/// At most [`BURST_ENTRIES_PER_MINUTE`] audit entries for failure bursts, appliance-wide: many
+/// sources guessing many accounts must not grow the audit log faster than that.
+#[derive(Debug)]
+struct BurstBudget {
+    window: Instant,
+    used: u32,
+}
+
+const BURST_ENTRIES_PER_MINUTE: u32 = 60;
+
+impl BurstBudget {
+    fn admit(&mut self, now: Instant) -> bool {
+        if now.saturating_duration_since(self.window) >= Duration::from_mins(1) {
+            self.window = now;
+            self.used = 0;
+        }
+        self.used += 1;
+        self.used <= BURST_ENTRIES_PER_MINUTE
+    }
 }
 
 impl Auth {
@@ -89,6 +112,10 @@ impl Auth {
             checked: AtomicU64::new(0),
             queued: std::sync::atomic::AtomicUsize::new(0),
             quotas: super::quota::Quotas::default(),
+            burst_entries: Mutex::new(BurstBudget {
+                window: Instant::now(),
+                used: 0,
+            }),
         };
         a.reload()?;
         Ok(a)
@@ -295,7 +322,10 @@ impl Auth {
                 .unwrap_or(false)
         };
         if !ok || (control.is_none() && user.is_none()) {
-            self.audit_failures(&identity, source, &keys, "login.failures");
+            // Bursts against real accounts only: invented names must not fill the log.
+            if user.is_some() {
+                self.audit_failures(&identity, source, &keys, "login.failures");
+            }
             return Err(denied());
         }
         lock(&self.throttle).succeeded(&identity, source, &keys, Instant::now());
@@ -356,7 +386,9 @@ impl Auth {
             .map(|k| lock(&self.throttle).failures(k))
             .max()
             .unwrap_or(0);
-        if n == super::throttle::FREE_FAILURES || (n > 0 && n % 100 == 0) {
+        if (n == super::throttle::FREE_FAILURES || (n > 0 && n % 100 == 0))
+            && lock(&self.burst_entries).admit(Instant::now())
+        {
             let event = crate::catalog::audit::Event::refused(
                 identity,
                 action,
@@ -374,36 +406,6 @@ impl Auth {
                 }
             });
         }
-    }
-
-    /// Whether `password` is the account's delete passphrase (a login password must never be:
-    /// the client stores that one).
-    ///
-    /// # Errors
-    /// Catalog errors; too many hashes queued.
-    pub async fn is_delete_passphrase(
-        &self,
-        identity: &str,
-        password: &str,
-    ) -> Result<bool, ApplianceError> {
-        let Some(phc) = self
-            .catalog
-            .user(identity)
-            .map_err(|e| ApplianceError::Internal(e.to_string()))?
-            .and_then(|u| u.delete_passphrase)
-        else {
-            return Ok(false);
-        };
-        if password.len() > MAX_PASSWORD_BYTES {
-            return Ok(false);
-        }
-        let _slot = self.hashing_slot().await?;
-        let password = password.to_string();
-        Ok(
-            tokio::task::spawn_blocking(move || verify_password(&phc, &password))
-                .await
-                .unwrap_or(false),
-        )
     }
 
     /// Whether the account has a delete passphrase.
@@ -432,12 +434,17 @@ impl Auth {
         passphrase: &str,
         source: Option<IpAddr>,
     ) -> Result<(), ApplianceError> {
-        let Some(phc) = self
+        let Some(account) = self
             .catalog
             .user(identity)
             .map_err(|e| ApplianceError::Internal(e.to_string()))?
-            .and_then(|u| u.delete_passphrase)
         else {
+            // A session whose account was deleted meanwhile: fail closed.
+            return Err(ApplianceError::PermissionDenied(format!(
+                "no account {identity}: it was deleted"
+            )));
+        };
+        let Some(phc) = account.delete_passphrase else {
             return Ok(());
         };
         if passphrase.is_empty() {

@@ -181,7 +181,9 @@ pub fn verify(entries: &[(Vec<u8>, Vec<u8>)], head: Option<&[u8]>) -> Verified {
     for (k, v) in entries {
         let at = std::str::from_utf8(&k[PREFIX.len().min(k.len())..])
             .ok()
-            .and_then(|h| u64::from_str_radix(h, 16).ok());
+            .and_then(|h| u64::from_str_radix(h, 16).ok())
+            // Only the canonical spelling is an entry's key: another one sorts elsewhere.
+            .filter(|n| key(*n) == *k);
         let Some(at) = at else {
             out.problems.push(format!(
                 "key {:?} is not an audit entry number: an entry was stored under another name",
@@ -189,6 +191,13 @@ pub fn verify(entries: &[(Vec<u8>, Vec<u8>)], head: Option<&[u8]>) -> Verified {
             ));
             continue;
         };
+        if at < expect {
+            out.problems.push(format!(
+                "entry {at} is stored out of order or twice (after entry {})",
+                expect - 1
+            ));
+            continue;
+        }
         if at > expect {
             out.problems.push(if at == expect + 1 && expect > 1 {
                 format!(
@@ -319,6 +328,20 @@ mod tests {
                 r.problems
             );
         }
+    }
+
+    #[test]
+    fn an_entry_under_another_spelling_of_its_number_is_named() {
+        let (mut stored, head) = chain(12);
+        // `…0A` sorts between `…09` and `…0a`: a forged entry 10 there must not pass.
+        let forged = stored[9].1.clone();
+        stored.insert(9, (b"audit/000000000000000A".to_vec(), forged));
+        let r = verify(&stored, Some(&head));
+        assert!(
+            r.problems.iter().any(|p| p.contains("000000000000000A")),
+            "{:?}",
+            r.problems
+        );
     }
 
     #[test]

@@ -484,6 +484,9 @@ impl Catalog {
         ops: &[journal::Op],
         event: Option<&audit::Event>,
     ) -> Result<(), CatalogError> {
+        if event.is_none() && Pending::hold(ops) {
+            return Ok(());
+        }
         let mut slot = self
             .journal
             .lock()
@@ -533,7 +536,7 @@ impl Catalog {
 
     /// Deletes a snapshot and its commit key, with `event` in the audit chain (one synced
     /// write). A snapshot that a protection or a retention lock holds at the appliance's clock
-    /// is not deleted, by anyone: the refusal is recorded instead.
+    /// is not deleted, by anyone (the caller records the refusal, within its budget).
     ///
     /// # Errors
     /// [`CatalogError::NotFound`]; [`CatalogError::Held`]; engine errors.
@@ -550,7 +553,7 @@ impl Catalog {
             .snapshot(id)?
             .ok_or_else(|| CatalogError::NotFound(format!("no snapshot {id}")))?;
         if let Some(why) = held(&s, crate::clock::now_us()) {
-            return Err(self.refuse(event, why));
+            return Err(CatalogError::Held(why));
         }
         let mut ops = Vec::new();
         if !s.commit_id.is_empty() {
@@ -560,22 +563,10 @@ impl Catalog {
         self.write_audited(&ops, Some(event))
     }
 
-    /// Records `event` as refused because of `why` and returns the refusal.
-    fn refuse(&self, event: &audit::Event, why: String) -> CatalogError {
-        let refused = audit::Event {
-            outcome: audit::Outcome::Refused,
-            detail: why.clone(),
-            ..event.clone()
-        };
-        match self.write_audited(&[], Some(&refused)) {
-            Ok(()) => CatalogError::Held(why),
-            Err(e) => e,
-        }
-    }
-
     /// Sets a snapshot's protection: `until_us` 0 removes it, `i64::MAX` protects until
-    /// removed. Removing or shortening a protection is refused while the snapshot is locked.
-    /// The caller decides who may (access rules, step-up); `event` is recorded with the change.
+    /// removed. Removing or shortening a protection needs `may_shorten` (the caller checked FULL
+    /// access and the step-up; decided here, under the commit lock, against the record as it is
+    /// now) and is refused while the snapshot is locked. `event` is recorded with the change.
     ///
     /// # Errors
     /// [`CatalogError::NotFound`]; [`CatalogError::Held`]; engine errors.
@@ -583,6 +574,7 @@ impl Catalog {
         &self,
         id: &SnapshotId,
         until_us: i64,
+        may_shorten: bool,
         event: &audit::Event,
     ) -> Result<v1::Snapshot, CatalogError> {
         let _one = self
@@ -592,17 +584,22 @@ impl Catalog {
         let mut s = self
             .snapshot(id)?
             .ok_or_else(|| CatalogError::NotFound(format!("no snapshot {id}")))?;
-        let now = crate::clock::now_us();
-        if until_us < s.protected_until_us && s.lock_until_us > now {
-            return Err(self.refuse(
-                event,
-                format!(
+        let until_us = until_us.max(0);
+        if until_us < s.protected_until_us {
+            if !may_shorten {
+                return Err(CatalogError::Held(format!(
+                    "snapshot {id} is protected; removing or shortening a protection needs \
+                     FULL access and the account's delete passphrase"
+                )));
+            }
+            if s.lock_until_us > crate::clock::now_us() {
+                return Err(CatalogError::Held(format!(
                     "snapshot {id} is locked until {}: nobody can unprotect it before then",
                     coffer_proto::when::format_us(s.lock_until_us)
-                ),
-            ));
+                )));
+            }
         }
-        s.protected_until_us = until_us.max(0);
+        s.protected_until_us = until_us;
         self.write_audited(
             &[(key::snapshot(id).into_bytes(), Some(s.encode_to_vec()))],
             Some(event),
@@ -628,13 +625,10 @@ impl Catalog {
             .snapshot(id)?
             .ok_or_else(|| CatalogError::NotFound(format!("no snapshot {id}")))?;
         if until_us < s.lock_until_us {
-            return Err(self.refuse(
-                event,
-                format!(
-                    "snapshot {id} is locked until {}; a lock can be extended, never shortened",
-                    coffer_proto::when::format_us(s.lock_until_us)
-                ),
-            ));
+            return Err(CatalogError::Held(format!(
+                "snapshot {id} is locked until {}; a lock can be extended, never shortened",
+                coffer_proto::when::format_us(s.lock_until_us)
+            )));
         }
         s.lock_until_us = until_us;
         self.write_audited(
@@ -642,6 +636,26 @@ impl Catalog {
             Some(event),
         )?;
         Ok(s)
+    }
+
+    /// Runs `f` as one audited change: every write `f` makes on this thread is held back, then
+    /// written in one synced batch with `event` in the audit chain — or, when `f` fails, not at
+    /// all. Reads inside `f` do not see its own writes.
+    ///
+    /// # Errors
+    /// What `f` returns; the batch's engine and journal errors.
+    pub fn audited<T, E: From<CatalogError>>(
+        &self,
+        event: &audit::Event,
+        f: impl FnOnce(&Self) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let guard = Pending::start();
+        let out = f(self);
+        let ops = Pending::take();
+        drop(guard);
+        let v = out?;
+        self.write_audited(&ops, Some(event))?;
+        Ok(v)
     }
 
     /// Appends `event` to the audit chain (one synced write).
@@ -692,6 +706,49 @@ impl Catalog {
         self.prefixed(key::SNAPSHOTS, |v| {
             v1::Snapshot::decode(v).map_err(|e| e.to_string())
         })
+    }
+}
+
+thread_local! {
+    /// The writes held back by [`Catalog::audited`] on this thread.
+    static PENDING: std::cell::RefCell<Option<Vec<journal::Op>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// An [`Catalog::audited`] change in progress on this thread; dropping it (a panic in the
+/// change) discards what was held back, so that no later write of the thread is captured.
+struct Pending;
+
+impl Pending {
+    fn start() -> Self {
+        PENDING.with(|p| {
+            let mut p = p.borrow_mut();
+            assert!(p.is_none(), "audited changes do not nest");
+            *p = Some(Vec::new());
+        });
+        Self
+    }
+
+    /// Holds `ops` back when a change is in progress on this thread.
+    fn hold(ops: &[journal::Op]) -> bool {
+        PENDING.with(|p| match p.borrow_mut().as_mut() {
+            Some(held) => {
+                held.extend_from_slice(ops);
+                true
+            }
+            None => false,
+        })
+    }
+
+    /// The writes held back so far; ends the change in progress.
+    fn take() -> Vec<journal::Op> {
+        PENDING.with(|p| p.borrow_mut().take()).unwrap_or_default()
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        PENDING.with(|p| p.borrow_mut().take());
     }
 }
 
@@ -762,20 +819,25 @@ mod tests {
             far + 1
         );
         // Protecting a locked snapshot adds; removing that protection is refused while locked.
-        c.protect_snapshot(&locked, i64::MAX, &ev("snapshot.protect"))
+        c.protect_snapshot(&locked, i64::MAX, true, &ev("snapshot.protect"))
             .unwrap();
         assert!(matches!(
-            c.protect_snapshot(&locked, 0, &ev("snapshot.unprotect")),
+            c.protect_snapshot(&locked, 0, true, &ev("snapshot.unprotect")),
             Err(CatalogError::Held(_))
         ));
         // A protection holds until removed; then the snapshot goes.
-        c.protect_snapshot(&plain, i64::MAX, &ev("snapshot.protect"))
+        c.protect_snapshot(&plain, i64::MAX, false, &ev("snapshot.protect"))
             .unwrap();
+        // Shortening is decided against the record as it is now, not as the caller read it.
+        assert!(matches!(
+            c.protect_snapshot(&plain, 1, false, &ev("snapshot.protect")),
+            Err(CatalogError::Held(m)) if m.contains("delete passphrase")
+        ));
         assert!(matches!(
             c.delete_snapshot(&plain, &ev("snapshot.delete")),
             Err(CatalogError::Held(m)) if m.contains("protected")
         ));
-        c.protect_snapshot(&plain, 0, &ev("snapshot.unprotect"))
+        c.protect_snapshot(&plain, 0, true, &ev("snapshot.unprotect"))
             .unwrap();
         c.delete_snapshot(&plain, &ev("snapshot.delete")).unwrap();
         assert!(c.snapshot(&plain).unwrap().is_none());
@@ -787,19 +849,50 @@ mod tests {
         assert_eq!(
             outcomes,
             [
-                ("snapshot.delete", Outcome::Refused),
-                ("snapshot.lock", Outcome::Refused),
                 ("snapshot.lock", Outcome::Done),
                 ("snapshot.protect", Outcome::Done),
-                ("snapshot.unprotect", Outcome::Refused),
                 ("snapshot.protect", Outcome::Done),
-                ("snapshot.delete", Outcome::Refused),
                 ("snapshot.unprotect", Outcome::Done),
                 ("snapshot.delete", Outcome::Done),
             ]
         );
         let v = c.audit_verify().unwrap();
         assert!(v.problems.is_empty(), "{:?}", v.problems);
-        assert_eq!(v.head.unwrap().seq, 9);
+        assert_eq!(v.head.unwrap().seq, 5);
+    }
+
+    #[test]
+    fn an_audited_change_is_written_whole_with_its_entry_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&dir.path().join("catalog"), true).unwrap();
+        let ev = Event::done("admin", "test.change", "x");
+        let failed: Result<(), CatalogError> = c.audited(&ev, |c| {
+            c.set_setting("one", "1")?;
+            c.set_setting("two", "2")?;
+            Err(CatalogError::NotFound("stop".into()))
+        });
+        assert!(failed.is_err());
+        assert_eq!(
+            c.setting("one").unwrap(),
+            None,
+            "nothing of a failed change"
+        );
+        assert!(c.audit_entries(0).unwrap().is_empty());
+        c.audited(&ev, |c| {
+            c.set_setting("one", "1")?;
+            // Reads inside do not see the change's own writes.
+            assert_eq!(c.setting("one")?, None);
+            c.set_setting("two", "2")
+        })
+        .unwrap();
+        assert_eq!(c.setting("two").unwrap().as_deref(), Some("2"));
+        assert_eq!(c.audit_entries(0).unwrap().len(), 1);
+        // A panic inside leaves no change in progress on the thread.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _: Result<(), CatalogError> = c.audited(&ev, |_| panic!("inside"));
+        }));
+        assert!(r.is_err());
+        c.set_setting("three", "3").unwrap();
+        assert_eq!(c.setting("three").unwrap().as_deref(), Some("3"));
     }
 }

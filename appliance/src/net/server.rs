@@ -176,6 +176,7 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
     // Every catalog change is also journaled in the packs (rebuild-catalog), starting with a
     // checkpoint that takes in what offline tools changed.
     catalog.attach_journal(paths, master.clone(), cfg.id)?;
+    note_clock_shift(&catalog)?;
     let max_msg = max_message_size(cfg.chunker.max);
     let hello = HelloInfo {
         repository_id: cfg.id,
@@ -348,6 +349,25 @@ async fn shutdown_signal(on_stdin: bool) {
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         () = stdin_closed => tracing::info!("standard input closed: shutting down"),
     }
+}
+
+/// Shifts the clock when `serve` was started with [`crate::clock::OFFSET_ENV`] (tests), and
+/// says so in the log and the audit log.
+fn note_clock_shift(catalog: &Catalog) -> Result<(), ServeError> {
+    let shift = crate::clock::shift_from_env();
+    if shift != 0 {
+        let why = format!(
+            "the appliance's clock is shifted by {shift} s ({}): locks and protections expire \
+             by the shifted clock",
+            crate::clock::OFFSET_ENV
+        );
+        tracing::warn!("{why}");
+        catalog.audit(
+            &crate::catalog::audit::Event::done("appliance", "clock.shifted", shift.to_string())
+                .with_detail(why),
+        )?;
+    }
+    Ok(())
 }
 
 /// Runs maintenance on `at` (wall clock) until the appliance stops: the same steps as

@@ -150,25 +150,17 @@ impl Inner {
                 "passwords must be at least {MIN_PASSWORD_CHARS} characters"
             )));
         }
-        if self
-            .auth
-            .is_delete_passphrase(&session.identity, &pw)
-            .await?
-        {
-            return Err(ApplianceError::InvalidArgument(
-                "the new password is the account's delete passphrase: the client stores its \
-                 password, so choose another"
-                    .into(),
-            ));
-        }
         let hash = self.auth.hash_new_password(pw).await?;
         let identity = session.identity.clone();
+        let event = crate::catalog::audit::Event::done(&identity, "user.password", &identity);
         let changed = catalog_call(&self.catalog, move |c| {
-            let Some(mut u) = c.user(&identity)? else {
-                return Ok(false);
-            };
-            u.password_hash = hash;
-            c.set_user(&u).map(|()| true)
+            c.audited(&event, |c| {
+                let Some(mut u) = c.user(&identity)? else {
+                    return Ok(false);
+                };
+                u.password_hash = hash;
+                c.set_user(&u).map(|()| true)
+            })
         })
         .await?;
         if !changed {

@@ -27,6 +27,10 @@ use crate::error::ApplianceError;
 const REFUSALS_PER_MINUTE: u32 = 30;
 /// Identities whose refusal counts are remembered at most (past it, the oldest windows go).
 const REFUSAL_IDENTITIES_MAX: usize = 10_000;
+/// The longest lock a client may set, from now (`LockSnapshot`, a policy's `lock_secs`): a
+/// lock nobody can lift must not be a client's way to pin storage for ever. The operator's
+/// commands have no such limit.
+pub(super) const MAX_CLIENT_LOCK_SECS: u64 = 366 * 86_400;
 
 /// The refusal budget of each identity.
 #[derive(Debug, Default)]
@@ -95,7 +99,7 @@ impl Inner {
         e
     }
 
-    /// Checks `what` and records a refusal when it fails.
+    /// Runs `what` and records a refusal when it is refused (not when the appliance failed).
     async fn checked<T>(
         &self,
         session: &Session,
@@ -105,7 +109,13 @@ impl Inner {
     ) -> Result<T, ApplianceError> {
         match what.await {
             Ok(v) => Ok(v),
-            Err(e) => Err(self.refused(&session.identity, action, target, e).await),
+            Err(
+                e @ (ApplianceError::PermissionDenied(_)
+                | ApplianceError::NotFound(_)
+                | ApplianceError::InvalidArgument(_)
+                | ApplianceError::ResourceExhausted(_)),
+            ) => Err(self.refused(&session.identity, action, target, e).await),
+            Err(e) => Err(e),
         }
     }
 
@@ -145,8 +155,15 @@ impl Inner {
             self.may_remove(session, source, &id, &req.delete_passphrase, "delete"),
         )
         .await?;
-        let event = Event::done(&session.identity, "snapshot.delete", target);
-        catalog_call(&self.catalog, move |c| c.delete_snapshot(&id, &event)).await?;
+        let event = Event::done(&session.identity, "snapshot.delete", target.clone());
+        // The catalog refuses a protected or locked snapshot, whoever asks.
+        self.checked(
+            session,
+            "snapshot.delete",
+            &target,
+            catalog_call(&self.catalog, move |c| c.delete_snapshot(&id, &event)),
+        )
+        .await?;
         // Sessions that opened it read from it no longer.
         self.auth.forget_snapshot(id.as_bytes());
         Ok(v1::DeleteSnapshotResponse {})
@@ -194,17 +211,26 @@ impl Inner {
                 Ok(weakens)
             })
             .await?;
-        let event = Event::done(&session.identity, action, target).with_detail(if weakens {
-            "protection removed or shortened".to_string()
-        } else if until == i64::MAX {
-            "until unprotected".to_string()
-        } else {
-            format!("until {}", coffer_proto::when::format_us(until))
-        });
-        let snapshot = catalog_call(&self.catalog, move |c| {
-            c.protect_snapshot(&id, until, &event)
-        })
-        .await?;
+        let event =
+            Event::done(&session.identity, action, target.clone()).with_detail(if weakens {
+                "protection removed or shortened".to_string()
+            } else if until == i64::MAX {
+                "until unprotected".to_string()
+            } else {
+                format!("until {}", coffer_proto::when::format_us(until))
+            });
+        // `weakens` came from the record as read above; the catalog decides again against the
+        // record as it is when written, and without the step-up refuses to shorten anything.
+        let snapshot = self
+            .checked(
+                session,
+                action,
+                &target,
+                catalog_call(&self.catalog, move |c| {
+                    c.protect_snapshot(&id, until, weakens, &event)
+                }),
+            )
+            .await?;
         Ok(v1::ProtectSnapshotResponse {
             snapshot: Some(snapshot),
         })
@@ -230,11 +256,23 @@ impl Inner {
         })
         .await?;
         let until = req.until_us;
-        let event = Event::done(&session.identity, "snapshot.lock", target)
+        let event = Event::done(&session.identity, "snapshot.lock", target.clone())
             .with_detail(format!("until {}", coffer_proto::when::format_us(until)));
-        // The catalog refuses (and records) a shorter lock.
-        let snapshot =
-            catalog_call(&self.catalog, move |c| c.extend_lock(&id, until, &event)).await?;
+        let limit = crate::clock::now_us()
+            .saturating_add(i64::try_from(MAX_CLIENT_LOCK_SECS).unwrap_or(i64::MAX) * 1_000_000);
+        // The catalog refuses a shorter lock.
+        let snapshot = self
+            .checked(session, "snapshot.lock", &target, async move {
+                if until > limit {
+                    return Err(ApplianceError::PermissionDenied(format!(
+                        "a client may lock a snapshot until {} at the latest; longer locks are \
+                         set by the operator (coffer-appliance snapshot lock)",
+                        coffer_proto::when::format_us(limit)
+                    )));
+                }
+                catalog_call(&self.catalog, move |c| c.extend_lock(&id, until, &event)).await
+            })
+            .await?;
         Ok(v1::LockSnapshotResponse {
             snapshot: Some(snapshot),
         })
@@ -263,6 +301,12 @@ impl Inner {
             .unwrap_or_default();
         let merged = crate::access::admin::merge(&stored, &set, &req.unset)?;
         self.checked(session, "policy.set", &name, async {
+            if merged.lock_secs.unwrap_or(0) > MAX_CLIENT_LOCK_SECS {
+                return Err(ApplianceError::PermissionDenied(format!(
+                    "a client may set a lock of at most {MAX_CLIENT_LOCK_SECS} s; longer locks \
+                     are set by the operator (coffer-appliance policy set --lock)"
+                )));
+            }
             let (kind, labels) = policy_labels(&target);
             let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
             if rules::access(
@@ -296,8 +340,7 @@ impl Inner {
         let event = Event::done(&session.identity, "policy.set", name)
             .with_detail(serde_json::to_string(&merged).unwrap_or_default());
         catalog_call(&self.catalog, move |c| {
-            c.put_policy(&t, &m)?;
-            c.audit(&event)
+            c.audited(&event, |c| c.put_policy(&t, &m))
         })
         .await?;
         Ok(v1::SetPolicyResponse {
@@ -309,6 +352,7 @@ impl Inner {
     pub(super) async fn add_rule(
         &self,
         session: &Session,
+        source: Option<IpAddr>,
         req: v1::AddRuleRequest,
     ) -> Result<v1::AddRuleResponse, ApplianceError> {
         let rule = crate::access::rules::Rule::new(
@@ -325,7 +369,10 @@ impl Inner {
                     session.identity
                 )));
             }
-            Ok(())
+            // A rule can hand FULL to an account without a passphrase: always stepped up.
+            self.auth
+                .step_up(&session.identity, &req.delete_passphrase, source)
+                .await
         })
         .await?;
         let id = rule.id.clone();
@@ -371,9 +418,9 @@ fn policy_labels(t: &PolicyTarget) -> (&'static str, Vec<(&'static str, String)>
     }
 }
 
-/// Whether storing `merged` at `target` weakens retention or the lock anywhere the level
-/// applies: for a user or path level, that identity's effective policy (at that path, or at
-/// every path it has a level for); global and host levels compare the level itself.
+/// Whether storing `merged` at `target` weakens retention or the lock for anyone the level
+/// reaches: compared on the effective policy (inheritance included) of every identity and path
+/// that has a level below it, and of someone who has none.
 fn weakened(
     levels: &[(PolicyTarget, Policy)],
     target: &PolicyTarget,
@@ -385,39 +432,95 @@ fn weakened(
         .cloned()
         .collect();
     after.push((target.clone(), merged.clone()));
-    let scopes: Vec<(String, String)> = match target {
-        PolicyTarget::Path { user, host, path } => vec![(format!("{user}@{host}"), path.clone())],
-        PolicyTarget::User { user, host } => {
-            let id = format!("{user}@{host}");
-            let mut v = vec![(id.clone(), String::new())];
-            for (t, _) in levels {
-                if let PolicyTarget::Path {
-                    user: u,
-                    host: h,
-                    path,
-                } = t
-                {
-                    if u == user && h == host {
-                        v.push((id.clone(), path.clone()));
-                    }
-                }
-            }
-            v
-        }
-        PolicyTarget::Global | PolicyTarget::Host(_) => {
-            let before = levels
-                .iter()
-                .find(|(t, _)| t == target)
-                .map(|(_, p)| p.clone())
-                .unwrap_or_default();
-            let one = |p: &Policy| crate::catalog::policy::Effective {
-                policy: p.clone(),
-                ..Default::default()
-            };
-            return one(&before).weakened_by(&one(merged));
-        }
+    // Every identity and path the level reaches that has a level of its own, and for the
+    // global and host levels the level as inherited by someone with no level below it.
+    let reaches = |t: &PolicyTarget| match (target, t) {
+        (PolicyTarget::Global, _) => true,
+        (
+            PolicyTarget::Host(h),
+            PolicyTarget::User { host, .. } | PolicyTarget::Path { host, .. },
+        ) => h == host,
+        (
+            PolicyTarget::User { user, host },
+            PolicyTarget::User { user: u, host: h }
+            | PolicyTarget::Path {
+                user: u, host: h, ..
+            },
+        ) => user == u && host == h,
+        (PolicyTarget::Path { .. }, t) => t == target,
+        _ => false,
     };
+    let mut scopes: Vec<(String, String)> = match target {
+        // Names cannot contain `*`: nobody's own levels are found for these.
+        PolicyTarget::Global => vec![("*@*".into(), String::new())],
+        PolicyTarget::Host(h) => vec![(format!("*@{h}"), String::new())],
+        PolicyTarget::User { user, host } => vec![(format!("{user}@{host}"), String::new())],
+        PolicyTarget::Path { user, host, path } => vec![(format!("{user}@{host}"), path.clone())],
+    };
+    for (t, _) in levels
+        .iter()
+        .chain(std::iter::once(&(target.clone(), Policy::default())))
+    {
+        if reaches(t) {
+            match t {
+                PolicyTarget::Host(h) => scopes.push((format!("*@{h}"), String::new())),
+                PolicyTarget::User { user, host } => {
+                    scopes.push((format!("{user}@{host}"), String::new()));
+                }
+                PolicyTarget::Path { user, host, path } => {
+                    scopes.push((format!("{user}@{host}"), path.clone()));
+                }
+                PolicyTarget::Global => {}
+            }
+        }
+    }
     scopes
         .iter()
         .find_map(|(id, path)| resolve(levels, id, path).weakened_by(&resolve(&after, id, path)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn level(t: &str, json: &str) -> (PolicyTarget, Policy) {
+        (
+            PolicyTarget::parse(t).unwrap(),
+            serde_json::from_str(json).unwrap(),
+        )
+    }
+
+    fn weakens(levels: &[(PolicyTarget, Policy)], t: &str, json: &str) -> bool {
+        weakened(
+            levels,
+            &PolicyTarget::parse(t).unwrap(),
+            &serde_json::from_str(json).unwrap(),
+        )
+        .is_some()
+    }
+
+    #[test]
+    fn a_level_weakens_what_it_inherits_and_what_inherits_from_it() {
+        // A host level that unsets nothing but overrides an inherited lock or rule.
+        let levels = [level(
+            "global",
+            r#"{"lock_secs": 31536000, "keep_weekly": 52}"#,
+        )];
+        assert!(weakens(&levels, "@db1", r#"{"lock_secs": 0}"#));
+        assert!(weakens(&levels, "@db1", r#"{"keep_weekly": 1}"#));
+        assert!(!weakens(&levels, "@db1", r#"{"keep_weekly": 60}"#));
+        assert!(weakens(&levels, "alice@db1:/srv", r#"{"lock_secs": 60}"#));
+        // A global change is judged where it lands: a user level below keeps its own rule.
+        let levels = [
+            level("global", r#"{"keep_daily": 7}"#),
+            level("alice@db1", r#"{"keep_daily": 30}"#),
+            level("@web", r#"{"lock_secs": 600}"#),
+        ];
+        assert!(weakens(&levels, "global", r#"{"keep_daily": 3}"#));
+        assert!(!weakens(&levels, "global", r#"{"keep_daily": 8}"#));
+        // Lowering a user level's rule weakens it even though global is lower still.
+        assert!(weakens(&levels, "alice@db1", r#"{"keep_daily": 10}"#));
+        assert!(!weakens(&levels, "bob@db1", r#"{"keep_daily": 10}"#));
+        assert!(weakens(&levels, "@web", r#"{"lock_secs": 60}"#));
+    }
 }

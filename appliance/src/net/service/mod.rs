@@ -317,8 +317,11 @@ impl Coffer for CofferService {
         req: Request<v1::AddRuleRequest>,
     ) -> Result<Response<v1::AddRuleResponse>, Status> {
         let session = self.inner.session(&req)?;
+        let source = req.remote_addr().map(|a| a.ip());
         Ok(Response::new(
-            self.inner.add_rule(&session, req.into_inner()).await?,
+            self.inner
+                .add_rule(&session, source, req.into_inner())
+                .await?,
         ))
     }
 
