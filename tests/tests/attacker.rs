@@ -446,7 +446,8 @@ fn a_lock_holds_until_it_expires_then_retention_and_gc_free_the_data() {
         .any(|e| e["action"] == "snapshot.forget" && e["target"] == old.as_str()));
     assert!(log.iter().any(|e| e["action"] == "maintenance.run"));
     assert!(
-        log.iter().any(|e| e["action"] == "clock.shifted" && e["target"] == "10800"),
+        log.iter()
+            .any(|e| e["action"] == "clock.shifted" && e["target"] == "10800"),
         "a shifted clock is on the record"
     );
 }
