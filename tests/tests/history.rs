@@ -86,3 +86,32 @@ fn new_repositories_are_append_only_and_existing_ones_switch_on_request() {
         "the defaults brought back are the append-only ones: {text}"
     );
 }
+
+/// A repository whose rules are already stored (full defaults, enabled) narrows them in place.
+#[test]
+fn stored_full_defaults_are_narrowed_to_append_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path();
+    let mut app = Appliance::init(base, 1, 64 << 10, &["alice@laptop"]).unwrap();
+    app.start().unwrap();
+    admin(&app, &["acl", "enable"]);
+    let listed = admin(&app, &["acl", "list"]);
+    assert!(listed.contains("access=FULL"), "{listed}");
+    admin(&app, &["acl", "enable", "--append-only-defaults"]);
+    let listed = admin(&app, &["acl", "list"]);
+    assert!(
+        listed.contains("default-own-snapshots") && !listed.contains("access=FULL"),
+        "{listed}"
+    );
+    let cfg = base.join("alice.toml");
+    connect_client(&app, &cfg, "alice", "laptop");
+    let src = base.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), b"kept").unwrap();
+    let id = create_snapshot(&cfg, &src)["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (rc, text) = try_delete(&cfg, &id);
+    assert_ne!(rc, 0, "{text}");
+}

@@ -286,6 +286,12 @@ pub(crate) fn apply_as(
     req: &Request,
     actor: &str,
 ) -> Result<Reply, ApplianceError> {
+    // A policy level is read, changed and written as one step (see `Catalog::policy_guard`).
+    let _policy = matches!(
+        req,
+        Request::PolicySet { .. } | Request::PolicyDelete { .. }
+    )
+    .then(|| catalog.policy_guard());
     let out = match admin_event(req, actor) {
         // The change and its audit entry in one write, or neither.
         Some(e) => catalog.audited(&e, |c| apply_unaudited(c, req)),
@@ -294,8 +300,11 @@ pub(crate) fn apply_as(
     if let (Err(ApplianceError::PermissionDenied(why)), Some((action, target))) =
         (&out, refusable(req))
     {
-        // The operator is refused too (a protection or a lock): on the record.
-        catalog.audit(&Event::refused(actor, action, target, why))?;
+        // The operator is refused too (a protection or a lock): on the record. The refusal is
+        // what the operator must see, even when its entry cannot be written.
+        if let Err(e) = catalog.audit(&Event::refused(actor, action, target, why)) {
+            tracing::warn!(error = %e, "audit entry for a refused operator request not written");
+        }
     }
     out
 }
@@ -593,7 +602,7 @@ fn apply_acl(catalog: &Catalog, req: &Request, reply: &mut Reply) -> Result<(), 
                 // narrowed to the append-only defaults.
                 for r in crate::access::rules::defaults(d) {
                     if stored.iter().any(|s| s.id == r.id) {
-                        catalog.put_rule(&r)?;
+                        catalog.replace_rule(&r)?;
                     }
                 }
             } else if !*defaults {

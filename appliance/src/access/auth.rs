@@ -76,18 +76,25 @@ pub struct Auth {
 struct BurstBudget {
     window: Instant,
     used: u32,
+    /// Bursts not recorded since the last entry (told in the next one).
+    left_out: u64,
 }
 
 const BURST_ENTRIES_PER_MINUTE: u32 = 60;
 
 impl BurstBudget {
-    fn admit(&mut self, now: Instant) -> bool {
+    /// Whether to record one more burst now, and how many were left out before it.
+    fn admit(&mut self, now: Instant) -> Option<u64> {
         if now.saturating_duration_since(self.window) >= Duration::from_mins(1) {
             self.window = now;
             self.used = 0;
         }
+        if self.used >= BURST_ENTRIES_PER_MINUTE {
+            self.left_out += 1;
+            return None;
+        }
         self.used += 1;
-        self.used <= BURST_ENTRIES_PER_MINUTE
+        Some(std::mem::take(&mut self.left_out))
     }
 }
 
@@ -115,6 +122,7 @@ impl Auth {
             burst_entries: Mutex::new(BurstBudget {
                 window: Instant::now(),
                 used: 0,
+                left_out: 0,
             }),
         };
         a.reload()?;
@@ -322,9 +330,16 @@ impl Auth {
                 .unwrap_or(false)
         };
         if !ok || (control.is_none() && user.is_none()) {
-            // Bursts against real accounts only: invented names must not fill the log.
-            if user.is_some() {
+            if user.is_some() || control.is_some() {
                 self.audit_failures(&identity, source, &keys, "login.failures");
+            } else {
+                // Invented names: one entry per burst from a source, never one per name.
+                self.audit_failures(
+                    "unknown accounts",
+                    source,
+                    keys.get(1..).unwrap_or_default(),
+                    "login.failures",
+                );
             }
             return Err(denied());
         }
@@ -386,18 +401,24 @@ impl Auth {
             .map(|k| lock(&self.throttle).failures(k))
             .max()
             .unwrap_or(0);
-        if (n == super::throttle::FREE_FAILURES || (n > 0 && n % 100 == 0))
-            && lock(&self.burst_entries).admit(Instant::now())
+        if n != super::throttle::FREE_FAILURES && (n == 0 || n % 100 != 0) {
+            return;
+        }
+        let Some(left_out) = lock(&self.burst_entries).admit(Instant::now()) else {
+            return;
+        };
         {
-            let event = crate::catalog::audit::Event::refused(
-                identity,
-                action,
-                identity,
-                &format!(
-                    "{n} failures in a row (from {}); further attempts are slowed down",
-                    source.map_or("an unknown address".into(), |ip| ip.to_string())
-                ),
-            );
+            let from = source.map_or("an unknown address".into(), |ip| ip.to_string());
+            let why = if left_out > 0 {
+                format!(
+                    "{n} failures in a row (from {from}); further attempts are slowed down \
+                     ({left_out} earlier bursts not recorded: more than \
+                     {BURST_ENTRIES_PER_MINUTE} a minute)"
+                )
+            } else {
+                format!("{n} failures in a row (from {from}); further attempts are slowed down")
+            };
+            let event = crate::catalog::audit::Event::refused(identity, action, identity, &why);
             let catalog = self.catalog.clone();
             // Off the network threads; a failed write is logged, the refusal stands.
             tokio::task::spawn_blocking(move || {

@@ -56,6 +56,9 @@ pub struct Catalog {
     /// Serialises snapshot commits and deletes: the check for an earlier commit with the same
     /// commit id and the write of a new one are one step.
     commits: std::sync::Mutex<()>,
+    /// Serialises policy changes: a change is read, merged, checked and written as one step
+    /// (held across [`Catalog::audited`]'s write by the callers, see [`Catalog::policy_guard`]).
+    policies: std::sync::Mutex<()>,
     /// The journal in the packs, once the running appliance attached it (offline tools write
     /// the catalog alone; the next start checkpoints what they changed).
     journal: std::sync::Mutex<Option<(journal::Journal, crate::repo::RepoPaths)>>,
@@ -121,6 +124,7 @@ impl Catalog {
         let catalog = Self {
             db,
             commits: std::sync::Mutex::new(()),
+            policies: std::sync::Mutex::new(()),
             journal: std::sync::Mutex::new(None),
         };
         schema::migrate(&catalog)?;
@@ -381,6 +385,26 @@ impl Catalog {
         })
     }
 
+    /// Held while a policy level is read, changed and written: two changes of one level never
+    /// build on the same old record.
+    pub fn policy_guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.policies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Stores `rule` over the stored rule with its id (`acl enable --append-only-defaults`
+    /// narrowing a built-in rule).
+    ///
+    /// # Errors
+    /// Engine errors.
+    pub fn replace_rule(&self, rule: &crate::access::rules::Rule) -> Result<(), CatalogError> {
+        self.put(
+            key::rule(&rule.id).as_bytes(),
+            &serde_json::to_vec(rule).map_err(ce)?,
+        )
+    }
+
     /// Stores a rule.
     ///
     /// # Errors
@@ -487,6 +511,12 @@ impl Catalog {
         if event.is_none() && Pending::hold(ops) {
             return Ok(());
         }
+        if event.is_some() && Pending::active() {
+            // It would land before the change it belongs to, and stay if that change failed.
+            return Err(CatalogError::Engine(
+                "a write with its own audit entry inside an audited change".into(),
+            ));
+        }
         let mut slot = self
             .journal
             .lock()
@@ -563,10 +593,33 @@ impl Catalog {
         self.write_audited(&ops, Some(event))
     }
 
+    /// Reads snapshot `id`, lets `change` check and change it, and writes it back with `event`
+    /// in the audit chain — all under the commit lock, so the check sees the record as written.
+    fn change_snapshot(
+        &self,
+        id: &SnapshotId,
+        event: &audit::Event,
+        change: impl FnOnce(&mut v1::Snapshot) -> Result<(), CatalogError>,
+    ) -> Result<v1::Snapshot, CatalogError> {
+        let _one = self
+            .commits
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut s = self
+            .snapshot(id)?
+            .ok_or_else(|| CatalogError::NotFound(format!("no snapshot {id}")))?;
+        change(&mut s)?;
+        self.write_audited(
+            &[(key::snapshot(id).into_bytes(), Some(s.encode_to_vec()))],
+            Some(event),
+        )?;
+        Ok(s)
+    }
+
     /// Sets a snapshot's protection: `until_us` 0 removes it, `i64::MAX` protects until
-    /// removed. Removing or shortening a protection needs `may_shorten` (the caller checked FULL
-    /// access and the step-up; decided here, under the commit lock, against the record as it is
-    /// now) and is refused while the snapshot is locked. `event` is recorded with the change.
+    /// removed. Removing or shortening a protection in force needs `may_shorten` (the caller
+    /// checked FULL access and the step-up; decided here against the record as it is now) and
+    /// is refused while the snapshot is locked. `event` is recorded with the change.
     ///
     /// # Errors
     /// [`CatalogError::NotFound`]; [`CatalogError::Held`]; engine errors.
@@ -577,34 +630,26 @@ impl Catalog {
         may_shorten: bool,
         event: &audit::Event,
     ) -> Result<v1::Snapshot, CatalogError> {
-        let _one = self
-            .commits
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut s = self
-            .snapshot(id)?
-            .ok_or_else(|| CatalogError::NotFound(format!("no snapshot {id}")))?;
-        let until_us = until_us.max(0);
-        if until_us < s.protected_until_us {
-            if !may_shorten {
-                return Err(CatalogError::Held(format!(
-                    "snapshot {id} is protected; removing or shortening a protection needs \
-                     FULL access and the account's delete passphrase"
-                )));
+        let now = crate::clock::now_us();
+        self.change_snapshot(id, event, |s| {
+            let until_us = until_us.max(0);
+            if until_us < protection_in_force(s, now) {
+                if !may_shorten {
+                    return Err(CatalogError::Held(format!(
+                        "snapshot {id} is protected; removing or shortening a protection needs \
+                         FULL access and the account's delete passphrase"
+                    )));
+                }
+                if s.lock_until_us > now {
+                    return Err(CatalogError::Held(format!(
+                        "snapshot {id} is locked until {}: nobody can unprotect it before then",
+                        coffer_proto::when::format_us(s.lock_until_us)
+                    )));
+                }
             }
-            if s.lock_until_us > crate::clock::now_us() {
-                return Err(CatalogError::Held(format!(
-                    "snapshot {id} is locked until {}: nobody can unprotect it before then",
-                    coffer_proto::when::format_us(s.lock_until_us)
-                )));
-            }
-        }
-        s.protected_until_us = until_us;
-        self.write_audited(
-            &[(key::snapshot(id).into_bytes(), Some(s.encode_to_vec()))],
-            Some(event),
-        )?;
-        Ok(s)
+            s.protected_until_us = until_us;
+            Ok(())
+        })
     }
 
     /// Extends a snapshot's retention lock to `until_us`; a lock is never shortened.
@@ -617,25 +662,16 @@ impl Catalog {
         until_us: i64,
         event: &audit::Event,
     ) -> Result<v1::Snapshot, CatalogError> {
-        let _one = self
-            .commits
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut s = self
-            .snapshot(id)?
-            .ok_or_else(|| CatalogError::NotFound(format!("no snapshot {id}")))?;
-        if until_us < s.lock_until_us {
-            return Err(CatalogError::Held(format!(
-                "snapshot {id} is locked until {}; a lock can be extended, never shortened",
-                coffer_proto::when::format_us(s.lock_until_us)
-            )));
-        }
-        s.lock_until_us = until_us;
-        self.write_audited(
-            &[(key::snapshot(id).into_bytes(), Some(s.encode_to_vec()))],
-            Some(event),
-        )?;
-        Ok(s)
+        self.change_snapshot(id, event, |s| {
+            if until_us < s.lock_until_us {
+                return Err(CatalogError::Held(format!(
+                    "snapshot {id} is locked until {}; a lock can be extended, never shortened",
+                    coffer_proto::when::format_us(s.lock_until_us)
+                )));
+            }
+            s.lock_until_us = until_us;
+            Ok(())
+        })
     }
 
     /// Runs `f` as one audited change: every write `f` makes on this thread is held back, then
@@ -740,6 +776,10 @@ impl Pending {
         })
     }
 
+    fn active() -> bool {
+        PENDING.with(|p| p.borrow().is_some())
+    }
+
     /// The writes held back so far; ends the change in progress.
     fn take() -> Vec<journal::Op> {
         PENDING.with(|p| p.borrow_mut().take()).unwrap_or_default()
@@ -749,6 +789,17 @@ impl Pending {
 impl Drop for Pending {
     fn drop(&mut self) {
         PENDING.with(|p| p.borrow_mut().take());
+    }
+}
+
+/// The end of `s`'s protection if it is still in force at `now_us`, else 0 (an expired
+/// protection is no protection: removing it takes nothing away).
+#[must_use]
+pub fn protection_in_force(s: &v1::Snapshot, now_us: i64) -> i64 {
+    if s.protected_until_us > now_us {
+        s.protected_until_us
+    } else {
+        0
     }
 }
 

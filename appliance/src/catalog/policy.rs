@@ -231,6 +231,13 @@ pub fn resolve(levels: &[(PolicyTarget, Policy)], identity: &str, path: &str) ->
         };
         if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(p) {
             for (field, value) in fields {
+                // The lock is the exception: the longest at any level binds (a more specific
+                // level can add a lock, never escape one set above it).
+                if field == LOCK_FIELD
+                    && merged.get(LOCK_FIELD).and_then(serde_json::Value::as_u64) > value.as_u64()
+                {
+                    continue;
+                }
                 from.insert(field.clone(), target.clone());
                 merged.insert(field, value);
             }
@@ -243,6 +250,9 @@ pub fn resolve(levels: &[(PolicyTarget, Policy)], identity: &str, path: &str) ->
     }
 }
 
+/// The field of [`Policy::lock_secs`].
+const LOCK_FIELD: &str = "lock_secs";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,6 +262,21 @@ mod tests {
             policy: serde_json::from_str(json).unwrap(),
             ..Effective::default()
         }
+    }
+
+    #[test]
+    fn the_longest_lock_of_the_chain_binds() {
+        let levels = vec![
+            (PolicyTarget::Global, eff(r#"{"lock_secs": 600}"#).policy),
+            (
+                PolicyTarget::parse("alice@laptop").unwrap(),
+                eff(r#"{"lock_secs": 0, "keep_last": 3}"#).policy,
+            ),
+        ];
+        let e = resolve(&levels, "alice@laptop", "/home");
+        assert_eq!(e.policy.lock_secs, Some(600));
+        assert_eq!(e.from["lock_secs"], PolicyTarget::Global);
+        assert_eq!(e.policy.keep_last, Some(3));
     }
 
     #[test]

@@ -153,23 +153,19 @@ impl Inner {
         let hash = self.auth.hash_new_password(pw).await?;
         let identity = session.identity.clone();
         let event = crate::catalog::audit::Event::done(&identity, "user.password", &identity);
-        let changed = catalog_call(&self.catalog, move |c| {
+        catalog_call(&self.catalog, move |c| {
             c.audited(&event, |c| {
                 let Some(mut u) = c.user(&identity)? else {
-                    return Ok(false);
+                    // Deleted while this call ran: no change, so no entry.
+                    return Err(crate::catalog::CatalogError::NotFound(format!(
+                        "no account {identity}: it was deleted"
+                    )));
                 };
                 u.password_hash = hash;
-                c.set_user(&u).map(|()| true)
+                c.set_user(&u)
             })
         })
         .await?;
-        if !changed {
-            // Deleted while this call ran.
-            return Err(ApplianceError::NotFound(format!(
-                "no account {}: it was deleted",
-                session.identity
-            )));
-        }
         // Every session of the account ends (the caller's too): the old password is gone.
         let auth = self.auth.clone();
         on_blocking_pool("reload", move || auth.reload()).await?;

@@ -14,12 +14,11 @@ use coffer_proto::v1;
 use tokio::time::Instant;
 
 use super::snapshots::{no_snapshot, snapshot_id};
-use super::{catalog_call, Inner};
+use super::{catalog_call, on_blocking_pool, Inner};
 use crate::access::rules::{self, snapshot_access, Access, TargetType};
 use crate::access::Session;
 use crate::catalog::audit::Event;
 use crate::catalog::policy::{resolve, Policy, PolicyTarget};
-use crate::catalog::CatalogError;
 use crate::error::ApplianceError;
 
 /// Refusals recorded per identity and minute at most; more are counted, and the count goes into
@@ -198,7 +197,8 @@ impl Inner {
                 let (snap, access) = visible(self, session, &id).await?;
                 // Protecting adds (APPEND); removing or shortening a protection takes it away
                 // (FULL and the step-up).
-                let weakens = until < snap.protected_until_us;
+                let weakens =
+                    until < crate::catalog::protection_in_force(&snap, crate::clock::now_us());
                 if weakens {
                     self.may_remove(session, source, &id, &req.delete_passphrase, "unprotect")
                         .await?;
@@ -294,35 +294,38 @@ impl Inner {
         }
         let name = target.to_string();
         let levels = catalog_call(&self.catalog, crate::catalog::Catalog::policies).await?;
-        let stored = levels
-            .iter()
-            .find(|(t, _)| *t == target)
-            .map(|(_, p)| p.clone())
-            .unwrap_or_default();
+        let stored = level_of(&levels, &target);
         let merged = crate::access::admin::merge(&stored, &set, &req.unset)?;
-        self.checked(session, "policy.set", &name, async {
-            if merged.lock_secs.unwrap_or(0) > MAX_CLIENT_LOCK_SECS {
-                return Err(ApplianceError::PermissionDenied(format!(
-                    "a client may set a lock of at most {MAX_CLIENT_LOCK_SECS} s; longer locks \
-                     are set by the operator (coffer-appliance policy set --lock)"
-                )));
-            }
-            let (kind, labels) = policy_labels(&target);
-            let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            if rules::access(
-                &self.auth.rules(),
-                &session.identity,
-                TargetType::Policy,
-                &labels,
-            )
-            .is_none_or(|a| a < Access::Full)
-            {
-                return Err(ApplianceError::PermissionDenied(format!(
-                    "{} may not change the {kind} policy {name}",
-                    session.identity
-                )));
-            }
-            if let Some(why) = weakened(&levels, &target, &merged) {
+        let stepped_up = self
+            .checked(session, "policy.set", &name, async {
+                let over = set
+                    .lock_secs
+                    .filter(|l| *l > MAX_CLIENT_LOCK_SECS.max(stored.lock_secs.unwrap_or(0)));
+                if over.is_some() {
+                    return Err(ApplianceError::PermissionDenied(format!(
+                        "a client may set a lock of at most {MAX_CLIENT_LOCK_SECS} s; longer \
+                         locks are set by the operator (coffer-appliance policy set --lock)"
+                    )));
+                }
+                let (kind, labels) = policy_labels(&target);
+                let labels: Vec<(&str, &str)> =
+                    labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                if rules::access(
+                    &self.auth.rules(),
+                    &session.identity,
+                    TargetType::Policy,
+                    &labels,
+                )
+                .is_none_or(|a| a < Access::Full)
+                {
+                    return Err(ApplianceError::PermissionDenied(format!(
+                        "{} may not change the {kind} policy {name}",
+                        session.identity
+                    )));
+                }
+                let Some(why) = weakened(&levels, &target, &merged) else {
+                    return Ok(false);
+                };
                 self.auth
                     .step_up(&session.identity, &req.delete_passphrase, source)
                     .await
@@ -332,19 +335,40 @@ impl Inner {
                         }
                         e => e,
                     })?;
-            }
-            Ok(())
-        })
-        .await?;
-        let (t, m) = (target.clone(), merged.clone());
-        let event = Event::done(&session.identity, "policy.set", name)
-            .with_detail(serde_json::to_string(&merged).unwrap_or_default());
-        catalog_call(&self.catalog, move |c| {
-            c.audited(&event, |c| c.put_policy(&t, &m))
-        })
-        .await?;
+                Ok(true)
+            })
+            .await?;
+        // Read, merge, check and write again as one step: a change made meanwhile (by the
+        // operator, say) is neither lost nor weakened without the step-up.
+        let event = Event::done(&session.identity, "policy.set", name.clone());
+        let (t, unset, catalog) = (target.clone(), req.unset.clone(), self.catalog.clone());
+        let written = self
+            .checked(
+                session,
+                "policy.set",
+                &name,
+                on_blocking_pool("policy change", move || {
+                    let _one = catalog.policy_guard();
+                    let levels = catalog.policies()?;
+                    let stored = level_of(&levels, &t);
+                    let merged = crate::access::admin::merge(&stored, &set, &unset)?;
+                    if !stepped_up {
+                        if let Some(why) = weakened(&levels, &t, &merged) {
+                            return Err(ApplianceError::PermissionDenied(format!(
+                                "{why}, after a change made meanwhile: that needs the delete \
+                                 passphrase; ask again"
+                            )));
+                        }
+                    }
+                    let event =
+                        event.with_detail(serde_json::to_string(&merged).unwrap_or_default());
+                    catalog.audited(&event, |c| c.put_policy(&t, &merged))?;
+                    Ok(merged)
+                }),
+            )
+            .await?;
         Ok(v1::SetPolicyResponse {
-            policy_json: serde_json::to_string(&merged)
+            policy_json: serde_json::to_string(&written)
                 .map_err(|e| ApplianceError::Internal(e.to_string()))?,
         })
     }
@@ -378,16 +402,24 @@ impl Inner {
         let id = rule.id.clone();
         let auth = self.auth.clone();
         let who = session.identity.clone();
-        catalog_call(&self.catalog, move |c| {
+        let catalog = self.catalog.clone();
+        on_blocking_pool("add rule", move || {
             let req = crate::access::admin::Request::AclAdd { rule };
-            crate::access::admin::apply_as(c, &req, &who)
-                .map_err(|e| CatalogError::Engine(e.to_string()))?;
+            crate::access::admin::apply_as(&catalog, &req, &who)?;
             auth.reload()
-                .map_err(|e| CatalogError::Engine(e.to_string()))
         })
         .await?;
         Ok(v1::AddRuleResponse { id })
     }
+}
+
+/// The level stored at `target` (empty when none is).
+fn level_of(levels: &[(PolicyTarget, Policy)], target: &PolicyTarget) -> Policy {
+    levels
+        .iter()
+        .find(|(t, _)| t == target)
+        .map(|(_, p)| p.clone())
+        .unwrap_or_default()
 }
 
 /// The policy type and labels a rule matches a policy target on.
@@ -506,10 +538,12 @@ mod tests {
             "global",
             r#"{"lock_secs": 31536000, "keep_weekly": 52}"#,
         )];
-        assert!(weakens(&levels, "@db1", r#"{"lock_secs": 0}"#));
         assert!(weakens(&levels, "@db1", r#"{"keep_weekly": 1}"#));
         assert!(!weakens(&levels, "@db1", r#"{"keep_weekly": 60}"#));
-        assert!(weakens(&levels, "alice@db1:/srv", r#"{"lock_secs": 60}"#));
+        // A lower lock below cannot escape the one above (the longest binds): harmless.
+        assert!(!weakens(&levels, "@db1", r#"{"lock_secs": 0}"#));
+        assert!(!weakens(&levels, "alice@db1:/srv", r#"{"lock_secs": 60}"#));
+        assert!(weakens(&levels, "global", r#"{"lock_secs": 60}"#));
         // A global change is judged where it lands: a user level below keeps its own rule.
         let levels = [
             level("global", r#"{"keep_daily": 7}"#),
