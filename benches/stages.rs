@@ -311,6 +311,74 @@ fn pack_append(c: &mut Criterion) {
     g.finish();
 }
 
+/// The need set of one shard of 16: the ids a 16-shard appliance routes to shard 0. Compares
+/// the set as shipped (hash = bytes 8..16 of the id) with the layout it replaced (hash = bytes
+/// 0..8, the bits the shard choice uses), which on such a shard leaves 15/16 of the table's
+/// home slots unused; the 2-shard benches could not show that.
+fn need_set(c: &mut Criterion) {
+    use std::collections::HashSet;
+    use std::hash::{BuildHasherDefault, Hasher};
+
+    /// The replaced hasher, kept here only to measure what it cost.
+    #[derive(Default)]
+    struct ShardBits(u64);
+    impl Hasher for ShardBits {
+        fn finish(&self) -> u64 {
+            self.0
+        }
+        fn write(&mut self, _: &[u8]) {
+            unreachable!("u128 keys only")
+        }
+        #[allow(clippy::cast_possible_truncation)]
+        fn write_u128(&mut self, v: u128) {
+            self.0 = v as u64;
+        }
+    }
+    let key = |id: &ChunkId| u128::from_le_bytes(id.as_bytes()[..16].try_into().unwrap());
+
+    const N: usize = 1_000_000;
+    let mut ids = Vec::with_capacity(N);
+    let mut n = 0u64;
+    while ids.len() < N {
+        n += 1;
+        let id = ChunkId::from_bytes(*blake3::hash(&n.to_le_bytes()).as_bytes());
+        if u64::from_le_bytes(id.as_bytes()[..8].try_into().unwrap()) % 16 == 0 {
+            ids.push(id);
+        }
+    }
+    // Half present, half absent: what FindMissing asks.
+    let (stored, asked) = ids.split_at(N / 2);
+    let mut g = c.benchmark_group("need_set_shard0_of16");
+    g.throughput(Throughput::Elements(N as u64)).sample_size(10);
+    g.bench_function("bytes8_16_load_and_query", |b| {
+        b.iter(|| {
+            let mut s = coffer_appliance::NeedSet::default();
+            for id in stored {
+                s.insert(id);
+            }
+            stored
+                .iter()
+                .chain(asked)
+                .filter(|id| s.contains(id))
+                .count()
+        });
+    });
+    g.bench_function("bytes0_8_replaced_load_and_query", |b| {
+        b.iter(|| {
+            let mut s: HashSet<u128, BuildHasherDefault<ShardBits>> = HashSet::default();
+            for id in stored {
+                s.insert(key(id));
+            }
+            stored
+                .iter()
+                .chain(asked)
+                .filter(|id| s.contains(&key(id)))
+                .count()
+        });
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     chunking,
@@ -318,6 +386,7 @@ criterion_group!(
     aes,
     compression,
     index,
-    pack_append
+    pack_append,
+    need_set
 );
 criterion_main!(benches);

@@ -36,6 +36,7 @@ pub use catalog::{audit, Catalog, CatalogError, UserRecord};
 pub use crypto::keys::{KdfParams, MasterKey};
 pub use crypto::{Encryption, RecordCipher};
 pub use error::{ApplianceError, IngestError, RepoError};
+pub use index::need::NeedSet;
 pub use index::{ChunkIndex, MemIndex, OpenMode, RocksIndex};
 pub use maintenance::gc::{GcConfig, GcReport, Mark as GcMark};
 pub use maintenance::retention::{self, Retention};

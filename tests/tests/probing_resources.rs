@@ -479,3 +479,73 @@ fn verify_reports_a_missing_footer() {
     assert_ne!(rc, 0, "{text}");
     assert!(text.contains("no valid footer"), "{text}");
 }
+
+/// Issue 14, item 1: one 4 MiB chunk asked 256 times per message, four messages on each of eight
+/// streams that stop reading after their first answer (32 GiB asked): each id is read once per
+/// piece and pieces are admitted by the read budget before they are read, so the appliance's
+/// peak memory stays far below what was asked, and another user backs up and restores
+/// meanwhile. (Before: each message's whole answer was built in memory, 1 GiB a message.)
+#[test]
+fn a_repeated_chunk_id_cannot_make_the_appliance_buffer_gigabytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = Appliance::init(dir.path(), 1, 1 << 20, &[ALICE, BOB]).unwrap();
+    app.serve_args = vec!["--read-budget-mib".into(), "256".into()];
+    app.start().unwrap();
+    let pid = app.pid().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let bob = app.session(BOB).await.unwrap();
+        let max = bob.limits().max_chunk_size as usize;
+        let plain = Bytes::from(coffer_tests::data(9, max, false));
+        let id = frame(&bob, plain.clone()).id;
+        let base = proc_status_kib(pid, "VmRSS:");
+        std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+
+        let ids = Bytes::from(pack_ids(&[id; 256]));
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            // A session (and connection) per stream: unread streams of one connection would
+            // only exhaust that connection's flow-control window.
+            let s = app.session(BOB).await.unwrap();
+            // Each session uploads it (stored once): now it may read it.
+            s.put(vec![frame(&s, plain.clone())], 8 << 20)
+                .await
+                .unwrap();
+            let reqs = (0..4).map(|_| coffer_proto::v1::GetChunksRequest { ids: ids.clone() });
+            let mut answers = s
+                .raw()
+                .get_chunks(tokio_stream::iter(reqs.collect::<Vec<_>>()))
+                .await
+                .unwrap()
+                .into_inner();
+            // The first answer proves the appliance is serving the message; then stop reading.
+            let first = tokio::time::timeout(Duration::from_mins(1), answers.message())
+                .await
+                .expect("an answer within a minute")
+                .unwrap()
+                .unwrap();
+            assert_eq!(&first.chunks[0].id[..], id.as_bytes());
+            held.push((s, answers));
+        }
+        // Another user backs up and restores meanwhile.
+        let src = dir.path().join("alice-src");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("f"), coffer_tests::data(3, 3 << 20, false)).unwrap();
+        let cfg = dir.path().join("alice.json");
+        coffer_tests::connect_client(&app, &cfg, "alice", "laptop");
+        let snap = coffer_tests::create_snapshot(&cfg, &src)["snapshot"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        coffer_tests::assert_restores(&cfg, &snap, &src, &dir.path().join("alice-out"));
+
+        let peak = proc_status_kib(pid, "VmHWM:");
+        let grown_mib = peak.saturating_sub(base) / 1024;
+        eprintln!("8 streams × 4 messages × 256 × 4 MiB asked: peak RSS +{grown_mib} MiB");
+        assert!(
+            grown_mib < 512,
+            "peak RSS grew by {grown_mib} MiB (read budget 256 MiB)"
+        );
+        drop(held);
+    });
+}

@@ -60,6 +60,11 @@ pub struct ServeArgs {
     /// is garbage.
     #[arg(long, default_value_t = 25, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=100))]
     pub compact_above: u8,
+    /// Chunk data read from packs and not yet sent, appliance-wide, in MiB (each session may
+    /// hold 256 MiB of it): `GetChunks` answers are admitted against it before they are read.
+    /// Default: an eighth of the memory, between 256 MiB and 4 GiB.
+    #[arg(long, value_name = "MIB")]
+    pub read_budget_mib: Option<u64>,
     /// Identity (`name@host`) of the server control user, who may only call Refresh and
     /// ServerStatus; its password comes from COFFER_SERVER_CONTROL_PASSWORD.
     #[arg(long, value_name = "NAME@HOST")]
@@ -129,6 +134,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             listen_mode: a.listen_mode,
             handshake_timeout: std::time::Duration::from_secs(a.handshake_timeout.max(1)),
             space_reserve: a.space_reserve,
+            read_budget: a.read_budget_mib.map(|m| m.saturating_mul(1 << 20)),
             maintenance: match a.maintenance_at.as_str() {
                 "off" => None,
                 s => Some(coffer_appliance::Schedule::parse(s)?),

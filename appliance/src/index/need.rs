@@ -20,7 +20,11 @@ use coffer_proto::ChunkId;
 use crate::error::RepoError;
 use crate::index::ChunkIndex;
 
-/// The ids are uniformly random already: hashing them again would only cost time.
+/// The ids are uniformly random already: hashing them again would only cost time. But which
+/// bits: the shard of an id is its first 8 bytes (little-endian) modulo the shard count, so on
+/// one shard those bits are far from uniform — with 16 shards their low 4 bits are all equal,
+/// and a table indexed by them would use 1/16 of its home slots. The hash is therefore bytes
+/// 8..16 of the id, which the shard choice never looks at (`docs/format.md`, sharding).
 #[derive(Default)]
 pub struct IdHasher(u64);
 
@@ -34,9 +38,10 @@ impl Hasher for IdHasher {
         }
     }
     fn write_u128(&mut self, v: u128) {
+        // The key is the id's first 16 bytes, little-endian: bytes 8..16 are its high half.
         #[allow(clippy::cast_possible_truncation)]
         {
-            self.0 = v as u64;
+            self.0 = (v >> 64) as u64;
         }
     }
 }
@@ -58,10 +63,14 @@ impl NeedSet {
     /// Index read errors, and the first entry that does not decode.
     pub fn load(index: &dyn ChunkIndex) -> Result<Self, RepoError> {
         let mut set = Self::default();
-        for item in index.entries()? {
-            let (id, _) = item.map_err(|e| RepoError::Index(e.to_string()))?;
-            set.insert(&id);
-        }
+        // Sized once (an estimate: the set still grows if it is short), filled by a streaming
+        // scan: no copy of the whole index in between.
+        let estimate = usize::try_from(index.approximate_len()?).unwrap_or(0);
+        set.0.reserve(estimate);
+        index.scan(&mut |id, _| {
+            set.insert(id);
+            Ok(())
+        })?;
         Ok(set)
     }
 
@@ -83,11 +92,40 @@ impl NeedSet {
     pub fn len(&self) -> usize {
         self.0.len()
     }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::hash::BuildHasher;
+
+    /// On one shard of 16, the hash's low bits (what the table indexes by) are still uniform.
+    #[test]
+    fn one_shards_ids_spread_over_the_whole_table() {
+        let shards = 16u64;
+        let mut seen = HashSet::new();
+        let mut n = 0u64;
+        let mut ids = 0;
+        while ids < 20_000 {
+            n += 1;
+            let id = ChunkId::from_bytes(*blake3::hash(&n.to_le_bytes()).as_bytes());
+            let shard = u64::from_le_bytes(id.as_bytes()[..8].try_into().unwrap()) % shards;
+            if shard != 0 {
+                continue;
+            }
+            ids += 1;
+            let h = BuildHasherDefault::<IdHasher>::default().hash_one(key(&id));
+            seen.insert(h & 0xfff);
+        }
+        // 20,000 uniform draws from 4,096 slots leave almost none empty; the first 8 bytes of
+        // these ids would have hit 256 slots at most.
+        assert!(seen.len() > 4_000, "{} of 4096 slots used", seen.len());
+    }
     use crate::index::MemIndex;
     use crate::pack::format::IndexEntry;
     use coffer_proto::PackId;

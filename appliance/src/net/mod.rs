@@ -8,6 +8,7 @@
 //! blocking pool.
 
 mod admin_socket;
+pub mod budget;
 mod listen;
 pub mod server;
 pub mod service;

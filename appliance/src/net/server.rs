@@ -45,6 +45,8 @@ pub struct ServeOptions {
     pub maintenance: Option<Schedule>,
     /// How garbage collection collects (grace window, compaction threshold).
     pub gc: GcConfig,
+    /// Chunk bytes read and not yet sent, appliance-wide (`None`: from the memory size).
+    pub read_budget: Option<u64>,
 }
 
 /// Warns when the repository is readable or writable by other local users (it holds password
@@ -190,14 +192,7 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
         },
     };
     let handles = shards.iter().map(|s| s.handle.clone()).collect();
-    if let Some(c) = &opts.control {
-        if catalog.user(&c.identity)?.is_some() {
-            return Err(ServeError::Refused(format!(
-                "--server-control-username {} is also an account in the catalog; choose another name",
-                c.identity
-            )));
-        }
-    }
+    check_control(&catalog, opts)?;
     let auth = Arc::new(Auth::new(catalog.clone(), opts.control.clone())?);
     let fanout = crate::shard::Shards::new(handles);
     let gate = Arc::new(Gate::default());
@@ -209,7 +204,17 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
         paths.clone(),
         opts.gc,
     ));
-    let service = CofferService::new(fanout, catalog.clone(), auth.clone(), hello, gate);
+    let service = CofferService::new(
+        fanout,
+        catalog.clone(),
+        auth.clone(),
+        hello,
+        gate,
+        opts.read_budget.map_or_else(
+            || crate::net::budget::ReadBudget::for_memory(hw.memory_bytes),
+            crate::net::budget::ReadBudget::new,
+        ),
+    );
     let admin = Admin {
         socket: paths.admin_socket(),
         catalog,
@@ -349,6 +354,19 @@ async fn shutdown_signal(on_stdin: bool) {
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         () = stdin_closed => tracing::info!("standard input closed: shutting down"),
     }
+}
+
+/// The server control user must not also be an account.
+fn check_control(catalog: &Catalog, opts: &ServeOptions) -> Result<(), ServeError> {
+    if let Some(c) = &opts.control {
+        if catalog.user(&c.identity)?.is_some() {
+            return Err(ServeError::Refused(format!(
+                "--server-control-username {} is also an account in the catalog; choose another name",
+                c.identity
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Shifts the clock when `serve` was started with [`crate::clock::OFFSET_ENV`] (tests), and

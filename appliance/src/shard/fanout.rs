@@ -130,6 +130,15 @@ impl Shards {
             .await
     }
 
+    /// The stored size of each of `ids` (`None`: not stored), in `ids`' order.
+    ///
+    /// # Errors
+    /// Index errors, shutdown.
+    pub async fn sizes(&self, ids: Vec<ChunkId>) -> Result<Vec<Option<u32>>, ApplianceError> {
+        self.gather(ids, |id| *id, |s, ids| async move { s.sizes(ids).await })
+            .await
+    }
+
     /// Verifies, stores and indexes `chunks` on their shards; answers once all are durable.
     ///
     /// # Errors

@@ -113,6 +113,12 @@ pub enum ShardRequest {
         ids: Vec<ChunkId>,
         reply: Reply<Vec<StoredChunk>>,
     },
+    /// The stored size of each chunk (`None`: not stored), from the index alone: what a read
+    /// will buffer, known before it is admitted.
+    Sizes {
+        ids: Vec<ChunkId>,
+        reply: Reply<Vec<Option<u32>>>,
+    },
     /// GC sweep: remove these entries from the index (one synced batch) and then from the need
     /// set, in one step of this shard's thread: no `Need` answer or ingest lookup on this shard
     /// sees one without the other. Answers how many were removed.
@@ -211,6 +217,14 @@ impl ShardHandle {
     /// Not found, corruption, shutdown.
     pub async fn get(&self, ids: Vec<ChunkId>) -> Result<Vec<StoredChunk>, ApplianceError> {
         self.call(|reply| ShardRequest::Get { ids, reply }).await
+    }
+
+    /// See [`ShardRequest::Sizes`].
+    ///
+    /// # Errors
+    /// Index errors, shutdown.
+    pub async fn sizes(&self, ids: Vec<ChunkId>) -> Result<Vec<Option<u32>>, ApplianceError> {
+        self.call(|reply| ShardRequest::Sizes { ids, reply }).await
     }
 
     /// See [`ShardRequest::Condemn`].
@@ -532,6 +546,15 @@ async fn handle(state: &Rc<ShardState>, req: ShardRequest) {
 
         ShardRequest::Get { ids, reply } => {
             let _ = reply.send(get_retrying(state, &ids).await);
+        }
+        ShardRequest::Sizes { ids, reply } => {
+            let _ = reply.send(
+                state
+                    .index
+                    .get_many(&ids)
+                    .map(|es| es.into_iter().map(|e| e.map(|e| e.len)).collect())
+                    .map_err(|e| ApplianceError::Internal(e.to_string())),
+            );
         }
         ShardRequest::Condemn { ids, reply } => {
             let _ = reply.send(condemn(state, &ids));

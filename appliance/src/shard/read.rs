@@ -49,6 +49,9 @@ async fn read_run(
     for (i, e) in run.members {
         let id = &ids[i];
         let at = usize::try_from(e.offset - start).expect("inside the run");
+        // Decrypting a run of large records takes milliseconds: let the shard's group commits
+        // and other requests run in between.
+        glommio::yield_if_needed().await;
         let mut rec = r[at..at + e.len as usize].to_vec();
         let (h, stored) = open_record(key.as_ref(), &mut rec)
             .map_err(|x| ApplianceError::Internal(format!("chunk {id} in pack {pack}: {x}")))?;

@@ -152,6 +152,13 @@ impl ServerCertVerifier for PinnedVerifier {
     }
 }
 
+/// Longest wait for a connection and its TLS handshake.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// HTTP/2 pings on an open connection, and how long one may go unanswered before the connection
+/// (and every call on it) fails.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_mins(1);
+
 /// Opens a channel to `target`. The TCP and TLS connection is made here, so a wrong fingerprint
 /// fails this call.
 ///
@@ -191,7 +198,13 @@ pub async fn channel(target: &Target) -> Result<Channel, ClientError> {
         })?
         .tcp_nodelay(true)
         .initial_stream_window_size(8 << 20)
-        .initial_connection_window_size(32 << 20);
+        .initial_connection_window_size(32 << 20)
+        // A dead or silent appliance is noticed, even in the middle of a long stream: calls
+        // fail instead of hanging.
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
     let tcp_addr = format!("{}:{}", target.host, target.port);
     let unix = target.unix.clone();
     let res = endpoint
@@ -207,7 +220,14 @@ pub async fn channel(target: &Target) -> Result<Channel, ClientError> {
                     tcp.set_nodelay(true)?;
                     Box::new(tcp)
                 };
-                let tls = connector.connect(server_name, io).await?;
+                let tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(server_name, io))
+                    .await
+                    .map_err(|_| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the TLS handshake did not complete in time",
+                        )
+                    })??;
                 Ok::<_, std::io::Error>(TokioIo::new(tls))
             }
         }))

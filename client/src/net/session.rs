@@ -40,6 +40,12 @@ impl tonic::service::Interceptor for Token {
 
 type Client = CofferClient<InterceptedService<Channel, Token>>;
 
+/// The largest chunk the client ever accepts, whatever the appliance announces: FastCDC's
+/// largest maximum (16 MiB).
+pub const MAX_CHUNK_BYTES: usize = coffer_proto::ChunkerParams::MAX_MAX as usize;
+/// The largest message the client ever accepts.
+pub const MAX_MESSAGE_BYTES: usize = 512 << 20;
+
 /// What the appliance needs for a chunk (`FindMissing`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Need {
@@ -100,7 +106,8 @@ impl Session {
             .ok_or_else(|| ClientError::Protocol("Hello without limits".into()))?;
         let token = MetadataValue::try_from(hello.session_token.as_str())
             .map_err(|_| ClientError::Protocol("session token is not ASCII".into()))?;
-        let max = limits.max_message_size as usize;
+        // The appliance's word bounds what we accept only under the client's own ceilings.
+        let max = (limits.max_message_size as usize).min(MAX_MESSAGE_BYTES);
         let client = CofferClient::with_interceptor(ch, Token(token))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
@@ -109,6 +116,16 @@ impl Session {
             hello,
             dedup_key,
         })
+    }
+
+    /// The largest chunk this client accepts from the appliance: the repository's chunker
+    /// maximum, never more than [`MAX_CHUNK_BYTES`] whatever the appliance says.
+    #[must_use]
+    pub fn max_chunk(&self) -> usize {
+        self.hello
+            .chunker
+            .map_or(MAX_CHUNK_BYTES, |c| c.max_size as usize)
+            .min(MAX_CHUNK_BYTES)
     }
 
     /// The limits the appliance announced.
@@ -319,6 +336,15 @@ impl Session {
                     .ok_or_else(|| ClientError::Protocol("too many chunks".into()))?;
                 if f.id[..] != want.as_bytes()[..] {
                     return Err(ClientError::Protocol(format!("expected chunk {want}")));
+                }
+                let limit = self.max_chunk();
+                if f.raw_len as usize > limit || f.data.len() > limit {
+                    return Err(ClientError::Protocol(format!(
+                        "the appliance sent chunk {want} as {} bytes ({} stored), more than the \
+                         {limit} a chunk may have; refusing it",
+                        f.raw_len,
+                        f.data.len()
+                    )));
                 }
                 let plain: Bytes = match v1::Compression::try_from(f.compression) {
                     Ok(v1::Compression::None) => f.data,

@@ -1,19 +1,20 @@
 //! FindMissing, PutChunks and GetChunks: what a session may learn of, add and read back.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use coffer_proto::{bitmap_len, bitmap_set, unpack_ids, v1, ChunkId};
+use futures::{Stream, StreamExt, TryStreamExt};
 
 use super::Inner;
 use crate::access::Session;
 use crate::error::ApplianceError;
 use crate::reach::plaintext;
-use crate::shard::{IncomingChunk, PutOutcome};
+use crate::shard::{IncomingChunk, PutOutcome, StoredChunk};
 
-/// Ids one `GetChunks` message may ask for (the client sends 256): with
-/// [`super::PIPELINE_DEPTH`] messages in flight, a stream holds at most 4 × 256 × the maximum
-/// chunk size.
+/// Ids one `GetChunks` message may ask for (the client sends 256). What the answer holds in
+/// memory is bounded by the read budgets, not by this (see [`Inner::get`]).
 const GET_IDS_PER_MESSAGE: usize = 256;
 
 impl Inner {
@@ -189,12 +190,17 @@ impl Inner {
     /// `GetChunks` for one message: only chunks the session knows (uploaded, proved, or
     /// reachable from a snapshot it opened); any other id is answered exactly like a chunk
     /// that is not stored.
+    ///
+    /// The answer is a stream, read piece by piece as the client takes it: each id is read
+    /// once however often the message repeats it, a piece holds at most [`GET_PIECE_BYTES`]
+    /// of stored data, and each piece is admitted by the session's and the appliance's read
+    /// budgets before it is read (`net::budget`). At most two pieces of a stream are read
+    /// ahead of what the client has taken.
     pub(super) async fn get(
-        &self,
+        self: &Arc<Self>,
         session: &Session,
         ids: Bytes,
-    ) -> Result<Vec<v1::GetChunksResponse>, ApplianceError> {
-        // Each message is answered from memory: its size is bounded by ids, not by the request.
+    ) -> Result<GetAnswer, ApplianceError> {
         let ids = unpack_ids(&ids, GET_IDS_PER_MESSAGE).map_err(|e| {
             ApplianceError::InvalidArgument(format!(
                 "GetChunks: {e} (at most {GET_IDS_PER_MESSAGE} ids per message)"
@@ -209,28 +215,160 @@ impl Inner {
                 .refused(&session.identity, "chunk.read", &id.to_string(), e)
                 .await);
         }
-        let ordered = self.shards.get(ids).await?;
-        // Split the answer so that no message exceeds half the message limit.
-        let budget = (self.hello.limits.max_message_size / 2) as usize;
-        let mut out = Vec::new();
-        let mut cur = v1::GetChunksResponse::default();
-        let mut cur_bytes = 0;
-        for c in ordered {
-            if !cur.chunks.is_empty() && cur_bytes + c.data.len() > budget {
-                out.push(std::mem::take(&mut cur));
-                cur_bytes = 0;
-            }
-            cur_bytes += c.data.len();
-            cur.chunks.push(v1::ChunkFrame {
-                id: Bytes::copy_from_slice(c.id.as_bytes()),
-                raw_len: c.raw_len,
-                compression: c.compression.into(),
-                data: c.data,
+        // Each id once.
+        let mut unique: Vec<ChunkId> = Vec::new();
+        let mut slot: HashMap<ChunkId, usize> = HashMap::new();
+        let order: Vec<usize> = ids
+            .iter()
+            .map(|id| {
+                *slot.entry(*id).or_insert_with(|| {
+                    unique.push(*id);
+                    unique.len() - 1
+                })
+            })
+            .collect();
+        let sizes = self.shards.sizes(unique.clone()).await?;
+        let sizes = sizes
+            .into_iter()
+            .zip(&unique)
+            .map(|(s, id)| {
+                s.map(u64::from)
+                    .ok_or_else(|| ApplianceError::NotFound(format!("chunk {id} is not stored")))
+            })
+            .collect::<Result<Vec<u64>, _>>()?;
+        let pieces = pieces(&order, &sizes);
+        let unique = Arc::new(unique);
+        let inner = self.clone();
+        let state = session.state.clone();
+        let per_message = (self.hello.limits.max_message_size / 2) as usize;
+        let answer = futures::stream::iter(pieces)
+            .map(move |p| {
+                let (inner, state, unique) = (inner.clone(), state.clone(), unique.clone());
+                async move {
+                    state.check()?;
+                    let admitted = inner.read_budget.admit(&state.reads, p.bytes).await?;
+                    let wanted: Vec<ChunkId> = p.members.iter().map(|u| unique[*u]).collect();
+                    let read = inner.shards.get(wanted).await?;
+                    let by: HashMap<usize, StoredChunk> =
+                        p.members.iter().copied().zip(read).collect();
+                    let msgs = messages(&p.positions, &by, per_message);
+                    // The budget is held until the piece's last message is taken.
+                    Ok::<_, ApplianceError>(futures::stream::iter(msgs).map(move |m| {
+                        let _held = &admitted;
+                        Ok(m)
+                    }))
+                }
+            })
+            .buffered(2)
+            .try_flatten();
+        Ok(Box::pin(answer))
+    }
+}
+
+/// The answer to one `GetChunks` message.
+pub(super) type GetAnswer =
+    std::pin::Pin<Box<dyn Stream<Item = Result<v1::GetChunksResponse, ApplianceError>> + Send>>;
+
+/// Stored bytes read for one piece of a `GetChunks` answer at most (one chunk more when a
+/// single chunk is larger).
+const GET_PIECE_BYTES: u64 = 32 << 20;
+
+/// A piece of an answer: the unique chunks it reads (`members`, indexes into the unique ids),
+/// their stored bytes, and the positions it answers, in request order.
+#[derive(Debug, PartialEq, Eq)]
+struct Piece {
+    members: Vec<usize>,
+    bytes: u64,
+    positions: Vec<usize>,
+}
+
+/// Cuts the positions of a request (`order`: the unique chunk each asks for) into pieces of at
+/// most [`GET_PIECE_BYTES`]: a chunk asked again within a piece is read once; asked again in a
+/// later piece, it is read again (bounded memory over fewer reads).
+fn pieces(order: &[usize], sizes: &[u64]) -> Vec<Piece> {
+    let mut out: Vec<Piece> = Vec::new();
+    let mut in_piece: Vec<Option<usize>> = vec![None; sizes.len()];
+    for &u in order {
+        let current = out.len().checked_sub(1);
+        if current.is_some() && in_piece[u] == current {
+            out.last_mut().expect("current").positions.push(u);
+            continue;
+        }
+        let fits = out
+            .last()
+            .is_some_and(|p| p.bytes + sizes[u] <= GET_PIECE_BYTES);
+        if !fits {
+            out.push(Piece {
+                members: Vec::new(),
+                bytes: 0,
+                positions: Vec::new(),
             });
         }
-        if !cur.chunks.is_empty() || out.is_empty() {
-            out.push(cur);
+        let p = out.last_mut().expect("a piece");
+        p.members.push(u);
+        p.bytes += sizes[u];
+        p.positions.push(u);
+        in_piece[u] = Some(out.len() - 1);
+    }
+    out
+}
+
+/// The frames of `positions` in order, in messages of at most `per_message` bytes of data.
+fn messages(
+    positions: &[usize],
+    by: &HashMap<usize, StoredChunk>,
+    per_message: usize,
+) -> Vec<v1::GetChunksResponse> {
+    let mut out = Vec::new();
+    let mut cur = v1::GetChunksResponse::default();
+    let mut cur_bytes = 0;
+    for u in positions {
+        let c = &by[u];
+        if !cur.chunks.is_empty() && cur_bytes + c.data.len() > per_message {
+            out.push(std::mem::take(&mut cur));
+            cur_bytes = 0;
         }
-        Ok(out)
+        cur_bytes += c.data.len();
+        cur.chunks.push(v1::ChunkFrame {
+            id: Bytes::copy_from_slice(c.id.as_bytes()),
+            raw_len: c.raw_len,
+            compression: c.compression.into(),
+            data: c.data.clone(),
+        });
+    }
+    if !cur.chunks.is_empty() || out.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeats_are_read_once_per_piece_and_pieces_are_bounded() {
+        // One 4 MiB chunk asked 256 times: one piece, one read.
+        let p = pieces(&[0; 256], &[4 << 20]);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].members, vec![0]);
+        assert_eq!(p[0].positions.len(), 256);
+        // 64 distinct 1 MiB chunks: two pieces of 32 MiB.
+        let order: Vec<usize> = (0..64).collect();
+        let p = pieces(&order, &[1 << 20; 64]);
+        assert_eq!(p.len(), 2);
+        assert!(p.iter().all(|p| p.bytes == 32 << 20));
+        // A chunk larger than a piece is a piece of its own.
+        let p = pieces(&[0, 1, 0], &[40 << 20, 1]);
+        assert_eq!(
+            p.iter().map(|p| p.members.len()).collect::<Vec<_>>(),
+            [1, 1, 1]
+        );
+        // Positions come back in request order.
+        let all: Vec<usize> = pieces(&[2, 0, 2, 1], &[1, 1, 1])
+            .into_iter()
+            .flat_map(|p| p.positions)
+            .collect();
+        assert_eq!(all, [2, 0, 2, 1]);
     }
 }

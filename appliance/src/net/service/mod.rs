@@ -57,6 +57,8 @@ struct Inner {
     gate: Arc<Gate>,
     /// How many refused requests each identity may still leave in the audit log this minute.
     refusals: history::Refusals,
+    /// Chunk bytes read and not yet sent, appliance-wide (sessions have their own share).
+    read_budget: crate::net::budget::ReadBudget,
 }
 
 impl CofferService {
@@ -67,6 +69,7 @@ impl CofferService {
         auth: Arc<Auth>,
         hello: HelloInfo,
         gate: Arc<Gate>,
+        read_budget: crate::net::budget::ReadBudget,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -77,6 +80,7 @@ impl CofferService {
                 hello,
                 gate,
                 refusals: history::Refusals::default(),
+                read_budget,
             }),
         }
     }
@@ -220,10 +224,7 @@ impl Coffer for CofferService {
             session,
             req.into_inner(),
             |inner, session, m: v1::GetChunksRequest| async move {
-                let parts = inner.get(&session, m.ids).await?;
-                Ok(futures::stream::iter(
-                    parts.into_iter().map(Ok::<_, Status>),
-                ))
+                Ok(inner.get(&session, m.ids).await?.map_err(Status::from))
             },
         );
         Ok(Response::new(Box::pin(answers.try_flatten())))
