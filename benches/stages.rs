@@ -311,10 +311,10 @@ fn pack_append(c: &mut Criterion) {
     g.finish();
 }
 
-/// The need set of one shard of 16: the ids a 16-shard appliance routes to shard 0. Compares
-/// the set as shipped (hash = bytes 8..16 of the id) with the layout it replaced (hash = bytes
-/// 0..8, the bits the shard choice uses), which on such a shard leaves 15/16 of the table's
-/// home slots unused; the 2-shard benches could not show that.
+/// The need set of one shard of 2, 16, 64 and 256: the ids such an appliance routes to shard 0.
+/// Compares the set as shipped (hash = bytes 8..16 of the id) with the layout it replaced (hash
+/// = bytes 0..8, the bits the shard choice uses), which on such a shard leaves all but 1/N of
+/// the table's home slots unused; the 2-shard benches could not show that.
 fn need_set(c: &mut Criterion) {
     use std::collections::HashSet;
     use std::hash::{BuildHasherDefault, Hasher};
@@ -337,45 +337,52 @@ fn need_set(c: &mut Criterion) {
     let key = |id: &ChunkId| u128::from_le_bytes(id.as_bytes()[..16].try_into().unwrap());
 
     const N: usize = 1_000_000;
-    let mut ids = Vec::with_capacity(N);
-    let mut n = 0u64;
-    while ids.len() < N {
-        n += 1;
-        let id = ChunkId::from_bytes(*blake3::hash(&n.to_le_bytes()).as_bytes());
-        if u64::from_le_bytes(id.as_bytes()[..8].try_into().unwrap()) % 16 == 0 {
-            ids.push(id);
-        }
-    }
-    // Half present, half absent: what FindMissing asks.
-    let (stored, asked) = ids.split_at(N / 2);
-    let mut g = c.benchmark_group("need_set_shard0_of16");
+    let mut g = c.benchmark_group("need_set_shard0");
     g.throughput(Throughput::Elements(N as u64)).sample_size(10);
-    g.bench_function("bytes8_16_load_and_query", |b| {
-        b.iter(|| {
-            let mut s = coffer_appliance::NeedSet::default();
-            for id in stored {
-                s.insert(id);
-            }
-            stored
-                .iter()
-                .chain(asked)
-                .filter(|id| s.contains(id))
-                .count()
+    for shards in [2u64, 16, 64, 256] {
+        // The ids a `shards`-shard appliance routes to shard 0: uniform, except that their
+        // first 8 bytes (little-endian) are a multiple of `shards`.
+        let ids: Vec<ChunkId> = (0..N as u64)
+            .map(|n| {
+                let mut b = *blake3::hash(&n.to_le_bytes()).as_bytes();
+                let first = u64::from_le_bytes(b[..8].try_into().unwrap());
+                b[..8].copy_from_slice(&(first - first % shards).to_le_bytes());
+                ChunkId::from_bytes(b)
+            })
+            .collect();
+        // Half present, half absent: what FindMissing asks.
+        let (stored, asked) = ids.split_at(N / 2);
+        g.bench_with_input(BenchmarkId::new("bytes8_16", shards), &shards, |b, _| {
+            b.iter(|| {
+                let mut s = coffer_appliance::NeedSet::default();
+                for id in stored {
+                    s.insert(id);
+                }
+                stored
+                    .iter()
+                    .chain(asked)
+                    .filter(|id| s.contains(id))
+                    .count()
+            });
         });
-    });
-    g.bench_function("bytes0_8_replaced_load_and_query", |b| {
-        b.iter(|| {
-            let mut s: HashSet<u128, BuildHasherDefault<ShardBits>> = HashSet::default();
-            for id in stored {
-                s.insert(key(id));
-            }
-            stored
-                .iter()
-                .chain(asked)
-                .filter(|id| s.contains(&key(id)))
-                .count()
-        });
-    });
+        g.bench_with_input(
+            BenchmarkId::new("bytes0_8_replaced", shards),
+            &shards,
+            |b, _| {
+                b.iter(|| {
+                    let mut s: HashSet<u128, BuildHasherDefault<ShardBits>> = HashSet::default();
+                    for id in stored {
+                        s.insert(key(id));
+                    }
+                    stored
+                        .iter()
+                        .chain(asked)
+                        .filter(|id| s.contains(&key(id)))
+                        .count()
+                });
+            },
+        );
+    }
     g.finish();
 }
 
