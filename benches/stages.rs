@@ -319,6 +319,8 @@ fn need_set(c: &mut Criterion) {
     use std::collections::HashSet;
     use std::hash::{BuildHasherDefault, Hasher};
 
+    const N: usize = 1_000_000;
+
     /// The replaced hasher, kept here only to measure what it cost.
     #[derive(Default)]
     struct ShardBits(u64);
@@ -336,7 +338,6 @@ fn need_set(c: &mut Criterion) {
     }
     let key = |id: &ChunkId| u128::from_le_bytes(id.as_bytes()[..16].try_into().unwrap());
 
-    const N: usize = 1_000_000;
     let mut g = c.benchmark_group("need_set_shard0");
     g.throughput(Throughput::Elements(N as u64)).sample_size(10);
     for shards in [2u64, 16, 64, 256] {

@@ -163,6 +163,7 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
             shard: ShardId(p.shard),
             cpu: Some(p.cpu),
             io_memory: plan.io_memory_per_shard,
+            ring_depth: plan.ring_depth,
             paths: paths.clone(),
             master: master.clone(),
             repo_id: cfg.id,

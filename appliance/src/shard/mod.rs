@@ -278,6 +278,8 @@ pub struct ShardConfig {
     pub shard: ShardId,
     pub cpu: Option<usize>,
     pub io_memory: usize,
+    /// io_uring submission depth (the tuning plan's `ring_depth`).
+    pub ring_depth: usize,
     pub paths: RepoPaths,
     pub master: Arc<MasterKey>,
     pub repo_id: RepositoryId,
@@ -333,6 +335,7 @@ pub fn spawn(cfg: ShardConfig) -> Result<RunningShard, ShardError> {
     let join = LocalExecutorBuilder::new(placement)
         .name(&name)
         .io_memory(cfg.io_memory)
+        .ring_depth(cfg.ring_depth.max(1))
         .spawn(move || async move {
             match ShardState::open(&cfg) {
                 Ok((state, writer)) => {
