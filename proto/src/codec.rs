@@ -23,6 +23,13 @@ pub enum CodecError {
     NotData(Compression),
 }
 
+/// The most stored bytes a chunk of at most `raw_max` plaintext bytes may take (zstd's bound,
+/// which also covers LZ4's): what both sides accept, never more.
+#[must_use]
+pub fn max_stored_len(raw_max: usize) -> usize {
+    zstd::zstd_safe::compress_bound(raw_max)
+}
+
 /// The plaintext of `data` stored as `compression`, which must be exactly `raw_len` bytes.
 /// `None` data is returned as is (after the length check).
 ///

@@ -282,17 +282,24 @@ fn kill9(pid: u32) {
 }
 
 /// Waits (bounded) until the repository's packs hold `at_least` bytes; returns what they hold.
-fn wait_for_packs(app: &Appliance, at_least: u64, child: &mut std::process::Child) -> u64 {
+fn wait_for_packs(
+    app: &Appliance,
+    at_least: u64,
+    child: &mut std::process::Child,
+    log: &Path,
+) -> u64 {
     let deadline = Instant::now() + Duration::from_mins(2);
     loop {
         let (bytes, _) = app.pack_bytes().unwrap_or((0, 0));
         if bytes >= at_least {
             return bytes;
         }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the backup ended before it could be cut"
-        );
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "the backup ended ({status}) before it could be cut, at {bytes} bytes: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
         assert!(Instant::now() < deadline, "packs stuck at {bytes} bytes");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -308,7 +315,7 @@ fn spawn_backup(cfg: &Path, src: &Path) -> std::process::Child {
         .env("XDG_CACHE_HOME", cfg.with_extension("cache"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(cfg.with_extension("backup.log")).unwrap())
         .spawn()
         .unwrap()
 }
@@ -339,7 +346,8 @@ fn a_cut_backup_resends_only_what_was_not_acknowledged() {
         let total = files * size;
         let before = app.pack_bytes().unwrap().0;
         let mut child = spawn_backup(&cfg, &src);
-        let stored = wait_for_packs(&app, before + total / 3, &mut child) - before;
+        let log = cfg.with_extension("backup.log");
+        let stored = wait_for_packs(&app, before + total / 3, &mut child, &log) - before;
         if kill_appliance {
             kill9(app.pid().unwrap());
             let _ = child.wait();

@@ -52,10 +52,6 @@ pub struct SessionState {
     /// New bytes this session's uploads stored (quotas: counted until the session ends).
     pub stored_bytes: std::sync::atomic::AtomicU64,
     last_used: Mutex<Instant>,
-    /// Chunk bytes read for this session and not yet handed to the network
-    /// ([`crate::net::budget::ReadBudget`]): one session cannot take the appliance's whole
-    /// read budget.
-    pub reads: Arc<tokio::sync::Semaphore>,
 }
 
 impl SessionState {
@@ -70,9 +66,6 @@ impl SessionState {
             revoked: AtomicBool::new(false),
             stored_bytes: std::sync::atomic::AtomicU64::new(0),
             last_used: Mutex::new(now),
-            reads: Arc::new(tokio::sync::Semaphore::new(
-                crate::net::budget::SESSION_READ_UNITS,
-            )),
         }
     }
 

@@ -60,10 +60,10 @@ pub struct ServeArgs {
     /// is garbage.
     #[arg(long, default_value_t = 25, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=100))]
     pub compact_above: u8,
-    /// Chunk data read from packs and not yet sent, appliance-wide, in MiB (each session may
+    /// Chunk data read from packs and not yet sent, appliance-wide, in MiB (each account may
     /// hold 256 MiB of it): `GetChunks` answers are admitted against it before they are read.
-    /// Default: an eighth of the memory, between 256 MiB and 4 GiB.
-    #[arg(long, value_name = "MIB")]
+    /// At least 256. Default: an eighth of the memory, between 256 MiB and 4 GiB.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(256..))]
     pub read_budget_mib: Option<u64>,
     /// Identity (`name@host`) of the server control user, who may only call Refresh and
     /// ServerStatus; its password comes from COFFER_SERVER_CONTROL_PASSWORD.

@@ -31,7 +31,7 @@ pub fn verify(
             max: max_chunk,
         });
     }
-    let bound = zstd::zstd_safe::compress_bound(max_chunk as usize) as u64;
+    let bound = coffer_proto::codec::max_stored_len(max_chunk as usize) as u64;
     if c.data.len() as u64 > bound {
         return Err(IngestError::TooLarge {
             id: id(),

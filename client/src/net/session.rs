@@ -338,7 +338,9 @@ impl Session {
                     return Err(ClientError::Protocol(format!("expected chunk {want}")));
                 }
                 let limit = self.max_chunk();
-                if f.raw_len as usize > limit || f.data.len() > limit {
+                if f.raw_len as usize > limit
+                    || f.data.len() > coffer_proto::codec::max_stored_len(limit)
+                {
                     return Err(ClientError::Protocol(format!(
                         "the appliance sent chunk {want} as {} bytes ({} stored), more than the \
                          {limit} a chunk may have; refusing it",
