@@ -448,7 +448,7 @@ fn set_delete_passphrase(
 }
 
 /// How an audit entry states a time given to protect or lock.
-fn until_detail(until_us: i64) -> String {
+pub(crate) fn until_detail(until_us: i64) -> String {
     match until_us {
         0 => "removed".into(),
         i64::MAX => "until unprotected".into(),
@@ -516,10 +516,6 @@ fn apply_policy(catalog: &Catalog, req: &Request, reply: &mut Reply) -> Result<(
             unset,
         } => {
             let t = parse_target(target)?;
-            if let Some(s) = &policy.schedule {
-                crate::maintenance::schedule::Schedule::parse(s)
-                    .map_err(|e| ApplianceError::InvalidArgument(e.to_string()))?;
-            }
             let stored = catalog.policy(&t)?.unwrap_or_default();
             let merged = merge(&stored, policy, unset)?;
             catalog.put_policy(&t, &merged)?;
@@ -621,12 +617,17 @@ fn parse_target(t: &str) -> Result<PolicyTarget, ApplianceError> {
     PolicyTarget::parse(t).map_err(|e| ApplianceError::InvalidArgument(e.to_string()))
 }
 
-/// `stored` with the fields set in `set` replaced and the fields named in `unset` cleared.
+/// `stored` with the fields set in `set` replaced and the fields named in `unset` cleared (a
+/// schedule set must parse).
 pub(crate) fn merge(
     stored: &Policy,
     set: &Policy,
     unset: &[String],
 ) -> Result<Policy, ApplianceError> {
+    if let Some(s) = &set.schedule {
+        crate::maintenance::schedule::Schedule::parse(s)
+            .map_err(|e| ApplianceError::InvalidArgument(e.to_string()))?;
+    }
     let bad = |e: serde_json::Error| ApplianceError::InvalidArgument(format!("policy: {e}"));
     let mut m = serde_json::to_value(stored).map_err(bad)?;
     let obj = m.as_object_mut().expect("a policy is a JSON object");

@@ -22,7 +22,7 @@ use crate::error::ApplianceError;
 use super::accounts::{hash_password, verify_password, MAX_PASSWORD_BYTES};
 use super::accounts::{normalise_identity, owner_key};
 use super::sessions::{lock, Session, SessionState, MAX_SESSIONS_PER_ACCOUNT, SESSION_IDLE};
-use super::throttle::{Throttle, HASH_QUEUE_MAX};
+use super::throttle::{RateWindow, Throttle, HASH_QUEUE_MAX};
 
 /// Catalog setting naming the repository's disclosure mode (`user` or `repository`).
 pub const DISCLOSURE_SETTING: &str = "disclosure";
@@ -67,36 +67,12 @@ pub struct Auth {
     /// Quotas in force and usage (refreshed at every reload).
     pub quotas: super::quota::Quotas,
     /// Audit entries for bursts of failures written this minute (capped appliance-wide).
-    burst_entries: Mutex<BurstBudget>,
+    burst_entries: Mutex<RateWindow>,
 }
 
-/// At most [`BURST_ENTRIES_PER_MINUTE`] audit entries for failure bursts, appliance-wide: many
-/// sources guessing many accounts must not grow the audit log faster than that.
-#[derive(Debug)]
-struct BurstBudget {
-    window: Instant,
-    used: u32,
-    /// Bursts not recorded since the last entry (told in the next one).
-    left_out: u64,
-}
-
+/// Audit entries for bursts of failures at most, per minute, appliance-wide: many sources guessing
+/// many accounts must not grow the audit log faster than that.
 const BURST_ENTRIES_PER_MINUTE: u32 = 60;
-
-impl BurstBudget {
-    /// Whether to record one more burst now, and how many were left out before it.
-    fn admit(&mut self, now: Instant) -> Option<u64> {
-        if now.saturating_duration_since(self.window) >= Duration::from_mins(1) {
-            self.window = now;
-            self.used = 0;
-        }
-        if self.used >= BURST_ENTRIES_PER_MINUTE {
-            self.left_out += 1;
-            return None;
-        }
-        self.used += 1;
-        Some(std::mem::take(&mut self.left_out))
-    }
-}
 
 impl Auth {
     /// # Errors
@@ -119,11 +95,7 @@ impl Auth {
             checked: AtomicU64::new(0),
             queued: std::sync::atomic::AtomicUsize::new(0),
             quotas: super::quota::Quotas::default(),
-            burst_entries: Mutex::new(BurstBudget {
-                window: Instant::now(),
-                used: 0,
-                left_out: 0,
-            }),
+            burst_entries: Mutex::new(RateWindow::new(Instant::now())),
         };
         a.reload()?;
         Ok(a)
@@ -321,14 +293,7 @@ impl Auth {
             (None, Some(u)) => u.password_hash.clone(),
             (None, None) => self.dummy_hash.clone(),
         };
-        let ok = {
-            let _slot = self.hashing_slot().await?;
-            self.checked.fetch_add(1, Ordering::Relaxed);
-            let (phc, password) = (phc.clone(), password.to_string());
-            tokio::task::spawn_blocking(move || verify_password(&phc, &password))
-                .await
-                .unwrap_or(false)
-        };
+        let ok = self.verify_in_slot(phc.clone(), password).await?;
         if !ok || (control.is_none() && user.is_none()) {
             if user.is_some() || control.is_some() {
                 self.audit_failures(&identity, source, &keys, "login.failures");
@@ -404,29 +369,29 @@ impl Auth {
         if n != super::throttle::FREE_FAILURES && (n == 0 || n % 100 != 0) {
             return;
         }
-        let Some(left_out) = lock(&self.burst_entries).admit(Instant::now()) else {
+        let Some(left_out) =
+            lock(&self.burst_entries).admit(Instant::now(), BURST_ENTRIES_PER_MINUTE)
+        else {
             return;
         };
-        {
-            let from = source.map_or("an unknown address".into(), |ip| ip.to_string());
-            let why = if left_out > 0 {
-                format!(
-                    "{n} failures in a row (from {from}); further attempts are slowed down \
+        let from = source.map_or("an unknown address".into(), |ip| ip.to_string());
+        let why = if left_out > 0 {
+            format!(
+                "{n} failures in a row (from {from}); further attempts are slowed down \
                      ({left_out} earlier bursts not recorded: more than \
                      {BURST_ENTRIES_PER_MINUTE} a minute)"
-                )
-            } else {
-                format!("{n} failures in a row (from {from}); further attempts are slowed down")
-            };
-            let event = crate::catalog::audit::Event::refused(identity, action, identity, &why);
-            let catalog = self.catalog.clone();
-            // Off the network threads; a failed write is logged, the refusal stands.
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = catalog.audit(&event) {
-                    tracing::warn!(error = %e, "audit entry for failed attempts not written");
-                }
-            });
-        }
+            )
+        } else {
+            format!("{n} failures in a row (from {from}); further attempts are slowed down")
+        };
+        let event = crate::catalog::audit::Event::refused(identity, action, identity, &why);
+        let catalog = self.catalog.clone();
+        // Off the network threads; a failed write is logged, the refusal stands.
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = catalog.audit(&event) {
+                tracing::warn!(error = %e, "audit entry for failed attempts not written");
+            }
+        });
     }
 
     /// Whether the account has a delete passphrase.
@@ -490,14 +455,7 @@ impl Auth {
                 ))
             })?;
         tokio::time::sleep_until(slot).await;
-        let ok = {
-            let _slot = self.hashing_slot().await?;
-            self.checked.fetch_add(1, Ordering::Relaxed);
-            let password = passphrase.to_string();
-            tokio::task::spawn_blocking(move || verify_password(&phc, &password))
-                .await
-                .unwrap_or(false)
-        };
+        let ok = self.verify_in_slot(phc, passphrase).await?;
         if !ok {
             self.audit_failures(identity, source, &keys[..1], "step_up.failures");
             return Err(ApplianceError::PermissionDenied(format!(
@@ -506,6 +464,19 @@ impl Auth {
         }
         lock(&self.throttle).succeeded(&key, source, &keys, Instant::now());
         Ok(())
+    }
+
+    /// Checks `secret` against the PHC string `phc` in one of the hashing slots, off the
+    /// network threads (logins and step-ups alike).
+    async fn verify_in_slot(&self, phc: String, secret: &str) -> Result<bool, ApplianceError> {
+        let _slot = self.hashing_slot().await?;
+        self.checked.fetch_add(1, Ordering::Relaxed);
+        let secret = secret.to_string();
+        Ok(
+            tokio::task::spawn_blocking(move || verify_password(&phc, &secret))
+                .await
+                .unwrap_or(false),
+        )
     }
 
     /// One of the two argon2id slots; refused at once when [`HASH_QUEUE_MAX`] attempts already

@@ -17,3 +17,4 @@ mod throttle;
 pub use accounts::normalise_identity;
 pub use auth::{Auth, ControlUser};
 pub use sessions::Session;
+pub use throttle::RateWindow;

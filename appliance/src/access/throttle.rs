@@ -77,6 +77,47 @@ fn throttle_keys(trusted: bool, identity: &str, source: Option<IpAddr>) -> Vec<S
 /// Most keys the throttle remembers; past it, keys that slow nobody down are forgotten first,
 /// and if that is not enough, attempts are refused until old failures expire.
 pub(super) const THROTTLE_KEYS_MAX: usize = 200_000;
+/// At most so many events a minute (audit entries of refusals and bursts): the rest are counted,
+/// and the count is told with the next event admitted.
+#[derive(Debug, Clone, Copy)]
+pub struct RateWindow {
+    start: Instant,
+    used: u32,
+    left_out: u64,
+}
+
+impl RateWindow {
+    #[must_use]
+    pub fn new(now: Instant) -> Self {
+        Self {
+            start: now,
+            used: 0,
+            left_out: 0,
+        }
+    }
+
+    /// Whether one more event is admitted at `now` (`per_minute` at most), and how many were
+    /// left out before it.
+    pub fn admit(&mut self, now: Instant, per_minute: u32) -> Option<u64> {
+        if !self.current(now) {
+            self.start = now;
+            self.used = 0;
+        }
+        if self.used >= per_minute {
+            self.left_out += 1;
+            return None;
+        }
+        self.used += 1;
+        Some(std::mem::take(&mut self.left_out))
+    }
+
+    /// Whether the window that began at its start is still running at `now`.
+    #[must_use]
+    pub fn current(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.start) < Duration::from_mins(1)
+    }
+}
+
 /// Attempts waiting for a hashing slot at most; more are refused at once.
 pub(super) const HASH_QUEUE_MAX: usize = 64;
 

@@ -815,7 +815,7 @@ pub fn held(s: &v1::Snapshot, now_us: i64) -> Option<String> {
             coffer_proto::when::format_us(s.lock_until_us)
         ));
     }
-    if s.protected_until_us > now_us {
+    if protection_in_force(s, now_us) > 0 {
         return Some(if s.protected_until_us == i64::MAX {
             format!("snapshot {id} is protected; unprotect it first")
         } else {

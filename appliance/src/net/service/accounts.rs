@@ -19,23 +19,14 @@ impl Inner {
         req: v1::GetPolicyRequest,
     ) -> Result<v1::GetPolicyResponse, ApplianceError> {
         let path = req.path;
-        crate::catalog::policy::PolicyTarget::parse(&format!("{}:{path}", session.identity))
-            .map_err(|e| ApplianceError::InvalidArgument(e.to_string()))?;
+        let target =
+            crate::catalog::policy::PolicyTarget::parse(&format!("{}:{path}", session.identity))
+                .map_err(|e| ApplianceError::InvalidArgument(e.to_string()))?;
         let (user, host) = session
             .identity
             .split_once('@')
             .unwrap_or((session.identity.as_str(), ""));
-        let may = rules::access(
-            &self.auth.rules(),
-            &session.identity,
-            TargetType::Policy,
-            &[
-                ("policyType", "path"),
-                ("username", user),
-                ("hostname", host),
-                ("path", &path),
-            ],
-        );
+        let may = super::history::policy_access(&self.auth.rules(), &session.identity, &target);
         if may.is_none() {
             return Err(ApplianceError::PermissionDenied(format!(
                 "{} may not read the policy of {path}",

@@ -15,7 +15,9 @@ use tokio::time::Instant;
 
 use super::snapshots::{no_snapshot, snapshot_id};
 use super::{catalog_call, on_blocking_pool, Inner};
+use crate::access::admin::until_detail;
 use crate::access::rules::{self, snapshot_access, Access, TargetType};
+use crate::access::RateWindow;
 use crate::access::Session;
 use crate::catalog::audit::Event;
 use crate::catalog::policy::{resolve, Policy, PolicyTarget};
@@ -34,7 +36,7 @@ pub(super) const MAX_CLIENT_LOCK_SECS: u64 = 366 * 86_400;
 /// The refusal budget of each identity.
 #[derive(Debug, Default)]
 pub(super) struct Refusals {
-    by: Mutex<HashMap<String, (Instant, u32, u64)>>,
+    by: Mutex<HashMap<String, RateWindow>>,
 }
 
 impl Refusals {
@@ -46,18 +48,11 @@ impl Refusals {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if by.len() >= REFUSAL_IDENTITIES_MAX && !by.contains_key(who) {
-            by.retain(|_, (start, _, _)| now.duration_since(*start).as_secs() < 60);
+            by.retain(|_, w| w.current(now));
         }
-        let e = by.entry(who.to_string()).or_insert((now, 0, 0));
-        if now.duration_since(e.0).as_secs() >= 60 {
-            *e = (now, 0, e.2);
-        }
-        if e.1 >= REFUSALS_PER_MINUTE {
-            e.2 += 1;
-            return None;
-        }
-        e.1 += 1;
-        Some(std::mem::take(&mut e.2))
+        by.entry(who.to_string())
+            .or_insert_with(|| RateWindow::new(now))
+            .admit(now, REFUSALS_PER_MINUTE)
     }
 }
 
@@ -214,10 +209,8 @@ impl Inner {
         let event =
             Event::done(&session.identity, action, target.clone()).with_detail(if weakens {
                 "protection removed or shortened".to_string()
-            } else if until == i64::MAX {
-                "until unprotected".to_string()
             } else {
-                format!("until {}", coffer_proto::when::format_us(until))
+                until_detail(until)
             });
         // `weakens` came from the record as read above; the catalog decides again against the
         // record as it is when written, and without the step-up refuses to shorten anything.
@@ -257,7 +250,7 @@ impl Inner {
         .await?;
         let until = req.until_us;
         let event = Event::done(&session.identity, "snapshot.lock", target.clone())
-            .with_detail(format!("until {}", coffer_proto::when::format_us(until)));
+            .with_detail(until_detail(until));
         let limit = crate::clock::now_us()
             .saturating_add(i64::try_from(MAX_CLIENT_LOCK_SECS).unwrap_or(i64::MAX) * 1_000_000);
         // The catalog refuses a shorter lock.
@@ -288,10 +281,6 @@ impl Inner {
             .map_err(|e| ApplianceError::InvalidArgument(e.to_string()))?;
         let set: Policy = serde_json::from_str(&req.policy_json)
             .map_err(|e| ApplianceError::InvalidArgument(format!("policy: {e}")))?;
-        if let Some(s) = &set.schedule {
-            crate::maintenance::schedule::Schedule::parse(s)
-                .map_err(|e| ApplianceError::InvalidArgument(e.to_string()))?;
-        }
         let name = target.to_string();
         let levels = catalog_call(&self.catalog, crate::catalog::Catalog::policies).await?;
         let stored = level_of(&levels, &target);
@@ -307,20 +296,13 @@ impl Inner {
                          locks are set by the operator (coffer-appliance policy set --lock)"
                     )));
                 }
-                let (kind, labels) = policy_labels(&target);
-                let labels: Vec<(&str, &str)> =
-                    labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                if rules::access(
-                    &self.auth.rules(),
-                    &session.identity,
-                    TargetType::Policy,
-                    &labels,
-                )
-                .is_none_or(|a| a < Access::Full)
+                if policy_access(&self.auth.rules(), &session.identity, &target)
+                    .is_none_or(|a| a < Access::Full)
                 {
                     return Err(ApplianceError::PermissionDenied(format!(
-                        "{} may not change the {kind} policy {name}",
-                        session.identity
+                        "{} may not change the {} policy {name}",
+                        session.identity,
+                        policy_labels(&target).0
                     )));
                 }
                 let Some(why) = weakened(&levels, &target, &merged) else {
@@ -420,6 +402,17 @@ fn level_of(levels: &[(PolicyTarget, Policy)], target: &PolicyTarget) -> Policy 
         .find(|(t, _)| t == target)
         .map(|(_, p)| p.clone())
         .unwrap_or_default()
+}
+
+/// The access `who` has on the policy at `target`.
+pub(super) fn policy_access(
+    rules: &[crate::access::rules::Rule],
+    who: &str,
+    target: &PolicyTarget,
+) -> Option<Access> {
+    let (_, labels) = policy_labels(target);
+    let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    rules::access(rules, who, TargetType::Policy, &labels)
 }
 
 /// The policy type and labels a rule matches a policy target on.
