@@ -44,6 +44,7 @@ pub use maintenance::schedule::Schedule;
 pub use maintenance::{
     rebuild_catalog, rebuild_index, verify, CatalogRebuilt, RebuildOutcome, VerifyReport,
 };
+pub use net::limits::LimitFlags;
 pub use net::server::{serve, ServeOptions};
 pub use net::tls::{self, TlsError, TlsIdentity};
 pub use net::ServeError;

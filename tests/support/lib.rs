@@ -664,3 +664,44 @@ pub fn node_referencing(how: &str, id: ChunkId) -> Node {
     }
     n
 }
+
+/// A field of `/proc/PID/status` in KiB (`VmRSS:`, `VmHWM:`).
+///
+/// # Panics
+/// When the process or field is gone.
+#[must_use]
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Sockets the process holds open now (its file descriptors that are sockets).
+#[must_use]
+pub fn sockets(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| {
+        d.flatten()
+            .filter(|e| {
+                std::fs::read_link(e.path())
+                    .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
+            })
+            .count()
+    })
+}
+
+/// Polls `cond` every 50 ms until it holds or `limit` passes; returns whether it held. For
+/// waiting on what another process does (a connection closing), never as a delay.
+pub fn eventually(limit: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if std::time::Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

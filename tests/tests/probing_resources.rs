@@ -17,7 +17,7 @@ use bytes::Bytes;
 use coffer_proto::{pack_ids, ChunkId};
 use coffer_tests::{
     assert_restores, bin, code, coffer, connect_client, create_snapshot, data, frame,
-    node_referencing, snapshot_of, tree_frame, Appliance,
+    node_referencing, proc_status_kib, snapshot_of, tree_frame, Appliance,
 };
 use tonic::Code;
 
@@ -214,14 +214,6 @@ fn the_repository_is_private_to_the_appliance_user() {
         log.contains("other local users can reach the repository") && log.contains("chmod"),
         "{log}"
     );
-}
-
-fn proc_status_kib(pid: u32, field: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
 }
 
 /// Item 7: 200 list chunks of 8,192 random ids each under one tree, committed 16 times at once:

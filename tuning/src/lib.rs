@@ -19,6 +19,8 @@ pub struct Hardware {
     pub memlock_bytes: u64,
     /// Physical memory in bytes (0 when unknown).
     pub memory_bytes: u64,
+    /// `RLIMIT_NOFILE` soft limit (open files and sockets; `u64::MAX` for unlimited).
+    pub nofile: u64,
     pub io_uring: IoUring,
     /// Block devices under the repository (when one was given).
     pub disks: Vec<Disk>,
@@ -63,6 +65,7 @@ impl Hardware {
             features: CpuFeatures::detect(),
             memlock_bytes: memlock_limit(),
             memory_bytes: memory(),
+            nofile: affinity::rlimit(libc::RLIMIT_NOFILE),
             io_uring: IoUring {
                 kernel: read_trim("/proc/sys/kernel/osrelease"),
                 disabled: read_trim("/proc/sys/kernel/io_uring_disabled")
@@ -194,13 +197,13 @@ fn allowed_cpus() -> Vec<usize> {
 }
 
 fn memlock_limit() -> u64 {
-    affinity::memlock()
+    affinity::rlimit(libc::RLIMIT_MEMLOCK)
 }
 
 // The one module of the workspace allowed to use `unsafe`: two read-only libc queries.
 #[allow(unsafe_code)]
 mod affinity {
-    //! The only unsafe code of this crate: two read-only libc queries.
+    //! The only unsafe code of this crate: read-only libc queries.
 
     pub(super) fn cpus() -> Vec<usize> {
         // SAFETY: `set` is a plain bit array that sched_getaffinity fills; we pass its size.
@@ -216,13 +219,13 @@ mod affinity {
         }
     }
 
-    pub(super) fn memlock() -> u64 {
+    pub(super) fn rlimit(which: libc::__rlimit_resource_t) -> u64 {
         let mut lim = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
         };
         // SAFETY: getrlimit writes into the struct we own.
-        let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &raw mut lim) };
+        let rc = unsafe { libc::getrlimit(which, &raw mut lim) };
         if rc != 0 || lim.rlim_cur == libc::RLIM_INFINITY {
             u64::MAX
         } else {
@@ -252,8 +255,73 @@ pub struct Plan {
     pub pack_target_bytes: u64,
     /// RocksDB block cache per shard.
     pub index_cache_bytes: usize,
+    /// What one peer, one account and everyone together may hold (`serve` flags override).
+    pub limits: Limits,
     /// Advice for the operator, one line each, with its reason.
     pub advice: Vec<String>,
+}
+
+/// Resource limits of the network front, derived from memory and the open-files limit. Each is
+/// a `serve` flag; `tune` prints them. What a limit bounds is said where it is enforced.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once; a new one past it closes the longest-idle connection, or is
+    /// refused when every one is busy.
+    pub connections: usize,
+    /// HTTP/2 streams (calls) open at once on one connection.
+    pub streams_per_connection: u32,
+    /// Streaming calls one account has open at once, over all its connections and sessions.
+    pub streams_per_account: usize,
+    /// Messages one request stream may carry.
+    pub messages_per_stream: u64,
+    /// A connection with no call in progress for this long is closed (seconds).
+    pub idle_secs: u64,
+    /// A request stream that sends no message for this long is ended (seconds).
+    pub stream_idle_secs: u64,
+    /// Chunk bytes read from packs and not yet sent, appliance-wide.
+    pub read_budget_bytes: u64,
+    /// Upload bytes received and not yet stored, per account.
+    pub upload_bytes_per_account: u64,
+    /// Upload bytes queued at one shard.
+    pub shard_queue_bytes: u64,
+    /// Chunk ids one session may hold (uploaded, proved, or answered present).
+    pub session_chunks: u64,
+    /// Chunk ids all sessions together may hold.
+    pub all_session_chunks: u64,
+    /// How long a request waits for a budget that makes no progress before it is refused
+    /// (seconds).
+    pub admission_wait_secs: u64,
+}
+
+/// Memory one chunk id held by a session costs, with the hash set's overhead at its worst.
+pub const SESSION_CHUNK_BYTES: u64 = 80;
+
+impl Limits {
+    /// Limits for a machine with `memory` bytes (0: unknown) and `nofile` open files.
+    #[must_use]
+    pub fn new(memory: u64, nofile: u64, shards: usize) -> Self {
+        let memory = if memory == 0 { 4 << 30 } else { memory };
+        // Half the descriptors for connections, the rest for packs, RocksDB and the listener.
+        let connections =
+            usize::try_from((nofile / 2).saturating_sub(64).clamp(64, 16_384)).unwrap_or(16_384);
+        // Session state: a quarter of memory over all sessions; one session at most 16 M ids.
+        let all_session_chunks = (memory / 4 / SESSION_CHUNK_BYTES).max(1 << 20);
+        let shard_queue_bytes = (memory / 16 / shards.max(1) as u64).clamp(64 << 20, 256 << 20);
+        Self {
+            connections,
+            streams_per_connection: 32,
+            streams_per_account: 64,
+            messages_per_stream: 1 << 20,
+            idle_secs: 300,
+            stream_idle_secs: 120,
+            read_budget_bytes: (memory / 8).clamp(256 << 20, 4 << 30),
+            upload_bytes_per_account: 256 << 20,
+            shard_queue_bytes,
+            session_chunks: all_session_chunks.min(16 << 20),
+            all_session_chunks,
+            admission_wait_secs: 30,
+        }
+    }
 }
 
 /// Why no plan could be made.
@@ -369,6 +437,7 @@ impl Plan {
             (128usize << 20).min(cache_cap).max(8 << 20)
         };
         Ok(Self {
+            limits: Limits::new(hw.memory_bytes, hw.nofile, shards),
             shards: placements,
             network_threads: hw.cpus.len().clamp(1, 8),
             io_memory_per_shard: 4 << 20,
@@ -394,6 +463,7 @@ mod tests {
             },
             memlock_bytes: u64::MAX,
             memory_bytes: 64 << 30,
+            nofile: 1 << 20,
             io_uring: IoUring::default(),
             disks: Vec::new(),
         }

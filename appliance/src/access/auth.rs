@@ -21,7 +21,9 @@ use crate::error::ApplianceError;
 
 use super::accounts::{hash_password, verify_password, MAX_PASSWORD_BYTES};
 use super::accounts::{normalise_identity, owner_key};
-use super::sessions::{lock, Session, SessionState, MAX_SESSIONS_PER_ACCOUNT, SESSION_IDLE};
+use super::sessions::{
+    lock, ChunkAllowance, Session, SessionState, MAX_SESSIONS_PER_ACCOUNT, SESSION_IDLE,
+};
 use super::throttle::{RateWindow, Throttle, HASH_QUEUE_MAX};
 
 /// Catalog setting naming the repository's disclosure mode (`user` or `repository`).
@@ -68,6 +70,8 @@ pub struct Auth {
     pub quotas: super::quota::Quotas,
     /// Audit entries for bursts of failures written this minute (capped appliance-wide).
     burst_entries: Mutex<RateWindow>,
+    /// Chunk ids sessions may hold.
+    chunks: Arc<ChunkAllowance>,
 }
 
 /// Audit entries for bursts of failures at most, per minute, appliance-wide: many sources guessing
@@ -96,9 +100,16 @@ impl Auth {
             queued: std::sync::atomic::AtomicUsize::new(0),
             quotas: super::quota::Quotas::default(),
             burst_entries: Mutex::new(RateWindow::new(Instant::now())),
+            chunks: Arc::default(),
         };
         a.reload()?;
         Ok(a)
+    }
+
+    /// Sets how many chunk ids one session and all sessions together may hold (before any
+    /// login).
+    pub fn set_session_chunks(&mut self, per_session: u64, all_sessions: u64) {
+        self.chunks = Arc::new(ChunkAllowance::new(per_session, all_sessions));
     }
 
     /// Reloads everything from the catalog: the access rules (the defaults when none are
@@ -313,7 +324,11 @@ impl Auth {
         let now = Instant::now();
         let session = Session {
             identity: identity.clone(),
-            state: Arc::new(SessionState::new(user.as_ref().map(owner_key), now)),
+            state: Arc::new(SessionState::new(
+                user.as_ref().map(owner_key),
+                now,
+                self.chunks.clone(),
+            )),
             control: control.is_some(),
             expires: now + self.ttl,
             phc,

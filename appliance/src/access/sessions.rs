@@ -1,7 +1,7 @@
 //! Sessions: what each logged-in session knows (uploaded, proved, opened) and when it ends.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,6 +19,39 @@ use crate::reach::Reach;
 pub const MAX_OPENED: usize = 64;
 /// Sessions one account may hold at once; a new login ends the least recently used.
 pub const MAX_SESSIONS_PER_ACCOUNT: usize = 32;
+
+/// How many chunk ids sessions may hold (uploaded, proved, answered present): each costs memory
+/// until its session ends (`serve --session-chunks`; all sessions together at most a quarter of
+/// memory, see `coffer_tuning::Limits`).
+#[derive(Debug)]
+pub struct ChunkAllowance {
+    pub per_session: u64,
+    pub all_sessions: u64,
+    held: AtomicU64,
+}
+
+impl ChunkAllowance {
+    #[must_use]
+    pub fn new(per_session: u64, all_sessions: u64) -> Self {
+        Self {
+            per_session,
+            all_sessions,
+            held: AtomicU64::new(0),
+        }
+    }
+
+    /// Chunk ids all sessions hold now.
+    #[must_use]
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+}
+
+impl Default for ChunkAllowance {
+    fn default() -> Self {
+        Self::new(16 << 20, u64::MAX)
+    }
+}
 
 /// A snapshot a session opened: the record it was opened as (to re-check access when rules
 /// change) and everything reachable from it.
@@ -52,10 +85,23 @@ pub struct SessionState {
     /// New bytes this session's uploads stored (quotas: counted until the session ends).
     pub stored_bytes: std::sync::atomic::AtomicU64,
     last_used: Mutex<Instant>,
+    allowance: Arc<ChunkAllowance>,
+    /// Chunk ids in `uploaded` and `pinned` (counted in `allowance` until the session ends).
+    held: AtomicU64,
+}
+
+impl Drop for SessionState {
+    fn drop(&mut self) {
+        self.release_held();
+    }
 }
 
 impl SessionState {
-    pub(super) fn new(owner: Option<[u8; 16]>, now: Instant) -> Self {
+    pub(super) fn new(
+        owner: Option<[u8; 16]>,
+        now: Instant,
+        allowance: Arc<ChunkAllowance>,
+    ) -> Self {
         Self {
             possession_key: rand::random(),
             owner,
@@ -66,17 +112,64 @@ impl SessionState {
             revoked: AtomicBool::new(false),
             stored_bytes: std::sync::atomic::AtomicU64::new(0),
             last_used: Mutex::new(now),
+            allowance,
+            held: AtomicU64::new(0),
         }
+    }
+
+    /// Refuses a request that would take this session (or all sessions) past the chunk ids
+    /// they may hold, before anything is done for it. Concurrent requests of one session may
+    /// each pass and together exceed the cap by what is in flight (a pipeline's few batches).
+    ///
+    /// # Errors
+    /// [`ApplianceError::ResourceExhausted`] naming the limit.
+    pub fn room_for(&self, n: usize) -> Result<(), ApplianceError> {
+        let n = n as u64;
+        let mine = self.held.load(Ordering::Relaxed);
+        if mine + n > self.allowance.per_session {
+            return Err(ApplianceError::ResourceExhausted(format!(
+                "this session holds {mine} chunk ids, its limit is {} (--session-chunks): \
+                 commit a snapshot and log in again for the rest",
+                self.allowance.per_session
+            )));
+        }
+        let all = self.allowance.held();
+        if all + n > self.allowance.all_sessions {
+            return Err(ApplianceError::ResourceExhausted(format!(
+                "the appliance's sessions hold {all} chunk ids, their limit is {}; try again \
+                 when running backups have finished",
+                self.allowance.all_sessions
+            )));
+        }
+        Ok(())
+    }
+
+    fn count(&self, added: usize) {
+        self.held.fetch_add(added as u64, Ordering::Relaxed);
+        self.allowance
+            .held
+            .fetch_add(added as u64, Ordering::Relaxed);
+    }
+
+    fn release_held(&self) {
+        let n = self.held.swap(0, Ordering::Relaxed);
+        self.allowance.held.fetch_sub(n, Ordering::Relaxed);
     }
 
     /// Records chunks the session uploaded (verified against their ids) or proved.
     pub fn add_uploaded(&self, ids: impl IntoIterator<Item = ChunkId>) {
-        lock(&self.uploaded).extend(ids);
+        let mut set = lock(&self.uploaded);
+        let before = set.len();
+        set.extend(ids);
+        self.count(set.len() - before);
     }
 
     /// Pins chunks answered "present" that the session does not know yet (see `pinned`).
     pub fn add_pinned(&self, ids: impl IntoIterator<Item = ChunkId>) {
-        lock(&self.pinned).extend(ids);
+        let mut set = lock(&self.pinned);
+        let before = set.len();
+        set.extend(ids);
+        self.count(set.len() - before);
     }
 
     /// Reports every chunk this session holds against the GC: uploaded, proved, answered
@@ -158,6 +251,7 @@ impl SessionState {
         self.revoked.store(true, Ordering::SeqCst);
         lock(&self.uploaded).clear();
         lock(&self.pinned).clear();
+        self.release_held();
         lock(&self.opened).clear();
         lock(&self.released).clear();
     }
@@ -218,7 +312,7 @@ mod tests {
 
     #[test]
     fn a_snapshot_dropped_from_a_session_stays_pinned_but_unknown() {
-        let s = SessionState::new(None, Instant::now());
+        let s = SessionState::new(None, Instant::now(), Arc::default());
         let (tree, leaf) = (ChunkId::from_bytes([1; 32]), ChunkId::from_bytes([2; 32]));
         let reach = Reach {
             trees: [tree].into(),

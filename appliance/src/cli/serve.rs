@@ -60,15 +60,85 @@ pub struct ServeArgs {
     /// is garbage.
     #[arg(long, default_value_t = 25, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=100))]
     pub compact_above: u8,
-    /// Chunk data read from packs and not yet sent, appliance-wide, in MiB (each account may
-    /// hold 256 MiB of it): `GetChunks` answers are admitted against it before they are read.
-    /// At least 256. Default: an eighth of the memory, between 256 MiB and 4 GiB.
-    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(256..))]
-    pub read_budget_mib: Option<u64>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
     /// Identity (`name@host`) of the server control user, who may only call Refresh and
     /// ServerStatus; its password comes from COFFER_SERVER_CONTROL_PASSWORD.
     #[arg(long, value_name = "NAME@HOST")]
     pub server_control_username: Option<String>,
+}
+
+/// Resource limits; each default comes from the tuning plan (`coffer-appliance tune` prints
+/// them). A limit hit answers RESOURCE_EXHAUSTED naming it.
+#[derive(clap::Args, Debug)]
+#[command(next_help_heading = "Resource limits (defaults from `coffer-appliance tune`)")]
+pub struct LimitArgs {
+    /// Connections held at once; past it a new connection closes the longest-idle one, or is
+    /// refused while all are busy.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: Option<u64>,
+    /// Calls (HTTP/2 streams) open at once on one connection.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_connection: Option<u32>,
+    /// Streaming calls one account has open at once, over all its connections.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_streams_per_account: Option<u64>,
+    /// Messages one request stream may carry.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_stream_messages: Option<u64>,
+    /// A connection with no call in progress for this long is closed (`300s`, `5m`).
+    #[arg(long, value_name = "DURATION", value_parser = positive_secs)]
+    pub idle_timeout: Option<u64>,
+    /// A request stream that sends no message for this long is ended.
+    #[arg(long, value_name = "DURATION", value_parser = positive_secs)]
+    pub stream_idle_timeout: Option<u64>,
+    /// How long a request waits for a read or upload budget that makes no progress before it
+    /// is refused.
+    #[arg(long, value_name = "DURATION", value_parser = positive_secs)]
+    pub admission_wait: Option<u64>,
+    /// Chunk data read from packs and not yet sent, appliance-wide, in MiB (each account may
+    /// hold 256 MiB of it): `GetChunks` answers are admitted against it before they are read.
+    /// At least 256.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(256..))]
+    pub read_budget_mib: Option<u64>,
+    /// Upload data received and not yet stored, per account, in MiB.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(16..))]
+    pub upload_budget_mib: Option<u64>,
+    /// Upload data queued at one shard, in MiB.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(16..))]
+    pub shard_queue_mib: Option<u64>,
+    /// Chunk ids one session may hold (each costs memory until it ends); past it the client is
+    /// told to commit and log in again.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub session_chunks: Option<u64>,
+}
+
+impl LimitArgs {
+    fn flags(&self) -> coffer_appliance::LimitFlags {
+        let mib = |m: Option<u64>| m.map(|m| m.saturating_mul(1 << 20));
+        let size = |n: Option<u64>| n.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+        coffer_appliance::LimitFlags {
+            connections: size(self.max_connections),
+            streams_per_connection: self.max_streams_per_connection,
+            streams_per_account: size(self.max_streams_per_account),
+            messages_per_stream: self.max_stream_messages,
+            idle_secs: self.idle_timeout,
+            stream_idle_secs: self.stream_idle_timeout,
+            read_budget_bytes: mib(self.read_budget_mib),
+            upload_bytes_per_account: mib(self.upload_budget_mib),
+            shard_queue_bytes: mib(self.shard_queue_mib),
+            session_chunks: self.session_chunks,
+            admission_wait_secs: self.admission_wait,
+        }
+    }
+}
+
+/// A duration of at least one second, in seconds.
+fn positive_secs(s: &str) -> Result<u64, String> {
+    match coffer_proto::when::parse_duration_secs(s)? {
+        0 => Err(format!("{s:?}: must be at least 1s")),
+        n => Ok(n),
+    }
 }
 
 /// `0`, or a number followed by `s`, `m`, `h` or `d`, as microseconds.
@@ -134,7 +204,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             listen_mode: a.listen_mode,
             handshake_timeout: std::time::Duration::from_secs(a.handshake_timeout.max(1)),
             space_reserve: a.space_reserve,
-            read_budget: a.read_budget_mib.map(|m| m.saturating_mul(1 << 20)),
+            limits: a.limits.flags(),
             maintenance: match a.maintenance_at.as_str() {
                 "off" => None,
                 s => Some(coffer_appliance::Schedule::parse(s)?),

@@ -58,6 +58,25 @@ pub fn run(a: &TuneArgs) -> anyhow::Result<()> {
             plan.pack_target_bytes >> 20,
             plan.index_cache_bytes >> 20
         );
+        let l = &plan.limits;
+        println!(
+            "limits (serve flags override):\n  connections: {} (--max-connections), streams: {} \
+             per connection, {} per account, {} messages per stream\n  idle: connection {} s, \
+             stream {} s; admission wait {} s\n  read budget: {} MiB; uploads: {} MiB per \
+             account, {} MiB queued per shard\n  session chunk ids: {} per session, {} in all",
+            l.connections,
+            l.streams_per_connection,
+            l.streams_per_account,
+            l.messages_per_stream,
+            l.idle_secs,
+            l.stream_idle_secs,
+            l.admission_wait_secs,
+            l.read_budget_bytes >> 20,
+            l.upload_bytes_per_account >> 20,
+            l.shard_queue_bytes >> 20,
+            l.session_chunks,
+            l.all_session_chunks
+        );
         for a in &plan.advice {
             println!("advice: {a}");
         }

@@ -1,15 +1,17 @@
-//! Read admission: chunk bytes read from packs and not yet handed to the network are bounded
-//! per account and appliance-wide, and admitted *before* they are read (the index says how big
-//! each record is).
+//! Byte budgets, per account and appliance-wide, admitted *before* the bytes are held:
+//! chunk bytes read from packs and not yet sent (`GetChunks`: the index says how big each
+//! record is), and upload bytes received and not yet stored (`PutChunks`: a stream is not read
+//! further until its last message is admitted).
 //!
-//! A request waits while the budget it needs makes progress (someone's piece is taken and its
-//! budget released): a slow but reading client is slow, never refused. It is refused
-//! (`RESOURCE_EXHAUSTED`, naming the budget) only after [`ADMISSION_WAIT`] in which nothing was
-//! released. One account holds at most [`ACCOUNT_READ_UNITS`] of the shared budget however many
-//! sessions and streams it opens.
+//! A request waits while the budget it needs makes progress (someone's bytes are released): a
+//! slow but working client is slow, never refused. It is refused (`RESOURCE_EXHAUSTED`, naming
+//! the budget) only after the admission wait (`serve --admission-wait`) in which nothing was
+//! released. One account holds at most its share of the shared budget however many sessions and
+//! streams it opens.
 //!
-//! Known limit (issue 14, rest): a stream whose client stops reading keeps what it was admitted
-//! (at most two pieces) until its connection closes; there is no deadline on holders yet.
+//! Known limit: a `GetChunks` stream whose client stops reading keeps what it was admitted (at
+//! most two pieces) until its connection closes (`serve --idle-timeout` does not apply while a
+//! call is open); the account's share bounds it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,24 +24,24 @@ use crate::error::ApplianceError;
 
 /// Budget unit: KiB (a `u32` of permits then covers 4 TiB).
 const UNIT: u64 = 1024;
-/// What one account may have read and not yet sent: 256 MiB.
-pub const ACCOUNT_READ_UNITS: usize = 256 << 10;
-/// How long a read waits for admission without any budget being released before it is refused.
-pub const ADMISSION_WAIT: Duration = Duration::from_secs(30);
 /// Accounts whose budgets are remembered at most (idle ones are forgotten first).
 const ACCOUNTS_MAX: usize = 100_000;
 
-/// The appliance-wide read budget and each account's share.
+/// An appliance-wide byte budget and each account's share of it.
 #[derive(Debug, Clone)]
-pub struct ReadBudget {
+pub struct Budget {
+    /// What the budget counts, for messages ("read": chunk data read and not yet sent).
+    what: &'static str,
     all: Arc<Semaphore>,
     units: u32,
+    account_units: u32,
+    wait: Duration,
     accounts: Arc<Mutex<HashMap<String, Arc<Semaphore>>>>,
     /// Releases so far: a waiter that sees this move keeps waiting.
     released: Arc<AtomicU64>,
 }
 
-/// Budget held for one piece of an answer: released when the piece's messages are handed on.
+/// Bytes admitted: released when dropped.
 #[derive(Debug)]
 pub struct Admitted {
     _account: OwnedSemaphorePermit,
@@ -53,24 +55,26 @@ impl Drop for Admitted {
     }
 }
 
-impl ReadBudget {
-    /// A budget of `bytes` (at least one account's share).
+fn units_of(bytes: u64) -> u32 {
+    u32::try_from(bytes.div_ceil(UNIT).max(1)).unwrap_or(u32::MAX)
+}
+
+impl Budget {
+    /// A budget of `all` bytes of which one account holds at most `account` (the whole is at
+    /// least one account's share); a request waits at most `wait` without progress.
     #[must_use]
-    pub fn new(bytes: u64) -> Self {
-        let units =
-            u32::try_from((bytes / UNIT).max(ACCOUNT_READ_UNITS as u64)).unwrap_or(u32::MAX);
+    pub fn new(what: &'static str, all: u64, account: u64, wait: Duration) -> Self {
+        let account_units = units_of(account);
+        let units = units_of(all).max(account_units);
         Self {
+            what,
             all: Arc::new(Semaphore::new(units as usize)),
             units,
+            account_units,
+            wait,
             accounts: Arc::new(Mutex::new(HashMap::new())),
             released: Arc::new(AtomicU64::new(0)),
         }
-    }
-
-    /// The default: an eighth of the machine's memory, between 256 MiB and 4 GiB.
-    #[must_use]
-    pub fn for_memory(memory_bytes: u64) -> Self {
-        Self::new((memory_bytes / 8).clamp(256 << 20, 4 << 30))
     }
 
     fn account(&self, identity: &str) -> Arc<Semaphore> {
@@ -78,62 +82,69 @@ impl ReadBudget {
             .accounts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let full = self.account_units as usize;
         if accounts.len() >= ACCOUNTS_MAX && !accounts.contains_key(identity) {
-            accounts.retain(|_, s| s.available_permits() < ACCOUNT_READ_UNITS);
+            accounts.retain(|_, s| s.available_permits() < full);
         }
         accounts
             .entry(identity.to_string())
-            .or_insert_with(|| Arc::new(Semaphore::new(ACCOUNT_READ_UNITS)))
+            .or_insert_with(|| Arc::new(Semaphore::new(full)))
             .clone()
     }
 
-    /// Waits for `units` of `sem` while releases keep happening; refuses after
-    /// [`ADMISSION_WAIT`] without one.
+    /// Waits for `units` of `sem` while releases keep happening; refuses after the admission
+    /// wait without one.
     async fn wait(
         &self,
         sem: &Arc<Semaphore>,
         units: u32,
         whose: &str,
-        limit_units: u64,
+        limit_units: u32,
     ) -> Result<OwnedSemaphorePermit, ApplianceError> {
         loop {
             let seen = self.released.load(Ordering::Relaxed);
-            match tokio::time::timeout(ADMISSION_WAIT, sem.clone().acquire_many_owned(units)).await
-            {
+            match tokio::time::timeout(self.wait, sem.clone().acquire_many_owned(units)).await {
                 Ok(Ok(p)) => return Ok(p),
                 Err(_) if self.released.load(Ordering::Relaxed) != seen => {}
                 _ => {
                     return Err(ApplianceError::ResourceExhausted(format!(
-                        "{whose} read budget ({} MiB of chunk data read and not yet sent) was \
-                         held without progress for {} s; read the answers already sent, or try \
-                         again later",
-                        (limit_units * UNIT) >> 20,
-                        ADMISSION_WAIT.as_secs()
+                        "{whose} {} budget ({} MiB) was held without progress for {} s; {}",
+                        self.what,
+                        (u64::from(limit_units) * UNIT) >> 20,
+                        self.wait.as_secs(),
+                        if self.what == "read" {
+                            "read the answers already sent, or try again later"
+                        } else {
+                            "wait for the answers to the uploads already sent, or try again later"
+                        }
                     )))
                 }
             }
         }
     }
 
-    /// Admits reading `bytes` for `identity`: its account's share first, then the shared
-    /// budget.
+    /// Admits `bytes` for `identity`: its account's share first, then the shared budget. A
+    /// request larger than a budget is admitted for the whole budget.
     ///
     /// # Errors
     /// [`ApplianceError::ResourceExhausted`] when not admitted (see the module).
     pub async fn admit(&self, identity: &str, bytes: u64) -> Result<Admitted, ApplianceError> {
-        let want = bytes.div_ceil(UNIT).max(1);
-        let mine = u32::try_from(want.min(ACCOUNT_READ_UNITS as u64)).unwrap_or(u32::MAX);
-        let all = u32::try_from(want.min(u64::from(self.units))).unwrap_or(u32::MAX);
+        let want = units_of(bytes);
         let account = self
             .wait(
                 &self.account(identity),
-                mine,
+                want.min(self.account_units),
                 "this account's",
-                ACCOUNT_READ_UNITS as u64,
+                self.account_units,
             )
             .await?;
         let all = self
-            .wait(&self.all, all, "the appliance's", u64::from(self.units))
+            .wait(
+                &self.all,
+                want.min(self.units),
+                "the appliance's",
+                self.units,
+            )
             .await?;
         Ok(Admitted {
             _account: account,
@@ -147,9 +158,13 @@ impl ReadBudget {
 mod tests {
     use super::*;
 
+    fn read(all: u64) -> Budget {
+        Budget::new("read", all, 256 << 20, Duration::from_secs(30))
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_stalled_account_is_refused_and_others_read() {
-        let budget = ReadBudget::new(1 << 30);
+        let budget = read(1 << 30);
         let held = budget.admit("hog@x", 256 << 20).await.unwrap();
         // The hog's next read waits, then is refused (nothing released); the shared budget is
         // not all taken, and another account reads.
@@ -159,12 +174,12 @@ mod tests {
         drop(held);
         budget.admit("hog@x", 1 << 20).await.unwrap();
         // A request larger than the whole budget is admitted for the budget, not refused.
-        ReadBudget::new(0).admit("big@z", 10 << 30).await.unwrap();
+        read(0).admit("big@z", 10 << 30).await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_waiter_that_sees_progress_keeps_waiting() {
-        let budget = ReadBudget::new(1 << 30);
+        let budget = read(1 << 30);
         let mut held = vec![budget.admit("reader@x", 200 << 20).await.unwrap()];
         let waiter = {
             let b = budget.clone();

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
 
+use super::limits::{Connections, Tracked};
 use super::server::ServeOptions;
 use super::ServeError;
 
@@ -120,22 +121,25 @@ pub(super) fn tls_acceptor(
 /// A listening socket the accept loop can take connections from.
 pub(super) trait Accept: Send + Sync + 'static {
     type Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
-    fn accept(&self) -> impl std::future::Future<Output = std::io::Result<Self::Io>> + Send;
+    /// A connection and its peer's address (none for a unix socket).
+    fn accept(
+        &self,
+    ) -> impl std::future::Future<Output = std::io::Result<(Self::Io, Option<SocketAddr>)>> + Send;
 }
 
 impl Accept for TcpListener {
     type Io = tokio::net::TcpStream;
-    async fn accept(&self) -> std::io::Result<Self::Io> {
-        let (s, _) = TcpListener::accept(self).await?;
+    async fn accept(&self) -> std::io::Result<(Self::Io, Option<SocketAddr>)> {
+        let (s, peer) = TcpListener::accept(self).await?;
         let _ = s.set_nodelay(true);
-        Ok(s)
+        Ok((s, Some(peer)))
     }
 }
 
 impl Accept for UnixListener {
     type Io = tokio::net::UnixStream;
-    async fn accept(&self) -> std::io::Result<Self::Io> {
-        Ok(UnixListener::accept(self).await?.0)
+    async fn accept(&self) -> std::io::Result<(Self::Io, Option<SocketAddr>)> {
+        Ok((UnixListener::accept(self).await?.0, None))
     }
 }
 
@@ -148,16 +152,20 @@ fn out_of_resources(e: &std::io::Error) -> bool {
     )
 }
 
+/// A connection as the gRPC server takes it: TLS over the socket, tracked by the connection
+/// limits.
+pub(super) type Conn<Io> = Tracked<tokio_rustls::server::TlsStream<Io>>;
+
 /// The accept loop: each connection's TLS handshake runs in its own task under `deadline`
-/// (a connection that never completes it is closed), at most [`MAX_HANDSHAKES`] at once. When
-/// the process runs out of file descriptors the loop backs off instead of spinning, and logs
-/// it at most every 10 s.
+/// (a connection that never completes it is closed), at most [`MAX_HANDSHAKES`] at once; then
+/// it is admitted by `conns` (see `net::limits`). When the process runs out of file descriptors
+/// the loop backs off instead of spinning, and logs it at most every 10 s.
 pub(super) fn accept_tls<L: Accept>(
     listener: Arc<L>,
     tls: tokio_rustls::TlsAcceptor,
     deadline: Duration,
-) -> impl tokio_stream::Stream<Item = Result<tokio_rustls::server::TlsStream<L::Io>, std::io::Error>>
-{
+    conns: Arc<Connections>,
+) -> impl tokio_stream::Stream<Item = Result<Conn<L::Io>, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
@@ -170,8 +178,8 @@ pub(super) fn accept_tls<L: Accept>(
                 () = tx.closed() => return,
                 c = listener.accept() => c,
             };
-            let io = match conn {
-                Ok(io) => io,
+            let (io, peer) = match conn {
+                Ok(c) => c,
                 Err(e) => {
                     if out_of_resources(&e) {
                         if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
@@ -190,12 +198,14 @@ pub(super) fn accept_tls<L: Accept>(
                     continue;
                 }
             };
-            let (tls, tx) = (tls.clone(), tx.clone());
+            let (tls, tx, conns) = (tls.clone(), tx.clone(), conns.clone());
             tokio::spawn(async move {
                 let _slot = slot;
                 match tokio::time::timeout(deadline, tls.accept(io)).await {
                     Ok(Ok(s)) => {
-                        let _ = tx.send(Ok(s)).await;
+                        if let Some(c) = conns.admit(s, peer) {
+                            let _ = tx.send(Ok(c)).await;
+                        }
                     }
                     Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!("TLS handshake timed out; connection closed"),

@@ -9,6 +9,7 @@
 
 mod admin_socket;
 pub mod budget;
+pub mod limits;
 mod listen;
 pub mod server;
 pub mod service;

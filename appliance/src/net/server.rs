@@ -10,6 +10,7 @@ use coffer_tuning::{Hardware, Plan};
 use tokio::io::AsyncReadExt;
 
 use super::admin_socket::Admin;
+use super::limits::{CallLayer, Connections};
 use super::listen::{accept_tls, listener, tls_acceptor, Listener};
 use super::ServeError;
 use crate::access::{Auth, ControlUser};
@@ -45,8 +46,8 @@ pub struct ServeOptions {
     pub maintenance: Option<Schedule>,
     /// How garbage collection collects (grace window, compaction threshold).
     pub gc: GcConfig,
-    /// Chunk bytes read and not yet sent, appliance-wide (`None`: from the memory size).
-    pub read_budget: Option<u64>,
+    /// Overrides of the tuning plan's resource limits (`net::limits`).
+    pub limits: super::limits::LimitFlags,
 }
 
 /// Warns when the repository is readable or writable by other local users (it holds password
@@ -156,6 +157,8 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
             coffer_tuning::MIN_MEMLOCK_BYTES
         )));
     }
+    let limits = opts.limits.apply(plan.limits);
+    tracing::info!(?limits, "resource limits");
     let master = Arc::new(master);
     let mut shards: Vec<RunningShard> = Vec::new();
     for p in &plan.shards {
@@ -171,7 +174,7 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
             pack_target: opts.pack_target.unwrap_or(plan.pack_target_bytes),
             space_reserve: opts.space_reserve,
             cache_bytes: plan.index_cache_bytes,
-            queue_limit: 256 << 20,
+            queue_limit: limits.shard_queue_bytes,
         })?;
         shards.push(s);
     }
@@ -194,7 +197,9 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
     };
     let handles = shards.iter().map(|s| s.handle.clone()).collect();
     check_control(&catalog, opts)?;
-    let auth = Arc::new(Auth::new(catalog.clone(), opts.control.clone())?);
+    let mut auth = Auth::new(catalog.clone(), opts.control.clone())?;
+    auth.set_session_chunks(limits.session_chunks, limits.all_session_chunks);
+    let auth = Arc::new(auth);
     let fanout = crate::shard::Shards::new(handles);
     let gate = Arc::new(Gate::default());
     let gc = Arc::new(Collector::new(
@@ -205,17 +210,7 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
         paths.clone(),
         opts.gc,
     ));
-    let service = CofferService::new(
-        fanout,
-        catalog.clone(),
-        auth.clone(),
-        hello,
-        gate,
-        opts.read_budget.map_or_else(
-            || crate::net::budget::ReadBudget::for_memory(hw.memory_bytes),
-            crate::net::budget::ReadBudget::new,
-        ),
-    );
+    let service = CofferService::new(fanout, catalog.clone(), auth.clone(), hello, gate, limits);
     let admin = Admin {
         socket: paths.admin_socket(),
         catalog,
@@ -229,7 +224,7 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
         .enable_all()
         .build()
         .map_err(|e| ServeError::io("starting the network threads", e))?;
-    let result = rt.block_on(run_network(service, admin, opts, max_msg as usize));
+    let result = rt.block_on(run_network(service, admin, opts, max_msg as usize, limits));
     // The service (and with it every shard handle) is gone: shards finish what is in flight,
     // seal their open packs and stop.
     // A blocking read of stdin (`--shutdown-on-stdin`) may still be pending: do not wait for it.
@@ -248,6 +243,7 @@ async fn run_network(
     admin: Admin,
     opts: &ServeOptions,
     max_msg: usize,
+    limits: coffer_tuning::Limits,
 ) -> Result<(), ServeError> {
     let admin = Arc::new(admin);
     let admin_listener = admin.bind()?;
@@ -292,7 +288,7 @@ async fn run_network(
     if let Some(at) = opts.maintenance {
         tokio::spawn(maintenance_loop(admin.clone(), at));
     }
-    let result = serve_grpc(service, opts, max_msg).await;
+    let result = serve_grpc(service, opts, max_msg, limits).await;
     let _ = std::fs::remove_file(&socket);
     result
 }
@@ -301,6 +297,7 @@ async fn serve_grpc(
     service: CofferService,
     opts: &ServeOptions,
     max_msg: usize,
+    limits: coffer_tuning::Limits,
 ) -> Result<(), ServeError> {
     let (listener, name) = listener(opts)?;
     let tls = tls_acceptor(&opts.tls)?;
@@ -316,17 +313,22 @@ async fn serve_grpc(
     let mut builder = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(32 << 20))
-        .http2_keepalive_interval(Some(Duration::from_secs(30)));
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        // A peer that stops answering pings is gone: its connection and calls are dropped.
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .max_concurrent_streams(limits.streams_per_connection)
+        .layer(CallLayer);
     let router = builder.add_service(svc);
     let stop = shutdown_signal(opts.shutdown_on_stdin);
     let deadline = opts.handshake_timeout;
+    let conns = Connections::new(limits.connections, Duration::from_secs(limits.idle_secs));
     match listener {
         Listener::Tcp(l) => {
-            let incoming = accept_tls(Arc::new(l), tls, deadline);
+            let incoming = accept_tls(Arc::new(l), tls, deadline, conns);
             router.serve_with_incoming_shutdown(incoming, stop).await?;
         }
         Listener::Unix(l, path) => {
-            let incoming = accept_tls(Arc::new(l), tls, deadline);
+            let incoming = accept_tls(Arc::new(l), tls, deadline, conns);
             let r = router.serve_with_incoming_shutdown(incoming, stop).await;
             if !path.as_os_str().is_empty() {
                 let _ = std::fs::remove_file(&path);

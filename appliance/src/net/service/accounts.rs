@@ -83,7 +83,7 @@ impl Inner {
                 coffer_proto::PROTOCOL_VERSION
             )));
         }
-        let source = req.remote_addr().map(|a| a.ip());
+        let source = crate::net::limits::source_of(&req);
         let req = req.into_inner();
         let (token, identity) = self
             .auth

@@ -27,6 +27,7 @@ impl Inner {
         let ids =
             unpack_ids(&ids, max).map_err(|e| ApplianceError::InvalidArgument(e.to_string()))?;
         let n = ids.len();
+        session.state.room_for(n)?;
         // G3: an answer "present" and the session's record of it happen with no GC barrier
         // in between.
         let _gate = self.gate.enter().await;
@@ -140,6 +141,7 @@ impl Inner {
                 data: f.data,
             });
         }
+        session.state.room_for(chunks.len() + proofs.len())?;
         // G3: a deduplicated chunk is recorded as the session's before any GC barrier.
         let _gate = self.gate.enter().await;
         if !proofs.is_empty() {

@@ -25,6 +25,8 @@ use crate::access::{Auth, Session};
 use crate::catalog::{Catalog, CatalogError};
 use crate::error::ApplianceError;
 use crate::maintenance::gc::Gate;
+use crate::net::budget::Budget;
+use crate::net::limits::{self, AccountStreams};
 use crate::reach::Walker;
 use crate::shard::Shards;
 
@@ -57,8 +59,13 @@ struct Inner {
     gate: Arc<Gate>,
     /// How many refused requests each identity may still leave in the audit log this minute.
     refusals: history::Refusals,
-    /// Chunk bytes read and not yet sent, appliance-wide (sessions have their own share).
-    read_budget: crate::net::budget::ReadBudget,
+    /// Chunk bytes read and not yet sent, appliance-wide (each account has its share).
+    read_budget: Budget,
+    /// Upload bytes received and not yet stored, per account (all: the shards' queues).
+    upload_budget: Budget,
+    /// Streaming calls per account.
+    streams: Arc<AccountStreams>,
+    limits: coffer_tuning::Limits,
 }
 
 impl CofferService {
@@ -69,8 +76,16 @@ impl CofferService {
         auth: Arc<Auth>,
         hello: HelloInfo,
         gate: Arc<Gate>,
-        read_budget: crate::net::budget::ReadBudget,
+        limits: coffer_tuning::Limits,
     ) -> Self {
+        let wait = std::time::Duration::from_secs(limits.admission_wait_secs);
+        let read_budget = Budget::new("read", limits.read_budget_bytes, 256 << 20, wait);
+        let upload_budget = Budget::new(
+            "upload",
+            limits.shard_queue_bytes * u64::from(shards.count()),
+            limits.upload_bytes_per_account,
+            wait,
+        );
         Self {
             inner: Arc::new(Inner {
                 walker: Walker::new(shards.clone()),
@@ -81,6 +96,9 @@ impl CofferService {
                 gate,
                 refusals: history::Refusals::default(),
                 read_budget,
+                upload_budget,
+                streams: AccountStreams::new(limits.streams_per_account),
+                limits,
             }),
         }
     }
@@ -122,32 +140,63 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 /// Answers each message of a request stream with `f`, up to [`PIPELINE_DEPTH`] at a time, in
 /// order; the first error ends the stream with its status. Every message first checks that the
 /// session was not ended meanwhile.
+///
+/// The call takes one of the account's stream slots for its whole life; the stream is bounded
+/// in messages and in time between them (`net::limits::bounded`). With `weigh`, each message's
+/// bytes are admitted by the account's upload budget before the next message is read, and held
+/// until `f` is done with it: a stream holds at most one message beyond what it was admitted.
 fn pipelined<Req, Resp, F, Fut>(
     inner: &Arc<Inner>,
     session: Session,
     input: Streaming<Req>,
+    weigh: Option<fn(&Req) -> u64>,
     f: F,
-) -> BoxStream<Resp>
+) -> Result<BoxStream<Resp>, ApplianceError>
 where
     Req: Send + 'static,
     Resp: Send + 'static,
     F: Fn(Arc<Inner>, Session, Req) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<Resp, ApplianceError>> + Send + 'static,
 {
+    let slot = inner.streams.enter(&session.identity)?;
+    let l = &inner.limits;
+    let input = limits::bounded(
+        input,
+        l.messages_per_stream,
+        std::time::Duration::from_secs(l.stream_idle_secs),
+    );
+    let (budget, identity) = (inner.upload_budget.clone(), session.identity.clone());
+    let admitted = input.then(move |m| {
+        let (budget, identity) = (budget.clone(), identity.clone());
+        async move {
+            let m = m?;
+            let held = match weigh {
+                Some(w) => Some(budget.admit(&identity, w(&m)).await?),
+                None => None,
+            };
+            Ok::<_, Status>((m, held))
+        }
+    });
     let inner = inner.clone();
     let f = Arc::new(f);
-    Box::pin(
-        input
+    Ok(Box::pin(
+        admitted
             .map(move |m| {
                 let (inner, f, session) = (inner.clone(), f.clone(), session.clone());
                 async move {
-                    let m = m?;
+                    let (m, held) = m?;
                     session.state.check()?;
-                    Ok::<_, Status>(f(inner, session, m).await?)
+                    let r = f(inner, session, m).await?;
+                    drop(held);
+                    Ok::<_, Status>(r)
                 }
             })
-            .buffered(PIPELINE_DEPTH),
-    )
+            .buffered(PIPELINE_DEPTH)
+            .map(move |r| {
+                let _slot = &slot;
+                r
+            }),
+    ))
 }
 
 /// Runs a catalog call on the blocking pool.
@@ -190,10 +239,11 @@ impl Coffer for CofferService {
             &self.inner,
             session,
             req.into_inner(),
+            None,
             |inner, session, m: v1::FindMissingRequest| async move {
                 inner.find_missing(&session, m.ids).await
             },
-        )))
+        )?))
     }
 
     type PutChunksStream = BoxStream<v1::PutChunksResponse>;
@@ -207,8 +257,9 @@ impl Coffer for CofferService {
             &self.inner,
             session,
             req.into_inner(),
+            Some(|m: &v1::PutChunksRequest| m.chunks.iter().map(|c| c.data.len() as u64).sum()),
             |inner, session, m| async move { inner.put(&session, m).await },
-        )))
+        )?))
     }
 
     type GetChunksStream = BoxStream<v1::GetChunksResponse>;
@@ -223,10 +274,11 @@ impl Coffer for CofferService {
             &self.inner,
             session,
             req.into_inner(),
+            None,
             |inner, session, m: v1::GetChunksRequest| async move {
                 Ok(inner.get(&session, m.ids).await?.map_err(Status::from))
             },
-        );
+        )?;
         Ok(Response::new(Box::pin(answers.try_flatten())))
     }
 
@@ -269,7 +321,7 @@ impl Coffer for CofferService {
         req: Request<v1::DeleteSnapshotRequest>,
     ) -> Result<Response<v1::DeleteSnapshotResponse>, Status> {
         let session = self.inner.session(&req)?;
-        let source = req.remote_addr().map(|a| a.ip());
+        let source = limits::source_of(&req);
         Ok(Response::new(
             self.inner
                 .delete_snapshot(&session, source, req.into_inner())
@@ -282,7 +334,7 @@ impl Coffer for CofferService {
         req: Request<v1::ProtectSnapshotRequest>,
     ) -> Result<Response<v1::ProtectSnapshotResponse>, Status> {
         let session = self.inner.session(&req)?;
-        let source = req.remote_addr().map(|a| a.ip());
+        let source = limits::source_of(&req);
         Ok(Response::new(
             self.inner
                 .protect_snapshot(&session, source, req.into_inner())
@@ -305,7 +357,7 @@ impl Coffer for CofferService {
         req: Request<v1::SetPolicyRequest>,
     ) -> Result<Response<v1::SetPolicyResponse>, Status> {
         let session = self.inner.session(&req)?;
-        let source = req.remote_addr().map(|a| a.ip());
+        let source = limits::source_of(&req);
         Ok(Response::new(
             self.inner
                 .set_policy(&session, source, req.into_inner())
@@ -318,7 +370,7 @@ impl Coffer for CofferService {
         req: Request<v1::AddRuleRequest>,
     ) -> Result<Response<v1::AddRuleResponse>, Status> {
         let session = self.inner.session(&req)?;
-        let source = req.remote_addr().map(|a| a.ip());
+        let source = limits::source_of(&req);
         Ok(Response::new(
             self.inner
                 .add_rule(&session, source, req.into_inner())
