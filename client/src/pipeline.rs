@@ -22,6 +22,7 @@ use std::time::Instant;
 use coffer_proto::{v1, ChunkerParams};
 
 use crate::net::{Codec, PutStats, Session};
+use crate::snapshot::seen::Seen;
 use crate::snapshot::{commit, parent, TreeCache};
 use crate::stages::chunk::Chunk;
 use crate::stages::contents::Contents;
@@ -41,6 +42,9 @@ pub struct BackupOptions {
     pub batch_bytes: usize,
     /// Local tree cache directory (none: no cache).
     pub cache_dir: Option<PathBuf>,
+    /// Where the last snapshot of each path is remembered (none: not remembered), to warn
+    /// when the appliance's history goes back (`snapshot::seen`).
+    pub state_dir: Option<PathBuf>,
     /// Read every file even when the parent snapshot says it is unchanged.
     pub no_parent: bool,
     /// Counters the caller may display while the backup runs.
@@ -62,6 +66,7 @@ impl Default for BackupOptions {
             workers: 16,
             batch_bytes: 8 << 20,
             cache_dir: None,
+            state_dir: None,
             no_parent: false,
             progress: None,
             policy: BackupPolicy::default(),
@@ -111,8 +116,14 @@ pub async fn backup(
     let params = chunker_params(session)?;
     let key = *session.dedup_key();
     let cache = TreeCache::new(opts.cache_dir.clone(), key);
-    let (reused, unchanged) =
+    let (reused, unchanged, own) =
         parent::reuse(session, &cache, &w, &root_text, opts.no_parent).await?;
+    let mut seen = Seen::load(
+        opts.state_dir.as_deref(),
+        &hex::encode(&session.hello.repository_id),
+        &session.hello.identity,
+    );
+    let went_back = seen.check(&root_text, &own);
 
     // read + chunk + hash on reader threads, into buffers of a fixed pool
     let progress = opts.progress.clone().unwrap_or_default();
@@ -148,6 +159,18 @@ pub async fn backup(
         chunks: sent.chunks,
     };
     let id = commit::commit(session, &cache, &root_text, root_id, &trees, stats, partial).await?;
+    let mut warnings = Vec::new();
+    warnings.extend(went_back);
+    match session.snapshot(&id).await {
+        Ok(s) => {
+            if let Err(e) = seen.record(&root_text, &id.to_hex(), s.time_us) {
+                warnings.push(format!(
+                    "cannot remember this snapshot for the next backup's history check: {e}"
+                ));
+            }
+        }
+        Err(e) => warnings.push(format!("cannot read back the committed snapshot: {e}")),
+    }
     Ok(BackupSummary {
         snapshot: id.to_hex(),
         path: root_text,
@@ -160,9 +183,9 @@ pub async fn backup(
         uploaded_bytes: sent.bytes,
         errors: read.errors,
         warnings: {
-            let mut ws = read.warnings;
-            ws.extend(left_out_warnings(&w.left_out, w.left_out_total));
-            ws
+            warnings.extend(read.warnings);
+            warnings.extend(left_out_warnings(&w.left_out, w.left_out_total));
+            warnings
         },
         partial,
         seconds: start.elapsed().as_secs_f64(),

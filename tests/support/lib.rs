@@ -526,6 +526,7 @@ pub fn coffer(config: &Path, args: &[&str]) -> anyhow::Result<(i32, String, Stri
         .args(args)
         .env("COFFER_PASSWORD", USER_PASSWORD)
         .env("XDG_CACHE_HOME", config.with_extension("cache"))
+        .env("XDG_STATE_HOME", config.with_extension("state"))
         .stdin(Stdio::null())
         .output()?;
     Ok((

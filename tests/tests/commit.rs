@@ -1,6 +1,9 @@
 //! Idempotent commits (issue 12, item 5): a commit is sent with a commit id chosen once per
 //! snapshot; when its answer is lost, the client asks again with the same id and the appliance
 //! answers the snapshot it already made. A lost acknowledgement never makes a second snapshot.
+//!
+//! And rollback (issue 14, item 6; S8): a client notices when the appliance's history of a path
+//! goes back.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -220,4 +223,60 @@ async fn a_commit_id_is_never_reused_for_other_content_nor_the_future() {
         Some(tonic::Code::InvalidArgument),
         "{e}"
     );
+}
+
+/// S8: the appliance's repository is put back to a copy taken before the last backup (a restore
+/// from an old disk image, a rollback): the next backup of that path warns that the history went
+/// back, naming the snapshot this machine last committed; a backup after it does not warn again.
+#[test]
+fn a_rolled_back_appliance_is_noticed_by_the_next_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = Appliance::started(dir.path(), 1, 64 << 10, &[ALICE]).unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a"), coffer_tests::data(1, 100_000, true)).unwrap();
+    let cfg = dir.path().join("alice.json");
+    coffer_tests::connect_client(&app, &cfg, "alice", "laptop");
+    let backup = || {
+        let (rc, out, err) = coffer_tests::coffer(
+            &cfg,
+            &["snapshot", "create", src.to_str().unwrap(), "--json"],
+        )
+        .unwrap();
+        assert_eq!(rc, 0, "{out}{err}");
+        let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+        (v["snapshot"].as_str().unwrap().to_string(), err)
+    };
+    let (_, err) = backup();
+    assert!(!err.contains("goes back"), "{err}");
+    // The operator's old copy of the repository.
+    app.stop().unwrap();
+    let copy = dir.path().join("repo-copy");
+    assert!(std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&app.repo)
+        .arg(&copy)
+        .status()
+        .unwrap()
+        .success());
+    app.start().unwrap();
+    coffer_tests::connect_client(&app, &cfg, "alice", "laptop");
+    std::fs::write(src.join("b"), coffer_tests::data(2, 100_000, true)).unwrap();
+    let (second, err) = backup();
+    assert!(!err.contains("goes back"), "{err}");
+    // Rolled back: the second snapshot is gone from the appliance.
+    app.stop().unwrap();
+    std::fs::remove_dir_all(&app.repo).unwrap();
+    std::fs::rename(&copy, &app.repo).unwrap();
+    app.start().unwrap();
+    coffer_tests::connect_client(&app, &cfg, "alice", "laptop");
+    let (_, err) = backup();
+    assert!(err.contains("goes back"), "{err}");
+    assert!(
+        err.contains(&second[..16]),
+        "names the lost snapshot: {err}"
+    );
+    // The warning is given once: the next backup sees its own newest snapshot.
+    let (_, err) = backup();
+    assert!(!err.contains("goes back"), "{err}");
 }

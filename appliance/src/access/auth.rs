@@ -793,6 +793,67 @@ mod tests {
         });
     }
 
+    /// C9: a session kept busy still ends at its lifetime (24 h): its token, replayed later,
+    /// commits nothing (every call checks the session first).
+    #[test]
+    fn a_session_past_its_lifetime_is_refused_however_busy() {
+        let (_dir, auth) = auth_with_users(1);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (token, _) = auth
+                .login("user0@host", "the-right-password", None)
+                .await
+                .unwrap();
+            // Used every 20 minutes for a day.
+            for _ in 0..(24 * 3 - 1) {
+                tokio::time::advance(Duration::from_mins(20)).await;
+                assert!(auth.session(Some(&token)).is_ok());
+            }
+            tokio::time::advance(Duration::from_mins(21)).await;
+            let e = auth.session(Some(&token)).unwrap_err();
+            assert!(matches!(e, ApplianceError::Unauthenticated(_)), "{e}");
+        });
+    }
+
+    /// Chunk ids a session may hold: refused before anything is done past the session's or all
+    /// sessions' allowance, given back when a session ends.
+    #[test]
+    fn sessions_hold_at_most_their_chunk_allowance() {
+        let (_dir, mut auth) = auth_with_users(2);
+        auth.set_session_chunks(3, 4);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let id = |b: u8| ChunkId::from_bytes([b; 32]);
+            let (t0, _) = auth
+                .login("user0@host", "the-right-password", None)
+                .await
+                .unwrap();
+            let (t1, _) = auth
+                .login("user1@host", "the-right-password", None)
+                .await
+                .unwrap();
+            let (a, b) = (
+                auth.session(Some(&t0)).unwrap(),
+                auth.session(Some(&t1)).unwrap(),
+            );
+            a.state.room_for(3).unwrap();
+            a.state.add_uploaded([id(1), id(2)]);
+            a.state.add_pinned([id(3), id(3)]);
+            let e = a.state.room_for(1).unwrap_err();
+            assert!(e.to_string().contains("--session-chunks"), "{e}");
+            // All sessions: 3 held of 4.
+            b.state.room_for(1).unwrap();
+            let e = b.state.room_for(2).unwrap_err();
+            assert!(e.to_string().contains("sessions hold 3"), "{e}");
+            auth.end_session(&t0);
+            b.state.room_for(3).unwrap();
+        });
+    }
+
     #[test]
     fn hashes_are_argon2id_phc() {
         let h = hash_password("pw").unwrap();

@@ -150,6 +150,16 @@ fn config_path(cli: Option<PathBuf>) -> PathBuf {
     })
 }
 
+/// `$XDG_STATE_HOME/coffer`, else `~/.local/state/coffer`.
+fn state_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local").join("state"))
+        })?;
+    Some(base.join("coffer"))
+}
+
 /// `$XDG_CACHE_HOME/coffer/trees`, else `~/.cache/coffer/trees`.
 fn cache_dir() -> Option<PathBuf> {
     let base = std::env::var_os("XDG_CACHE_HOME")

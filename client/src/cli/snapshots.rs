@@ -10,7 +10,7 @@ use coffer_proto::SnapshotId;
 
 use super::browse::{locate, resolve};
 use super::progress::show_progress;
-use super::{cache_dir, connected, EXIT_PARTIAL};
+use super::{cache_dir, connected, state_dir, EXIT_PARTIAL};
 
 #[derive(Subcommand, Debug)]
 pub enum SnapCmd {
@@ -139,6 +139,7 @@ async fn run_with(cmd: SnapCmd, s: &Session) -> anyhow::Result<ExitCode> {
         } => {
             let opts = BackupOptions {
                 cache_dir: cache_dir(),
+                state_dir: state_dir(),
                 no_parent,
                 workers: readers.max(1),
                 ..BackupOptions::default()

@@ -12,6 +12,7 @@ pub mod commit;
 pub mod diff;
 pub mod fetch;
 pub mod parent;
+pub mod seen;
 pub mod tree;
 
 pub use cache::TreeCache;

@@ -33,7 +33,7 @@ pub async fn reuse(
     walk: &Walk,
     path: &str,
     no_parent: bool,
-) -> Result<(Vec<Option<FileContent>>, u64), ClientError> {
+) -> Result<(Vec<Option<FileContent>>, u64, Vec<v1::Snapshot>), ClientError> {
     let mut contents: Vec<Option<FileContent>> = vec![None; walk.files.len()];
     let mut unchanged = 0;
     // Open the newest snapshot of each of the user's paths (the parent among them): the
@@ -62,7 +62,7 @@ pub async fn reuse(
             unchanged = match_parent(session, cache, &walk.root, proot, &mut contents).await?;
         }
     }
-    Ok((contents, unchanged))
+    Ok((contents, unchanged, own))
 }
 
 /// The id of a snapshot the appliance listed.
