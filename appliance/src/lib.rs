@@ -42,7 +42,8 @@ pub use maintenance::gc::{GcConfig, GcReport, Mark as GcMark};
 pub use maintenance::retention::{self, Retention};
 pub use maintenance::schedule::Schedule;
 pub use maintenance::{
-    rebuild_catalog, rebuild_index, verify, CatalogRebuilt, RebuildOutcome, VerifyReport,
+    affected, mark_damaged, rebuild_catalog, rebuild_index, verify, CatalogRebuilt, RebuildOutcome,
+    VerifyReport,
 };
 pub use net::limits::LimitFlags;
 pub use net::server::{serve, ServeOptions};

@@ -132,6 +132,46 @@ pub fn rebuild_catalog(paths: &RepoPaths, password: &RepoPassword) -> anyhow::Re
     Ok(())
 }
 
+/// Names what damaged chunks affect and marks them for replacement (C8).
+fn report_damage(
+    paths: &RepoPaths,
+    cfg: &coffer_appliance::RepoConfig,
+    master: Option<&coffer_appliance::MasterKey>,
+    damaged: &[(coffer_proto::ShardId, coffer_proto::ChunkId)],
+) {
+    eprintln!("{} damaged chunks", damaged.len());
+    let ids: Vec<coffer_proto::ChunkId> = damaged.iter().map(|(_, id)| *id).collect();
+    match master.map(|m| coffer_appliance::affected(paths, cfg, m, &ids)) {
+        Some(Ok(lines)) => {
+            for l in &lines {
+                eprintln!("damaged: {l}");
+            }
+            if lines.is_empty() {
+                eprintln!("no snapshot references the damaged chunks");
+            }
+        }
+        Some(Err(e)) => eprintln!(
+            "cannot list the snapshots and files the damage affects ({e}); stop the appliance \
+             and run verify --read-data again"
+        ),
+        None => eprintln!(
+            "run verify --read-data (appliance stopped) to list the snapshots and files the \
+             damage affects"
+        ),
+    }
+    match coffer_appliance::mark_damaged(paths, cfg, damaged) {
+        Ok(n) => eprintln!(
+            "marked {n} damaged chunks: the appliance answers them missing, so the next backup \
+             holding their data uploads them again and replaces the damaged records; restores of \
+             affected files fail until then"
+        ),
+        Err(e) => eprintln!(
+            "damaged chunks not marked ({e}): a running appliance marks a damaged record when it \
+             reads one; or stop it and run verify again"
+        ),
+    }
+}
+
 pub fn verify(repo: &Path, password: &RepoPassword, read_data: bool) -> anyhow::Result<ExitCode> {
     let paths = RepoPaths::new(repo);
     let cfg = paths.load_config()?;
@@ -147,6 +187,9 @@ pub fn verify(repo: &Path, password: &RepoPassword, read_data: bool) -> anyhow::
     }
     for w in &rep.warnings {
         eprintln!("warning: {w}");
+    }
+    if !rep.damaged.is_empty() {
+        report_damage(&paths, &cfg, master.as_ref(), &rep.damaged);
     }
     println!(
         "verify: {} chunks in {} packs checked{}, {} errors, {} warnings",

@@ -35,6 +35,43 @@ pub const META_CREATED: &[u8] = b"!meta:created";
 /// next start seals each in place and indexes its records.
 pub const META_POISONED: &[u8] = b"!meta:poisoned-packs";
 
+/// Meta key listing chunks found damaged (32-byte ids, concatenated; C8): `Need` answers them
+/// missing, so the next backup holding their data uploads them again, and that upload replaces
+/// the damaged record (the index then points at the new one) and takes them off the list.
+/// Written by a shard whose read of a record failed to authenticate, and by `verify` (stopped
+/// appliance).
+pub const META_DAMAGED: &[u8] = b"!meta:damaged-chunks";
+
+/// The chunks `index` lists as damaged.
+///
+/// # Errors
+/// Engine errors.
+pub fn damaged(index: &dyn ChunkIndex) -> Result<std::collections::HashSet<ChunkId>, RepoError> {
+    Ok(index
+        .get_meta(META_DAMAGED)?
+        .unwrap_or_default()
+        .chunks_exact(CHUNK_ID_LEN)
+        .filter_map(|b| ChunkId::from_slice(b).ok())
+        .collect())
+}
+
+/// Records `ids` as the damaged chunks of `index` (durably; none: the key is removed).
+///
+/// # Errors
+/// Engine errors.
+pub fn set_damaged(
+    index: &dyn ChunkIndex,
+    ids: &std::collections::HashSet<ChunkId>,
+) -> Result<(), RepoError> {
+    if ids.is_empty() {
+        return index.put_meta(META_DAMAGED, None);
+    }
+    let mut sorted: Vec<&ChunkId> = ids.iter().collect();
+    sorted.sort();
+    let raw: Vec<u8> = sorted.iter().flat_map(|id| *id.as_bytes()).collect();
+    index.put_meta(META_DAMAGED, Some(&raw))
+}
+
 /// Length of an ownership key: `o` + 16-byte account key + chunk id (never a chunk entry's 32).
 pub(crate) const OWNED_KEY_LEN: usize = 1 + 16 + CHUNK_ID_LEN;
 

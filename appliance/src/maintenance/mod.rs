@@ -16,4 +16,4 @@ pub mod usage;
 mod verify;
 
 pub use rebuild::{rebuild_catalog, rebuild_index, CatalogRebuilt, RebuildOutcome};
-pub use verify::{verify, VerifyReport};
+pub use verify::{affected, mark_damaged, verify, VerifyReport};

@@ -28,6 +28,8 @@ pub struct VerifyReport {
     pub errors: Vec<String>,
     /// Not wrong, but worth an operator's look (e.g. packs nothing in the index points at).
     pub warnings: Vec<String>,
+    /// Chunks whose records are missing, cut or fail to authenticate (C8), by shard.
+    pub damaged: Vec<(ShardId, ChunkId)>,
 }
 
 struct PackView {
@@ -107,6 +109,177 @@ pub fn verify(
     Ok(rep)
 }
 
+/// Records `damaged` in the shard indexes so that the appliance answers them missing and the
+/// next backup holding their data replaces them (C8). Returns how many are listed now.
+///
+/// # Errors
+/// When an index cannot be opened for writing (a running appliance holds it: it marks damaged
+/// records itself when it reads them).
+pub fn mark_damaged(
+    paths: &RepoPaths,
+    cfg: &RepoConfig,
+    damaged: &[(ShardId, ChunkId)],
+) -> Result<usize, RepoError> {
+    let mut total = 0;
+    for shard in cfg.shard_ids() {
+        let mine: Vec<ChunkId> = damaged
+            .iter()
+            .filter(|(s, _)| *s == shard)
+            .map(|(_, id)| *id)
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let idx = RocksIndex::open(&paths.shard_index(shard), OpenMode::Existing, 8 << 20)?;
+        let mut set = crate::index::damaged(&idx)?;
+        set.extend(mine);
+        crate::index::set_damaged(&idx, &set)?;
+        total += set.len();
+    }
+    Ok(total)
+}
+
+/// Reads a stored chunk's plaintext offline (verify's walk of the snapshots).
+fn read_plain(
+    idx: &[RocksIndex],
+    paths: &RepoPaths,
+    cfg: &RepoConfig,
+    master: &MasterKey,
+    id: &ChunkId,
+) -> Result<Vec<u8>, String> {
+    let shard = ShardId::for_chunk(id, cfg.shards);
+    let e = idx[usize::from(shard.0)]
+        .get_many(std::slice::from_ref(id))
+        .map_err(|e| e.to_string())?
+        .pop()
+        .flatten()
+        .ok_or_else(|| format!("chunk {id} is not indexed"))?;
+    let file = File::open(paths.pack(&e.pack)).map_err(|x| format!("pack {}: {x}", e.pack))?;
+    let mut rec = read_record_bytes(&file, e.offset, e.len).map_err(|x| x.to_string())?;
+    let key = master.pack_cipher(&e.pack);
+    let (h, stored) = open_record(key.as_ref(), &mut rec).map_err(|x| x.to_string())?;
+    raw_plaintext(&h, stored).map_err(|x| x.to_string())
+}
+
+/// Every snapshot and file that references a damaged chunk: one line each, `snapshot <id>
+/// (<identity> <path>, <time>): <file>`. Needs the catalog (a stopped appliance).
+///
+/// # Errors
+/// The catalog or an index cannot be opened.
+pub fn affected(
+    paths: &RepoPaths,
+    cfg: &RepoConfig,
+    master: &MasterKey,
+    damaged: &[ChunkId],
+) -> Result<Vec<String>, String> {
+    let damaged: HashSet<ChunkId> = damaged.iter().copied().collect();
+    let catalog =
+        crate::catalog::Catalog::open(&paths.catalog(), false).map_err(|e| e.to_string())?;
+    let snapshots = catalog.snapshots().map_err(|e| e.to_string())?;
+    drop(catalog);
+    let idx = cfg
+        .shard_ids()
+        .map(|s| RocksIndex::open(&paths.shard_index(s), OpenMode::ReadOnly, 16 << 20))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let mut walk = TreeWalk {
+        idx: &idx,
+        paths,
+        cfg,
+        master,
+        damaged: &damaged,
+        memo: HashMap::new(),
+    };
+    let mut out = Vec::new();
+    for s in snapshots {
+        let Ok(root) = ChunkId::from_slice(&s.root) else {
+            continue;
+        };
+        for file in walk.tree(&root) {
+            out.push(format!(
+                "snapshot {} ({} {}, {}): {}",
+                &hex::encode(&s.id)[..16.min(s.id.len() * 2)],
+                s.identity,
+                s.path,
+                coffer_proto::when::format_us(s.time_us),
+                if file.is_empty() { "/" } else { &file }
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// A walk of snapshot trees for paths that reference damaged chunks; subtrees shared between
+/// snapshots are walked once.
+struct TreeWalk<'a> {
+    idx: &'a [RocksIndex],
+    paths: &'a RepoPaths,
+    cfg: &'a RepoConfig,
+    master: &'a MasterKey,
+    damaged: &'a HashSet<ChunkId>,
+    memo: HashMap<ChunkId, Vec<String>>,
+}
+
+impl TreeWalk<'_> {
+    /// Paths under the tree `id` (relative, `/`-separated) that reference a damaged chunk; the
+    /// empty path when the tree object itself is damaged or unreadable.
+    fn tree(&mut self, id: &ChunkId) -> Vec<String> {
+        use prost::Message as _;
+        if let Some(m) = self.memo.get(id) {
+            return m.clone();
+        }
+        let mut out = Vec::new();
+        let mut next = Some(*id);
+        while let Some(t) = next.take() {
+            let tree = if self.damaged.contains(&t) {
+                None
+            } else {
+                read_plain(self.idx, self.paths, self.cfg, self.master, &t)
+                    .ok()
+                    .and_then(|b| coffer_proto::v1::Tree::decode(&b[..]).ok())
+            };
+            let Some(tree) = tree else {
+                out.push(String::new());
+                break;
+            };
+            for n in &tree.nodes {
+                let name = String::from_utf8_lossy(&n.name).into_owned();
+                if let Ok(sub) = ChunkId::from_slice(&n.subtree) {
+                    for p in self.tree(&sub) {
+                        out.push(if p.is_empty() {
+                            format!("{name}/")
+                        } else {
+                            format!("{name}/{p}")
+                        });
+                    }
+                    continue;
+                }
+                if self.file_damaged(n) {
+                    out.push(name);
+                }
+            }
+            next = ChunkId::from_slice(&tree.next).ok();
+        }
+        self.memo.insert(*id, out.clone());
+        out
+    }
+
+    fn file_damaged(&self, n: &coffer_proto::v1::Node) -> bool {
+        let ids = |b: &bytes::Bytes| coffer_proto::unpack_ids(b, usize::MAX).unwrap_or_default();
+        let mut refs = ids(&n.chunks);
+        refs.extend(ChunkId::from_slice(&n.bundle));
+        for list in ids(&n.chunk_lists) {
+            refs.push(list);
+            if !self.damaged.contains(&list) {
+                if let Ok(b) = read_plain(self.idx, self.paths, self.cfg, self.master, &list) {
+                    refs.extend(coffer_proto::unpack_ids(&b, usize::MAX).unwrap_or_default());
+                }
+            }
+        }
+        refs.iter().any(|r| self.damaged.contains(r))
+    }
+}
+
 /// Checks one index entry against its pack (and with `master`, its data).
 #[allow(clippy::too_many_arguments)] // the state of one verify run, threaded through its loop
 fn check_entry(
@@ -140,11 +313,13 @@ fn check_entry(
             "I2: chunk {id} points at pack {} which is missing or unreadable",
             e.pack
         ));
+        rep.damaged.push((shard, id));
         return;
     };
     if e.offset + u64::from(e.len) > view.len || (e.len as usize) < RECORD_HEADER_LEN {
         rep.errors
             .push(format!("I2: chunk {id} points outside pack {}", e.pack));
+        rep.damaged.push((shard, id));
         return;
     }
     if let Some(footer) = &view.footer {
@@ -161,6 +336,7 @@ fn check_entry(
             "I2: chunk {id}: cannot read its record in pack {}",
             e.pack
         ));
+        rep.damaged.push((shard, id));
         return;
     };
     rep.bytes_read += u64::from(e.len);
@@ -171,11 +347,13 @@ fn check_entry(
                 "I2: chunk {id}: the record in pack {} belongs to another chunk or size",
                 e.pack
             ));
+            rep.damaged.push((shard, id));
             return;
         }
         Err(err) => {
             rep.errors
                 .push(format!("I2: chunk {id} in pack {}: {err}", e.pack));
+            rep.damaged.push((shard, id));
             return;
         }
     }
@@ -184,12 +362,16 @@ fn check_entry(
         match open_record(key.as_ref(), &mut rec).and_then(|(h, stored)| raw_plaintext(&h, stored))
         {
             Ok(raw) if hashes_to(&master.dedup_key(), &id, &raw) => {}
-            Ok(_) => rep
-                .errors
-                .push(format!("I1: chunk {id} does not hash to its id")),
-            Err(err) => rep
-                .errors
-                .push(format!("I1: chunk {id} in pack {}: {err}", e.pack)),
+            Ok(_) => {
+                rep.errors
+                    .push(format!("I1: chunk {id} does not hash to its id"));
+                rep.damaged.push((shard, id));
+            }
+            Err(err) => {
+                rep.errors
+                    .push(format!("I1: chunk {id} in pack {}: {err}", e.pack));
+                rep.damaged.push((shard, id));
+            }
         }
     }
 }

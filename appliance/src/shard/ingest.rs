@@ -117,15 +117,23 @@ pub(super) async fn put(
     let present = state.index.get_many(&ids).map_err(|e| index_error(&e))?;
     let mut outcome = PutOutcome::default();
     let mut candidates = Vec::with_capacity(verified.len());
+    let mut healing = Vec::new();
     for (c, p) in verified.into_iter().zip(present) {
-        if p.is_some() {
+        if p.is_some() && !state.is_damaged(&c.id) {
             outcome.deduplicated += 1;
         } else {
+            if p.is_some() {
+                // Written again; the index then points at the new record (C8).
+                healing.push(c.id);
+            }
             candidates.push(c);
         }
     }
     for rx in state.enqueue(candidates, &mut outcome) {
         rx.await.map_err(|_| IngestError::ShuttingDown)??;
+    }
+    if !healing.is_empty() {
+        state.healed(&healing).map_err(|e| index_error(&e))?;
     }
     // Every chunk of the request is durable (written now or before): the account holds them,
     // so that a later session of it (a resumed backup) need not send them again.

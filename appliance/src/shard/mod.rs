@@ -385,6 +385,8 @@ pub(crate) struct ShardState {
     pub(crate) budget_kib: u64,
     /// Ids durably stored on this shard (see `need`).
     need: RefCell<NeedSet>,
+    /// Stored chunks whose records are damaged (see [`crate::index::META_DAMAGED`]).
+    damaged: RefCell<std::collections::HashSet<ChunkId>>,
     active: Cell<usize>,
     /// Packs the writer created or appended to since the GC's run began (never deleted in it).
     written: Rc<RefCell<std::collections::HashSet<PackId>>>,
@@ -422,6 +424,14 @@ impl ShardState {
             cfg.pack_target,
         );
         let need = NeedSet::load(index.as_ref()).map_err(index_err)?;
+        let damaged = crate::index::damaged(index.as_ref()).map_err(index_err)?;
+        if !damaged.is_empty() {
+            tracing::warn!(
+                shard = %cfg.shard,
+                chunks = damaged.len(),
+                "damaged chunks are answered missing until a backup uploads their data again"
+            );
+        }
         tracing::info!(shard = %cfg.shard, chunks = need.len(), "index loaded");
         let budget_kib = (cfg.queue_limit >> 10).max(64 << 10);
         let state = Rc::new(Self {
@@ -441,10 +451,45 @@ impl ShardState {
             budget: Rc::new(glommio::sync::Semaphore::new(budget_kib)),
             budget_kib,
             need: RefCell::new(need),
+            damaged: RefCell::new(damaged),
             active: Cell::new(0),
             written: writer.written(),
         });
         Ok((state, writer))
+    }
+
+    /// Whether `id`'s record is known to be damaged.
+    pub(crate) fn is_damaged(&self, id: &ChunkId) -> bool {
+        self.damaged.borrow().contains(id)
+    }
+
+    /// Records a damaged chunk (bit rot found by a read): durably, so that `Need` answers it
+    /// missing from now on, and after a restart.
+    pub(crate) fn mark_damaged(&self, id: ChunkId) {
+        let mut d = self.damaged.borrow_mut();
+        if d.insert(id) {
+            tracing::error!(chunk = %id, "damaged record: answered missing until a backup uploads it again");
+            if let Err(e) = crate::index::set_damaged(self.index.as_ref(), &d) {
+                tracing::error!(error = %e, "cannot record a damaged chunk");
+            }
+        }
+    }
+
+    /// Takes chunks off the damaged list once a new record of each is durable and indexed.
+    pub(crate) fn healed(&self, ids: &[ChunkId]) -> Result<(), crate::error::RepoError> {
+        let mut d = self.damaged.borrow_mut();
+        let before = d.len();
+        for id in ids {
+            d.remove(id);
+        }
+        if d.len() != before {
+            tracing::info!(
+                chunks = before - d.len(),
+                "damaged chunks replaced by new uploads"
+            );
+            crate::index::set_damaged(self.index.as_ref(), &d)?;
+        }
+        Ok(())
     }
 
     /// Queues verified chunks that are not durable yet and returns the generations to wait for.
@@ -522,11 +567,13 @@ async fn handle(state: &Rc<ShardState>, req: ShardRequest) {
                 None => Ok(vec![false; ids.len()]),
             };
             let need = state.need.borrow();
+            let damaged = state.damaged.borrow();
             let _ = reply.send(owned.map(|owned| {
                 ids.iter()
                     .zip(owned)
                     .map(|(id, owned)| {
-                        let stored = need.contains(id);
+                        // A damaged record is as good as none: the client sends the data again.
+                        let stored = need.contains(id) && !damaged.contains(id);
                         Presence {
                             stored,
                             owned: stored && owned,

@@ -53,14 +53,21 @@ async fn read_run(
         // and other requests run in between.
         glommio::yield_if_needed().await;
         let mut rec = r[at..at + e.len as usize].to_vec();
-        let (h, stored) = open_record(key.as_ref(), &mut rec)
-            .map_err(|x| ApplianceError::Internal(format!("chunk {id} in pack {pack}: {x}")))?;
-        if h.id != *id {
-            return Err(ApplianceError::Internal(format!(
-                "index points chunk {id} at a record of {} in pack {pack}",
-                h.id
-            )));
-        }
+        let (h, stored) = match open_record(key.as_ref(), &mut rec) {
+            Ok((h, stored)) if h.id == *id => (h, stored),
+            other => {
+                // Bytes were read but are not this chunk's authentic record: bit rot (C8).
+                state.mark_damaged(*id);
+                let why = other.map_or_else(
+                    |x| x.to_string(),
+                    |(h, _)| format!("the record there is chunk {}", h.id),
+                );
+                return Err(ApplianceError::Internal(format!(
+                    "chunk {id} is damaged in pack {pack} ({why}); the next backup holding its \
+                     data stores it again"
+                )));
+            }
+        };
         out.push((
             i,
             StoredChunk {
@@ -89,6 +96,12 @@ pub(super) async fn get(
         .map_err(|e| ApplianceError::Internal(e.to_string()))?;
     let mut located = Vec::with_capacity(ids.len());
     for (i, (id, e)) in ids.iter().zip(entries).enumerate() {
+        if state.is_damaged(id) {
+            return Err(ApplianceError::Internal(format!(
+                "chunk {id} is damaged on the appliance (found by verify or an earlier read); \
+                 the next backup holding its data stores it again"
+            )));
+        }
         located.push((
             i,
             e.ok_or_else(|| ApplianceError::NotFound(format!("chunk {id} is not stored")))?,
