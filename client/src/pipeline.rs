@@ -116,8 +116,12 @@ pub async fn backup(
     let params = chunker_params(session)?;
     let key = *session.dedup_key();
     let cache = TreeCache::new(opts.cache_dir.clone(), key);
-    let (reused, unchanged, own) =
-        parent::reuse(session, &cache, &w, &root_text, opts.no_parent).await?;
+    let parent::Reused {
+        contents: reused,
+        unchanged,
+        own,
+        warnings: reuse_warnings,
+    } = parent::reuse(session, &cache, &w, &root_text, opts.no_parent).await?;
     let mut seen = Seen::load(
         opts.state_dir.as_deref(),
         &hex::encode(&session.hello.repository_id),
@@ -159,7 +163,7 @@ pub async fn backup(
         chunks: sent.chunks,
     };
     let id = commit::commit(session, &cache, &root_text, root_id, &trees, stats, partial).await?;
-    let mut warnings = Vec::new();
+    let mut warnings = reuse_warnings;
     warnings.extend(went_back);
     match session.snapshot(&id).await {
         Ok(s) => {

@@ -37,6 +37,16 @@ impl Shards {
         &self.handles
     }
 
+    /// Every chunk any shard lists as damaged.
+    ///
+    /// # Errors
+    /// Shutdown.
+    pub async fn damaged(&self) -> Result<Vec<ChunkId>, ApplianceError> {
+        let lists =
+            futures::future::try_join_all(self.handles.iter().map(ShardHandle::damaged)).await?;
+        Ok(lists.into_iter().flatten().collect())
+    }
+
     /// Splits `items` by shard, remembering each item's position in `items`.
     fn split<T>(&self, items: Vec<T>, id: impl Fn(&T) -> ChunkId) -> Vec<(Vec<usize>, Vec<T>)> {
         let mut out: Vec<(Vec<usize>, Vec<T>)> =

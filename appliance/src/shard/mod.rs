@@ -119,6 +119,8 @@ pub enum ShardRequest {
         ids: Vec<ChunkId>,
         reply: Reply<Vec<Option<u32>>>,
     },
+    /// The chunks this shard lists as damaged (C8; usually none).
+    Damaged { reply: Reply<Vec<ChunkId>> },
     /// GC sweep: remove these entries from the index (one synced batch) and then from the need
     /// set, in one step of this shard's thread: no `Need` answer or ingest lookup on this shard
     /// sees one without the other. Answers how many were removed.
@@ -225,6 +227,14 @@ impl ShardHandle {
     /// Index errors, shutdown.
     pub async fn sizes(&self, ids: Vec<ChunkId>) -> Result<Vec<Option<u32>>, ApplianceError> {
         self.call(|reply| ShardRequest::Sizes { ids, reply }).await
+    }
+
+    /// See [`ShardRequest::Damaged`].
+    ///
+    /// # Errors
+    /// Shutdown.
+    pub async fn damaged(&self) -> Result<Vec<ChunkId>, ApplianceError> {
+        self.call(|reply| ShardRequest::Damaged { reply }).await
     }
 
     /// See [`ShardRequest::Condemn`].
@@ -596,6 +606,9 @@ async fn handle(state: &Rc<ShardState>, req: ShardRequest) {
 
         ShardRequest::Get { ids, reply } => {
             let _ = reply.send(get_retrying(state, &ids).await);
+        }
+        ShardRequest::Damaged { reply } => {
+            let _ = reply.send(Ok(state.damaged.borrow().iter().copied().collect()));
         }
         ShardRequest::Sizes { ids, reply } => {
             let _ = reply.send(

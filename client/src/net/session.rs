@@ -186,6 +186,27 @@ impl Session {
     /// # Errors
     /// RPC failures; `NOT_FOUND` for snapshots the user may not read.
     pub async fn open(&self, id: &SnapshotId) -> Result<u64, ClientError> {
+        Ok(self.open_snapshot(id).await?.reachable)
+    }
+
+    /// [`Session::open`], answering the chunks reachable from the snapshot that the appliance
+    /// found damaged (bit rot): files that use them must be read again, not reused.
+    ///
+    /// # Errors
+    /// As [`Session::open`]; a malformed damaged list.
+    pub async fn open_damaged(&self, id: &SnapshotId) -> Result<Vec<ChunkId>, ClientError> {
+        let r = self.open_snapshot(id).await?;
+        coffer_proto::unpack_ids(&r.damaged, 1 << 16).map_err(|e| {
+            ClientError::Protocol(format!(
+                "OpenSnapshot answered a malformed damaged list: {e}"
+            ))
+        })
+    }
+
+    async fn open_snapshot(
+        &self,
+        id: &SnapshotId,
+    ) -> Result<v1::OpenSnapshotResponse, ClientError> {
         Ok(self
             .client
             .clone()
@@ -193,8 +214,7 @@ impl Session {
                 id: Bytes::copy_from_slice(id.as_bytes()),
             })
             .await?
-            .into_inner()
-            .reachable)
+            .into_inner())
     }
 
     /// What the appliance needs for each id (one stream, batches pipelined).

@@ -5,7 +5,7 @@
 //! Before a backup the newest snapshot of each of the user's paths is opened too, so that data
 //! this user already backed up, from any path, is neither sent again nor refused as a reference.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use coffer_proto::v1::{self, NodeKind};
 use coffer_proto::{ChunkId, SnapshotId};
@@ -33,13 +33,18 @@ pub async fn reuse(
     walk: &Walk,
     path: &str,
     no_parent: bool,
-) -> Result<(Vec<Option<FileContent>>, u64, Vec<v1::Snapshot>), ClientError> {
-    let mut contents: Vec<Option<FileContent>> = vec![None; walk.files.len()];
-    let mut unchanged = 0;
+) -> Result<Reused, ClientError> {
+    let mut out = Reused {
+        contents: vec![None; walk.files.len()],
+        unchanged: 0,
+        own: Vec::new(),
+        warnings: Vec::new(),
+    };
     // Open the newest snapshot of each of the user's paths (the parent among them): the
     // appliance then counts their chunks as known to this session, so that data this user
     // already backed up, from any path, is not sent again, and the new snapshot may reference
-    // it (the appliance refuses references to chunks a session neither sent nor opened).
+    // it (the appliance refuses references to chunks a session neither sent nor opened). One
+    // that cannot be opened (a damaged tree) only costs that saving: it is named and skipped.
     let own = session.list("", false).await?;
     let mut newest: HashMap<&str, &v1::Snapshot> = HashMap::new();
     for s in own.iter().filter(|s| !s.partial) {
@@ -48,7 +53,13 @@ pub async fn reuse(
     let mut newest: Vec<&v1::Snapshot> = newest.into_values().collect();
     newest.sort_by_key(|s| std::cmp::Reverse(s.time_us));
     for s in newest.iter().take(OPEN_OWN_SNAPSHOTS) {
-        session.open(&snapshot_id(s)?).await?;
+        if let Err(e) = session.open(&snapshot_id(s)?).await {
+            out.warnings.push(format!(
+                "snapshot {} of {} could not be opened, its data is sent again if needed: {e}",
+                hex::encode(&s.id),
+                s.path
+            ));
+        }
     }
     if !no_parent {
         if let Some(parent) = own.iter().filter(|s| s.path == path).rfind(|s| !s.partial) {
@@ -58,11 +69,45 @@ pub async fn reuse(
                     hex::encode(&parent.id)
                 ))
             })?;
-            session.open(&snapshot_id(parent)?).await?;
-            unchanged = match_parent(session, cache, &walk.root, proot, &mut contents).await?;
+            match session.open_damaged(&snapshot_id(parent)?).await {
+                Ok(damaged) => {
+                    let damaged: HashSet<ChunkId> = damaged.into_iter().collect();
+                    if !damaged.is_empty() {
+                        out.warnings.push(format!(
+                            "the appliance found {} chunks of the previous snapshot damaged: \
+                             the files using them are read and sent again",
+                            damaged.len()
+                        ));
+                    }
+                    let mut m = Matcher {
+                        session,
+                        cache,
+                        damaged: &damaged,
+                        reuse: &mut out.contents,
+                    };
+                    out.unchanged = m.dir(&walk.root, proot).await?;
+                }
+                Err(e) => out.warnings.push(format!(
+                    "the previous snapshot {} could not be opened, every file is read: {e}",
+                    hex::encode(&parent.id)
+                )),
+            }
         }
     }
-    Ok((contents, unchanged, own))
+    out.own = own;
+    Ok(out)
+}
+
+/// What [`reuse`] found.
+#[derive(Debug)]
+pub struct Reused {
+    /// Per file of the walk: its content in the parent, when unchanged and reusable.
+    pub contents: Vec<Option<FileContent>>,
+    /// Files reused.
+    pub unchanged: u64,
+    /// The account's own snapshots, as listed.
+    pub own: Vec<v1::Snapshot>,
+    pub warnings: Vec<String>,
 }
 
 /// The id of a snapshot the appliance listed.
@@ -71,67 +116,84 @@ fn snapshot_id(s: &v1::Snapshot) -> Result<SnapshotId, ClientError> {
         .map_err(|e| ClientError::Protocol(format!("a listed snapshot has a malformed id: {e}")))
 }
 
-/// For every file of `dir` unchanged since the parent tree `parent`, stores its chunk list in
-/// `reuse[file]`. Returns how many files were matched.
-///
-/// # Errors
-/// RPC failures, corrupt parent trees.
-async fn match_parent(
-    session: &Session,
-    cache: &TreeCache,
-    dir: &Dir,
-    parent: ChunkId,
-    reuse: &mut [Option<FileContent>],
-) -> Result<u64, ClientError> {
-    let tree = cache.load(session, &parent).await?;
-    let by_name: HashMap<&[u8], &coffer_proto::v1::Node> =
-        tree.nodes.iter().map(|n| (&n.name[..], n)).collect();
-    let mut matched = 0;
-    for e in &dir.entries {
-        match e {
-            Entry::File {
-                name, meta, file, ..
-            } => {
-                let Some(n) = by_name.get(&name[..]) else {
-                    continue;
-                };
-                let same = NodeKind::try_from(n.kind) == Ok(NodeKind::File)
-                    && n.size == meta.size
-                    && n.mtime_ns == meta.mtime_ns
-                    && n.ctime_ns == meta.ctime_ns
-                    && n.inode == meta.inode;
-                if same {
-                    if !n.bundle.is_empty() {
-                        if let Ok(id) = ChunkId::from_slice(&n.bundle) {
-                            reuse[*file] = Some(FileContent {
+/// Matches the walk against the parent's trees.
+struct Matcher<'a> {
+    session: &'a Session,
+    cache: &'a TreeCache,
+    /// Chunks the appliance found damaged: a file using one is read again.
+    damaged: &'a HashSet<ChunkId>,
+    reuse: &'a mut [Option<FileContent>],
+}
+
+impl Matcher<'_> {
+    /// For every file of `dir` unchanged since the parent tree `parent` (and whose chunks are
+    /// not damaged), stores its chunk list in `reuse[file]`. Returns how many files were
+    /// matched.
+    ///
+    /// # Errors
+    /// RPC failures, corrupt parent trees.
+    async fn dir(&mut self, dir: &Dir, parent: ChunkId) -> Result<u64, ClientError> {
+        let tree = self.cache.load(self.session, &parent).await?;
+        let by_name: HashMap<&[u8], &coffer_proto::v1::Node> =
+            tree.nodes.iter().map(|n| (&n.name[..], n)).collect();
+        let mut matched = 0;
+        for e in &dir.entries {
+            match e {
+                Entry::File {
+                    name, meta, file, ..
+                } => {
+                    let Some(n) = by_name.get(&name[..]) else {
+                        continue;
+                    };
+                    let same = NodeKind::try_from(n.kind) == Ok(NodeKind::File)
+                        && n.size == meta.size
+                        && n.mtime_ns == meta.mtime_ns
+                        && n.ctime_ns == meta.ctime_ns
+                        && n.inode == meta.inode;
+                    if !same {
+                        continue;
+                    }
+                    let content = if n.bundle.is_empty() {
+                        node_chunk_ids(self.session, n)
+                            .await
+                            .ok()
+                            .map(|ids| FileContent {
                                 size: n.size,
-                                chunks: Vec::new(),
-                                bundle: Some((id, n.bundle_offset)),
-                            });
-                            matched += 1;
-                        }
-                    } else if let Ok(ids) = node_chunk_ids(session, n).await {
-                        reuse[*file] = Some(FileContent {
+                                chunks: ids,
+                                bundle: None,
+                            })
+                    } else {
+                        ChunkId::from_slice(&n.bundle).ok().map(|id| FileContent {
                             size: n.size,
-                            chunks: ids,
-                            bundle: None,
-                        });
+                            chunks: Vec::new(),
+                            bundle: Some((id, n.bundle_offset)),
+                        })
+                    };
+                    let Some(content) = content else {
+                        continue;
+                    };
+                    let damaged = content.chunks.iter().any(|c| self.damaged.contains(c))
+                        || content
+                            .bundle
+                            .is_some_and(|(b, _)| self.damaged.contains(&b));
+                    if !damaged {
+                        self.reuse[*file] = Some(content);
                         matched += 1;
                     }
                 }
-            }
-            Entry::Dir { name, dir, .. } => {
-                let Some(n) = by_name.get(&name[..]) else {
-                    continue;
-                };
-                if NodeKind::try_from(n.kind) == Ok(NodeKind::Dir) {
-                    if let Ok(sub) = ChunkId::from_slice(&n.subtree) {
-                        matched += Box::pin(match_parent(session, cache, dir, sub, reuse)).await?;
+                Entry::Dir { name, dir, .. } => {
+                    let Some(n) = by_name.get(&name[..]) else {
+                        continue;
+                    };
+                    if NodeKind::try_from(n.kind) == Ok(NodeKind::Dir) {
+                        if let Ok(sub) = ChunkId::from_slice(&n.subtree) {
+                            matched += Box::pin(self.dir(dir, sub)).await?;
+                        }
                     }
                 }
+                Entry::Symlink { .. } => {}
             }
-            Entry::Symlink { .. } => {}
         }
+        Ok(matched)
     }
-    Ok(matched)
 }

@@ -161,6 +161,14 @@ impl Inner {
             self.walker.snapshot(&snap).await?
         };
         let reachable = reach.len() as u64;
+        let damaged: Vec<ChunkId> = self
+            .shards
+            .damaged()
+            .await?
+            .into_iter()
+            .filter(|id| reach.contains(id))
+            .take(1 << 16)
+            .collect();
         session.state.check()?;
         // G4: a snapshot forgotten and collected while it was walked (or answered from the
         // cache) must not be opened: a commit could then reference what is gone. Under the gate,
@@ -180,7 +188,10 @@ impl Inner {
         session
             .state
             .retain_opened(|s| snapshot_access(&rules, &session.identity, s).is_some());
-        Ok(v1::OpenSnapshotResponse { reachable })
+        Ok(v1::OpenSnapshotResponse {
+            reachable,
+            damaged: coffer_proto::pack_ids(&damaged).into(),
+        })
     }
 
     pub(super) async fn list_snapshots(
