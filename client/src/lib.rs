@@ -21,7 +21,10 @@ mod stages;
 
 pub use config::{default_path, ClientConfig};
 pub use error::{ClientError, TreeError};
-pub use net::{channel, Codec, Frame, Need, PutStats, Session, SessionOptions, Target};
+pub use net::{
+    channel, Codec, Deadlines, Frame, Need, PutStats, Session, SessionOptions, Target,
+    WithDeadlines,
+};
 pub use pipeline::{backup, BackupOptions, BackupSummary};
 pub use policy::{systemd_timer, BackupPolicy, Filter, PolicyField};
 pub use restore::{restore, RestoreSummary};

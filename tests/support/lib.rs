@@ -310,6 +310,7 @@ impl Appliance {
                 .expect("valid target"),
             identity: identity.to_string(),
             password: USER_PASSWORD.to_string(),
+            deadlines: coffer_client::Deadlines::default(),
         }
     }
 

@@ -94,7 +94,10 @@ fn damaged_chunks_are_named_never_restored_wrong_and_healed_by_the_next_backup()
     // is told which chunks are damaged, reads the files that use them and uploads them again:
     // healed.
     let (healed, err) = backup(&[]);
-    assert!(err.contains("damaged") || err.contains("could not be opened"), "{err}");
+    assert!(
+        err.contains("damaged") || err.contains("could not be opened"),
+        "{err}"
+    );
     coffer_tests::assert_restores(&cfg, &snap, &src, &dir.path().join("out-old"));
     coffer_tests::assert_restores(&cfg, &healed, &src, &dir.path().join("out-new"));
     app.stop().unwrap();

@@ -173,6 +173,7 @@ async fn session(cfg: &ClientConfig) -> anyhow::Result<Session> {
         target: Target::parse(&cfg.url, &cfg.fingerprint)?,
         identity: cfg.identity.clone(),
         password: cfg.password.clone(),
+        deadlines: coffer_client::Deadlines::default(),
     };
     Ok(Session::connect(&opts).await?)
 }

@@ -8,9 +8,11 @@
 //! against their bytes, batch counts, acknowledgements); the stages decide what to send.
 
 mod connect;
+mod deadline;
 mod frame;
 mod session;
 
 pub use connect::{channel, Target};
+pub use deadline::{Deadlines, WithDeadlines};
 pub use frame::{Codec, Frame};
 pub use session::{Need, PutStats, Session, SessionOptions};

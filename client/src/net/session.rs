@@ -12,6 +12,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Status};
 
 use super::connect::{channel, Target};
+use super::deadline::{Deadlines, WithDeadlines};
 use super::frame::{codec_for, Codec, Frame};
 use crate::ClientError;
 
@@ -25,6 +26,8 @@ pub struct SessionOptions {
     /// `username@hostname`.
     pub identity: String,
     pub password: String,
+    /// How long calls may take (see [`Deadlines`]).
+    pub deadlines: Deadlines,
 }
 
 #[derive(Clone)]
@@ -38,7 +41,7 @@ impl tonic::service::Interceptor for Token {
     }
 }
 
-type Client = CofferClient<InterceptedService<Channel, Token>>;
+type Client = CofferClient<InterceptedService<WithDeadlines<Channel>, Token>>;
 
 /// The largest chunk the client ever accepts, whatever the appliance announces: FastCDC's
 /// largest maximum (16 MiB).
@@ -88,7 +91,7 @@ impl Session {
     /// # Errors
     /// Connection, version or credential failures.
     pub async fn connect(opts: &SessionOptions) -> Result<Self, ClientError> {
-        let ch = channel(&opts.target).await?;
+        let ch = WithDeadlines::new(channel(&opts.target).await?, opts.deadlines);
         let mut raw = CofferClient::new(ch.clone());
         let hello = raw
             .hello(v1::HelloRequest {
@@ -583,7 +586,9 @@ impl Session {
     #[must_use]
     pub fn raw(
         &self,
-    ) -> CofferClient<InterceptedService<Channel, impl tonic::service::Interceptor + Clone>> {
+    ) -> CofferClient<
+        InterceptedService<WithDeadlines<Channel>, impl tonic::service::Interceptor + Clone>,
+    > {
         self.client.clone()
     }
 
