@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --release --workspace --all-targets -- -D warnings
 cargo build --release --bins
-cargo test --release --workspace
+# The fuzz targets (coffer_proto::fuzz, tests/fuzz_rpc.rs) mutate for 60 s each here.
+COFFER_FUZZ_SECS="${COFFER_FUZZ_SECS:-60}" cargo test --release --workspace

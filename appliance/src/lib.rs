@@ -17,6 +17,8 @@ mod clock;
 mod crypto;
 mod error;
 pub mod faults;
+#[cfg(test)]
+mod fuzz_targets;
 mod index;
 mod maintenance;
 mod net;

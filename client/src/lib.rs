@@ -12,6 +12,8 @@
 
 mod config;
 mod error;
+#[cfg(test)]
+mod fuzz_targets;
 mod net;
 mod pipeline;
 mod policy;

@@ -8,6 +8,10 @@
 
 mod chunker;
 pub mod codec;
+#[doc(hidden)]
+pub mod fuzz;
+#[cfg(test)]
+mod fuzz_targets;
 mod ids;
 mod packed;
 pub mod when;

@@ -109,7 +109,7 @@ fn sync_dir(dir: &Path) -> Result<(), JournalError> {
         .map_err(io(dir, "syncing the directory"))
 }
 
-fn encode_ops(kind: u8, ops: &[Op]) -> Vec<u8> {
+pub(crate) fn encode_ops(kind: u8, ops: &[Op]) -> Vec<u8> {
     let mut b = Vec::with_capacity(
         16 + ops
             .iter()
@@ -138,7 +138,7 @@ fn encode_ops(kind: u8, ops: &[Op]) -> Vec<u8> {
     b
 }
 
-fn decode_ops(b: &[u8]) -> Option<(u8, Vec<Op>)> {
+pub(crate) fn decode_ops(b: &[u8]) -> Option<(u8, Vec<Op>)> {
     let take = |pos: &mut usize, n: usize| -> Option<&[u8]> {
         let s = b.get(*pos..pos.checked_add(n)?)?;
         *pos += n;

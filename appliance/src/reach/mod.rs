@@ -419,14 +419,14 @@ pub fn plaintext(c: &StoredChunk) -> Result<Bytes, ApplianceError> {
 /// The references of one tree object: trees to walk next (`next`, subtrees), leaves (file
 /// chunks, bundles) and list chunks.
 #[derive(Debug, Default)]
-struct TreeRefs {
+pub(crate) struct TreeRefs {
     trees: Vec<ChunkId>,
     leaves: Vec<ChunkId>,
     lists: Vec<ChunkId>,
 }
 
 /// Decodes tree objects into their references. Errors name the tree, which the caller may read.
-fn tree_refs(chunks: &[StoredChunk]) -> Result<Vec<TreeRefs>, ApplianceError> {
+pub(crate) fn tree_refs(chunks: &[StoredChunk]) -> Result<Vec<TreeRefs>, ApplianceError> {
     chunks
         .iter()
         .map(|c| {
@@ -458,7 +458,7 @@ fn tree_refs(chunks: &[StoredChunk]) -> Result<Vec<TreeRefs>, ApplianceError> {
 }
 
 /// Decodes list chunks into the chunk ids they hold.
-fn list_refs(chunks: &[StoredChunk]) -> Result<Vec<ChunkId>, ApplianceError> {
+pub(crate) fn list_refs(chunks: &[StoredChunk]) -> Result<Vec<ChunkId>, ApplianceError> {
     let mut out = Vec::new();
     for c in chunks {
         out.extend(

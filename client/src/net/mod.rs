@@ -10,7 +10,7 @@
 mod connect;
 mod deadline;
 mod frame;
-mod session;
+pub(crate) mod session;
 
 pub use connect::{channel, Target};
 pub use deadline::{Deadlines, WithDeadlines};

@@ -70,6 +70,71 @@ pub struct PutStats {
     pub sent_bytes: u64,
 }
 
+/// What one `FindMissing` answer says of the `n` ids of its batch.
+///
+/// # Errors
+/// [`ClientError::Protocol`] when it answers another number of ids.
+pub(crate) fn answered_needs(
+    r: &v1::FindMissingResponse,
+    n: usize,
+) -> Result<Vec<Need>, ClientError> {
+    if r.count as usize != n {
+        return Err(ClientError::Protocol(
+            "FindMissing answered another batch size".into(),
+        ));
+    }
+    Ok((0..n)
+        .map(|i| {
+            if bitmap_get(&r.missing, i) {
+                Need::Missing
+            } else if bitmap_get(&r.prove, i) {
+                Need::Prove
+            } else {
+                Need::Present
+            }
+        })
+        .collect())
+}
+
+/// The plaintext of one chunk the appliance answered for `want`: its size within the client's
+/// own limit (`limit`, never the appliance's word alone), decompressed to exactly its raw
+/// length, and hashing to `want`.
+///
+/// # Errors
+/// [`ClientError::Protocol`] for another chunk or an oversized one; [`ClientError::Corrupt`]
+/// for bytes that do not decode or hash to `want`.
+pub(crate) fn answered_chunk(
+    want: &ChunkId,
+    f: v1::ChunkFrame,
+    limit: usize,
+    dedup_key: &DedupKey,
+) -> Result<Bytes, ClientError> {
+    if f.id[..] != want.as_bytes()[..] {
+        return Err(ClientError::Protocol(format!("expected chunk {want}")));
+    }
+    if f.raw_len as usize > limit || f.data.len() > coffer_proto::codec::max_stored_len(limit) {
+        return Err(ClientError::Protocol(format!(
+            "the appliance sent chunk {want} as {} bytes ({} stored), more than the {limit} a \
+             chunk may have; refusing it",
+            f.raw_len,
+            f.data.len()
+        )));
+    }
+    let plain: Bytes = match v1::Compression::try_from(f.compression) {
+        Ok(v1::Compression::None) => f.data,
+        Ok(c @ (v1::Compression::Zstd | v1::Compression::Lz4)) => {
+            coffer_proto::codec::decode(c, &f.data, f.raw_len as usize)
+                .map_err(|_| ClientError::Corrupt(want.to_hex()))?
+                .into()
+        }
+        _ => return Err(ClientError::Corrupt(want.to_hex())),
+    };
+    if coffer_proto::chunk_id(dedup_key, &plain) != *want {
+        return Err(ClientError::Corrupt(want.to_hex()));
+    }
+    Ok(plain)
+}
+
 /// A logged-in connection to an appliance.
 #[derive(Clone)]
 pub struct Session {
@@ -243,20 +308,7 @@ impl Session {
                 .message()
                 .await?
                 .ok_or_else(|| ClientError::Protocol("FindMissing ended early".into()))?;
-            if r.count as usize != n {
-                return Err(ClientError::Protocol(
-                    "FindMissing answered another batch size".into(),
-                ));
-            }
-            out.extend((0..n).map(|i| {
-                if bitmap_get(&r.missing, i) {
-                    Need::Missing
-                } else if i / 8 < r.prove.len() && bitmap_get(&r.prove, i) {
-                    Need::Prove
-                } else {
-                    Need::Present
-                }
-            }));
+            out.extend(answered_needs(&r, n)?);
         }
         Ok(out)
     }
@@ -357,33 +409,7 @@ impl Session {
                 let want = ids
                     .get(out.len())
                     .ok_or_else(|| ClientError::Protocol("too many chunks".into()))?;
-                if f.id[..] != want.as_bytes()[..] {
-                    return Err(ClientError::Protocol(format!("expected chunk {want}")));
-                }
-                let limit = self.max_chunk();
-                if f.raw_len as usize > limit
-                    || f.data.len() > coffer_proto::codec::max_stored_len(limit)
-                {
-                    return Err(ClientError::Protocol(format!(
-                        "the appliance sent chunk {want} as {} bytes ({} stored), more than the \
-                         {limit} a chunk may have; refusing it",
-                        f.raw_len,
-                        f.data.len()
-                    )));
-                }
-                let plain: Bytes = match v1::Compression::try_from(f.compression) {
-                    Ok(v1::Compression::None) => f.data,
-                    Ok(c @ (v1::Compression::Zstd | v1::Compression::Lz4)) => {
-                        coffer_proto::codec::decode(c, &f.data, f.raw_len as usize)
-                            .map_err(|_| ClientError::Corrupt(want.to_hex()))?
-                            .into()
-                    }
-                    _ => return Err(ClientError::Corrupt(want.to_hex())),
-                };
-                if self.chunk_id(&plain) != *want {
-                    return Err(ClientError::Corrupt(want.to_hex()));
-                }
-                out.push(plain);
+                out.push(answered_chunk(want, f, self.max_chunk(), &self.dedup_key)?);
             }
         }
         Ok(out)
