@@ -73,9 +73,9 @@ fn load_shard(paths: &RepoPaths, s: u16, shards: u16, n: u64) -> u64 {
     mine
 }
 
-#[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)]
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+/// The `pct`-th percentile of `sorted` (nearest rank below).
+fn percentile(sorted: &[Duration], pct: usize) -> Duration {
+    sorted[(sorted.len() - 1) * pct / 100]
 }
 
 /// Calls of `per` ids (half below `n`: stored) from one session for `secs`; answers each
@@ -186,8 +186,8 @@ fn main() {
             "FindMissing, {what}, {sessions} sessions: {:.2} M ids/s; per call p50 {:.2} ms, p99 \
              {:.2} ms, max {:.2} ms ({} calls)",
             asked as f64 / secs as f64 / 1e6,
-            percentile(&lat, 0.5).as_secs_f64() * 1e3,
-            percentile(&lat, 0.99).as_secs_f64() * 1e3,
+            percentile(&lat, 50).as_secs_f64() * 1e3,
+            percentile(&lat, 99).as_secs_f64() * 1e3,
             lat.last().expect("calls").as_secs_f64() * 1e3,
             lat.len()
         );

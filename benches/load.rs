@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use coffer_tests::{data, frame, proc_status_kib, Appliance};
+use futures::StreamExt;
 
 const ACCOUNTS: usize = 40;
 const CHUNK: usize = 64 << 10;
@@ -33,37 +34,46 @@ fn account(i: usize) -> String {
     format!("user{i}@host{i}")
 }
 
-#[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)]
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+/// The `pct`-th percentile of `sorted` (nearest rank below).
+fn percentile(sorted: &[Duration], pct: usize) -> Duration {
+    sorted[(sorted.len() - 1) * pct / 100]
 }
 
-/// Uploads `chunks` chunks: chunk `k` is the shared pool's `k`-th when `shared(k)`, else this
-/// uploader's own. Answers the `FindMissing` latencies.
-async fn upload(
-    s: coffer_client::Session,
+/// The frames uploader `who` sends in `round`: chunk `k` is shared by every uploader when its
+/// hash falls under `overlap_pct`, else the uploader's own. Made before the clock starts, so that
+/// the client's hashing and compressing do not count as the appliance's latency.
+fn frames_for(
+    s: &coffer_client::Session,
     who: u64,
     round: u64,
     chunks: usize,
     overlap_pct: u64,
+) -> Vec<coffer_client::Frame> {
+    (0..chunks as u64)
+        .map(|k| {
+            let shared = (k.wrapping_mul(2_654_435_761) ^ round) % 100 < overlap_pct;
+            let seed = if shared {
+                round << 40 | k
+            } else {
+                round << 40 | 1 << 39 | who << 20 | k
+            };
+            frame(s, Bytes::from(data(seed, CHUNK, false)))
+        })
+        .collect()
+}
+
+/// Uploads `all` in batches of [`BATCH`]: `FindMissing`, then `PutChunks` for what is missing.
+/// Answers the `FindMissing` latencies.
+async fn upload(
+    s: coffer_client::Session,
+    all: Vec<coffer_client::Frame>,
     errors: Arc<AtomicU64>,
     sent: Arc<AtomicU64>,
 ) -> Vec<Duration> {
     let mut lat = Vec::new();
-    for b in 0..chunks.div_ceil(BATCH) {
-        let frames: Vec<_> = (b * BATCH..((b + 1) * BATCH).min(chunks))
-            .map(|k| {
-                let k = k as u64;
-                // Deterministic per (who, k): the same chunk is shared by every uploader.
-                let shared = (k.wrapping_mul(2_654_435_761) ^ round) % 100 < overlap_pct;
-                let seed = if shared {
-                    round << 40 | k
-                } else {
-                    round << 40 | 1 << 39 | who << 20 | k
-                };
-                frame(&s, Bytes::from(data(seed, CHUNK, false)))
-            })
-            .collect();
+    let mut all = all.into_iter().peekable();
+    while all.peek().is_some() {
+        let frames: Vec<_> = all.by_ref().take(BATCH).collect();
         let ids: Vec<_> = frames.iter().map(|f| f.id).collect();
         let t = Instant::now();
         let need = match s.need(&ids).await {
@@ -108,7 +118,10 @@ fn main() {
     let mut app = Appliance::init(dir.path(), 2, 64 << 10, &user_refs).expect("init");
     app.serve_args = ["--maintenance-at", "off"].map(String::from).to_vec();
     app.start().expect("serve");
-    println!("setup: {ACCOUNTS} accounts in {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "setup: {ACCOUNTS} accounts in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     let pid = app.pid().expect("pid");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
 
@@ -117,9 +130,10 @@ fn main() {
         let mut out = Vec::with_capacity(sessions);
         let mut pending = futures::stream::FuturesUnordered::new();
         let mut next = 0;
-        use futures::StreamExt;
         while out.len() < sessions {
-            while pending.len() < 16 && next < sessions {
+            // Four at a time: attempts in flight count against the login throttle until they
+            // succeed (S4), and a whole fleet here shares one source address.
+            while pending.len() < 4 && next < sessions {
                 let o = app.options(&users[next % ACCOUNTS]);
                 pending.push(async move { coffer_client::Session::connect(&o).await });
                 next += 1;
@@ -147,7 +161,8 @@ fn main() {
             let (repo, stop) = (app.repo_str(), stop.clone());
             std::thread::spawn(move || {
                 let mut runs = 0;
-                while !stop.load(Ordering::Relaxed) {
+                let off = std::env::var_os("COFFER_L1_NO_MAINTENANCE").is_some();
+                while !off && !stop.load(Ordering::Relaxed) {
                     let out = std::process::Command::new(coffer_tests::bin("coffer-appliance"))
                         .args(["maintenance", "run", "--repo", &repo])
                         .env("COFFER_REPO_PASSWORD", coffer_tests::REPO_PASSWORD)
@@ -163,16 +178,46 @@ fn main() {
                 runs
             })
         };
+        let work: Vec<Vec<coffer_client::Frame>> = std::thread::scope(|sc| {
+            let hs: Vec<_> = held
+                .iter()
+                .take(uploaders)
+                .enumerate()
+                .map(|(k, s)| sc.spawn(move || frames_for(s, k as u64, round, chunks, overlap)))
+                .collect();
+            hs.into_iter().map(|h| h.join().expect("frames")).collect()
+        });
+        // A prober on a thread of its own: FindMissing for 64 ids every 5 ms, as a client that
+        // is not itself busy sees it.
+        let probe = {
+            let (s, stop) = (held[uploaders + 1].clone(), stop.clone());
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("prober runtime");
+                rt.block_on(async {
+                    let mut lat = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let ids: Vec<_> = (0..BATCH)
+                            .map(|_| coffer_proto::ChunkId::from_bytes(rand::random()))
+                            .collect();
+                        let t = Instant::now();
+                        s.need(&ids).await.expect("probe");
+                        lat.push(t.elapsed());
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    lat
+                })
+            })
+        };
         let t = Instant::now();
         let (lat, restored) = rt.block_on(async {
             let mut tasks = Vec::new();
-            for (k, s) in held.iter().take(uploaders).enumerate() {
+            for (s, frames) in held.iter().zip(work) {
                 tasks.push(tokio::spawn(upload(
                     s.clone(),
-                    k as u64,
-                    round,
-                    chunks,
-                    overlap,
+                    frames,
                     errors.clone(),
                     sent.clone(),
                 )));
@@ -196,11 +241,18 @@ fn main() {
         let secs = t.elapsed().as_secs_f64();
         stop.store(true, Ordering::Relaxed);
         let runs = maint.join().expect("maintenance");
+        let mut probed = probe.join().expect("prober");
+        probed.sort();
         // The next round's restore reads what the reader uploads now.
         let reader = held[uploaders].clone();
         restore_ids = rt.block_on(async {
             let frames: Vec<_> = (0..chunks as u64)
-                .map(|k| frame(&reader, Bytes::from(data(round << 40 | 1 << 38 | k, CHUNK, false))))
+                .map(|k| {
+                    frame(
+                        &reader,
+                        Bytes::from(data(round << 40 | 1 << 38 | k, CHUNK, false)),
+                    )
+                })
                 .collect();
             let ids = frames.iter().map(|f| f.id).collect::<Vec<_>>();
             reader.put(frames, 8 << 20).await.expect("reader's upload");
@@ -211,14 +263,18 @@ fn main() {
         let logical = (uploaders * chunks * CHUNK) as f64;
         println!(
             "overlap {overlap:>2} %: {uploaders} uploaders x {} MiB in {secs:.1} s ({:.0} MiB/s \
-             logical, {:.0} MiB/s sent); FindMissing per batch of {BATCH}: p50 {:.2} ms, p99 \
-             {:.2} ms; errors {}; restore {} chunks; maintenance runs {runs}; appliance resident \
-             {} MiB (peak {} MiB); {} sessions open",
-            chunks * CHUNK >> 20,
+             logical, {:.0} MiB/s sent); FindMissing per batch of {BATCH}: prober p50 {:.2} ms, \
+             p99 {:.2} ms ({} calls), uploaders p50 {:.2} ms, p99 {:.2} ms; errors {}; restore {} \
+             chunks; maintenance runs {runs}; appliance resident {} MiB (peak {} MiB); {} \
+             sessions open",
+            (chunks * CHUNK) >> 20,
             logical / secs / f64::from(1 << 20),
             sent.load(Ordering::Relaxed) as f64 / secs / f64::from(1 << 20),
-            percentile(&lat, 0.5).as_secs_f64() * 1e3,
-            percentile(&lat, 0.99).as_secs_f64() * 1e3,
+            percentile(&probed, 50).as_secs_f64() * 1e3,
+            percentile(&probed, 99).as_secs_f64() * 1e3,
+            probed.len(),
+            percentile(&lat, 50).as_secs_f64() * 1e3,
+            percentile(&lat, 99).as_secs_f64() * 1e3,
             errors.load(Ordering::Relaxed),
             restored,
             proc_status_kib(pid, "VmRSS:") >> 10,
