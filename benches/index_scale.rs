@@ -6,9 +6,10 @@
 //!    records a group commit writes (uniform ids routed by `ShardId::for_chunk`, index entries
 //!    in 4,096-record packs), one loader thread per shard.
 //! 2. `serve`: time from start to listening (the need set is loaded from the index before the
-//!    appliance listens), resident memory then, and per entry.
-//! 3. `FindMissing` from `COFFER_L2_SESSIONS` sessions at once (4), each for `COFFER_L2_SECS`
-//!    (20): calls of 1,000 ids (half stored, half never stored, in random order) for the
+//!    appliance listens, every shard in parallel), resident memory then, and per entry; then a
+//!    second start (what an operator's restart costs, with the file cache warm).
+//! 3. After it, `FindMissing` from `COFFER_L2_SESSIONS` sessions at once (4), each for
+//!    `COFFER_L2_SECS` (20): calls of 1,000 ids (half stored, half never stored, in random order) for the
 //!    per-batch latency, then calls of 65,536 ids for throughput.
 //!
 //! One pass, not criterion. Run with `cargo bench -p coffer-benches --bench index_scale`;
@@ -125,6 +126,9 @@ fn main() {
     let secs = env("COFFER_L2_SECS", 20);
     let base = std::env::var_os("COFFER_BENCH_DIR").map_or_else(std::env::temp_dir, Into::into);
     let dir = tempfile::tempdir_in(base).expect("tempdir");
+    if std::env::var_os("COFFER_L2_KEEP").is_some() {
+        println!("keeping {}", dir.path().display());
+    }
     let mut app = Appliance::init(dir.path(), shards, 1 << 20, &[USER]).expect("init");
     let paths = RepoPaths::new(&app.repo);
 
@@ -164,6 +168,17 @@ fn main() {
         rss as f64 / n as f64
     );
 
+    app.stop().expect("stop");
+    // A second start: what an operator's restart costs (the file cache is warm; RocksDB may
+    // still be compacting after the bulk load).
+    let t = Instant::now();
+    app.start().expect("serve again");
+    println!(
+        "restart: {:.1} s to listening; resident {:.2} GiB",
+        t.elapsed().as_secs_f64(),
+        (proc_status_kib(app.pid().expect("pid"), "VmRSS:") * 1024) as f64 / f64::from(1 << 30)
+    );
+    let pid = app.pid().expect("pid");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     for (per, what) in [(1_000usize, "1,000-id calls"), (65_536, "65,536-id calls")] {
         let (mut lat, asked) = rt.block_on(async {
@@ -198,6 +213,9 @@ fn main() {
         peak as f64 / f64::from(1 << 30)
     );
     app.stop().expect("stop");
+    if std::env::var_os("COFFER_L2_KEEP").is_some() {
+        std::mem::forget(dir);
+    }
 }
 
 fn walk_size(p: &std::path::Path) -> u64 {

@@ -135,7 +135,12 @@ impl ChunkIndex for RocksIndex {
         &self,
         f: &mut dyn FnMut(&ChunkId, &IndexEntry) -> Result<(), RepoError>,
     ) -> Result<(), RepoError> {
-        for item in self.db.iterator(rocksdb::IteratorMode::Start) {
+        // A full scan (need-set load at start, GC): read ahead, and leave the block cache to
+        // the point lookups that serve requests.
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.fill_cache(false);
+        ro.set_readahead_size(4 << 20);
+        for item in self.db.iterator_opt(rocksdb::IteratorMode::Start, ro) {
             let (k, v) = item.map_err(ie)?;
             if k.len() != CHUNK_ID_LEN {
                 continue; // meta keys, ownership records

@@ -160,9 +160,10 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
     let limits = opts.limits.apply(plan.limits);
     tracing::info!(?limits, "resource limits");
     let master = Arc::new(master);
-    let mut shards: Vec<RunningShard> = Vec::new();
-    for p in &plan.shards {
-        let s = shard::spawn(ShardConfig {
+    let configs = plan
+        .shards
+        .iter()
+        .map(|p| ShardConfig {
             shard: ShardId(p.shard),
             cpu: Some(p.cpu),
             io_memory: plan.io_memory_per_shard,
@@ -175,9 +176,9 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
             space_reserve: opts.space_reserve,
             cache_bytes: plan.index_cache_bytes,
             queue_limit: limits.shard_queue_bytes,
-        })?;
-        shards.push(s);
-    }
+        })
+        .collect();
+    let shards: Vec<RunningShard> = shard::spawn_all(configs)?;
     let catalog = Arc::new(Catalog::open(&paths.catalog(), false)?);
     // Every catalog change is also journaled in the packs (rebuild-catalog), starting with a
     // checkpoint that takes in what offline tools changed.

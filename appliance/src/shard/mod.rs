@@ -336,6 +336,41 @@ pub enum ShardError {
 /// # Errors
 /// Index missing or damaged, recovery failure, executor setup failure (io_uring, memlock).
 pub fn spawn(cfg: ShardConfig) -> Result<RunningShard, ShardError> {
+    start(cfg)?.ready()
+}
+
+/// Starts every shard at once, then waits for each: shards open their indexes and load their
+/// need sets in parallel (at 10⁸ entries this is most of the start-up time).
+///
+/// # Errors
+/// As [`spawn`], for the first shard that fails (the others then stop).
+pub fn spawn_all(cfgs: Vec<ShardConfig>) -> Result<Vec<RunningShard>, ShardError> {
+    let starting = cfgs.into_iter().map(start).collect::<Result<Vec<_>, _>>()?;
+    starting.into_iter().map(Starting::ready).collect()
+}
+
+/// A shard whose executor runs and which is opening its index.
+struct Starting {
+    shard: ShardId,
+    tx: flume::Sender<ShardRequest>,
+    ready: std::sync::mpsc::Receiver<Result<Arc<dyn ChunkIndex>, ShardError>>,
+    join: glommio::ExecutorJoinHandle<()>,
+}
+
+impl Starting {
+    fn ready(self) -> Result<RunningShard, ShardError> {
+        match self.ready.recv() {
+            Ok(Ok(index)) => Ok(RunningShard {
+                handle: ShardHandle { tx: self.tx, index },
+                join: self.join,
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ShardError::Stopped(self.shard)),
+        }
+    }
+}
+
+fn start(cfg: ShardConfig) -> Result<Starting, ShardError> {
     let (tx, rx) = flume::bounded(256);
     let (ready_tx, ready_rx) =
         std::sync::mpsc::channel::<Result<Arc<dyn ChunkIndex>, ShardError>>();
@@ -361,14 +396,12 @@ pub fn spawn(cfg: ShardConfig) -> Result<RunningShard, ShardError> {
             shard,
             why: e.to_string(),
         })?;
-    match ready_rx.recv() {
-        Ok(Ok(index)) => Ok(RunningShard {
-            handle: ShardHandle { tx, index },
-            join,
-        }),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(ShardError::Stopped(shard)),
-    }
+    Ok(Starting {
+        shard,
+        tx,
+        ready: ready_rx,
+        join,
+    })
 }
 
 struct Queue {
