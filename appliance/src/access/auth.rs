@@ -606,6 +606,15 @@ mod tests {
         (dir, Auth::new(catalog, None).unwrap())
     }
 
+    /// A runtime on tokio's paused clock: time moves only when a test advances it.
+    fn paused_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap()
+    }
+
     fn median(mut v: Vec<Duration>) -> Duration {
         v.sort();
         v[v.len() / 2]
@@ -731,11 +740,7 @@ mod tests {
     fn parallel_logins_are_counted_before_hashing() {
         let (_dir, auth) = auth_with_users(1);
         let auth = Arc::new(auth);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
+        let rt = paused_runtime();
         let src: IpAddr = "127.0.0.2".parse().unwrap();
         let results = rt.block_on(async {
             let tasks: Vec<_> = (0..64)
@@ -765,11 +770,7 @@ mod tests {
     #[test]
     fn idle_sessions_end_and_release_their_memory() {
         let (_dir, auth) = auth_with_users(1);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
+        let rt = paused_runtime();
         rt.block_on(async {
             let (token, _) = auth
                 .login("user0@host", "the-right-password", None)
@@ -798,11 +799,7 @@ mod tests {
     #[test]
     fn a_session_past_its_lifetime_is_refused_however_busy() {
         let (_dir, auth) = auth_with_users(1);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
+        let rt = paused_runtime();
         rt.block_on(async {
             let (token, _) = auth
                 .login("user0@host", "the-right-password", None)
