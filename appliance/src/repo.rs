@@ -297,3 +297,74 @@ mod tests {
             .contains("newer"));
     }
 }
+
+/// Creates `dir` and any missing parents **durably**: after each `mkdir` its parent directory is
+/// synced, so that a power cut cannot take away a directory (and every file in it) whose
+/// contents were synced. `create_dir_all` alone leaves the new names in the page cache.
+///
+/// # Errors
+/// `mkdir` and `fsync` failures.
+pub fn create_dir_durable(dir: &Path) -> std::io::Result<()> {
+    // One at a time in the process: a directory another shard has just made is seen only after
+    // its parent was synced (else this caller could skip it and acknowledge too early).
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let _guard = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut missing = Vec::new();
+    let mut p = dir;
+    while !p.is_dir() {
+        missing.push(p);
+        match p.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => p = parent,
+            _ => break,
+        }
+    }
+    for d in missing.into_iter().rev() {
+        match std::fs::create_dir(d) {
+            Ok(()) => {}
+            // Made meanwhile by another process: sync its parent all the same.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
+/// `fsync` of a directory: the names in it are durable.
+///
+/// # Errors
+/// Open and `fsync` failures.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Writes a small file **durably** and atomically: `<path>.tmp` with `mode`, `fsync`, rename
+/// over `path`, `fsync` of the directory. A power cut leaves the old file or the new one whole.
+///
+/// # Errors
+/// Create, write, sync and rename failures.
+pub fn write_file_durable(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut tmp = path.as_os_str().to_os_string();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}

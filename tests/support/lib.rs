@@ -1,6 +1,8 @@
 //! Test support: runs the real `coffer-appliance` binary on `127.0.0.1:0` with a generated
 //! certificate, and hands out logged-in client sessions pinned to its fingerprint.
 
+pub mod faultfs;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -101,9 +103,25 @@ impl Appliance {
         users: &[&str],
         extra: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::init_in(dir, &dir.join("repo"), shards, chunk_avg, users, extra)
+    }
+
+    /// [`Appliance::init_with`] with the repository at `repo` (e.g. on a test file system);
+    /// certificate, key and log stay in `dir`.
+    ///
+    /// # Errors
+    /// When a command fails.
+    pub fn init_in(
+        dir: &Path,
+        repo: &Path,
+        shards: u16,
+        chunk_avg: u32,
+        users: &[&str],
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let a = Self {
             dir: dir.to_path_buf(),
-            repo: dir.join("repo"),
+            repo: repo.to_path_buf(),
             cert: dir.join("cert.pem"),
             key: dir.join("key.pem"),
             pack_target: None,

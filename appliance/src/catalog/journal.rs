@@ -198,7 +198,7 @@ impl Journal {
         state: &[Op],
     ) -> Result<Self, JournalError> {
         let dir = dir(paths);
-        std::fs::create_dir_all(&dir).map_err(io(&dir, "creating"))?;
+        crate::repo::create_dir_durable(&dir).map_err(io(&dir, "creating"))?;
         let older = segments(&dir)?;
         let number = older.last().map_or(1, |n| n + 1);
         let path = segment_path(&dir, number);

@@ -106,6 +106,11 @@ impl Catalog {
     /// # Errors
     /// A clear message when the catalog is locked by a running appliance.
     pub fn open(path: &Path, create: bool) -> Result<Self, CatalogError> {
+        if create {
+            // The catalog directory's own name must be durable (RocksDB syncs only inside it).
+            crate::repo::create_dir_durable(path)
+                .map_err(|e| CatalogError::Engine(format!("creating {}: {e}", path.display())))?;
+        }
         let mut opts = rocksdb::Options::default();
         opts.create_if_missing(create);
         // Opening must need little free space (a full disk, `server::emergency_space`): a new

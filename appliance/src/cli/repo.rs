@@ -34,7 +34,7 @@ pub fn init(
         None => u16::try_from(coffer_tuning::Hardware::detect().cpus.len()).unwrap_or(u16::MAX),
     };
     let pw = repo_password(password, true)?;
-    std::fs::create_dir_all(&paths.root)?;
+    coffer_appliance::create_dir_durable(&paths.root)?;
     // Private to the appliance's user even when the directory existed before.
     std::fs::set_permissions(&paths.root, std::fs::Permissions::from_mode(0o700))?;
     let cfg = RepoConfig {
@@ -53,8 +53,8 @@ pub fn init(
         .create(paths.keys())?;
     std::fs::create_dir_all(paths.packs())?;
     let key = MasterKey::generate().wrap(pw.as_bytes(), KdfParams::DEFAULT)?;
-    std::fs::write(paths.master_key(), key)?;
-    std::fs::set_permissions(paths.master_key(), std::fs::Permissions::from_mode(0o600))?;
+    // Durable before anything is encrypted with it: without it the repository is unreadable.
+    coffer_appliance::write_file_durable(&paths.master_key(), &key, 0o600)?;
     for s in 0..shards {
         RocksIndex::open(
             &paths.shard_index(coffer_proto::ShardId(s)),
@@ -71,11 +71,7 @@ pub fn init(
     )?;
     drop(catalog);
     // The repository file is written last: its presence means the repository is complete.
-    let tmp = paths.root.join("coffer.repo.tmp");
-    std::fs::write(&tmp, cfg.encode())?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, paths.config())?;
-    std::fs::File::open(&paths.root)?.sync_all()?;
+    coffer_appliance::write_file_durable(&paths.config(), &cfg.encode(), 0o600)?;
     println!(
         "built-in access: {}",
         if default_access == "append" {

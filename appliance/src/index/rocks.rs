@@ -39,6 +39,12 @@ impl RocksIndex {
         if mode != OpenMode::Create && !path.join("CURRENT").exists() {
             return Err(RepoError::IndexMissing(path.to_path_buf()));
         }
+        if mode == OpenMode::Create {
+            // RocksDB syncs the files and names inside its directory, not the directory's own
+            // name (`index/shard-N` in `index/`).
+            crate::repo::create_dir_durable(path)
+                .map_err(|e| RepoError::Io(format!("creating {}", path.display()), e))?;
+        }
         let mut opts = rocksdb::Options::default();
         opts.create_if_missing(mode == OpenMode::Create);
         opts.set_error_if_exists(mode == OpenMode::Create);

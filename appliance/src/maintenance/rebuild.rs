@@ -135,5 +135,6 @@ pub fn rebuild_index(
         previous = Some(aside);
     }
     std::fs::rename(&tmp, paths.index()).map_err(|e| io("moving the new index in place", e))?;
+    crate::repo::sync_dir(&paths.root).map_err(|e| io("syncing the repository directory", e))?;
     Ok(RebuildOutcome { stats, previous })
 }

@@ -92,6 +92,10 @@ pub struct PackWriter<S: PackStore = LocalStore> {
     /// start of its run, once the open pack is sealed): the shard never lets the GC delete one
     /// of them in that run (G8), since its live records may postdate the run's count.
     written: Rc<RefCell<HashSet<PackId>>>,
+    /// Poisoned packs not yet in the index's poisoned list (recording failed: the index itself
+    /// was failing). No new pack is opened until they are recorded: the open-pack marker keeps
+    /// naming the last one meanwhile, so the next start seals it either way.
+    unrecorded_poison: Vec<PackId>,
     /// Packs sealed by this writer (for stats and tests).
     pub sealed: u64,
 }
@@ -121,6 +125,7 @@ impl<S: PackStore> PackWriter<S> {
             target,
             open: None,
             written: Rc::new(RefCell::new(HashSet::new())),
+            unrecorded_poison: Vec::new(),
             sealed: 0,
         }
     }
@@ -132,7 +137,14 @@ impl<S: PackStore> PackWriter<S> {
         self.written.clone()
     }
 
-    async fn create(&self) -> Result<OpenPack<S::Sink>, PackError> {
+    async fn create(&mut self) -> Result<OpenPack<S::Sink>, PackError> {
+        if let Some(last) = self.unrecorded_poison.last().copied() {
+            self.record_poisoned().map_err(|e| PackError {
+                pack: last.to_hex(),
+                what: "recording a poisoned pack",
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        }
         let id = PackId::from_bytes(rand::random());
         // Before the file exists: from its creation on, the GC may not delete it this run.
         self.written.borrow_mut().insert(id);
@@ -189,7 +201,11 @@ impl<S: PackStore> PackWriter<S> {
                     // are durable and indexed, so it is kept and listed for sealing at the next
                     // start (`recover_open_pack`); a new pack is created for the next write.
                     if let Some(p) = self.open.take() {
-                        self.record_poisoned(p.id);
+                        self.unrecorded_poison.push(p.id);
+                        if let Err(e) = self.record_poisoned() {
+                            tracing::error!(pack = %p.id, error = %e,
+                                "cannot record the poisoned pack yet; no new pack until it is");
+                        }
                     }
                     return Err(e);
                 }
@@ -293,21 +309,17 @@ impl<S: PackStore> PackWriter<S> {
         })
     }
 
-    /// Adds `id` to the packs the next start seals (best effort: when even this fails, the
-    /// open-pack marker still names the pack unless a later pack replaced it, and
-    /// `rebuild-index` seals every unsealed pack).
-    fn record_poisoned(&self, id: PackId) {
-        let mut list = match self.index.get_meta(META_POISONED) {
-            Ok(v) => v.unwrap_or_default(),
-            Err(e) => {
-                tracing::error!(pack = %id, error = %e, "cannot read the poisoned-pack list");
-                return;
-            }
-        };
-        list.extend_from_slice(id.as_bytes());
-        if let Err(e) = self.index.put_meta(META_POISONED, Some(&list)) {
-            tracing::error!(pack = %id, error = %e, "cannot record the poisoned pack");
+    /// Adds the packs in `unrecorded_poison` to the packs the next start seals. Until this
+    /// succeeds the open-pack marker still names the last of them (`create` refuses to replace
+    /// it), and `rebuild-index` seals every unsealed pack.
+    fn record_poisoned(&mut self) -> Result<(), crate::error::RepoError> {
+        let mut list = self.index.get_meta(META_POISONED)?.unwrap_or_default();
+        for id in &self.unrecorded_poison {
+            list.extend_from_slice(id.as_bytes());
         }
+        self.index.put_meta(META_POISONED, Some(&list))?;
+        self.unrecorded_poison.clear();
+        Ok(())
     }
 
     /// Seals the open pack, if any (graceful shutdown).
@@ -328,7 +340,14 @@ impl<S: PackStore> PackWriter<S> {
         }
         let res = self.write_some(&[], true).await;
         if res.is_err() {
-            self.open = None;
+            // Poisoned like a failed write: sealed at the next start.
+            if let Some(p) = self.open.take() {
+                self.unrecorded_poison.push(p.id);
+                if let Err(e) = self.record_poisoned() {
+                    tracing::error!(pack = %p.id, error = %e,
+                        "cannot record the poisoned pack yet; no new pack until it is");
+                }
+            }
         }
         res.map(|_| ())
     }

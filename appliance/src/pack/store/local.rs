@@ -87,7 +87,9 @@ impl PackStore for LocalStore {
     async fn create(&self, id: &PackId, header: &[u8]) -> Result<LocalSink, StoreError> {
         let path = self.paths.pack(id);
         let dir = path.parent().expect("pack paths have a parent");
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::new("creating its directory", e))?;
+        // `packs/<xx>/` itself must be durable too, not only the pack's name in it.
+        crate::repo::create_dir_durable(dir)
+            .map_err(|e| StoreError::new("creating its directory", e))?;
         let file = DmaFile::create(&path)
             .await
             .map_err(|e| StoreError::new("creating", e))?;
