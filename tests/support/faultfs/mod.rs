@@ -308,9 +308,7 @@ impl FaultFs {
             s.dead = true;
             s.epoch += 1;
         }
-        // A lazy unmount: the old session ends when the kernel lets go of it; its late requests
-        // see a stale epoch and fail.
-        drop(self.session.take());
+        self.unmount();
         let (epoch, report) = {
             let mut s = self.control.lock();
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -332,10 +330,26 @@ impl FaultFs {
     }
 }
 
+impl FaultFs {
+    /// A lazy unmount (no process can keep it busy), then the session ends when the kernel lets
+    /// go of it; its late requests see a stale epoch and fail. (fuser's own unmount is a plain
+    /// one, which fails while a killed process still holds a file.)
+    fn unmount(&mut self) {
+        if self.session.is_some() {
+            if let Err(e) =
+                rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::DETACH)
+            {
+                eprintln!("faultfs: unmounting {}: {e}", self.mountpoint.display());
+            }
+            drop(self.session.take());
+        }
+    }
+}
+
 impl Drop for FaultFs {
     fn drop(&mut self) {
         self.control.lock().dead = true;
-        drop(self.session.take());
+        self.unmount();
     }
 }
 
@@ -367,7 +381,9 @@ pub fn classify(op: Op, path: &str) -> String {
             "<tmp>".to_string()
         } else if last && p.ends_with(".tmp") {
             "<tmp>".to_string()
-        } else if last && p.starts_with("journal-") {
+        } else if last && p.contains(".old") {
+            "<old>".to_string()
+        } else if last && p.ends_with(".journal") {
             "<journal>".to_string()
         } else {
             (*p).to_string()
@@ -399,8 +415,17 @@ impl Driver {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Kills the process behind a request made after the power went out.
-    fn stop(&self, pid: u32) {
+    /// Kills the process behind a request made after the power went out. FUSE names the
+    /// requesting thread; its thread group is the process (never this test process).
+    fn stop(&self, tid: u32) {
+        let status = std::fs::read_to_string(format!("/proc/{tid}/status")).unwrap_or_default();
+        let Some(pid) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Tgid:"))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+        else {
+            return;
+        };
         if pid == self.own_pid {
             return;
         }
