@@ -51,4 +51,7 @@ pub use net::limits::LimitFlags;
 pub use net::server::{serve, ServeOptions};
 pub use net::tls::{self, TlsError, TlsIdentity};
 pub use net::ServeError;
-pub use repo::{create_dir_durable, sync_dir, write_file_durable, ChunkerParams, Mode, RepoConfig, RepoPaths, Sharding};
+pub use repo::{
+    create_dir_durable, sync_dir, write_file_durable, ChunkerParams, Mode, RepoConfig, RepoPaths,
+    Sharding,
+};

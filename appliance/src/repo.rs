@@ -257,47 +257,6 @@ impl RepoPaths {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cfg() -> RepoConfig {
-        RepoConfig {
-            id: RepositoryId::from_bytes([9; 16]),
-            mode: Mode::Managed,
-            sharding: Sharding::Le64Mod,
-            shards: 3,
-            chunker: ChunkerParams::DEFAULT,
-            created_unix: 1_700_000_000,
-        }
-    }
-
-    #[test]
-    fn round_trip() {
-        let c = cfg();
-        assert_eq!(RepoConfig::decode(&c.encode()).unwrap(), c);
-    }
-
-    #[test]
-    fn damage_is_detected() {
-        let mut b = cfg().encode();
-        b[20] ^= 1;
-        assert!(RepoConfig::decode(&b)
-            .unwrap_err()
-            .to_string()
-            .contains("checksum"));
-        let mut b = cfg().encode();
-        b[0] = b'X';
-        assert!(RepoConfig::decode(&b).is_err());
-        let mut b = cfg().encode();
-        b[off::VERSION] = 9;
-        assert!(RepoConfig::decode(&b)
-            .unwrap_err()
-            .to_string()
-            .contains("newer"));
-    }
-}
-
 /// Creates `dir` and any missing parents **durably**: after each `mkdir` its parent directory is
 /// synced, so that a power cut cannot take away a directory (and every file in it) whose
 /// contents were synced. `create_dir_all` alone leaves the new names in the page cache.
@@ -367,4 +326,45 @@ pub fn write_file_durable(path: &Path, bytes: &[u8], mode: u32) -> std::io::Resu
     drop(f);
     std::fs::rename(&tmp, path)?;
     sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> RepoConfig {
+        RepoConfig {
+            id: RepositoryId::from_bytes([9; 16]),
+            mode: Mode::Managed,
+            sharding: Sharding::Le64Mod,
+            shards: 3,
+            chunker: ChunkerParams::DEFAULT,
+            created_unix: 1_700_000_000,
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let c = cfg();
+        assert_eq!(RepoConfig::decode(&c.encode()).unwrap(), c);
+    }
+
+    #[test]
+    fn damage_is_detected() {
+        let mut b = cfg().encode();
+        b[20] ^= 1;
+        assert!(RepoConfig::decode(&b)
+            .unwrap_err()
+            .to_string()
+            .contains("checksum"));
+        let mut b = cfg().encode();
+        b[0] = b'X';
+        assert!(RepoConfig::decode(&b).is_err());
+        let mut b = cfg().encode();
+        b[off::VERSION] = 9;
+        assert!(RepoConfig::decode(&b)
+            .unwrap_err()
+            .to_string()
+            .contains("newer"));
+    }
 }

@@ -16,7 +16,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use coffer_tests::faultfs::{FaultFs, Fault, Op};
+use coffer_tests::faultfs::model::CrashReport;
+use coffer_tests::faultfs::{Fault, FaultFs, Op};
 use coffer_tests::{admin, coffer, connect_client, describe, Appliance};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -121,24 +122,10 @@ impl Rig {
     }
 
     /// Power off (killing what still runs), then on with what survived.
-    fn power_cycle(&mut self, seed: u64) -> model_report::Report {
+    fn power_cycle(&mut self, seed: u64) -> CrashReport {
         self.fs.control().crash_now();
         self.app.kill();
-        let r = self.fs.power_cycle(seed).expect("remount");
-        model_report::Report {
-            meta_pending: r.meta_pending,
-            meta_kept: r.meta_kept,
-            files: r.files,
-        }
-    }
-}
-
-mod model_report {
-    #[derive(Debug, Default)]
-    pub struct Report {
-        pub meta_pending: usize,
-        pub meta_kept: usize,
-        pub files: std::collections::BTreeMap<&'static str, usize>,
+        self.fs.power_cycle(seed).expect("remount")
     }
 }
 
@@ -235,7 +222,8 @@ fn restores(rig: &Rig, id: &str, src: &Path, what: &str) {
     let _ = std::fs::remove_dir_all(&target);
     let (rc, out, err) = coffer(&rig.cfg, &["restore", id, target.to_str().unwrap()]).unwrap();
     assert_eq!(
-        rc, 0,
+        rc,
+        0,
         "{}: {what}: snapshot {id} does not restore: {out}{err}",
         rig.ctx()
     );
@@ -251,7 +239,7 @@ fn restores(rig: &Rig, id: &str, src: &Path, what: &str) {
 fn check(rig: &Rig, oracle: &mut Oracle, fresh: &[String], rng: &mut StdRng, read_data: bool) {
     let seed = rig.ctx();
     let list = listed(rig);
-    for (id, _) in &oracle.acked {
+    for id in oracle.acked.keys() {
         // A deletion in flight at the cut may have taken effect.
         assert!(
             list.contains_key(id) || oracle.deleting.contains(id),
@@ -268,9 +256,10 @@ fn check(rig: &Rig, oracle: &mut Oracle, fresh: &[String], rng: &mut StdRng, rea
         }
         // I4: a snapshot the client never saw acknowledged must be one it attempted, and
         // complete.
-        let src = oracle.attempted.get(path).unwrap_or_else(|| {
-            panic!("seed {seed}: snapshot {id} of {path} was never attempted")
-        });
+        let src = oracle
+            .attempted
+            .get(path)
+            .unwrap_or_else(|| panic!("seed {seed}: snapshot {id} of {path} was never attempted"));
         if !oracle.deleting.remove(id) {
             restores(rig, id, src, "an unacknowledged but committed backup");
         }
@@ -302,13 +291,89 @@ fn check(rig: &Rig, oracle: &mut Oracle, fresh: &[String], rng: &mut StdRng, rea
     assert_eq!(rc, 0, "seed {seed}: verify after a power cut: {out}");
 }
 
+/// What the power cuts hit, for the report and the coverage check (C3).
+#[derive(Default)]
+struct Cuts {
+    by_class: BTreeMap<String, u64>,
+    files: BTreeMap<&'static str, usize>,
+    names_pending: usize,
+    names_kept: usize,
+    count: u64,
+}
+
+impl Cuts {
+    /// Records a cut that hit `hit`, power-cycles the rig and returns the report's text.
+    fn cycle(&mut self, rig: &mut Rig, hit: String, rng: &mut StdRng) -> String {
+        let r = rig.power_cycle(rng.r#gen());
+        self.names_kept += r.meta_kept;
+        self.names_pending += r.meta_pending;
+        for (k, v) in &r.files {
+            *self.files.entry(k).or_default() += v;
+        }
+        *self.by_class.entry(hit).or_default() += 1;
+        self.count += 1;
+        format!("{r:?}")
+    }
+}
+
+/// Starts the appliance after a cut. When `cut_start`, the start itself is cut short at a random
+/// one of its first `per_start` operations (recovery interrupted) and started again.
+fn restart(rig: &mut Rig, cuts: &mut Cuts, mut cut_start: bool, per_start: u64, rng: &mut StdRng) {
+    loop {
+        if cut_start {
+            rig.fs.control().crash_at(rng.gen_range(1..=per_start));
+        }
+        if rig.start().is_ok() {
+            rig.fs.control().disarm();
+            if !rig.fs.control().crashed() {
+                return;
+            }
+        }
+        let hit = format!(
+            "start: {}",
+            rig.fs.control().crashed_in().unwrap_or_default()
+        );
+        cut_start = false;
+        let r = cuts.cycle(rig, hit.clone(), rng);
+        rig.last_cut = format!("{hit}, survived: {r}; before it: {}", rig.last_cut);
+    }
+}
+
+/// Rounds of work until the armed cut (or `rounds` rounds, then a cut at rest); the snapshots
+/// acknowledged meanwhile and what the cut hit.
+fn work_until_cut(
+    rig: &Rig,
+    round: &mut u64,
+    rounds: u32,
+    oracle: &mut Oracle,
+    rng: &mut StdRng,
+) -> (Vec<String>, String) {
+    let ctl = rig.fs.control();
+    let mut fresh = Vec::new();
+    for _ in 0..rounds {
+        fresh.extend(workload(rig, *round, oracle, rng));
+        *round += 1;
+        if ctl.crashed() {
+            break;
+        }
+    }
+    if !ctl.crashed() {
+        // The cut comes after the work (a machine switched off at rest).
+        ctl.crash_now();
+    }
+    (fresh, ctl.crashed_in().unwrap_or_default())
+}
+
 /// C2/C3: ≥ 200 power cuts at random operations (and at each class of the write path in turn)
 /// during backups, deletions, maintenance and restarts.
 #[test]
 fn power_loss_anywhere_loses_nothing_acknowledged() {
     let seed = env_u64("COFFER_CRASH_SEED").unwrap_or_else(rand::random);
     let points = env_u64("COFFER_CRASH_POINTS").unwrap_or(200);
-    eprintln!("power-loss test: seed {seed} ({points} crash points; COFFER_CRASH_SEED={seed} to rerun)");
+    let verbose = std::env::var_os("COFFER_CRASH_VERBOSE").is_some();
+    eprintln!(
+        "power-loss test: seed {seed} ({points} crash points; COFFER_CRASH_SEED={seed} to rerun)"
+    );
     let mut rng = StdRng::seed_from_u64(seed);
     let mut rig = Rig::new(seed, 4096 * MIB);
     let mut oracle = Oracle::default();
@@ -328,18 +393,14 @@ fn power_loss_anywhere_loses_nothing_acknowledged() {
     let per_start = (ctl.ops() - before).max(1);
     eprintln!("a round takes about {per_round} file system operations, a start {per_start}");
 
-    let mut crashed_in: BTreeMap<String, u64> = BTreeMap::new();
-    let mut outcomes: BTreeMap<&'static str, usize> = BTreeMap::new();
-    let (mut kept, mut pending) = (0, 0);
+    let mut cuts = Cuts::default();
     let mut round = 4;
-    let mut cuts = 0;
     let mut targeted = 0;
-    while cuts < points {
+    while cuts.count < points {
         let ctl = rig.fs.control();
-        // Every third cut aims at a class of the write path (in turn), the others at a random
-        // operation of the round.
-        // A targeted cut may need a few rounds to meet its class (a new `packs/<xx>/`, a seal).
-        let rounds = if cuts % 3 == 0 {
+        // Every third cut aims at a class of the write path (in turn; it may take a few rounds
+        // to meet it: a new `packs/<xx>/`, a seal), the others at a random operation of a round.
+        let rounds = if cuts.count % 3 == 0 {
             let class = MUST_CRASH_IN[targeted % (MUST_CRASH_IN.len() - 1)];
             targeted += 1;
             ctl.crash_at_class(class, rng.gen_range(1..=2));
@@ -348,82 +409,47 @@ fn power_loss_anywhere_loses_nothing_acknowledged() {
             ctl.crash_at(ctl.ops() + rng.gen_range(1..=per_round + per_round / 5));
             1
         };
-        let mut fresh = Vec::new();
-        for _ in 0..rounds {
-            fresh.extend(workload(&rig, round, &mut oracle, &mut rng));
-            round += 1;
-            if ctl.crashed() {
-                break;
-            }
+        let (fresh, hit) = work_until_cut(&rig, &mut round, rounds, &mut oracle, &mut rng);
+        let r = cuts.cycle(&mut rig, hit.clone(), &mut rng);
+        rig.last_cut = format!("{hit} in round {}, survived: {r}", round - 1);
+        if verbose {
+            eprintln!(
+                "cut {}: {}; acknowledged {fresh:?}",
+                cuts.count, rig.last_cut
+            );
         }
-        if !ctl.crashed() {
-            // The cut comes after the work (a machine switched off at rest).
-            ctl.crash_now();
-        }
-        let hit = ctl.crashed_in().unwrap_or_default();
-        if std::env::var_os("COFFER_CRASH_VERBOSE").is_some() {
-            eprintln!("cut {cuts} (round {}): {hit}; acknowledged {fresh:?}", round - 1);
-        }
-        *crashed_in.entry(hit.clone()).or_default() += 1;
-        cuts += 1;
-        let r = rig.power_cycle(rng.r#gen());
-        rig.last_cut = format!("{hit} in round {}, survived: {r:?}", round - 1);
-        if std::env::var_os("COFFER_CRASH_VERBOSE").is_some() {
-            eprintln!("  survived: {r:?}");
-        }
-        kept += r.meta_kept;
-        pending += r.meta_pending;
-        for (k, v) in r.files {
-            *outcomes.entry(k).or_default() += v;
-        }
-        // One start in four is itself cut short (recovery interrupted), at a random operation.
-        let mut cut_start = cuts % 4 == 1;
-        loop {
-            if cut_start {
-                rig.fs.control().crash_at(rng.gen_range(1..=per_start));
-            }
-            match rig.start() {
-                Ok(()) => {
-                    rig.fs.control().disarm();
-                    if !rig.fs.control().crashed() {
-                        break;
-                    }
-                }
-                Err(_) => {}
-            }
-            let hit = format!("start: {}", rig.fs.control().crashed_in().unwrap_or_default());
-            *crashed_in.entry(hit.clone()).or_default() += 1;
-            cuts += 1;
-            cut_start = false;
-            let r = rig.power_cycle(rng.r#gen());
-            rig.last_cut = format!("{hit}, survived: {r:?}; before it: {}", rig.last_cut);
-        }
-        check(&rig, &mut oracle, &fresh, &mut rng, cuts % 10 == 0);
+        // One start in four is itself cut short.
+        let cut_start = cuts.count % 4 == 1;
+        restart(&mut rig, &mut cuts, cut_start, per_start, &mut rng);
+        check(&rig, &mut oracle, &fresh, &mut rng, cuts.count % 10 == 0);
     }
     eprintln!("power cuts by the operation they hit:");
-    for (c, n) in &crashed_in {
+    for (c, n) in &cuts.by_class {
         eprintln!("  {n:4}  {c}");
     }
     eprintln!(
-        "unsynced name operations at the cuts: {pending}, of which survived: {kept}; files with \
-         unsynced data: {outcomes:?}; {} snapshots kept, {} deleted",
+        "unsynced name operations at the cuts: {}, of which survived: {}; files with unsynced \
+         data: {:?}; {} snapshots kept, {} deleted",
+        cuts.names_pending,
+        cuts.names_kept,
+        cuts.files,
         oracle.acked.len(),
         oracle.deleted.len()
     );
     let missing: Vec<&&str> = MUST_CRASH_IN
         .iter()
-        .filter(|c| !crashed_in.contains_key(**c))
+        .filter(|c| !cuts.by_class.contains_key(**c))
         .collect();
     assert!(
         missing.is_empty(),
         "seed {seed}: never cut the power in {missing:?} (C3: every point at least once)"
     );
     assert!(
-        crashed_in.keys().any(|k| k.starts_with("start: ")),
+        cuts.by_class.keys().any(|k| k.starts_with("start: ")),
         "seed {seed}: no start was cut short"
     );
     // The end: every acknowledged snapshot, verify with data, and the index rebuilt from the
-    // packs equals the live one (I5).
+    // packs (I5).
     for (id, src) in &oracle.acked {
         restores(&rig, id, src, "at the end");
     }
@@ -438,7 +464,12 @@ fn index_entries(dir: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
     let mut out = BTreeMap::new();
     for shard in std::fs::read_dir(dir).unwrap() {
         let path = shard.unwrap().path();
-        if !path.file_name().unwrap().to_string_lossy().starts_with("shard-") {
+        if !path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("shard-")
+        {
             continue;
         }
         let db = rocksdb::DB::open_for_read_only(&rocksdb::Options::default(), &path, false)
@@ -476,7 +507,12 @@ fn rebuilt_index_equals_live(rig: &Rig) {
     );
     let elsewhere = live.iter().filter(|(k, v)| rebuilt[*k] != **v).count();
     let (rc, verified) = rig.app.verify(true).unwrap();
-    assert_eq!(rc, 0, "{}: verify --read-data of the rebuilt index: {verified}", rig.ctx());
+    assert_eq!(
+        rc,
+        0,
+        "{}: verify --read-data of the rebuilt index: {verified}",
+        rig.ctx()
+    );
     eprintln!(
         "I5: {} live entries, all in the rebuilt index ({} entries, {elsewhere} pointing at \
          another copy of the same chunk), which verifies clean",
@@ -626,4 +662,3 @@ fn disk_full_and_io_errors_are_clear_and_service_resumes() {
     }
     all_restore_after_power_loss(&mut rig, &acked, 12);
 }
-

@@ -28,9 +28,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
-    TimeOrNow,
+    FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
 };
 use libc::{c_int, EEXIST, EINVAL, EIO, EISDIR, ENOENT, ENOSPC, ENOTDIR, ENOTEMPTY, EOPNOTSUPP};
 use rand::SeedableRng;
@@ -117,7 +116,10 @@ pub struct Control(Arc<Shared>);
 
 impl Control {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.0.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.0
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Mutating operations so far in this mount.
@@ -150,7 +152,8 @@ impl Control {
         let mut s = self.lock();
         if !s.dead {
             s.dead = true;
-            s.crashed_in.get_or_insert_with(|| "(after the workload)".into());
+            s.crashed_in
+                .get_or_insert_with(|| "(after the workload)".into());
         }
         self.0.changed.notify_all();
     }
@@ -356,6 +359,7 @@ impl Drop for FaultFs {
 /// The class of an operation on `path`: names that vary (pack ids, RocksDB file numbers) are
 /// replaced by what they are.
 #[must_use]
+#[allow(clippy::case_sensitive_file_extension_comparisons)] // RocksDB's names are lower case
 pub fn classify(op: Op, path: &str) -> String {
     let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
     let n = parts.len();
@@ -377,9 +381,7 @@ pub fn classify(op: Op, path: &str) -> String {
             "<manifest>".to_string()
         } else if last && p.starts_with("OPTIONS") {
             "<options>".to_string()
-        } else if last && p.ends_with(".dbtmp") {
-            "<tmp>".to_string()
-        } else if last && p.ends_with(".tmp") {
+        } else if last && (p.ends_with(".dbtmp") || p.ends_with(".tmp")) {
             "<tmp>".to_string()
         } else if last && p.contains(".old") {
             "<old>".to_string()
@@ -429,7 +431,10 @@ impl Driver {
         if pid == self.own_pid {
             return;
         }
-        if let Some(p) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) {
+        if let Some(p) = i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        {
             // A stale pid is at worst ESRCH.
             let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
         }
@@ -566,11 +571,7 @@ fn perm_of(mode: u32, umask: u32) -> u16 {
 }
 
 impl Filesystem for Driver {
-    fn init(
-        &mut self,
-        _req: &Request<'_>,
-        config: &mut fuser::KernelConfig,
-    ) -> Result<(), c_int> {
+    fn init(&mut self, _req: &Request<'_>, config: &mut fuser::KernelConfig) -> Result<(), c_int> {
         let _ = config.set_max_write(1 << 20);
         Ok(())
     }
@@ -784,7 +785,9 @@ impl Filesystem for Driver {
             }
             let src_dir = s.tree.entries(src).is_some();
             match s.tree.entries(dst) {
-                Some(e) if !src_dir => return reply.error(if e.is_empty() { EISDIR } else { ENOTEMPTY }),
+                Some(e) if !src_dir => {
+                    return reply.error(if e.is_empty() { EISDIR } else { ENOTEMPTY })
+                }
                 Some(e) if !e.is_empty() => return reply.error(ENOTEMPTY),
                 None if src_dir => return reply.error(ENOTDIR),
                 _ => {}
@@ -855,7 +858,9 @@ impl Filesystem for Driver {
         }
         match s.tree.inodes.get(&ino).map(|i| &i.kind) {
             Some(Kind::File(f)) => {
-                let off = usize::try_from(offset).unwrap_or(usize::MAX).min(f.data.len());
+                let off = usize::try_from(offset)
+                    .unwrap_or(usize::MAX)
+                    .min(f.data.len());
                 let end = off.saturating_add(size as usize).min(f.data.len());
                 reply.data(&f.data[off..end]);
             }

@@ -161,6 +161,7 @@ pub struct Inode {
 }
 
 impl Inode {
+    #[must_use]
     pub fn new(kind: Kind, perm: u16, parent: u64, name: &OsStr) -> Self {
         let now = SystemTime::now();
         Self {
@@ -178,6 +179,7 @@ impl Inode {
         }
     }
 
+    #[must_use]
     pub fn file_type(&self) -> fuser::FileType {
         match &self.kind {
             Kind::File(_) => fuser::FileType::RegularFile,
@@ -187,6 +189,7 @@ impl Inode {
         }
     }
 
+    #[must_use]
     pub fn size(&self) -> u64 {
         match &self.kind {
             Kind::File(f) => f.data.len() as u64,
@@ -333,6 +336,7 @@ impl Tree {
         parts.join("/")
     }
 
+    #[must_use]
     pub fn entries(&self, dir: u64) -> Option<&BTreeMap<OsString, u64>> {
         match &self.inodes.get(&dir)?.kind {
             Kind::Dir { entries, .. } => Some(entries),
@@ -446,15 +450,13 @@ impl Tree {
             let l = self.log.pop_front().expect("checked");
             let mut dirs: HashMap<u64, BTreeMap<OsString, u64>> = HashMap::new();
             for d in dirs_of(&l.op) {
-                if let Some(Kind::Dir { base, .. }) = self.inodes.get_mut(&d).map(|i| &mut i.kind)
-                {
+                if let Some(Kind::Dir { base, .. }) = self.inodes.get_mut(&d).map(|i| &mut i.kind) {
                     dirs.insert(d, std::mem::take(base));
                 }
             }
             l.op.apply(&mut dirs);
             for (d, b) in dirs {
-                if let Some(Kind::Dir { base, .. }) = self.inodes.get_mut(&d).map(|i| &mut i.kind)
-                {
+                if let Some(Kind::Dir { base, .. }) = self.inodes.get_mut(&d).map(|i| &mut i.kind) {
                     *base = b;
                 }
             }
@@ -635,7 +637,7 @@ mod tests {
         let lens: std::collections::HashSet<usize> = all
             .iter()
             .map(|c| file(c, &["d", "f"]).unwrap())
-            .map(|g| g.iter().filter(|b| **b == 7).count())
+            .map(|g| g.iter().filter(|b| **b == 7).map(|_| 1).sum::<usize>())
             .collect();
         assert!(lens.contains(&0) && lens.contains(&2000), "{lens:?}");
         assert!(lens.iter().any(|n| *n > 0 && *n < 2000), "{lens:?}");
@@ -651,7 +653,9 @@ mod tests {
         assert!(all.iter().any(|c| file(c, &["f"]).is_none()));
         assert!(all.iter().any(|c| file(c, &["f"]).is_some()));
         t.sync_dir(ROOT);
-        assert!(crashes(&t).iter().all(|c| file(c, &["f"]) == Some(b"x".to_vec())));
+        assert!(crashes(&t)
+            .iter()
+            .all(|c| file(c, &["f"]) == Some(b"x".to_vec())));
     }
 
     #[test]
