@@ -79,6 +79,11 @@ pub enum ApplianceError {
     Unavailable(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    /// Stored data that cannot be read back as it was written: a damaged record (bit rot), a
+    /// pack shorter than the index says, a pack file gone. `DATA_LOSS`, never `INTERNAL`: the
+    /// operator must run `verify`, and the next backup holding the data heals it.
+    #[error("{0}")]
+    DataLoss(String),
 }
 
 impl ApplianceError {

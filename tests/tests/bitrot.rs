@@ -74,6 +74,8 @@ fn damaged_chunks_are_named_never_restored_wrong_and_healed_by_the_next_backup()
     let (rc, o, e) = coffer(&cfg, &["restore", &snap, out.to_str().unwrap()]).unwrap();
     assert_ne!(rc, 0, "a restore of damaged files succeeded: {o}{e}");
     assert!(e.contains("damaged"), "{e}");
+    // DATA_LOSS, not INTERNAL: the stored data is bad, not the appliance.
+    assert!(e.contains("Unrecoverable data loss"), "{e}");
     let mut restored = 0;
     for name in ["a", "b", "sub/c", "sub/d"] {
         if let Ok(b) = std::fs::read(out.join(name)) {

@@ -396,11 +396,26 @@ fn power_loss_anywhere_loses_nothing_acknowledged() {
     let mut cuts = Cuts::default();
     let mut round = 4;
     let mut targeted = 0;
-    while cuts.count < points {
+    // After the planned cuts, classes of the write path not met yet get up to 4 more tries each
+    // (a class can be rare in a short run: a new `packs/<xx>/`, a pack deleted whole).
+    let mut top_up = 0;
+    loop {
+        let unmet: Vec<&str> = MUST_CRASH_IN[..MUST_CRASH_IN.len() - 1]
+            .iter()
+            .copied()
+            .filter(|c| !cuts.by_class.contains_key(*c))
+            .collect();
+        if cuts.count >= points && (unmet.is_empty() || top_up >= 4 * MUST_CRASH_IN.len()) {
+            break;
+        }
         let ctl = rig.fs.control();
         // Every third cut aims at a class of the write path (in turn; it may take a few rounds
         // to meet it: a new `packs/<xx>/`, a seal), the others at a random operation of a round.
-        let rounds = if cuts.count % 3 == 0 {
+        let rounds = if cuts.count >= points {
+            top_up += 1;
+            ctl.crash_at_class(unmet[top_up % unmet.len()], 1);
+            8
+        } else if cuts.count % 3 == 0 {
             let class = MUST_CRASH_IN[targeted % (MUST_CRASH_IN.len() - 1)];
             targeted += 1;
             ctl.crash_at_class(class, rng.gen_range(1..=2));

@@ -23,6 +23,7 @@ impl From<ApplianceError> for tonic::Status {
             ApplianceError::PermissionDenied(_) => Status::permission_denied(msg),
             ApplianceError::FailedPrecondition(_) => Status::failed_precondition(msg),
             ApplianceError::Internal(_) => Status::internal(msg),
+            ApplianceError::DataLoss(_) => Status::data_loss(msg),
             ApplianceError::ResourceExhausted(_)
             | ApplianceError::Ingest(IngestError::NoSpace(_)) => Status::resource_exhausted(msg),
         }

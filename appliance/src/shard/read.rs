@@ -34,14 +34,18 @@ async fn read_run(
     let pack = run.first.pack;
     let start = run.first.offset;
     let len = usize::try_from(run.end - start).expect("runs are at most MAX_RUN");
-    let r = state
-        .store
-        .read_at(&pack, start, len)
-        .await
-        .map_err(|x| ApplianceError::Internal(format!("pack {pack} at {start}: {x}")))?;
+    let r = state.store.read_at(&pack, start, len).await.map_err(|x| {
+        if x.source.kind() == std::io::ErrorKind::NotFound {
+            ApplianceError::DataLoss(format!(
+                "pack {pack} is missing on the appliance (run `coffer-appliance verify`): {x}"
+            ))
+        } else {
+            ApplianceError::Internal(format!("pack {pack} at {start}: {x}"))
+        }
+    })?;
     if r.len() != len {
-        return Err(ApplianceError::Internal(format!(
-            "pack {pack} is shorter than the index says"
+        return Err(ApplianceError::DataLoss(format!(
+            "pack {pack} is shorter than the index says (run `coffer-appliance verify`)"
         )));
     }
     let key = state.encryption.pack_cipher(&pack);
@@ -62,7 +66,7 @@ async fn read_run(
                     |x| x.to_string(),
                     |(h, _)| format!("the record there is chunk {}", h.id),
                 );
-                return Err(ApplianceError::Internal(format!(
+                return Err(ApplianceError::DataLoss(format!(
                     "chunk {id} is damaged in pack {pack} ({why}); the next backup holding its \
                      data stores it again"
                 )));
@@ -97,7 +101,7 @@ pub(super) async fn get(
     let mut located = Vec::with_capacity(ids.len());
     for (i, (id, e)) in ids.iter().zip(entries).enumerate() {
         if state.is_damaged(id) {
-            return Err(ApplianceError::Internal(format!(
+            return Err(ApplianceError::DataLoss(format!(
                 "chunk {id} is damaged on the appliance (found by verify or an earlier read); \
                  the next backup holding its data stores it again"
             )));
