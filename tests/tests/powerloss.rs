@@ -23,6 +23,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 const ALICE: &str = "alice@laptop";
+const BOB: &str = "bob@desktop";
 const MIB: u64 = 1 << 20;
 
 /// The classes of operation every run must have cut the power in at least once (C3). The
@@ -56,6 +57,9 @@ struct Rig {
     app: Appliance,
     fs: FaultFs,
     cfg: PathBuf,
+    /// A second user, backing up at the same time as the first (other shards' group commits,
+    /// other sessions' commits in flight at the cut).
+    cfg_b: PathBuf,
     seed: u64,
     /// What the last power cut hit and what survived (for failure messages).
     last_cut: String,
@@ -76,17 +80,19 @@ impl Rig {
             &mnt.join("repo"),
             2,
             16 << 10,
-            &[ALICE],
+            &[ALICE, BOB],
             &["--default-access", "full"],
         )
         .unwrap();
         app.pack_target = Some(256 << 10);
         app.serve_args = vec!["--gc-grace".into(), "0".into()];
         let cfg = dir.path().join("alice.toml");
+        let cfg_b = dir.path().join("bob.toml");
         Self {
             app,
             fs,
             cfg,
+            cfg_b,
             seed,
             last_cut: String::new(),
             dir,
@@ -108,6 +114,7 @@ impl Rig {
         match self.app.start() {
             Ok(()) if !ctl.crashed() => {
                 connect_client(&self.app, &self.cfg, "alice", "laptop");
+                connect_client(&self.app, &self.cfg_b, "bob", "desktop");
                 Ok(())
             }
             Ok(()) => Err("the power went out just after the start".into()),
@@ -147,9 +154,26 @@ fn source(base: &Path, round: u64, rng: &mut StdRng) -> PathBuf {
     src
 }
 
-/// What the client saw.
+/// Bob's sources: the same `shared` file as Alice's (deduplicated across users) and one of his
+/// own.
+fn source_b(base: &Path, round: u64, rng: &mut StdRng) -> PathBuf {
+    let src = base.join(format!("src-{round}-b"));
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("shared"), coffer_tests::data(1, 300 << 10, false)).unwrap();
+    let len = rng.gen_range(32 << 10..300 << 10);
+    std::fs::write(
+        src.join(format!("own-{round}")),
+        coffer_tests::data(50_000 + round, len, false),
+    )
+    .unwrap();
+    src
+}
+
+/// What one client saw.
 #[derive(Debug, Default)]
 struct Oracle {
+    /// The client's configuration (its user).
+    cfg: PathBuf,
     /// Acknowledged snapshots, not deleted: id → source.
     acked: BTreeMap<String, PathBuf>,
     /// Every source a backup was attempted of, by the path the snapshot records.
@@ -165,9 +189,37 @@ fn snapshot_id(out: &str) -> Option<String> {
     Some(v["snapshot"].as_str()?.to_string())
 }
 
-/// One round of client work, stopping at the first failure (the power is out). Returns the ids
-/// acknowledged in the round.
-fn workload(rig: &Rig, round: u64, oracle: &mut Oracle, rng: &mut StdRng) -> Vec<String> {
+/// One round of client work, stopping at the first failure (the power is out): Alice backs up
+/// (then deletes and runs maintenance every third round) while Bob backs up. Returns the ids
+/// acknowledged in the round, Alice's and Bob's.
+fn workload(
+    rig: &Rig,
+    round: u64,
+    oracle: &mut Oracle,
+    bob: &mut Oracle,
+    rng: &mut StdRng,
+) -> (Vec<String>, Vec<String>) {
+    let src_b = source_b(rig.base(), round, rng);
+    let canon = std::fs::canonicalize(&src_b).unwrap();
+    bob.attempted
+        .insert(canon.to_string_lossy().into_owned(), src_b.clone());
+    let cfg_b = bob.cfg.clone();
+    let arg = src_b.to_str().unwrap().to_string();
+    let b = std::thread::spawn(move || {
+        coffer(&cfg_b, &["snapshot", "create", "--json", &arg]).unwrap()
+    });
+    let a = workload_a(rig, round, oracle, rng);
+    let (rc, out, _) = b.join().unwrap();
+    let mut fresh_b = Vec::new();
+    if rc == 0 {
+        let id = snapshot_id(&out).expect("an acknowledged backup names its snapshot");
+        bob.acked.insert(id.clone(), src_b);
+        fresh_b.push(id);
+    }
+    (a, fresh_b)
+}
+
+fn workload_a(rig: &Rig, round: u64, oracle: &mut Oracle, rng: &mut StdRng) -> Vec<String> {
     let ctl = rig.fs.control();
     let mut acked = Vec::new();
     let src = source(rig.base(), round, rng);
@@ -203,8 +255,8 @@ fn workload(rig: &Rig, round: u64, oracle: &mut Oracle, rng: &mut StdRng) -> Vec
     acked
 }
 
-fn listed(rig: &Rig) -> BTreeMap<String, String> {
-    let (rc, out, err) = coffer(&rig.cfg, &["snapshot", "list", "--json"]).unwrap();
+fn listed(rig: &Rig, cfg: &Path) -> BTreeMap<String, String> {
+    let (rc, out, err) = coffer(cfg, &["snapshot", "list", "--json"]).unwrap();
     assert_eq!(rc, 0, "{}: snapshot list: {out}{err}", rig.ctx());
     out.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -217,10 +269,10 @@ fn listed(rig: &Rig) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn restores(rig: &Rig, id: &str, src: &Path, what: &str) {
+fn restores(rig: &Rig, cfg: &Path, id: &str, src: &Path, what: &str) {
     let target = rig.base().join("restore");
     let _ = std::fs::remove_dir_all(&target);
-    let (rc, out, err) = coffer(&rig.cfg, &["restore", id, target.to_str().unwrap()]).unwrap();
+    let (rc, out, err) = coffer(cfg, &["restore", id, target.to_str().unwrap()]).unwrap();
     assert_eq!(
         rc,
         0,
@@ -236,20 +288,21 @@ fn restores(rig: &Rig, id: &str, src: &Path, what: &str) {
 }
 
 /// The checks after a power cycle (the appliance is running).
-fn check(rig: &Rig, oracle: &mut Oracle, fresh: &[String], rng: &mut StdRng, read_data: bool) {
+fn check(rig: &Rig, oracle: &mut Oracle, fresh: &[String], rng: &mut StdRng) {
     let seed = rig.ctx();
-    let list = listed(rig);
+    let cfg = oracle.cfg.clone();
+    let list = listed(rig, &cfg);
     for id in oracle.acked.keys() {
         // A deletion in flight at the cut may have taken effect.
         assert!(
             list.contains_key(id) || oracle.deleting.contains(id),
-            "seed {seed}: acknowledged snapshot {id} is gone after a power cut"
+            "{seed}: acknowledged snapshot {id} is gone after a power cut"
         );
     }
     for (id, path) in &list {
         assert!(
             !oracle.deleted.contains(id),
-            "seed {seed}: snapshot {id} came back after its deletion was acknowledged"
+            "{seed}: snapshot {id} came back after its deletion was acknowledged"
         );
         if oracle.acked.contains_key(id) {
             continue;
@@ -259,9 +312,9 @@ fn check(rig: &Rig, oracle: &mut Oracle, fresh: &[String], rng: &mut StdRng, rea
         let src = oracle
             .attempted
             .get(path)
-            .unwrap_or_else(|| panic!("seed {seed}: snapshot {id} of {path} was never attempted"));
+            .unwrap_or_else(|| panic!("{seed}: snapshot {id} of {path} was never attempted"));
         if !oracle.deleting.remove(id) {
-            restores(rig, id, src, "an unacknowledged but committed backup");
+            restores(rig, &cfg, id, src, "an unacknowledged but committed backup");
         }
         oracle.acked.insert(id.clone(), src.clone());
     }
@@ -279,16 +332,20 @@ fn check(rig: &Rig, oracle: &mut Oracle, fresh: &[String], rng: &mut StdRng, rea
     }
     for id in fresh {
         if let Some(src) = oracle.acked.get(id) {
-            restores(rig, id, src, "acknowledged in the round before the cut");
+            restores(
+                rig,
+                &cfg,
+                id,
+                src,
+                "acknowledged in the round before the cut",
+            );
         }
     }
     if !oracle.acked.is_empty() {
         let k = rng.gen_range(0..oracle.acked.len());
         let (id, src) = oracle.acked.iter().nth(k).unwrap();
-        restores(rig, id, src, "an older acknowledged snapshot");
+        restores(rig, &cfg, id, src, "an older acknowledged snapshot");
     }
-    let (rc, out) = rig.app.verify(read_data).unwrap();
-    assert_eq!(rc, 0, "seed {seed}: verify after a power cut: {out}");
 }
 
 /// What the power cuts hit, for the report and the coverage check (C3).
@@ -313,6 +370,34 @@ impl Cuts {
         *self.by_class.entry(hit).or_default() += 1;
         self.count += 1;
         format!("{r:?}")
+    }
+}
+
+impl Cuts {
+    /// Prints what the cuts hit; fails when a class of the write path was never cut (C3) or no
+    /// start was cut short.
+    fn report_and_check_coverage(&self, seed: u64, kept: usize, deleted: usize) {
+        eprintln!("power cuts by the operation they hit:");
+        for (c, n) in &self.by_class {
+            eprintln!("  {n:4}  {c}");
+        }
+        eprintln!(
+            "unsynced name operations at the cuts: {}, of which survived: {}; files with unsynced \
+             data: {:?}; {} snapshots kept, {} deleted",
+            self.names_pending, self.names_kept, self.files, kept, deleted
+        );
+        let missing: Vec<&&str> = MUST_CRASH_IN
+            .iter()
+            .filter(|c| !self.by_class.contains_key(**c))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "seed {seed}: never cut the power in {missing:?} (C3: every point at least once)"
+        );
+        assert!(
+            self.by_class.keys().any(|k| k.starts_with("start: ")),
+            "seed {seed}: no start was cut short"
+        );
     }
 }
 
@@ -346,12 +431,16 @@ fn work_until_cut(
     round: &mut u64,
     rounds: u32,
     oracle: &mut Oracle,
+    bob: &mut Oracle,
     rng: &mut StdRng,
-) -> (Vec<String>, String) {
+) -> (Vec<String>, Vec<String>, String) {
     let ctl = rig.fs.control();
     let mut fresh = Vec::new();
+    let mut fresh_b = Vec::new();
     for _ in 0..rounds {
-        fresh.extend(workload(rig, *round, oracle, rng));
+        let (a, b) = workload(rig, *round, oracle, bob, rng);
+        fresh.extend(a);
+        fresh_b.extend(b);
         *round += 1;
         if ctl.crashed() {
             break;
@@ -361,7 +450,7 @@ fn work_until_cut(
         // The cut comes after the work (a machine switched off at rest).
         ctl.crash_now();
     }
-    (fresh, ctl.crashed_in().unwrap_or_default())
+    (fresh, fresh_b, ctl.crashed_in().unwrap_or_default())
 }
 
 /// C2/C3: ≥ 200 power cuts at random operations (and at each class of the write path in turn)
@@ -376,14 +465,25 @@ fn power_loss_anywhere_loses_nothing_acknowledged() {
     );
     let mut rng = StdRng::seed_from_u64(seed);
     let mut rig = Rig::new(seed, 4096 * MIB);
-    let mut oracle = Oracle::default();
+    let mut oracle = Oracle {
+        cfg: rig.cfg.clone(),
+        ..Oracle::default()
+    };
+    let mut bob = Oracle {
+        cfg: rig.cfg_b.clone(),
+        ..Oracle::default()
+    };
     rig.start().expect("first start");
     // Warm-up rounds without cuts measure how many operations a round and a start take.
     let mut per_round = 0;
     for round in 0..4 {
         let before = rig.fs.control().ops();
-        let fresh = workload(&rig, round, &mut oracle, &mut rng);
-        assert_eq!(fresh.len(), 1, "round {round} without faults failed");
+        let (fresh, fresh_b) = workload(&rig, round, &mut oracle, &mut bob, &mut rng);
+        assert_eq!(
+            fresh.len() + fresh_b.len(),
+            2,
+            "round {round} without faults failed"
+        );
         per_round = per_round.max(rig.fs.control().ops() - before);
     }
     rig.app.stop().unwrap();
@@ -424,49 +524,35 @@ fn power_loss_anywhere_loses_nothing_acknowledged() {
             ctl.crash_at(ctl.ops() + rng.gen_range(1..=per_round + per_round / 5));
             1
         };
-        let (fresh, hit) = work_until_cut(&rig, &mut round, rounds, &mut oracle, &mut rng);
+        let (fresh, fresh_b, hit) =
+            work_until_cut(&rig, &mut round, rounds, &mut oracle, &mut bob, &mut rng);
         let r = cuts.cycle(&mut rig, hit.clone(), &mut rng);
         rig.last_cut = format!("{hit} in round {}, survived: {r}", round - 1);
         if verbose {
             eprintln!(
-                "cut {}: {}; acknowledged {fresh:?}",
+                "cut {}: {}; acknowledged {fresh:?} {fresh_b:?}",
                 cuts.count, rig.last_cut
             );
         }
         // One start in four is itself cut short.
         let cut_start = cuts.count % 4 == 1;
         restart(&mut rig, &mut cuts, cut_start, per_start, &mut rng);
-        check(&rig, &mut oracle, &fresh, &mut rng, cuts.count % 10 == 0);
+        check(&rig, &mut oracle, &fresh, &mut rng);
+        check(&rig, &mut bob, &fresh_b, &mut rng);
+        let (rc, out) = rig.app.verify(cuts.count % 10 == 0).unwrap();
+        assert_eq!(rc, 0, "{}: verify after a power cut: {out}", rig.ctx());
     }
-    eprintln!("power cuts by the operation they hit:");
-    for (c, n) in &cuts.by_class {
-        eprintln!("  {n:4}  {c}");
-    }
-    eprintln!(
-        "unsynced name operations at the cuts: {}, of which survived: {}; files with unsynced \
-         data: {:?}; {} snapshots kept, {} deleted",
-        cuts.names_pending,
-        cuts.names_kept,
-        cuts.files,
-        oracle.acked.len(),
-        oracle.deleted.len()
-    );
-    let missing: Vec<&&str> = MUST_CRASH_IN
-        .iter()
-        .filter(|c| !cuts.by_class.contains_key(**c))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "seed {seed}: never cut the power in {missing:?} (C3: every point at least once)"
-    );
-    assert!(
-        cuts.by_class.keys().any(|k| k.starts_with("start: ")),
-        "seed {seed}: no start was cut short"
+    cuts.report_and_check_coverage(
+        seed,
+        oracle.acked.len() + bob.acked.len(),
+        oracle.deleted.len(),
     );
     // The end: every acknowledged snapshot, verify with data, and the index rebuilt from the
     // packs (I5).
-    for (id, src) in &oracle.acked {
-        restores(&rig, id, src, "at the end");
+    for o in [&oracle, &bob] {
+        for (id, src) in &o.acked {
+            restores(&rig, &o.cfg, id, src, "at the end");
+        }
     }
     rig.app.stop().unwrap();
     let (rc, out) = rig.app.verify(true).unwrap();
@@ -556,10 +642,10 @@ fn backup(rig: &Rig, round: u64, rng: &mut StdRng) -> (PathBuf, Result<String, S
 fn all_restore_after_power_loss(rig: &mut Rig, acked: &[(String, PathBuf)], seed: u64) {
     rig.power_cycle(seed);
     rig.start().expect("start after the power cut");
-    let list = listed(rig);
+    let list = listed(rig, &rig.cfg);
     for (id, src) in acked {
         assert!(list.contains_key(id), "acknowledged snapshot {id} lost");
-        restores(rig, id, src, "after faults and a power cut");
+        restores(rig, &rig.cfg, id, src, "after faults and a power cut");
     }
     rig.app.stop().unwrap();
     let (rc, out) = rig.app.verify(true).unwrap();
