@@ -52,6 +52,5 @@ pub use net::server::{serve, ServeOptions};
 pub use net::tls::{self, TlsError, TlsIdentity};
 pub use net::ServeError;
 pub use repo::{
-    create_dir_durable, sync_dir, write_file_durable, ChunkerParams, Mode, RepoConfig, RepoPaths,
-    Sharding,
+    create_dir_durable, write_file_durable, ChunkerParams, Mode, RepoConfig, RepoPaths, Sharding,
 };

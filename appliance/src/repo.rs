@@ -264,12 +264,11 @@ impl RepoPaths {
 /// # Errors
 /// `mkdir` and `fsync` failures.
 pub fn create_dir_durable(dir: &Path) -> std::io::Result<()> {
-    // One at a time in the process: a directory another shard has just made is seen only after
-    // its parent was synced (else this caller could skip it and acknowledge too early).
+    // One at a time in the process, the existence check included: a directory another shard
+    // has just made is seen only after its parent was synced (else this caller could skip it
+    // and acknowledge too early). Directories are made rarely (a new `packs/<xx>/`), so the lock
+    // costs nothing that matters.
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    if dir.is_dir() {
-        return Ok(());
-    }
     let _guard = ONE_AT_A_TIME
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -652,19 +652,24 @@ fn all_restore_after_power_loss(rig: &mut Rig, acked: &[(String, PathBuf)], seed
     assert_eq!(rc, 0, "verify --read-data: {out}");
 }
 
+/// A started rig on a 4 GiB file system with one acknowledged backup (seeded by `seed`).
+fn started_with_one_backup(seed: u64) -> (Rig, StdRng, Vec<(String, PathBuf)>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rig = Rig::new(seed, 4096 * MIB);
+    rig.start().unwrap();
+    let (src, res) = backup(&rig, 0, &mut rng);
+    let acked = vec![(res.expect("a backup without faults"), src)];
+    (rig, rng, acked)
+}
+
 /// C4: a failed `fsync` of a pack. The writes it covered are lost for good (as on Linux, a later
 /// `fsync` does not bring them back): nothing of them may have been acknowledged, the pack is
 /// never written again, the next backup succeeds, and after a power cut everything acknowledged
 /// restores.
 #[test]
 fn a_failed_fsync_is_never_acknowledged_and_its_pack_never_reused() {
-    let mut rng = StdRng::seed_from_u64(7);
-    let mut rig = Rig::new(7, 4096 * MIB);
-    rig.start().unwrap();
+    let (mut rig, mut rng, mut acked) = started_with_one_backup(7);
     let ctl = rig.fs.control();
-    let mut acked = Vec::new();
-    let (src, res) = backup(&rig, 0, &mut rng);
-    acked.push((res.expect("a backup without faults"), src));
     ctl.fail(Fault {
         op: Op::Fsync,
         path: "packs/".into(),
@@ -702,13 +707,8 @@ fn a_failed_fsync_is_never_acknowledged_and_its_pack_never_reused() {
 /// backup fails clearly, nothing is acknowledged that is not durable, and service resumes.
 #[test]
 fn disk_full_and_io_errors_are_clear_and_service_resumes() {
-    let mut rng = StdRng::seed_from_u64(11);
-    let mut rig = Rig::new(11, 4096 * MIB);
-    rig.start().unwrap();
+    let (mut rig, mut rng, mut acked) = started_with_one_backup(11);
     let ctl = rig.fs.control();
-    let mut acked = Vec::new();
-    let (src, res) = backup(&rig, 0, &mut rng);
-    acked.push((res.expect("a backup without faults"), src));
     // Room for the reserve (8 MiB at this size) and a little more: the next backup's new data
     // does not fit.
     ctl.set_capacity(ctl.used() + 8 * MIB + 100 * 1024);

@@ -104,9 +104,7 @@ fn segments(dir: &Path) -> Result<Vec<u64>, JournalError> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), JournalError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir, "syncing the directory"))
+    crate::repo::sync_dir(dir).map_err(io(dir, "syncing the directory"))
 }
 
 pub(crate) fn encode_ops(kind: u8, ops: &[Op]) -> Vec<u8> {

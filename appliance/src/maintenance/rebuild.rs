@@ -59,9 +59,7 @@ pub fn rebuild_catalog(
         ApplianceError::Internal(format!("moving the rebuilt catalog into place: {e}"))
     };
     std::fs::rename(&tmp, &target).map_err(io)?;
-    std::fs::File::open(&paths.root)
-        .and_then(|d| d.sync_all())
-        .map_err(io)?;
+    crate::repo::sync_dir(&paths.root).map_err(io)?;
     let count = |p: &[u8]| r.state.keys().filter(|k| k.starts_with(p)).count();
     Ok(CatalogRebuilt {
         users: count(b"user/"),

@@ -200,13 +200,7 @@ impl<S: PackStore> PackWriter<S> {
                     // Poison: the pack is never appended to again. Its earlier group commits
                     // are durable and indexed, so it is kept and listed for sealing at the next
                     // start (`recover_open_pack`); a new pack is created for the next write.
-                    if let Some(p) = self.open.take() {
-                        self.unrecorded_poison.push(p.id);
-                        if let Err(e) = self.record_poisoned() {
-                            tracing::error!(pack = %p.id, error = %e,
-                                "cannot record the poisoned pack yet; no new pack until it is");
-                        }
-                    }
+                    self.poison_open();
                     return Err(e);
                 }
             }
@@ -309,6 +303,18 @@ impl<S: PackStore> PackWriter<S> {
         })
     }
 
+    /// Abandons the open pack after a failed write or seal: it is never appended to again, and
+    /// is listed for sealing at the next start (`recover_open_pack`).
+    fn poison_open(&mut self) {
+        if let Some(p) = self.open.take() {
+            self.unrecorded_poison.push(p.id);
+            if let Err(e) = self.record_poisoned() {
+                tracing::error!(pack = %p.id, error = %e,
+                    "cannot record the poisoned pack yet; no new pack until it is");
+            }
+        }
+    }
+
     /// Adds the packs in `unrecorded_poison` to the packs the next start seals. Until this
     /// succeeds the open-pack marker still names the last of them (`create` refuses to replace
     /// it), and `rebuild-index` seals every unsealed pack.
@@ -341,13 +347,7 @@ impl<S: PackStore> PackWriter<S> {
         let res = self.write_some(&[], true).await;
         if res.is_err() {
             // Poisoned like a failed write: sealed at the next start.
-            if let Some(p) = self.open.take() {
-                self.unrecorded_poison.push(p.id);
-                if let Err(e) = self.record_poisoned() {
-                    tracing::error!(pack = %p.id, error = %e,
-                        "cannot record the poisoned pack yet; no new pack until it is");
-                }
-            }
+            self.poison_open();
         }
         res.map(|_| ())
     }

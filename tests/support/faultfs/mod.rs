@@ -566,6 +566,14 @@ impl Driver {
     }
 }
 
+/// Answers an operation that returns nothing.
+fn empty(reply: ReplyEmpty, res: Result<(), c_int>) {
+    match res {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
+}
+
 fn perm_of(mode: u32, umask: u32) -> u16 {
     u16::try_from(mode & !umask & 0o7777).unwrap_or(0o644)
 }
@@ -698,10 +706,7 @@ impl Filesystem for Driver {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let kind = Kind::Dir {
-            entries: BTreeMap::new(),
-            base: BTreeMap::new(),
-        };
+        let kind = Kind::empty_dir();
         match self.make(req, parent, name, kind, perm_of(mode, umask), Op::Mkdir) {
             Ok(a) => reply.entry(&TTL, &a, 0),
             Err(e) => reply.error(e),
@@ -904,29 +909,24 @@ impl Filesystem for Driver {
 
     fn flush(&mut self, req: &Request<'_>, _ino: u64, _fh: u64, _lo: u64, reply: ReplyEmpty) {
         let s = self.lock();
-        match self.alive(&s, req) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        empty(reply, self.alive(&s, req));
     }
 
     fn fsync(&mut self, req: &Request<'_>, ino: u64, _fh: u64, _datasync: bool, reply: ReplyEmpty) {
         let mut s = self.lock();
         let path = s.tree.path(ino);
         let res = self.gate(&mut s, req, Op::Fsync, &path);
-        let failed_by_fault = matches!(res, Err(e) if !s.dead && e != 0);
+        let power_out = s.dead;
         if let Some(Kind::File(f)) = s.tree.inodes.get_mut(&ino).map(|i| &mut i.kind) {
             match res {
                 Ok(()) => f.sync(),
-                // A failed sync (not the power going out): the dirty data is lost for good.
-                Err(_) if failed_by_fault => f.lose_pending(),
+                // A failed sync (an injected fault, not the power going out): the dirty data is
+                // lost for good.
+                Err(_) if !power_out => f.lose_pending(),
                 Err(_) => {}
             }
         }
-        match res {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        empty(reply, res);
     }
 
     fn opendir(&mut self, req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
@@ -1009,10 +1009,7 @@ impl Filesystem for Driver {
 
     fn access(&mut self, req: &Request<'_>, _ino: u64, _mask: i32, reply: ReplyEmpty) {
         let s = self.lock();
-        match self.alive(&s, req) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        empty(reply, self.alive(&s, req));
     }
 
     fn create(
@@ -1026,20 +1023,18 @@ impl Filesystem for Driver {
         reply: ReplyCreate,
     ) {
         {
+            // An existing file opened with O_CREAT (no O_EXCL): an open.
             let s = self.lock();
             if let Some(ino) = s.tree.lookup(parent, name) {
-                if flags & libc::O_EXCL != 0 {
-                    return reply.error(EEXIST);
-                }
-                drop(s);
-                // An existing file opened with O_CREAT: an open.
-                let s = self.lock();
-                if let Err(e) = self.alive(&s, req) {
-                    return reply.error(e);
-                }
-                return match Self::attr(&s, ino) {
-                    Some(a) => reply.created(&TTL, &a, 0, 0, 0),
-                    None => reply.error(ENOENT),
+                let res = if flags & libc::O_EXCL != 0 {
+                    Err(EEXIST)
+                } else {
+                    self.alive(&s, req)
+                        .and_then(|()| Self::attr(&s, ino).ok_or(ENOENT))
+                };
+                return match res {
+                    Ok(a) => reply.created(&TTL, &a, 0, 0, 0),
+                    Err(e) => reply.error(e),
                 };
             }
         }
@@ -1083,9 +1078,6 @@ impl Filesystem for Driver {
             }
             _ => Err(EOPNOTSUPP),
         };
-        match res {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        empty(reply, res);
     }
 }

@@ -144,6 +144,17 @@ pub enum Kind {
     Special(fuser::FileType),
 }
 
+impl Kind {
+    /// A directory with no entries.
+    #[must_use]
+    pub fn empty_dir() -> Self {
+        Kind::Dir {
+            entries: BTreeMap::new(),
+            base: BTreeMap::new(),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Inode {
     pub kind: Kind,
@@ -287,15 +298,7 @@ impl Tree {
     #[must_use]
     pub fn new() -> Self {
         let mut inodes = HashMap::new();
-        let mut root = Inode::new(
-            Kind::Dir {
-                entries: BTreeMap::new(),
-                base: BTreeMap::new(),
-            },
-            0o755,
-            ROOT,
-            OsStr::new(""),
-        );
+        let mut root = Inode::new(Kind::empty_dir(), 0o755, ROOT, OsStr::new(""));
         root.nlink = 2;
         inodes.insert(ROOT, root);
         Self {
@@ -611,15 +614,7 @@ mod tests {
     #[test]
     fn synced_data_and_names_always_survive_and_nothing_else_is_promised() {
         let mut t = Tree::new();
-        let d = t.create(
-            ROOT,
-            OsStr::new("d"),
-            Kind::Dir {
-                entries: BTreeMap::new(),
-                base: BTreeMap::new(),
-            },
-            0o755,
-        );
+        let d = t.create(ROOT, OsStr::new("d"), Kind::empty_dir(), 0o755);
         t.sync_dir(ROOT);
         let f = new_file(&mut t, d, "f");
         write(&mut t, f, 0, b"durable");
@@ -661,15 +656,7 @@ mod tests {
     #[test]
     fn a_new_subdirectory_is_lost_unless_its_parent_is_synced() {
         let mut t = Tree::new();
-        let d = t.create(
-            ROOT,
-            OsStr::new("d"),
-            Kind::Dir {
-                entries: BTreeMap::new(),
-                base: BTreeMap::new(),
-            },
-            0o755,
-        );
+        let d = t.create(ROOT, OsStr::new("d"), Kind::empty_dir(), 0o755);
         let f = new_file(&mut t, d, "f");
         fsync(&mut t, f, true);
         t.sync_dir(d);

@@ -94,9 +94,7 @@ impl PackStore for LocalStore {
             .await
             .map_err(|e| StoreError::new("creating", e))?;
         // The directory entry must be durable before anything in the file is acknowledged.
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| StoreError::new("syncing its directory", e))?;
+        crate::repo::sync_dir(dir).map_err(|e| StoreError::new("syncing its directory", e))?;
         Ok(LocalSink {
             file,
             len: header.len() as u64,
@@ -134,8 +132,7 @@ impl PackStore for LocalStore {
         }
         crate::faults::point("store.unlinked");
         let dir = path.parent().expect("pack paths have a parent");
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
+        crate::repo::sync_dir(dir)
             .map_err(|e| StoreError::new("syncing its directory after deleting", e))
     }
 
