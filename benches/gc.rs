@@ -48,6 +48,7 @@ fn main() {
                 offset: (i % 4096) * 65_600,
                 len: 65_600,
                 raw_len: 65_536,
+                digest: None,
             },
         ));
         if batch.len() == batch.capacity() {

@@ -62,6 +62,7 @@ fn load_shard(paths: &RepoPaths, s: u16, shards: u16, n: u64) -> u64 {
                 offset: 64 + (mine % 4096) * 65_600,
                 len: 65_600,
                 raw_len: 65_536,
+                digest: None,
             },
         ));
         mine += 1;

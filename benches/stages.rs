@@ -201,6 +201,7 @@ fn entry(i: usize) -> IndexEntry {
         offset: i as u64 * 100,
         len: 100,
         raw_len: 50,
+        digest: None,
     }
 }
 

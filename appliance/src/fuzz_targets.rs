@@ -37,6 +37,7 @@ fn fuzz_pack_header_and_index_entry() {
         offset: 64,
         len: 1000,
         raw_len: 900,
+        digest: None,
     }
     .encode();
     fuzz::run("pack_header", &[h.to_vec()], |b| {
@@ -150,6 +151,7 @@ fn fuzz_tree_objects() {
             raw_len: u32::try_from(b.len()).unwrap_or(u32::MAX),
             compression: v1::Compression::None,
             data: Bytes::copy_from_slice(b),
+            sealed: b.first() == Some(&b'C'),
         };
         let _ = crate::reach::tree_refs(std::slice::from_ref(&c));
         let _ = crate::reach::list_refs(std::slice::from_ref(&c));
@@ -171,6 +173,7 @@ fn fuzz_catalog_records() {
         owner: Some("00".repeat(16)),
         quota: Some(5),
         delete_passphrase: None,
+        role: None,
     })
     .unwrap();
     let tagged = |t: u8, mut v: Vec<u8>| {

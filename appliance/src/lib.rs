@@ -34,7 +34,7 @@ pub use access::quota::human_bytes;
 pub use access::rules::{Access, Rule, Target};
 pub use access::ControlUser;
 pub use catalog::policy::{self, Policy, PolicyTarget};
-pub use catalog::{audit, Catalog, CatalogError, UserRecord};
+pub use catalog::{audit, Catalog, CatalogError, EnrollmentRecord, UserRecord};
 pub use crypto::keys::{KdfParams, MasterKey};
 pub use crypto::{Encryption, RecordCipher};
 pub use error::{ApplianceError, IngestError, RepoError};

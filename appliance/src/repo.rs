@@ -37,6 +37,20 @@ mod off {
 pub enum Mode {
     /// The appliance holds the keys (value 1).
     Managed,
+    /// The clients hold the keys (value 2): chunks are sealed envelopes the appliance stores
+    /// without reading (`coffer_proto::sealed`); its own key only wraps records at rest.
+    Sealed,
+}
+
+impl Mode {
+    /// The name `init --mode` takes and `status` shows.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Managed => "managed",
+            Self::Sealed => "sealed",
+        }
+    }
 }
 
 /// The stable `ChunkId -> shard` function (value 1 = `le64-mod`).
@@ -81,6 +95,7 @@ impl RepoConfig {
         b[off::REPO_ID..off::REPO_ID + 16].copy_from_slice(self.id.as_bytes());
         b[off::MODE] = match self.mode {
             Mode::Managed => 1,
+            Mode::Sealed => 2,
         };
         b[off::SHARDING] = match self.sharding {
             Sharding::Le64Mod => 1,
@@ -118,6 +133,7 @@ impl RepoConfig {
         }
         let mode = match b[off::MODE] {
             1 => Mode::Managed,
+            2 => Mode::Sealed,
             m => return Err(RepoError::Invalid(format!("unknown encryption mode {m}"))),
         };
         let sharding = match b[off::SHARDING] {

@@ -109,6 +109,7 @@ fn snapshot() -> v1::Snapshot {
         commit_id: Bytes::new(),
         lock_until_us: 0,
         protected_until_us: 0,
+        sealed: Bytes::new(),
     }
 }
 
@@ -119,6 +120,7 @@ fn index_entry() -> IndexEntry {
         offset: 0x0102_0304_0506,
         len: 70_000,
         raw_len: 65_536,
+        digest: None,
     }
 }
 

@@ -20,6 +20,9 @@ pub struct ClientConfig {
     pub fingerprint: String,
     pub identity: String,
     pub password: String,
+    /// Sealed repositories: the keyring member file (copied beside this file by `connect`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyring: Option<PathBuf>,
 }
 
 /// Where the configuration lives, given the environment values that decide it.
@@ -58,29 +61,37 @@ impl ClientConfig {
     /// # Errors
     /// [`ClientError::Io`] naming the directory or file that could not be written.
     pub fn save(&self, path: &Path) -> Result<(), ClientError> {
-        let dir = path.parent().unwrap_or_else(|| Path::new("."));
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| ClientError::io("create", dir, e))?;
-        let tmp = path.with_extension("json.tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| ClientError::io("create", &tmp, e))?;
         let text = serde_json::to_string_pretty(self).map_err(|e| ClientError::BadConfig {
             path: path.to_path_buf(),
             error: e.to_string(),
         })?;
-        f.write_all(text.as_bytes())
-            .and_then(|()| f.sync_all())
-            .map_err(|e| ClientError::io("write", &tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| ClientError::io("replace", path, e))
+        save_private(path, &text)
     }
+}
+
+/// Writes `text` to `path` atomically with mode 0600 (its directory 0700, created if missing).
+///
+/// # Errors
+/// [`ClientError::Io`] naming the directory or file that could not be written.
+pub fn save_private(path: &Path, text: &str) -> Result<(), ClientError> {
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| ClientError::io("create", dir, e))?;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| ClientError::io("create", &tmp, e))?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| ClientError::io("write", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| ClientError::io("replace", path, e))
 }
 
 #[cfg(test)]
@@ -113,6 +124,7 @@ mod tests {
             fingerprint: "ab".into(),
             identity: "a@b".into(),
             password: "pw".into(),
+            keyring: None,
         };
         c.save(&p).unwrap();
         assert_eq!(

@@ -60,6 +60,10 @@ pub enum ClientError {
     /// commits nothing; a restore may have written some files, which a new run overwrites).
     #[error("a client worker task failed ({0}); the operation stopped (a backup commits nothing, a restore may be partial): run the command again, and report this if it repeats")]
     Task(String),
+    /// A keyring that cannot do what was asked: a wrong passphrase, a role without the key, a
+    /// snapshot whose sealed header does not verify.
+    #[error("{0}")]
+    Keyring(String),
 }
 
 impl ClientError {

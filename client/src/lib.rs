@@ -14,6 +14,7 @@ mod config;
 mod error;
 #[cfg(test)]
 mod fuzz_targets;
+mod keyring;
 mod net;
 mod pipeline;
 mod policy;
@@ -21,8 +22,10 @@ mod restore;
 mod snapshot;
 mod stages;
 
-pub use config::{default_path, ClientConfig};
+pub use config::{default_path, save_private, ClientConfig};
 pub use error::{ClientError, TreeError};
+pub use keyring::enroll::{create as create_enrollment, redeem as redeem_enrollment, Enrolled};
+pub use keyring::{Kdf, Master, Member, Role};
 pub use net::{
     channel, Codec, Deadlines, Frame, Need, PutStats, Session, SessionOptions, Target,
     WithDeadlines,

@@ -121,7 +121,16 @@ pub async fn backup(
         unchanged,
         own,
         warnings: reuse_warnings,
-    } = parent::reuse(session, &cache, &w, &root_text, opts.no_parent).await?;
+    } = parent::reuse(
+        session,
+        &cache,
+        &w,
+        &root_text,
+        // A write-only account may not list or open its earlier snapshots: every file is
+        // read (the appliance still deduplicates what it holds).
+        opts.no_parent || session.write_only(),
+    )
+    .await?;
     let mut seen = Seen::load(
         opts.state_dir.as_deref(),
         &hex::encode(&session.hello.repository_id),
@@ -149,7 +158,7 @@ pub async fn backup(
     let read = files.finish();
 
     // trees, then the commit point
-    let (root_id, trees) = commit::build_trees(&key, params, &w.root, &read.contents);
+    let (root_id, trees) = commit::build_trees(&key, session.max_object(), &w.root, &read.contents);
     for t in &trees {
         up.add(t.clone(), None).await?;
     }
@@ -166,6 +175,7 @@ pub async fn backup(
     let mut warnings = reuse_warnings;
     warnings.extend(went_back);
     match session.snapshot(&id).await {
+        _ if session.write_only() => {}
         Ok(s) => {
             if let Err(e) = seen.record(&root_text, &id.to_hex(), s.time_us) {
                 warnings.push(format!(

@@ -62,7 +62,11 @@ fn fuzz_requests() {
     let seeds = vec![
         tagged(
             0,
-            v1::FindMissingRequest { ids: ids.clone() }.encode_to_vec(),
+            v1::FindMissingRequest {
+                ids: ids.clone(),
+                envelope_hashes: ids.clone(),
+            }
+            .encode_to_vec(),
         ),
         tagged(
             1,

@@ -14,6 +14,7 @@ pub mod fuzz;
 mod fuzz_targets;
 mod ids;
 mod packed;
+pub mod sealed;
 pub mod when;
 
 pub use chunker::{ChunkerError, ChunkerParams};

@@ -329,6 +329,7 @@ impl Appliance {
             identity: identity.to_string(),
             password: USER_PASSWORD.to_string(),
             deadlines: coffer_client::Deadlines::default(),
+            keyring: None,
         }
     }
 

@@ -49,6 +49,7 @@ impl OpenStream {
 fn one_id() -> v1::FindMissingRequest {
     v1::FindMissingRequest {
         ids: Bytes::from(pack_ids(&[ChunkId::from_bytes(rand::random())])),
+        envelope_hashes: Bytes::new(),
     }
 }
 

@@ -180,6 +180,21 @@ fn playbook_provisions_idempotently_and_the_scheduled_snapshot_restores() {
         .unwrap();
     let acl = String::from_utf8_lossy(&acl.stdout);
     assert!(acl.contains("user=auditor@*  access=READ"), "{acl}");
+    // The client enrolled with a one-time token from the appliance role: no password was
+    // handed out; the client generated its own, and the audit shows the redemption.
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    assert_eq!(saved["password"].as_str().unwrap().len(), 48, "{saved}");
+    let audit = Command::new(root.join("usr/local/bin/coffer-appliance"))
+        .args(["audit", "show", "--repo"])
+        .arg(root.join("srv/coffer"))
+        .output()
+        .unwrap();
+    let audit = String::from_utf8_lossy(&audit.stdout);
+    assert!(
+        audit.contains("enroll.create") && audit.contains("enroll.redeem"),
+        "{audit}"
+    );
     // The role made an append-only repository (its default): the client cannot delete.
     assert!(
         acl.contains("default-own-snapshots  user=*@*  access=APPEND"),

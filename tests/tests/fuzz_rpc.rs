@@ -156,6 +156,7 @@ async fn stream_call(
                         let ids = some_ids(rng, pool);
                         packed(rng, &ids)
                     },
+                    envelope_hashes: random_bytes(rng, 64),
                 })
                 .collect();
             let r = c.find_missing(tokio_stream::iter(reqs)).await;
@@ -193,8 +194,30 @@ async fn one_call(
 ) -> Code {
     let mut c = s.raw();
     let code = |r: Result<(), tonic::Status>| r.err().map_or(Code::Ok, |e| e.code());
-    match rng.gen_range(0..12) {
+    match rng.gen_range(0..14) {
         0..=2 => stream_call(rng, s, pool, plains).await,
+        11 => code(
+            c.create_enrollment(v1::CreateEnrollmentRequest {
+                identity: text(rng),
+                role: text(rng),
+                expires_us: rng.r#gen(),
+                auth_hash: random_bytes(rng, 40),
+                sealed_keys: random_bytes(rng, 100),
+                delete_passphrase: text(rng),
+            })
+            .await
+            .map(drop),
+        ),
+        12 => code(
+            c.enroll(v1::EnrollRequest {
+                protocol_version: rng.gen_range(0..3),
+                identity: text(rng),
+                auth: random_bytes(rng, 20),
+                password: text(rng),
+            })
+            .await
+            .map(drop),
+        ),
         3 => {
             let root = if rng.gen_bool(0.5) {
                 Bytes::copy_from_slice(pool[rng.gen_range(0..pool.len())].as_bytes())

@@ -84,6 +84,7 @@ impl Raw {
     async fn find(&mut self, id: ChunkId) -> Result<(), Code> {
         let req = self.req(tokio_stream::iter(vec![v1::FindMissingRequest {
             ids: Bytes::copy_from_slice(id.as_bytes()),
+            envelope_hashes: Bytes::new(),
         }]));
         let mut s = self
             .client
@@ -274,6 +275,11 @@ fn s7_access_matrix() {
             ("LockSnapshot", [y, nf, pd, pd, y, pd, u, u, u]),
             ("SetPolicy", [y, pd, pd, pd, pd, pd, u, u, u]),
             ("AddRule", [pd, pd, pd, pd, pd, pd, u, u, u]),
+            // Creating accounts needs FULL on users and rules: nobody here.
+            ("CreateEnrollment", [pd, pd, pd, pd, pd, pd, u, u, u]),
+            // Without a session: the same answer whoever asks (the probe's password is too
+            // short, refused before any token is looked up or throttled).
+            ("Enroll", [inv, inv, inv, inv, inv, inv, inv, inv, inv]),
         ]);
         let listed: Vec<&str> = expected.keys().copied().collect();
         let mut in_proto: Vec<String> = rpcs.clone();
@@ -422,6 +428,28 @@ fn s7_access_matrix() {
                             access: "FULL".into(),
                             target: "type=snapshot".into(),
                             delete_passphrase: String::new(),
+                        }))
+                        .await
+                        .err()
+                        .map_or(Code::Ok, |s| s.code()),
+                    "CreateEnrollment" => c
+                        .client
+                        .create_enrollment(c.req(v1::CreateEnrollmentRequest {
+                            identity: "newcomer@host".into(),
+                            auth_hash: vec![7u8; 32].into(),
+                            expires_us: coffer_proto::now_us() + 3_600_000_000,
+                            ..Default::default()
+                        }))
+                        .await
+                        .err()
+                        .map_or(Code::Ok, |s| s.code()),
+                    "Enroll" => c
+                        .client
+                        .enroll(c.req(v1::EnrollRequest {
+                            protocol_version: coffer_proto::PROTOCOL_VERSION,
+                            identity: "newcomer@host".into(),
+                            auth: vec![1u8; 16].into(),
+                            password: "short".into(),
                         }))
                         .await
                         .err()

@@ -41,6 +41,12 @@ pub enum Request {
         identity: String,
         passphrase: Option<String>,
     },
+    /// Stores a one-time enrollment token (`user enroll`): BLAKE3 of its authentication half
+    /// (hex) and what it creates. The catalog writes its own audit entry.
+    EnrollmentAdd {
+        auth_hash: String,
+        record: crate::catalog::EnrollmentRecord,
+    },
     /// Sets (`Some`) or lifts (`None`) an account's quota of stored bytes.
     UserQuota {
         identity: String,
@@ -320,6 +326,16 @@ fn refusable(req: &Request) -> Option<(&'static str, &str)> {
     }
 }
 
+fn normalise_identity_checked(identity: &str) -> Result<(), ApplianceError> {
+    if crate::access::accounts::normalise_identity(identity)? == identity {
+        Ok(())
+    } else {
+        Err(ApplianceError::InvalidArgument(format!(
+            "identity {identity:?} is not normalised (lower case)"
+        )))
+    }
+}
+
 fn snapshot_id(id: &str) -> Result<coffer_proto::SnapshotId, ApplianceError> {
     coffer_proto::SnapshotId::from_hex(id)
         .map_err(|e| ApplianceError::InvalidArgument(format!("snapshot id {id:?}: {e}")))
@@ -344,6 +360,7 @@ fn apply_unaudited(catalog: &Catalog, req: &Request) -> Result<Reply, ApplianceE
                 rec.owner = old.owner;
                 rec.quota = old.quota;
                 rec.delete_passphrase = old.delete_passphrase;
+                rec.role = old.role;
             }
             catalog.set_user(&rec)?;
         }
@@ -358,6 +375,10 @@ fn apply_unaudited(catalog: &Catalog, req: &Request) -> Result<Reply, ApplianceE
         | Request::AuditShow { .. }
         | Request::AuditVerify => apply_history(catalog, req, &mut reply)?,
         Request::UserDelete { identity } => catalog.delete_user(identity)?,
+        Request::EnrollmentAdd { auth_hash, record } => {
+            normalise_identity_checked(&record.identity)?;
+            catalog.put_enrollment(auth_hash, record)?;
+        }
         Request::UserQuota { identity, quota } => {
             let mut rec = catalog
                 .user(identity)?
@@ -776,6 +797,7 @@ mod tests {
             owner: None,
             quota: None,
             delete_passphrase: None,
+            role: None,
         }
     }
 

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use coffer_proto::v1::Disclosure;
 
 use crate::access::rules::Rule;
+use crate::access::sessions::Role;
 use crate::catalog::Catalog;
 use crate::error::ApplianceError;
 
@@ -322,7 +323,13 @@ impl Auth {
         lock(&self.throttle).succeeded(&identity, source, &keys, Instant::now());
         let token = hex::encode(rand::random::<[u8; 32]>());
         let now = Instant::now();
+        // A stored role this build does not know restricts to the least: listing nothing.
+        let role = user
+            .as_ref()
+            .map_or(Ok(Role::Any), |u| Role::parse(u.role.as_deref()))
+            .unwrap_or(Role::WriteOnly);
         let session = Session {
+            role,
             identity: identity.clone(),
             state: Arc::new(SessionState::new(
                 user.as_ref().map(owner_key),
@@ -481,6 +488,42 @@ impl Auth {
         Ok(())
     }
 
+    /// Waits for a turn to redeem an enrollment token for `identity`, under the login
+    /// throttle's rules (per account and per source); answers the throttle keys for
+    /// [`Auth::enroll_done`].
+    ///
+    /// # Errors
+    /// [`ApplianceError::ResourceExhausted`] while throttled.
+    pub async fn enroll_turn(
+        &self,
+        identity: &str,
+        source: Option<IpAddr>,
+    ) -> Result<Vec<String>, ApplianceError> {
+        let key = format!("enroll:{identity}");
+        let (slot, keys) = lock(&self.throttle)
+            .reserve(&key, source, Instant::now())
+            .map_err(|wait| {
+                ApplianceError::ResourceExhausted(format!(
+                    "too many enrollment attempts for this account or from this address; try \
+                     again in {} s",
+                    wait.as_secs().max(1)
+                ))
+            })?;
+        tokio::time::sleep_until(slot).await;
+        Ok(keys)
+    }
+
+    /// Ends a turn of [`Auth::enroll_turn`]: a failure counts against the keys (and is
+    /// audited as the login throttle's are), a success clears them.
+    pub fn enroll_done(&self, identity: &str, source: Option<IpAddr>, keys: &[String], ok: bool) {
+        let key = format!("enroll:{identity}");
+        if ok {
+            lock(&self.throttle).succeeded(&key, source, keys, Instant::now());
+        } else {
+            self.audit_failures(identity, source, &keys[..1], "enroll.failures");
+        }
+    }
+
     /// Checks `secret` against the PHC string `phc` in one of the hashing slots, off the
     /// network threads (logins and step-ups alike).
     async fn verify_in_slot(&self, phc: String, secret: &str) -> Result<bool, ApplianceError> {
@@ -600,6 +643,7 @@ mod tests {
                     owner: None,
                     quota: None,
                     delete_passphrase: None,
+                    role: None,
                 })
                 .unwrap();
         }

@@ -16,5 +16,5 @@ mod throttle;
 
 pub use accounts::normalise_identity;
 pub use auth::{Auth, ControlUser};
-pub use sessions::Session;
+pub use sessions::{Role, Session, Use};
 pub use throttle::RateWindow;

@@ -281,12 +281,90 @@ impl SessionState {
 #[derive(Debug, Clone)]
 pub struct Session {
     pub identity: String,
+    /// What the account's role lets it do whatever the rules say.
+    pub role: Role,
     pub state: Arc<SessionState>,
     /// The server control user: may refresh and ask for status, nothing else.
     pub control: bool,
     pub(super) expires: Instant,
     /// The password hash the session was opened with: a changed password ends the session.
     pub(super) phc: String,
+}
+
+/// A restricted account: limits that apply on top of the access rules (sealed mode's member
+/// roles, enforced here as well as by the keys a member holds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    /// The rules alone decide.
+    #[default]
+    Any,
+    /// May add snapshots (upload, prove, commit); may not list, read, open or delete any, its
+    /// own included.
+    WriteOnly,
+    /// May list snapshots; may not read, open, add or delete any.
+    LogOnly,
+}
+
+/// What a call does, as far as roles are concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    /// FindMissing, PutChunks, CommitSnapshot.
+    Write,
+    /// ListSnapshots, GetSnapshot.
+    List,
+    /// GetChunks, OpenSnapshot.
+    Read,
+    /// DeleteSnapshot, unprotecting, policy and rule changes.
+    Change,
+}
+
+impl Role {
+    /// Parses a stored or given role name.
+    ///
+    /// # Errors
+    /// A name other than `write-only` and `log-only`.
+    pub fn parse(s: Option<&str>) -> Result<Self, String> {
+        match s {
+            None => Ok(Self::Any),
+            Some("write-only") => Ok(Self::WriteOnly),
+            Some("log-only") => Ok(Self::LogOnly),
+            Some(o) => Err(format!("role {o:?}: expected write-only or log-only")),
+        }
+    }
+
+    /// The stored name (`None` for [`Role::Any`]).
+    #[must_use]
+    pub fn name(self) -> Option<&'static str> {
+        match self {
+            Self::Any => None,
+            Self::WriteOnly => Some("write-only"),
+            Self::LogOnly => Some("log-only"),
+        }
+    }
+
+    /// Refuses what the role does not allow.
+    ///
+    /// # Errors
+    /// `PermissionDenied` naming the role.
+    pub fn allows(self, what: Use) -> Result<(), crate::error::ApplianceError> {
+        let ok = match self {
+            Self::Any => true,
+            Self::WriteOnly => what == Use::Write,
+            Self::LogOnly => what == Use::List,
+        };
+        if ok {
+            Ok(())
+        } else {
+            let name = self.name().unwrap_or_default();
+            Err(crate::error::ApplianceError::PermissionDenied(format!(
+                "this account is {name}: {}",
+                match self {
+                    Self::WriteOnly => "it may add snapshots, never list, read, open or delete any",
+                    _ => "it may list snapshots, never read, add or delete any",
+                }
+            )))
+        }
+    }
 }
 
 /// A session unused this long ends (its memory is released); the client logs in again.

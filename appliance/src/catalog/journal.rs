@@ -492,6 +492,7 @@ mod guard {
                 owner: None,
                 quota: None,
                 delete_passphrase: None,
+                role: None,
             })
             .unwrap();
         }

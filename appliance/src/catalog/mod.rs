@@ -22,7 +22,7 @@ pub mod schema;
 
 use policy::{Policy, PolicyTarget};
 use records::key;
-pub use records::UserRecord;
+pub use records::{EnrollmentRecord, UserRecord};
 
 use std::path::Path;
 
@@ -290,6 +290,83 @@ impl Catalog {
             key::user(&rec.identity).as_bytes(),
             &serde_json::to_vec(rec).map_err(ce)?,
         )
+    }
+
+    /// Stores an enrollment token's record, audited as `enroll.create` by `actor`.
+    ///
+    /// # Errors
+    /// [`CatalogError::Exists`] when the account exists already.
+    pub fn put_enrollment(
+        &self,
+        auth_hash_hex: &str,
+        rec: &EnrollmentRecord,
+    ) -> Result<(), CatalogError> {
+        if self.user(&rec.identity)?.is_some() {
+            return Err(CatalogError::Exists(format!(
+                "user {} already exists: an enrollment token creates a new account",
+                rec.identity
+            )));
+        }
+        let event = audit::Event::done(&rec.created_by, "enroll.create", &rec.identity)
+            .with_detail(format!(
+                "role {} until {}",
+                rec.role.as_deref().unwrap_or("none"),
+                coffer_proto::when::format_us(rec.expires_us)
+            ));
+        self.write_audited(
+            &[(
+                key::enrollment(auth_hash_hex).into_bytes(),
+                Some(serde_json::to_vec(rec).map_err(ce)?),
+            )],
+            Some(&event),
+        )
+    }
+
+    /// An enrollment token's record.
+    ///
+    /// # Errors
+    /// Engine or decoding errors.
+    pub fn enrollment(
+        &self,
+        auth_hash_hex: &str,
+    ) -> Result<Option<EnrollmentRecord>, CatalogError> {
+        let k = key::enrollment(auth_hash_hex);
+        match self.db.get(&k).map_err(ce)? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| bad(k.as_bytes(), e)),
+        }
+    }
+
+    /// Redeems a token: in one synced batch its record is deleted and the account `user`
+    /// created (`user: None`: only deleted, an expired token). The caller serialises
+    /// redemptions (a token is used once).
+    ///
+    /// # Errors
+    /// [`CatalogError::Exists`] when the account exists already.
+    pub fn redeem_enrollment(
+        &self,
+        auth_hash_hex: &str,
+        user: Option<&UserRecord>,
+    ) -> Result<(), CatalogError> {
+        let mut ops = vec![(key::enrollment(auth_hash_hex).into_bytes(), None)];
+        let Some(user) = user else {
+            return self.write(&ops);
+        };
+        if self.user(&user.identity)?.is_some() {
+            return Err(CatalogError::Exists(format!(
+                "user {} already exists",
+                user.identity
+            )));
+        }
+        ops.push((
+            key::user(&user.identity).into_bytes(),
+            Some(serde_json::to_vec(user).map_err(ce)?),
+        ));
+        let event = audit::Event::done(&user.identity, "enroll.redeem", &user.identity)
+            .with_detail(user.role.clone().unwrap_or_else(|| "no role".into()));
+        self.write_audited(&ops, Some(&event))
     }
 
     /// Deletes a user (their snapshots stay, owned by the identity).

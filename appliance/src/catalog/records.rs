@@ -27,6 +27,27 @@ pub struct UserRecord {
     /// alone suffices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delete_passphrase: Option<String>,
+    /// A restricted account (`user add --role`): `write-only` or `log-only` (see
+    /// [`crate::access::Role`]). Absent: the rules alone decide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+}
+
+/// A one-time enrollment token waiting to be redeemed (`enroll/<hex of BLAKE3(auth half)>`):
+/// the appliance never holds the token itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollmentRecord {
+    /// The account it creates.
+    pub identity: String,
+    /// The account's role (`write-only`, `log-only`), absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    pub expires_us: i64,
+    /// Hex of the member file sealed under the token's key half (empty in managed mode).
+    #[serde(default)]
+    pub sealed_keys: String,
+    /// Who created it.
+    pub created_by: String,
 }
 
 /// Where each kind of record lives.
@@ -35,6 +56,9 @@ pub(crate) mod key {
 
     pub fn user(identity: &str) -> String {
         format!("user/{identity}")
+    }
+    pub fn enrollment(auth_hash_hex: &str) -> String {
+        format!("enroll/{auth_hash_hex}")
     }
     pub fn rule(id: &str) -> String {
         format!("acl/{id}")

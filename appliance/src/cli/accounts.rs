@@ -22,6 +22,11 @@ pub enum UserCmd {
         /// File whose first line is the password (else COFFER_USER_PASSWORD, else a prompt).
         #[arg(long, value_name = "FILE")]
         password_file: Option<PathBuf>,
+        /// Restrict the account whatever the rules say: `write-only` (adds snapshots; never
+        /// lists, reads or deletes any, its own included) or `log-only` (lists only). Sealed
+        /// mode's member roles.
+        #[arg(long, value_parser = ["write-only", "log-only"])]
+        role: Option<String>,
     },
     /// List accounts (never shows secrets).
     List {
@@ -53,6 +58,23 @@ pub enum UserCmd {
         /// Remove the account's delete passphrase (FULL access alone then suffices to delete).
         #[arg(long)]
         no_delete_passphrase: bool,
+    },
+    /// Create a one-time enrollment token for a new account (managed repositories; a sealed
+    /// repository's tokens carry keys: `coffer keyring enroll` on the keyring's admin machine).
+    /// The machine runs `coffer connect server --url … --server-cert-fingerprint … --token
+    /// TOKEN`: its account is created with a generated password. Only a hash of the token is
+    /// stored; it works once.
+    Enroll {
+        /// The account to create, `username@hostname`.
+        identity: String,
+        #[command(flatten)]
+        repo: RepoArg,
+        /// `write-only` or `log-only` (see `user add --role`).
+        #[arg(long, value_parser = ["write-only", "log-only"])]
+        role: Option<String>,
+        /// How long the token may wait (`30m`, `24h`, `7d`; at most 30 days).
+        #[arg(long, default_value = "24h")]
+        expires: String,
     },
     /// Delete an account (ends its sessions; its snapshots stay).
     Delete {
@@ -181,6 +203,7 @@ fn new_user(identity: &str, password_file: Option<&Path>) -> anyhow::Result<User
         owner: Some(hex::encode(rand::random::<[u8; 16]>())),
         quota: None,
         delete_passphrase: None,
+        role: None,
     })
 }
 
@@ -190,8 +213,10 @@ fn set_password(
     repo: &RepoArg,
     password_file: Option<&Path>,
     new: bool,
+    role: Option<String>,
 ) -> anyhow::Result<()> {
-    let user = new_user(identity, password_file)?;
+    let mut user = new_user(identity, password_file)?;
+    user.role = role;
     let id = user.identity.clone();
     if new {
         admin_run(&repo.repo, &admin::Request::UserAdd { user })?;
@@ -203,13 +228,55 @@ fn set_password(
     Ok(())
 }
 
+/// `user enroll`: a token for a managed repository (no keys in it).
+fn enroll(
+    identity: &str,
+    repo: &RepoArg,
+    role: Option<String>,
+    expires: &str,
+) -> anyhow::Result<()> {
+    let identity = coffer_appliance::normalise_identity(identity)?;
+    let paths = RepoPaths::new(&repo.repo);
+    if paths.load_config()?.mode == coffer_appliance::Mode::Sealed {
+        bail!(
+            "this repository is sealed: its tokens carry the member's keys, which the appliance \
+             never holds; create them with `coffer keyring enroll --master …` on the keyring's \
+             admin machine"
+        );
+    }
+    let secs = coffer_proto::when::parse_duration_secs(expires)
+        .map_err(|e| anyhow::anyhow!("--expires: {e}"))?;
+    if secs == 0 || secs > 30 * 86_400 {
+        bail!("--expires must be more than 0 and at most 30 days");
+    }
+    let auth: [u8; 16] = rand::random();
+    let record = coffer_appliance::EnrollmentRecord {
+        identity: identity.clone(),
+        role,
+        expires_us: coffer_proto::now_us() + i64::try_from(secs)? * 1_000_000,
+        sealed_keys: String::new(),
+        created_by: "admin".into(),
+    };
+    admin_run(
+        &repo.repo,
+        &admin::Request::EnrollmentAdd {
+            auth_hash: hex::encode(blake3::hash(&auth).as_bytes()),
+            record,
+        },
+    )?;
+    eprintln!("one-time token for {identity}, valid for {expires}:");
+    println!("coffer-enroll-v1:{}", hex::encode(auth));
+    Ok(())
+}
+
 pub fn user(cmd: UserCmd) -> anyhow::Result<()> {
     match cmd {
         UserCmd::Add {
             identity,
             repo,
             password_file,
-        } => set_password(&identity, &repo, password_file.as_deref(), true)?,
+            role,
+        } => set_password(&identity, &repo, password_file.as_deref(), true, role)?,
         UserCmd::Set {
             identity,
             repo,
@@ -270,7 +337,13 @@ pub fn user(cmd: UserCmd) -> anyhow::Result<()> {
             password_file,
             quota: None,
             ..
-        } => set_password(&identity, &repo, password_file.as_deref(), false)?,
+        } => set_password(&identity, &repo, password_file.as_deref(), false, None)?,
+        UserCmd::Enroll {
+            identity,
+            repo,
+            role,
+            expires,
+        } => enroll(&identity, &repo, role, &expires)?,
         UserCmd::Delete { identity, repo } => {
             let identity = coffer_appliance::normalise_identity(&identity)?;
             admin_run(

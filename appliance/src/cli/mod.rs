@@ -19,7 +19,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use coffer_appliance::{ChunkerParams, MasterKey, RepoPaths};
+use coffer_appliance::{ChunkerParams, MasterKey, Mode, RepoPaths};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -71,6 +71,11 @@ pub enum Cmd {
         /// list, read; never delete: retention is the appliance's) or `full` (also delete).
         #[arg(long, default_value = "append", value_parser = ["append", "full"])]
         default_access: String,
+        /// `managed`: the appliance encrypts and deduplicates across all users. `sealed`: the
+        /// clients encrypt under keyrings the appliance never sees (`coffer keyring create`);
+        /// dedup then happens within a keyring. Fixed for the repository's life.
+        #[arg(long, default_value = "managed", value_parser = ["managed", "sealed"])]
+        mode: String,
     },
     /// Serve the repository over gRPC + TLS until SIGTERM/SIGINT.
     Serve(serve::ServeArgs),
@@ -216,12 +221,18 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             shards,
             chunk_avg,
             default_access,
+            mode,
         } => repo::init(
             &RepoPaths::new(&repo.repo),
             &password,
             shards,
             chunk_avg,
             &default_access,
+            if mode == "sealed" {
+                Mode::Sealed
+            } else {
+                Mode::Managed
+            },
         )?,
         Cmd::Serve(a) => serve::run(a)?,
         Cmd::User { cmd } => accounts::user(cmd)?,

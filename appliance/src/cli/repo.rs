@@ -18,6 +18,7 @@ pub fn init(
     shards: Option<u16>,
     avg: u32,
     default_access: &str,
+    mode: Mode,
 ) -> anyhow::Result<()> {
     if paths.config().exists() {
         return Err(coffer_appliance::RepoError::AlreadyExists(paths.root.clone()).into());
@@ -39,7 +40,7 @@ pub fn init(
     std::fs::set_permissions(&paths.root, std::fs::Permissions::from_mode(0o700))?;
     let cfg = RepoConfig {
         id: coffer_proto::RepositoryId::from_bytes(rand::random()),
-        mode: Mode::Managed,
+        mode,
         sharding: Sharding::Le64Mod,
         shards,
         chunker,
@@ -82,7 +83,8 @@ pub fn init(
         }
     );
     println!(
-        "created repository {} in {} ({} shards, chunks {}..{}..{} bytes)",
+        "created {} repository {} in {} ({} shards, chunks {}..{}..{} bytes)",
+        mode.name(),
         cfg.id,
         paths.root.display(),
         shards,

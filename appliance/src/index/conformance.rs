@@ -10,6 +10,7 @@ fn entry(i: u8) -> IndexEntry {
         offset: u64::from(i) * 10,
         len: 5,
         raw_len: 3,
+        digest: None,
     }
 }
 

@@ -42,6 +42,66 @@ pub const META_POISONED: &[u8] = b"!meta:poisoned-packs";
 /// appliance).
 pub const META_DAMAGED: &[u8] = b"!meta:damaged-chunks";
 
+/// Meta key listing sealed records replaced by an upload of a different envelope (sealed mode's
+/// poisoning defence): entries of chunk id (32) ‖ time µs (8, LE) ‖ the replaced index entry
+/// (66: with its digest), oldest first, at most [`MAX_REPLACED`] (older ones are dropped).
+/// `verify` reports them; the replaced records stay in their packs until compaction.
+pub const META_REPLACED: &[u8] = b"!meta:replaced-chunks";
+/// Most replacements remembered per shard.
+pub const MAX_REPLACED: usize = 4096;
+const REPLACED_LEN: usize = 32 + 8 + 66;
+
+/// A replaced sealed record, as [`META_REPLACED`] remembers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replaced {
+    pub id: ChunkId,
+    pub time_us: i64,
+    pub old: IndexEntry,
+}
+
+/// The replacements `index` remembers, oldest first.
+///
+/// # Errors
+/// Engine errors.
+pub fn replaced(index: &dyn ChunkIndex) -> Result<Vec<Replaced>, RepoError> {
+    Ok(index
+        .get_meta(META_REPLACED)?
+        .unwrap_or_default()
+        .chunks_exact(REPLACED_LEN)
+        .filter_map(|b| {
+            Some(Replaced {
+                id: ChunkId::from_slice(&b[..32]).ok()?,
+                time_us: i64::from_le_bytes(b[32..40].try_into().ok()?),
+                old: IndexEntry::decode(&b[40..]).ok()?,
+            })
+        })
+        .collect())
+}
+
+/// Appends replacements (durably), keeping the newest [`MAX_REPLACED`].
+///
+/// # Errors
+/// Engine errors.
+pub fn add_replaced(
+    index: &dyn ChunkIndex,
+    old: &[(ChunkId, IndexEntry)],
+    time_us: i64,
+) -> Result<(), RepoError> {
+    let mut raw = index.get_meta(META_REPLACED)?.unwrap_or_default();
+    for (id, e) in old {
+        let mut entry = e.encode();
+        entry.resize(66, 0);
+        raw.extend_from_slice(id.as_bytes());
+        raw.extend_from_slice(&time_us.to_le_bytes());
+        raw.extend_from_slice(&entry);
+    }
+    let keep = MAX_REPLACED * REPLACED_LEN;
+    if raw.len() > keep {
+        raw.drain(..raw.len() - keep);
+    }
+    index.put_meta(META_REPLACED, Some(&raw))
+}
+
 /// The chunks `index` lists as damaged.
 ///
 /// # Errors

@@ -140,6 +140,7 @@ mod tests {
             offset: 64,
             len: 80,
             raw_len: 0,
+            digest: None,
         };
         idx.insert_batch(&[(a, e)], false).unwrap();
         let mut s = NeedSet::load(&idx).unwrap();

@@ -62,6 +62,18 @@ pub fn verify(
                 );
             }
         }
+        for r in crate::index::replaced(&idx)? {
+            rep.warnings.push(format!(
+                "S1: chunk {} ({shard}): at {} an upload of a different sealed envelope replaced \
+                 its record (pack {}, offset {}, kept there until compaction); one of the two \
+                 uploads was poisoned by a keyring member. Readers check the keyed id, so a \
+                 restore never writes the poisoned one",
+                r.id,
+                coffer_proto::when::format_us(r.time_us),
+                r.old.pack,
+                r.old.offset
+            ));
+        }
         for item in idx.entries()? {
             let (id, e) = match item {
                 Ok(x) => x,
@@ -228,6 +240,15 @@ impl TreeWalk<'_> {
         if let Some(m) = self.memo.get(id) {
             return m.clone();
         }
+        if self.cfg.mode == crate::repo::Mode::Sealed {
+            let out = if self.sealed_reaches_damage(*id) {
+                vec!["(sealed: file names are known only to the keyring's members)".to_string()]
+            } else {
+                Vec::new()
+            };
+            self.memo.insert(*id, out.clone());
+            return out;
+        }
         let mut out = Vec::new();
         let mut next = Some(*id);
         while let Some(t) = next.take() {
@@ -262,6 +283,46 @@ impl TreeWalk<'_> {
         }
         self.memo.insert(*id, out.clone());
         out
+    }
+
+    /// Sealed mode: whether anything the envelopes below `root` declare is damaged (or a tree
+    /// there cannot be read). Names are sealed: only the snapshot can be named.
+    fn sealed_reaches_damage(&self, root: ChunkId) -> bool {
+        let mut seen = HashSet::new();
+        let mut todo = vec![root];
+        while let Some(t) = todo.pop() {
+            if !seen.insert(t) {
+                continue;
+            }
+            if self.damaged.contains(&t) {
+                return true;
+            }
+            let Some(refs) = read_plain(self.idx, self.paths, self.cfg, self.master, &t)
+                .ok()
+                .and_then(|b| coffer_proto::sealed::decode_refs(&b).ok().map(|r| r.0))
+            else {
+                return true;
+            };
+            if refs
+                .leaves
+                .iter()
+                .chain(&refs.lists)
+                .any(|l| self.damaged.contains(l))
+            {
+                return true;
+            }
+            for l in &refs.lists {
+                let inner = read_plain(self.idx, self.paths, self.cfg, self.master, l)
+                    .ok()
+                    .and_then(|b| coffer_proto::sealed::decode_refs(&b).ok().map(|r| r.0));
+                match inner {
+                    Some(r) if !r.all().any(|x| self.damaged.contains(x)) => {}
+                    _ => return true,
+                }
+            }
+            todo.extend(refs.trees);
+        }
+        false
     }
 
     fn file_damaged(&self, n: &coffer_proto::v1::Node) -> bool {
@@ -359,9 +420,13 @@ fn check_entry(
     }
     if let Some(master) = master {
         let key = master.pack_cipher(&e.pack);
+        let sealed = e.flags & crate::pack::format::FLAG_SEALED != 0;
         match open_record(key.as_ref(), &mut rec).and_then(|(h, stored)| raw_plaintext(&h, stored))
         {
-            Ok(raw) if hashes_to(&master.dedup_key(), &id, &raw) => {}
+            // A sealed envelope authenticated under the pack key is all the appliance can
+            // check: its id is keyed within a client keyring (readers check it).
+            Ok(raw) if sealed && coffer_proto::sealed::decode_refs(&raw).is_ok() => {}
+            Ok(raw) if !sealed && hashes_to(&master.dedup_key(), &id, &raw) => {}
             Ok(_) => {
                 rep.errors
                     .push(format!("I1: chunk {id} does not hash to its id"));

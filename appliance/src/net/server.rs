@@ -171,6 +171,7 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
             paths: paths.clone(),
             master: master.clone(),
             repo_id: cfg.id,
+            sealed: cfg.mode == crate::repo::Mode::Sealed,
             max_chunk: cfg.chunker.max,
             pack_target: opts.pack_target.unwrap_or(plan.pack_target_bytes),
             space_reserve: opts.space_reserve,
@@ -186,6 +187,7 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
     note_clock_shift(&catalog)?;
     let max_msg = max_message_size(cfg.chunker.max);
     let hello = HelloInfo {
+        mode: cfg.mode,
         repository_id: cfg.id,
         chunker: cfg.chunker.into(),
         dedup_key: master.dedup_key(),

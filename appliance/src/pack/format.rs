@@ -192,18 +192,26 @@ pub struct IndexEntry {
     /// Record length (header + payload).
     pub len: u32,
     pub raw_len: u32,
+    /// Sealed records: BLAKE3 of the stored envelope, so that an upload of a different envelope
+    /// under the same id (a poisoned record, or the honest one replacing it) is seen without
+    /// reading the record. `None` for managed records and for entries rebuilt from footers.
+    pub digest: Option<[u8; 32]>,
 }
 
 impl IndexEntry {
+    /// 34 bytes, or 66 with the envelope digest of a sealed record.
     #[must_use]
-    pub fn encode(&self) -> [u8; INDEX_ENTRY_LEN] {
-        let mut b = [0u8; INDEX_ENTRY_LEN];
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; INDEX_ENTRY_LEN];
         b[0] = INDEX_ENTRY_VERSION;
         b[1] = self.flags;
         b[2..18].copy_from_slice(self.pack.as_bytes());
         b[18..26].copy_from_slice(&self.offset.to_le_bytes());
         b[26..30].copy_from_slice(&self.len.to_le_bytes());
         b[30..34].copy_from_slice(&self.raw_len.to_le_bytes());
+        if let Some(d) = &self.digest {
+            b.extend_from_slice(d);
+        }
         b
     }
 
@@ -222,6 +230,9 @@ impl IndexEntry {
             offset: le_u64(b, 18),
             len: le_u32(b, 26),
             raw_len: le_u32(b, 30),
+            digest: b
+                .get(INDEX_ENTRY_LEN..INDEX_ENTRY_LEN + 32)
+                .map(|d| d.try_into().expect("32 bytes")),
         })
     }
 }
@@ -403,9 +414,17 @@ mod tests {
             offset: 1 << 40,
             len: 77,
             raw_len: 99,
+            digest: None,
         };
         assert_eq!(IndexEntry::decode(&e.encode()).unwrap(), e);
         assert!(IndexEntry::decode(&e.encode()[..10]).is_err());
+        let sealed = IndexEntry {
+            flags: FLAG_SEALED,
+            digest: Some([9; 32]),
+            ..e
+        };
+        assert_eq!(sealed.encode().len(), INDEX_ENTRY_LEN + 32);
+        assert_eq!(IndexEntry::decode(&sealed.encode()).unwrap(), sealed);
     }
 
     #[test]

@@ -95,6 +95,9 @@ fn index_entries(
                     offset: e.offset,
                     len: e.len,
                     raw_len: e.raw_len,
+                    // Not in footers: a sealed record recovered here is not checked against
+                    // an upload's envelope until it is written again.
+                    digest: None,
                 },
             )
         })

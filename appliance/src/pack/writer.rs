@@ -15,7 +15,7 @@ use coffer_proto::{ChunkId, PackId, RepositoryId, ShardId};
 
 use super::format::{
     encode_footer, footer_len, record_nonce, FooterEntry, IndexEntry, PackHeader, RecordHeader,
-    PACK_HEADER_LEN, RECORD_AAD_LEN, RECORD_HEADER_LEN,
+    FLAG_SEALED, PACK_HEADER_LEN, RECORD_AAD_LEN, RECORD_HEADER_LEN,
 };
 use super::store::{LocalStore, PackSink, PackStore, StoreError};
 use crate::crypto::{Encryption, RecordCipher, TAG_LEN};
@@ -256,6 +256,8 @@ impl<S: PackStore> PackWriter<S> {
                         offset,
                         len,
                         raw_len: c.raw_len,
+                        digest: (c.flags & FLAG_SEALED != 0)
+                            .then(|| *blake3::hash(&c.data).as_bytes()),
                     },
                 ));
                 pos += rec_len;

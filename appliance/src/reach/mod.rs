@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
-use coffer_proto::{unpack_ids, v1, ChunkId};
+use coffer_proto::{sealed, unpack_ids, v1, ChunkId};
 use prost::Message as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -425,42 +425,44 @@ pub(crate) struct TreeRefs {
     lists: Vec<ChunkId>,
 }
 
+/// The references a sealed envelope declares (all the appliance can know of it).
+fn envelope_refs(c: &StoredChunk) -> Result<sealed::Refs, ApplianceError> {
+    sealed::decode_refs(&c.data)
+        .map(|(r, _)| r)
+        .map_err(|e| bad(format!("chunk {}: {e}", c.id)))
+}
+
 /// Decodes tree objects into their references. Errors name the tree, which the caller may read.
+/// A sealed tree's references are the ones its envelope declares.
 pub(crate) fn tree_refs(chunks: &[StoredChunk]) -> Result<Vec<TreeRefs>, ApplianceError> {
     chunks
         .iter()
         .map(|c| {
-            let t = v1::Tree::decode(&plaintext(c)?[..])
-                .map_err(|e| bad(format!("chunk {} is not a tree object: {e}", c.id)))?;
-            let id_of = |b: &Bytes| {
-                ChunkId::from_slice(b).map_err(|e| bad(format!("tree {}: bad id: {e}", c.id)))
+            let r = if c.sealed {
+                envelope_refs(c)?
+            } else {
+                let t = v1::Tree::decode(&plaintext(c)?[..])
+                    .map_err(|e| bad(format!("chunk {} is not a tree object: {e}", c.id)))?;
+                sealed::Refs::of_tree(&t).map_err(|e| bad(format!("tree {}: {e}", c.id)))?
             };
-            let packed = |b: &Bytes| {
-                unpack_ids(b, usize::MAX).map_err(|e| bad(format!("tree {}: {e}", c.id)))
-            };
-            let mut r = TreeRefs::default();
-            if !t.next.is_empty() {
-                r.trees.push(id_of(&t.next)?);
-            }
-            for n in &t.nodes {
-                if !n.subtree.is_empty() {
-                    r.trees.push(id_of(&n.subtree)?);
-                }
-                r.leaves.extend(packed(&n.chunks)?);
-                if !n.bundle.is_empty() {
-                    r.leaves.push(id_of(&n.bundle)?);
-                }
-                r.lists.extend(packed(&n.chunk_lists)?);
-            }
-            Ok(r)
+            Ok(TreeRefs {
+                trees: r.trees,
+                leaves: r.leaves,
+                lists: r.lists,
+            })
         })
         .collect()
 }
 
-/// Decodes list chunks into the chunk ids they hold.
+/// Decodes list chunks into the chunk ids they hold. A sealed list chunk holds what its
+/// envelope declares, every declared id counting as a leaf.
 pub(crate) fn list_refs(chunks: &[StoredChunk]) -> Result<Vec<ChunkId>, ApplianceError> {
     let mut out = Vec::new();
     for c in chunks {
+        if c.sealed {
+            out.extend(envelope_refs(c)?.all().copied());
+            continue;
+        }
         out.extend(
             unpack_ids(&plaintext(c)?, usize::MAX)
                 .map_err(|e| bad(format!("list chunk {}: {e}", c.id)))?,

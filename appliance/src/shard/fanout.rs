@@ -149,6 +149,18 @@ impl Shards {
             .await
     }
 
+    /// Sealed mode: the envelope digest of each of `ids` (see [`ShardHandle::digests`]).
+    ///
+    /// # Errors
+    /// Index errors, shutdown.
+    pub async fn digests(
+        &self,
+        ids: Vec<ChunkId>,
+    ) -> Result<Vec<Option<[u8; 32]>>, ApplianceError> {
+        self.gather(ids, |id| *id, |s, ids| async move { s.digests(ids).await })
+            .await
+    }
+
     /// Verifies, stores and indexes `chunks` on their shards; answers once all are durable.
     ///
     /// # Errors

@@ -8,7 +8,7 @@ use coffer_proto::v1::Compression;
 use coffer_proto::{ChunkId, DedupKey};
 
 use crate::error::IngestError;
-use crate::pack::format::flags_of;
+use crate::pack::format::{flags_of, FLAG_SEALED};
 use crate::pack::store::PackStore;
 use crate::pack::writer::PendingChunk;
 
@@ -68,6 +68,43 @@ pub fn verify(
     })
 }
 
+/// Checks one sealed-mode chunk: an envelope (`coffer_proto::sealed`) within the size bound,
+/// sent as is. Its id cannot be checked here (it is keyed within the client's keyring, over a
+/// plaintext the appliance never sees): readers check it, and a poisoned record is answered
+/// missing to an honest client (`FindMissing` envelope hashes), whose upload replaces it.
+///
+/// # Errors
+/// [`IngestError`] naming the chunk and what is wrong with it.
+pub fn verify_envelope(max_chunk: u32, c: IncomingChunk) -> Result<PendingChunk, IngestError> {
+    let id = || c.id.to_hex();
+    let max = max_chunk as usize + coffer_proto::sealed::ENVELOPE_OVERHEAD;
+    if c.data.len() > max {
+        return Err(IngestError::TooLarge {
+            id: id(),
+            len: c.data.len() as u64,
+            max: u32::try_from(max).unwrap_or(u32::MAX),
+        });
+    }
+    if c.compression != Compression::None || c.data.len() != c.raw_len as usize {
+        return Err(IngestError::BadFrame {
+            id: id(),
+            why: "a sealed repository takes envelopes as they are: compression NONE, raw_len \
+                  the envelope's length"
+                .into(),
+        });
+    }
+    coffer_proto::sealed::decode_refs(&c.data).map_err(|e| IngestError::BadFrame {
+        id: id(),
+        why: e.to_string(),
+    })?;
+    Ok(PendingChunk {
+        id: c.id,
+        raw_len: c.raw_len,
+        flags: FLAG_SEALED,
+        data: c.data,
+    })
+}
+
 /// An index failure during ingest; a full disk (RocksDB's write-ahead log cannot grow) is told
 /// as such, like a pack write that found no space.
 fn index_error(e: &crate::error::RepoError) -> IngestError {
@@ -104,7 +141,11 @@ pub(super) async fn put(
 
     let mut verified = Vec::with_capacity(chunks.len());
     for c in chunks {
-        verified.push(verify(&state.dedup_key, state.max_chunk, c)?);
+        verified.push(if state.sealed {
+            verify_envelope(state.max_chunk, c)?
+        } else {
+            verify(&state.dedup_key, state.max_chunk, c)?
+        });
         glommio::yield_if_needed().await;
     }
     // The space check covers the whole request, chunks already stored included: whether an
@@ -118,13 +159,23 @@ pub(super) async fn put(
     let mut outcome = PutOutcome::default();
     let mut candidates = Vec::with_capacity(verified.len());
     let mut healing = Vec::new();
+    let mut replaced = Vec::new();
     for (c, p) in verified.into_iter().zip(present) {
-        if p.is_some() && !state.is_damaged(&c.id) {
+        // Sealed mode: a stored envelope other than this one is one of two uploads of the same
+        // id, at most one honest (readers check the keyed id): the new one is written and the
+        // index points at it, the old entry is recorded for `verify`.
+        let differs = state.sealed
+            && p.as_ref()
+                .and_then(|e| e.digest)
+                .is_some_and(|d| d != *blake3::hash(&c.data).as_bytes());
+        if p.is_some() && !state.is_damaged(&c.id) && !differs {
             outcome.deduplicated += 1;
         } else {
-            if p.is_some() {
+            match p {
+                Some(old) if differs => replaced.push((c.id, old)),
                 // Written again; the index then points at the new record (C8).
-                healing.push(c.id);
+                Some(_) => healing.push(c.id),
+                None => {}
             }
             candidates.push(c);
         }
@@ -134,6 +185,9 @@ pub(super) async fn put(
     }
     if !healing.is_empty() {
         state.healed(&healing).map_err(|e| index_error(&e))?;
+    }
+    if !replaced.is_empty() {
+        state.replaced(&replaced).map_err(|e| index_error(&e))?;
     }
     // Every chunk of the request is durable (written now or before): the account holds them,
     // so that a later session of it (a resumed backup) need not send them again.
@@ -165,7 +219,8 @@ pub(super) async fn rewrite(state: &Rc<ShardState>, ids: &[ChunkId]) -> Result<u
         .map(|c| PendingChunk {
             id: c.id,
             raw_len: c.raw_len,
-            flags: flags_of(c.compression),
+            // A sealed envelope stays one: its flag decides how every reader takes it.
+            flags: flags_of(c.compression) | if c.sealed { FLAG_SEALED } else { 0 },
             data: c.data,
         })
         .collect();

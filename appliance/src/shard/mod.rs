@@ -60,6 +60,9 @@ pub struct StoredChunk {
     pub raw_len: u32,
     pub compression: Compression,
     pub data: Bytes,
+    /// A sealed-mode envelope (record flag `FLAG_SEALED`): `data` is opaque apart from its
+    /// references (`coffer_proto::sealed`).
+    pub sealed: bool,
 }
 
 /// What `Need` knows of one id.
@@ -118,6 +121,12 @@ pub enum ShardRequest {
     Sizes {
         ids: Vec<ChunkId>,
         reply: Reply<Vec<Option<u32>>>,
+    },
+    /// Sealed mode: the envelope digest of each stored chunk (`None`: not stored, or stored
+    /// without one), from the index alone.
+    Digests {
+        ids: Vec<ChunkId>,
+        reply: Reply<Vec<Option<[u8; 32]>>>,
     },
     /// The chunks this shard lists as damaged (C8; usually none).
     Damaged { reply: Reply<Vec<ChunkId>> },
@@ -229,6 +238,18 @@ impl ShardHandle {
         self.call(|reply| ShardRequest::Sizes { ids, reply }).await
     }
 
+    /// See [`ShardRequest::Digests`].
+    ///
+    /// # Errors
+    /// Index errors, shutdown.
+    pub async fn digests(
+        &self,
+        ids: Vec<ChunkId>,
+    ) -> Result<Vec<Option<[u8; 32]>>, ApplianceError> {
+        self.call(|reply| ShardRequest::Digests { ids, reply })
+            .await
+    }
+
     /// See [`ShardRequest::Damaged`].
     ///
     /// # Errors
@@ -293,6 +314,8 @@ pub struct ShardConfig {
     pub paths: RepoPaths,
     pub master: Arc<MasterKey>,
     pub repo_id: RepositoryId,
+    /// Sealed mode: chunks are client envelopes, checked for form only (see `ingest::verify`).
+    pub sealed: bool,
     pub max_chunk: u32,
     pub pack_target: u64,
     /// Free bytes the pack writer leaves on the packs' file system (`None`: automatic).
@@ -416,6 +439,8 @@ struct Queue {
 pub(crate) struct ShardState {
     pub(crate) index: Arc<dyn ChunkIndex>,
     pub(crate) dedup_key: DedupKey,
+    /// Sealed mode (see [`ShardConfig::sealed`]).
+    pub(crate) sealed: bool,
     pub(crate) max_chunk: u32,
     /// Where this shard's packs live (shared with its pack writer).
     pub(crate) store: Rc<LocalStore>,
@@ -480,6 +505,7 @@ impl ShardState {
         let state = Rc::new(Self {
             index,
             dedup_key: cfg.master.dedup_key(),
+            sealed: cfg.sealed,
             max_chunk: cfg.max_chunk,
             store,
             encryption,
@@ -516,6 +542,24 @@ impl ShardState {
                 tracing::error!(error = %e, "cannot record a damaged chunk");
             }
         }
+    }
+
+    /// Records sealed records that an upload of a different envelope replaced (S1 in sealed
+    /// mode: one of the two was poisoned), with the replaced index entry, for `verify` to report
+    /// ([`crate::index::META_REPLACED`]).
+    pub(crate) fn replaced(
+        &self,
+        old: &[(ChunkId, crate::pack::format::IndexEntry)],
+    ) -> Result<(), crate::error::RepoError> {
+        for (id, e) in old {
+            tracing::warn!(
+                chunk = %id,
+                old_pack = %e.pack,
+                "a sealed record was replaced by an upload of a different envelope (one of them \
+                 was poisoned); `verify` reports it"
+            );
+        }
+        crate::index::add_replaced(self.index.as_ref(), old, crate::clock::now_us())
     }
 
     /// Takes chunks off the damaged list once a new record of each is durable and indexed.
@@ -604,6 +648,7 @@ async fn run(state: Rc<ShardState>, writer: PackWriter, rx: flume::Receiver<Shar
         let queue = match req {
             ShardRequest::Need { .. }
             | ShardRequest::Sizes { .. }
+            | ShardRequest::Digests { .. }
             | ShardRequest::Damaged { .. } => lookups,
             _ => bulk,
         };
@@ -679,6 +724,15 @@ async fn handle(state: &Rc<ShardState>, req: ShardRequest) {
                     .index
                     .get_many(&ids)
                     .map(|es| es.into_iter().map(|e| e.map(|e| e.len)).collect())
+                    .map_err(|e| ApplianceError::Internal(e.to_string())),
+            );
+        }
+        ShardRequest::Digests { ids, reply } => {
+            let _ = reply.send(
+                state
+                    .index
+                    .get_many(&ids)
+                    .map(|es| es.into_iter().map(|e| e.and_then(|e| e.digest)).collect())
                     .map_err(|e| ApplianceError::Internal(e.to_string())),
             );
         }

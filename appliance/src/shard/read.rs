@@ -81,6 +81,7 @@ async fn read_run(
                     ApplianceError::Internal(format!("chunk {id} in pack {pack}: {x}"))
                 })?,
                 data: Bytes::copy_from_slice(stored),
+                sealed: h.flags & crate::pack::format::FLAG_SEALED != 0,
             },
         ));
     }

@@ -25,6 +25,15 @@ pub enum ConnectTo {
         /// File whose first line is the password (else COFFER_PASSWORD, else a prompt).
         #[arg(long, value_name = "FILE")]
         password_file: Option<PathBuf>,
+        /// Sealed repositories: this machine's keyring member file (`coffer keyring
+        /// add-member`). It is copied beside the configuration (mode 0600).
+        #[arg(long, value_name = "FILE", conflicts_with = "token")]
+        keyring: Option<PathBuf>,
+        /// A one-time enrollment token (`coffer keyring enroll`): creates this machine's account
+        /// with a generated password and, on a sealed appliance, brings its keys. No password
+        /// or key file is needed.
+        #[arg(long, conflicts_with_all = ["password_file", "keyring"])]
+        token: Option<String>,
     },
 }
 
@@ -46,12 +55,44 @@ pub async fn connect(to: ConnectTo, cfg_path: &Path) -> anyhow::Result<()> {
         override_username,
         override_hostname,
         password_file,
+        keyring,
+        token,
     } = to;
     let user = override_username
         .or_else(|| std::env::var("USER").ok())
         .unwrap_or_else(|| "root".into());
     let host = override_hostname.unwrap_or_else(short_hostname);
     let identity = format!("{user}@{host}").to_ascii_lowercase();
+    if let Some(token) = token {
+        let target = coffer_client::Target::parse(&url, &server_cert_fingerprint)?;
+        let e = coffer_client::redeem_enrollment(&target, &identity, &token).await?;
+        let kept = cfg_path.with_file_name("keyring.json");
+        if let Some(text) = &e.member_file {
+            coffer_client::save_private(&kept, text)?;
+        }
+        let cfg = ClientConfig {
+            url,
+            fingerprint: server_cert_fingerprint,
+            identity: e.identity,
+            password: e.password,
+            keyring: e.member_file.is_some().then_some(kept),
+        };
+        cfg.save(cfg_path)?;
+        let s = super::session(&cfg).await?;
+        s.end().await;
+        println!(
+            "enrolled at {} as {}{} (configuration saved to {})",
+            cfg.url,
+            s.hello.identity,
+            if cfg.keyring.is_some() {
+                " with its keyring member file"
+            } else {
+                ""
+            },
+            cfg_path.display()
+        );
+        return Ok(());
+    }
     let password = match password_file {
         Some(f) => std::fs::read_to_string(&f)
             .with_context(|| f.display().to_string())?
@@ -64,14 +105,35 @@ pub async fn connect(to: ConnectTo, cfg_path: &Path) -> anyhow::Result<()> {
             Err(_) => rpassword::prompt_password(format!("Password for {identity}: "))?,
         },
     };
-    let cfg = ClientConfig {
+    // The member file is checked (certificate, account) before anything is saved.
+    let member = match &keyring {
+        Some(f) => {
+            let m = coffer_client::Member::load(f)?;
+            if m.member != identity {
+                anyhow::bail!(
+                    "{} is the member file of {}, not of {identity}",
+                    f.display(),
+                    m.member
+                );
+            }
+            Some(std::fs::read_to_string(f)?)
+        }
+        None => None,
+    };
+    let kept = cfg_path.with_file_name("keyring.json");
+    let mut cfg = ClientConfig {
         url,
         fingerprint: server_cert_fingerprint,
         identity,
         password,
+        keyring,
     };
     let s = super::session(&cfg).await?;
     s.end().await;
+    if let Some(text) = member {
+        coffer_client::save_private(&kept, &text)?;
+        cfg.keyring = Some(kept);
+    }
     cfg.save(cfg_path)?;
     println!(
         "connected to {} as {} (configuration saved to {})",

@@ -13,6 +13,7 @@
 
 mod browse;
 mod connect;
+mod keyring;
 mod progress;
 mod restore;
 mod snapshots;
@@ -62,6 +63,11 @@ enum Cmd {
     },
     /// Forget the saved configuration.
     Disconnect,
+    /// Keys of sealed repositories (on an admin machine): create, issue members, rotate.
+    Keyring {
+        #[command(subcommand)]
+        cmd: keyring::KeyringCmd,
+    },
     /// Create and list snapshots.
     Snapshot {
         #[command(subcommand)]
@@ -94,6 +100,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Connect { to } => connect::connect(to, &cfg_path).await?,
         Cmd::Disconnect => connect::disconnect(&cfg_path)?,
+        Cmd::Keyring { cmd } => keyring::run(cmd, &cfg_path).await?,
         Cmd::Snapshot { cmd } => return snapshots::run(cmd, &cfg_path).await,
         Cmd::Ls { target } => browse::ls(&cfg_path, &target).await?,
         Cmd::Policy {
@@ -174,6 +181,10 @@ async fn session(cfg: &ClientConfig) -> anyhow::Result<Session> {
         identity: cfg.identity.clone(),
         password: cfg.password.clone(),
         deadlines: coffer_client::Deadlines::default(),
+        keyring: match &cfg.keyring {
+            Some(p) => Some(std::sync::Arc::new(coffer_client::Member::load(p)?)),
+            None => None,
+        },
     };
     Ok(Session::connect(&opts).await?)
 }

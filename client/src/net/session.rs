@@ -14,7 +14,9 @@ use tonic::{Request, Status};
 use super::connect::{channel, Target};
 use super::deadline::{Deadlines, WithDeadlines};
 use super::frame::{codec_for, Codec, Frame};
+use crate::keyring::Member;
 use crate::ClientError;
+use std::sync::Arc;
 
 /// Times a commit is asked again after losing its connection before the answer.
 pub const COMMIT_RETRIES: u32 = 3;
@@ -28,6 +30,8 @@ pub struct SessionOptions {
     pub password: String,
     /// How long calls may take (see [`Deadlines`]).
     pub deadlines: Deadlines,
+    /// The keyring member this client is (sealed repositories only; see `crate::keyring`).
+    pub keyring: Option<Arc<Member>>,
 }
 
 #[derive(Clone)]
@@ -112,6 +116,40 @@ pub(crate) fn answered_chunk(
     if f.id[..] != want.as_bytes()[..] {
         return Err(ClientError::Protocol(format!("expected chunk {want}")));
     }
+    answered_plain(want, f, limit, dedup_key)
+}
+
+/// A sealed repository's answer for `want`: an envelope within the bound, opened and checked
+/// by the keyring member ([`Member::open_chunk`]).
+///
+/// # Errors
+/// As [`answered_chunk`]; a member that cannot read.
+pub(crate) fn answered_sealed(
+    want: &ChunkId,
+    f: &v1::ChunkFrame,
+    limit: usize,
+    member: &Member,
+) -> Result<Bytes, ClientError> {
+    if f.id[..] != want.as_bytes()[..] {
+        return Err(ClientError::Protocol(format!("expected chunk {want}")));
+    }
+    let bound = limit + coffer_proto::sealed::ENVELOPE_OVERHEAD;
+    if f.data.len() > bound || f.compression != i32::from(v1::Compression::None) {
+        return Err(ClientError::Protocol(format!(
+            "the appliance sent chunk {want} as a {}-byte envelope, more than the {bound} one \
+             may have (or compressed); refusing it",
+            f.data.len()
+        )));
+    }
+    member.open_chunk(want, &f.data, limit)
+}
+
+fn answered_plain(
+    want: &ChunkId,
+    f: v1::ChunkFrame,
+    limit: usize,
+    dedup_key: &DedupKey,
+) -> Result<Bytes, ClientError> {
     if f.raw_len as usize > limit || f.data.len() > coffer_proto::codec::max_stored_len(limit) {
         return Err(ClientError::Protocol(format!(
             "the appliance sent chunk {want} as {} bytes ({} stored), more than the {limit} a \
@@ -142,6 +180,8 @@ pub struct Session {
     /// What the appliance said in `Hello`.
     pub hello: v1::HelloResponse,
     dedup_key: DedupKey,
+    /// Sealed repositories: the keyring member this session seals and opens with.
+    member: Option<Arc<Member>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -167,8 +207,31 @@ impl Session {
             })
             .await?
             .into_inner();
-        let dedup_key = DedupKey::from_slice(&hello.dedup_key)
-            .map_err(|_| ClientError::Protocol("dedup key is not 32 bytes".into()))?;
+        let sealed = hello.mode == i32::from(v1::EncryptionMode::Sealed);
+        let member =
+            match (sealed, &opts.keyring) {
+                (true, Some(m)) => Some(m.clone()),
+                (true, None) => return Err(ClientError::Keyring(
+                    "the appliance's repository is sealed: this client needs its keyring member \
+                     file (`coffer connect ... --keyring FILE`, from `coffer keyring \
+                     add-member` or an enrollment token)"
+                        .into(),
+                )),
+                (false, Some(_)) => {
+                    return Err(ClientError::Keyring(
+                        "the appliance's repository is managed (the appliance holds the keys): a \
+                     keyring is for sealed repositories; connect without one"
+                            .into(),
+                    ))
+                }
+                (false, None) => None,
+            };
+        let dedup_key = match &member {
+            // A log-only member never hashes chunks: its key is never used.
+            Some(m) => m.id_key().unwrap_or(DedupKey::from_bytes([0; 32])),
+            None => DedupKey::from_slice(&hello.dedup_key)
+                .map_err(|_| ClientError::Protocol("dedup key is not 32 bytes".into()))?,
+        };
         let limits = hello
             .limits
             .ok_or_else(|| ClientError::Protocol("Hello without limits".into()))?;
@@ -183,6 +246,7 @@ impl Session {
             client,
             hello,
             dedup_key,
+            member,
         })
     }
 
@@ -202,10 +266,38 @@ impl Session {
         self.hello.limits.unwrap_or_default()
     }
 
-    /// The repository's dedup key (chunk ids are keyed BLAKE3 under it).
+    /// The repository's dedup key (chunk ids are keyed BLAKE3 under it); in a sealed
+    /// repository the keyring's id key.
     #[must_use]
     pub fn dedup_key(&self) -> &DedupKey {
         &self.dedup_key
+    }
+
+    /// Whether the account may only add snapshots (`Hello` says so): nothing is listed or read.
+    #[must_use]
+    pub fn write_only(&self) -> bool {
+        self.hello.role == "write-only"
+    }
+
+    /// The keyring member of a sealed repository's session (`None`: managed).
+    #[must_use]
+    pub fn member(&self) -> Option<&Arc<Member>> {
+        self.member.as_ref()
+    }
+
+    /// The largest tree object this session builds: the chunk maximum, or half of it in a
+    /// sealed repository (the envelope declares the tree's references beside it).
+    #[must_use]
+    pub fn max_object(&self) -> usize {
+        let max = self
+            .hello
+            .chunker
+            .map_or(MAX_CHUNK_BYTES, |c| c.max_size as usize);
+        if self.member.is_some() {
+            max / 2
+        } else {
+            max
+        }
     }
 
     /// The codec for a chunk of a file of `size` bytes (see [`codec_for`]).
@@ -290,12 +382,35 @@ impl Session {
     /// # Errors
     /// RPC failures.
     pub async fn need(&self, ids: &[ChunkId]) -> Result<Vec<Need>, ClientError> {
+        self.need_sealed(ids, &[]).await
+    }
+
+    /// [`Session::need`] in a sealed repository: with the BLAKE3 hash of each chunk's envelope
+    /// (`hashes[i]` for `ids[i]`; empty: none), so that a stored record that differs from this
+    /// client's envelope (a poisoned one) is answered missing and replaced by the upload.
+    ///
+    /// # Errors
+    /// RPC failures.
+    pub async fn need_sealed(
+        &self,
+        ids: &[ChunkId],
+        hashes: &[[u8; 32]],
+    ) -> Result<Vec<Need>, ClientError> {
         let per = (self.limits().max_ids_per_batch as usize).clamp(1, 16 * 1024);
         let batches: Vec<Vec<ChunkId>> = ids.chunks(per).map(<[ChunkId]>::to_vec).collect();
         let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
-        let reqs = batches.into_iter().map(|b| v1::FindMissingRequest {
-            ids: pack_ids(&b).into(),
-        });
+        let mut hash_parts = hashes.chunks(per);
+        let reqs: Vec<v1::FindMissingRequest> = batches
+            .into_iter()
+            .map(|b| v1::FindMissingRequest {
+                ids: pack_ids(&b).into(),
+                envelope_hashes: hash_parts
+                    .next()
+                    .map(<[[u8; 32]]>::concat)
+                    .unwrap_or_default()
+                    .into(),
+            })
+            .collect();
         let mut resp = self
             .client
             .clone()
@@ -409,7 +524,10 @@ impl Session {
                 let want = ids
                     .get(out.len())
                     .ok_or_else(|| ClientError::Protocol("too many chunks".into()))?;
-                out.push(answered_chunk(want, f, self.max_chunk(), &self.dedup_key)?);
+                out.push(match &self.member {
+                    Some(m) => answered_sealed(want, &f, self.max_chunk(), m)?,
+                    None => answered_chunk(want, f, self.max_chunk(), &self.dedup_key)?,
+                });
             }
         }
         Ok(out)
@@ -436,6 +554,10 @@ impl Session {
         snap: v1::Snapshot,
         commit_id: [u8; 16],
     ) -> Result<SnapshotId, ClientError> {
+        let snap = match &self.member {
+            Some(m) => self.seal_snapshot(m, snap)?,
+            None => snap,
+        };
         let mut retries = COMMIT_RETRIES;
         let mut wait = std::time::Duration::from_millis(250);
         loop {
@@ -474,16 +596,54 @@ impl Session {
     /// # Errors
     /// RPC failures.
     pub async fn list(&self, path: &str, all: bool) -> Result<Vec<v1::Snapshot>, ClientError> {
-        Ok(self
+        // Sealed: the appliance knows paths by their tags; a member without the path key
+        // (log-only) filters what it opened instead.
+        let (asked, filter) = match (&self.member, path) {
+            (Some(m), p) if !p.is_empty() => match m.path_tag(p) {
+                Ok(tag) => (tag, None),
+                Err(_) => (String::new(), Some(p)),
+            },
+            _ => (path.to_string(), None),
+        };
+        let snaps = self
             .client
             .clone()
-            .list_snapshots(v1::ListSnapshotsRequest {
-                path: path.to_string(),
-                all,
-            })
+            .list_snapshots(v1::ListSnapshotsRequest { path: asked, all })
             .await?
             .into_inner()
-            .snapshots)
+            .snapshots;
+        match &self.member {
+            Some(m) => Ok(snaps
+                .into_iter()
+                .map(|s| unsealed(m, s))
+                .filter(|s| filter.is_none_or(|p| s.path == p))
+                .collect()),
+            None => Ok(snaps),
+        }
+    }
+
+    /// A sealed repository's snapshot as it goes to the appliance: the path replaced by its
+    /// tag, tags and path sealed with the rest of the header, signed by this member.
+    fn seal_snapshot(
+        &self,
+        m: &Member,
+        mut snap: v1::Snapshot,
+    ) -> Result<v1::Snapshot, ClientError> {
+        let body = v1::HeaderBody {
+            keyring_id: Bytes::copy_from_slice(&m.keyring_id),
+            identity: self.hello.identity.clone(),
+            path: snap.path.clone(),
+            hostname: snap.hostname.clone(),
+            tags: std::mem::take(&mut snap.tags),
+            root: snap.root.clone(),
+            parent: snap.parent.clone(),
+            stats: snap.stats,
+            partial: snap.partial,
+            client_time_us: coffer_proto::now_us(),
+        };
+        snap.path = m.path_tag(&snap.path)?;
+        snap.sealed = m.seal_header(&body)?.into();
+        Ok(snap)
     }
 
     /// The effective policy for `path` (absolute), as the appliance serves it.
@@ -623,7 +783,8 @@ impl Session {
     /// # Errors
     /// RPC failures (`NOT_FOUND` for unknown or invisible snapshots).
     pub async fn snapshot(&self, id: &SnapshotId) -> Result<v1::Snapshot, ClientError> {
-        self.client
+        let s = self
+            .client
             .clone()
             .get_snapshot(v1::GetSnapshotRequest {
                 id: Bytes::copy_from_slice(id.as_bytes()),
@@ -631,6 +792,38 @@ impl Session {
             .await?
             .into_inner()
             .snapshot
-            .ok_or_else(|| ClientError::Protocol("GetSnapshot without a snapshot".into()))
+            .ok_or_else(|| ClientError::Protocol("GetSnapshot without a snapshot".into()))?;
+        match &self.member {
+            // Restores and diffs start here: a header that does not verify stops them.
+            Some(m) => {
+                let (body, _) = m.open_header(&s)?;
+                Ok(with_header(s, body))
+            }
+            None => Ok(s),
+        }
     }
+}
+
+/// A listed snapshot of a sealed repository with its real path, tags and writer filled in from
+/// its verified header; one whose header does not verify keeps the appliance's fields and is
+/// marked `UNVERIFIED: …` in its tags (listed, so that it is seen; never restored: see
+/// [`Session::snapshot`]).
+fn unsealed(m: &Member, s: v1::Snapshot) -> v1::Snapshot {
+    match m.open_header(&s) {
+        Ok((body, _)) => with_header(s, body),
+        Err(e) => {
+            let mut s = s;
+            s.tags = vec![format!("UNVERIFIED: {e}")];
+            s
+        }
+    }
+}
+
+fn with_header(mut s: v1::Snapshot, body: v1::HeaderBody) -> v1::Snapshot {
+    s.path = body.path;
+    s.tags = body.tags;
+    if !body.hostname.is_empty() {
+        s.hostname = body.hostname;
+    }
+    s
 }

@@ -6,7 +6,7 @@
 //! Must never commit before every batch was acknowledged, nor write the local tree cache before
 //! the commit succeeded.
 
-use coffer_proto::{v1, ChunkId, ChunkerParams, DedupKey, SnapshotId};
+use coffer_proto::{v1, ChunkId, DedupKey, SnapshotId};
 
 use super::cache::TreeCache;
 use super::tree::{FileContent, TreeBuilder};
@@ -16,19 +16,19 @@ use crate::stages::walk::Dir;
 use crate::ClientError;
 
 /// The tree objects of `root`, whose file `i` has content `contents[i]`, each hashed with
-/// `dedup_key` and at most `params.max` bytes. Returns the root tree's id and every object,
+/// `dedup_key` and at most `max_object` bytes ([`crate::Session::max_object`]). Returns the root tree's id and every object,
 /// subtrees first.
 #[must_use]
 pub fn build_trees(
     dedup_key: &DedupKey,
-    params: ChunkerParams,
+    max_object: usize,
     root: &Dir,
     contents: &[Option<FileContent>],
 ) -> (ChunkId, Vec<Chunk>) {
     let mut trees = Vec::new();
     let builder = TreeBuilder {
         dedup_key,
-        max_object: params.max as usize,
+        max_object,
     };
     let root_id = builder.build(root, contents, &mut |c| trees.push(c));
     (root_id, trees)

@@ -45,6 +45,11 @@ pub async fn reuse(
     // already backed up, from any path, is not sent again, and the new snapshot may reference
     // it (the appliance refuses references to chunks a session neither sent nor opened). One
     // that cannot be opened (a damaged tree) only costs that saving: it is named and skipped.
+    if session.write_only() {
+        // A write-only account lists and opens nothing: every file is read, and what the
+        // appliance holds is deduplicated there (answered present or proved).
+        return Ok(out);
+    }
     let own = session.list("", false).await?;
     let mut newest: HashMap<&str, &v1::Snapshot> = HashMap::new();
     for s in own.iter().filter(|s| !s.partial) {

@@ -10,7 +10,7 @@ use coffer_proto::v1::{Node, NodeKind, Tree};
 use coffer_proto::{pack_ids, ChunkId, DedupKey, CHUNK_ID_LEN};
 use prost::Message;
 
-use crate::stages::chunk::Chunk;
+use crate::stages::chunk::{Chunk, ChunkKind};
 use crate::stages::walk::{Dir, Entry, Meta};
 
 fn node(name: &[u8], kind: NodeKind, meta: &Meta) -> Node {
@@ -46,10 +46,10 @@ pub struct TreeBuilder<'a> {
 }
 
 impl TreeBuilder<'_> {
-    fn object(&self, data: Vec<u8>, emit: &mut impl FnMut(Chunk)) -> ChunkId {
+    fn object(&self, data: Vec<u8>, kind: ChunkKind, emit: &mut impl FnMut(Chunk)) -> ChunkId {
         let data = Bytes::from(data);
         let id = coffer_proto::chunk_id(self.dedup_key, &data);
-        emit(Chunk { id, data });
+        emit(Chunk { id, data, kind });
         id
     }
 
@@ -63,7 +63,7 @@ impl TreeBuilder<'_> {
         let per_list = (self.max_object / 2 / CHUNK_ID_LEN).max(1);
         let lists: Vec<ChunkId> = chunks
             .chunks(per_list)
-            .map(|part| self.object(pack_ids(part), emit))
+            .map(|part| self.object(pack_ids(part), ChunkKind::List, emit))
             .collect();
         n.chunk_lists = pack_ids(&lists).into();
     }
@@ -129,7 +129,11 @@ impl TreeBuilder<'_> {
         let mut next = Bytes::new();
         let mut id = ChunkId::default();
         for part in parts.into_iter().rev() {
-            id = self.object(Tree { nodes: part, next }.encode_to_vec(), emit);
+            id = self.object(
+                Tree { nodes: part, next }.encode_to_vec(),
+                ChunkKind::Tree,
+                emit,
+            );
             next = Bytes::copy_from_slice(id.as_bytes());
         }
         id

@@ -20,11 +20,45 @@ use coffer_proto::{ChunkId, ChunkerParams, DedupKey};
 
 use super::hash::id_of;
 
-/// One chunk of a file.
+/// One chunk: file data, or a tree object or list chunk of the snapshot's trees.
 #[derive(Debug, Clone)]
 pub struct Chunk {
     pub id: ChunkId,
     pub data: Bytes,
+    /// What it is: a sealed envelope declares a tree's or list's references beside it.
+    pub kind: ChunkKind,
+}
+
+/// What a chunk holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChunkKind {
+    /// File content (or a bundle of small files).
+    #[default]
+    Data,
+    /// A `coffer.v1.Tree` part.
+    Tree,
+    /// A list chunk: packed ids of a file's chunks.
+    List,
+}
+
+impl ChunkKind {
+    /// The references a sealed envelope of `data` (a chunk of this kind) declares.
+    ///
+    /// # Errors
+    /// A tree or list this client built that does not decode (a bug).
+    pub fn refs(self, data: &[u8]) -> Result<coffer_proto::sealed::Refs, String> {
+        use prost::Message as _;
+        match self {
+            Self::Data => Ok(coffer_proto::sealed::Refs::default()),
+            Self::Tree => coffer_proto::v1::Tree::decode(data)
+                .map_err(|e| e.to_string())
+                .and_then(|t| coffer_proto::sealed::Refs::of_tree(&t)),
+            Self::List => Ok(coffer_proto::sealed::Refs {
+                leaves: coffer_proto::unpack_ids(data, usize::MAX).map_err(|e| e.to_string())?,
+                ..Default::default()
+            }),
+        }
+    }
 }
 
 /// A chunk inside a buffer: `data[offset..offset + len]`, already hashed.
@@ -162,6 +196,7 @@ pub fn chunk_slice(data: &Bytes, cuts: &[Cut]) -> Vec<Chunk> {
         .map(|c| Chunk {
             id: c.id,
             data: data.slice(c.offset..c.offset + c.len),
+            kind: ChunkKind::Data,
         })
         .collect()
 }
@@ -232,6 +267,7 @@ impl Merge {
             out.push(Chunk {
                 id: id_of(dedup_key, &data),
                 data,
+                kind: ChunkKind::Data,
             });
             self.pos += len as u64;
         }

@@ -9,6 +9,7 @@ use crate::access::accounts::MIN_PASSWORD_CHARS;
 use crate::access::rules::{self, Access, TargetType};
 use crate::access::Session;
 use crate::error::ApplianceError;
+use crate::repo::Mode;
 
 impl Inner {
     /// The effective policy of one of the caller's paths: READ on that path's policy target
@@ -98,9 +99,17 @@ impl Inner {
             delete_passphrase_set,
             protocol_version: coffer_proto::PROTOCOL_VERSION,
             repository_id: Bytes::copy_from_slice(h.repository_id.as_bytes()),
-            mode: v1::EncryptionMode::Managed.into(),
+            mode: match h.mode {
+                Mode::Managed => v1::EncryptionMode::Managed,
+                Mode::Sealed => v1::EncryptionMode::Sealed,
+            }
+            .into(),
             chunker: Some(h.chunker),
-            dedup_key: Bytes::copy_from_slice(h.dedup_key.as_bytes()),
+            // Sealed: ids are keyed within the client's keyring; the appliance's key is its own.
+            dedup_key: match h.mode {
+                Mode::Managed => Bytes::copy_from_slice(h.dedup_key.as_bytes()),
+                Mode::Sealed => Bytes::new(),
+            },
             limits: Some(h.limits),
             appliance_version: env!("CARGO_PKG_VERSION").to_string(),
             disclosure: self.auth.disclosure().into(),
@@ -110,6 +119,13 @@ impl Inner {
                 .map(|s| Bytes::copy_from_slice(&s.possession_key))
                 .unwrap_or_default(),
             compressions: vec![v1::Compression::Lz4.into()],
+            role: self
+                .auth
+                .session(Some(token.as_str()))
+                .ok()
+                .and_then(|s| s.role.name())
+                .unwrap_or_default()
+                .to_string(),
             identity,
             session_token: token,
         })

@@ -18,10 +18,47 @@ use crate::shard::{IncomingChunk, PutOutcome, StoredChunk};
 const GET_IDS_PER_MESSAGE: usize = 256;
 
 impl Inner {
+    /// Sealed mode: a stored chunk whose envelope digest differs from the one the client
+    /// declared (`hashes`, 32 bytes per id; empty: no check) counts as not stored, so that the
+    /// client uploads its envelope and that upload replaces the stored record (see
+    /// `shard::ingest::put`). Never adopted, proved or reported present.
+    async fn check_envelopes(
+        &self,
+        ids: &[ChunkId],
+        hashes: &[u8],
+        present: &mut [crate::shard::Presence],
+    ) -> Result<(), ApplianceError> {
+        if hashes.is_empty() || self.hello.mode != crate::repo::Mode::Sealed {
+            return Ok(());
+        }
+        if hashes.len() != ids.len() * 32 {
+            return Err(ApplianceError::InvalidArgument(format!(
+                "{} envelope hash bytes for {} ids: one 32-byte hash per id",
+                hashes.len(),
+                ids.len()
+            )));
+        }
+        let stored: Vec<usize> = (0..ids.len()).filter(|&i| present[i].stored).collect();
+        if stored.is_empty() {
+            return Ok(());
+        }
+        let digests = self
+            .shards
+            .digests(stored.iter().map(|&i| ids[i]).collect())
+            .await?;
+        for (&i, d) in stored.iter().zip(digests) {
+            if d.is_some_and(|d| d[..] != hashes[i * 32..i * 32 + 32]) {
+                present[i] = crate::shard::Presence::default();
+            }
+        }
+        Ok(())
+    }
+
     pub(super) async fn find_missing(
         &self,
         session: &Session,
         ids: Bytes,
+        hashes: Bytes,
     ) -> Result<v1::FindMissingResponse, ApplianceError> {
         let max = self.hello.limits.max_ids_per_batch as usize;
         let ids =
@@ -31,7 +68,8 @@ impl Inner {
         // G3: an answer "present" and the session's record of it happen with no GC barrier
         // in between.
         let _gate = self.gate.enter().await;
-        let present = self.shards.need(ids.clone(), session.state.owner).await?;
+        let mut present = self.shards.need(ids.clone(), session.state.owner).await?;
+        self.check_envelopes(&ids, &hashes, &mut present).await?;
         let disclosure = self.auth.disclosure();
         let mut missing = vec![0u8; bitmap_len(n)];
         let mut prove = vec![0u8; bitmap_len(n)];

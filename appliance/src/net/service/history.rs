@@ -94,7 +94,7 @@ impl Inner {
     }
 
     /// Runs `what` and records a refusal when it is refused (not when the appliance failed).
-    async fn checked<T>(
+    pub(super) async fn checked<T>(
         &self,
         session: &Session,
         action: &str,

@@ -10,6 +10,7 @@
 
 mod accounts;
 mod chunks;
+mod enroll;
 mod history;
 mod snapshots;
 
@@ -21,7 +22,7 @@ use coffer_proto::{DedupKey, RepositoryId};
 use futures::{Stream, StreamExt, TryStreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::access::{Auth, Session};
+use crate::access::{Auth, Session, Use};
 use crate::catalog::{Catalog, CatalogError};
 use crate::error::ApplianceError;
 use crate::maintenance::gc::Gate;
@@ -36,6 +37,8 @@ const PIPELINE_DEPTH: usize = 4;
 /// What `Hello` tells a client.
 #[derive(Debug, Clone)]
 pub struct HelloInfo {
+    /// Sealed: `dedup_key` is never told, and chunks are client envelopes.
+    pub mode: crate::repo::Mode,
     pub repository_id: RepositoryId,
     pub chunker: v1::ChunkerParams,
     pub dedup_key: DedupKey,
@@ -66,6 +69,8 @@ struct Inner {
     /// Streaming calls per account.
     streams: Arc<AccountStreams>,
     limits: coffer_tuning::Limits,
+    /// One token redemption at a time: a token is used once.
+    enrollments: tokio::sync::Mutex<()>,
 }
 
 impl CofferService {
@@ -99,6 +104,7 @@ impl CofferService {
                 upload_budget,
                 streams: AccountStreams::new(limits.streams_per_account),
                 limits,
+                enrollments: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -228,6 +234,27 @@ impl Coffer for CofferService {
         Ok(Response::new(self.inner.hello(req).await?))
     }
 
+    async fn enroll(
+        &self,
+        req: Request<v1::EnrollRequest>,
+    ) -> Result<Response<v1::EnrollResponse>, Status> {
+        Ok(Response::new(self.inner.enroll(req).await?))
+    }
+
+    async fn create_enrollment(
+        &self,
+        req: Request<v1::CreateEnrollmentRequest>,
+    ) -> Result<Response<v1::CreateEnrollmentResponse>, Status> {
+        let session = self.inner.session(&req)?;
+        session.role.allows(Use::Change)?;
+        let source = limits::source_of(&req);
+        Ok(Response::new(
+            self.inner
+                .create_enrollment(&session, source, req.into_inner())
+                .await?,
+        ))
+    }
+
     type FindMissingStream = BoxStream<v1::FindMissingResponse>;
 
     async fn find_missing(
@@ -235,13 +262,14 @@ impl Coffer for CofferService {
         req: Request<Streaming<v1::FindMissingRequest>>,
     ) -> Result<Response<Self::FindMissingStream>, Status> {
         let session = self.inner.session(&req)?;
+        session.role.allows(Use::Write)?;
         Ok(Response::new(pipelined(
             &self.inner,
             session,
             req.into_inner(),
             None,
             |inner, session, m: v1::FindMissingRequest| async move {
-                inner.find_missing(&session, m.ids).await
+                inner.find_missing(&session, m.ids, m.envelope_hashes).await
             },
         )?))
     }
@@ -253,6 +281,7 @@ impl Coffer for CofferService {
         req: Request<Streaming<v1::PutChunksRequest>>,
     ) -> Result<Response<Self::PutChunksStream>, Status> {
         let session = self.inner.session(&req)?;
+        session.role.allows(Use::Write)?;
         Ok(Response::new(pipelined(
             &self.inner,
             session,
@@ -269,6 +298,7 @@ impl Coffer for CofferService {
         req: Request<Streaming<v1::GetChunksRequest>>,
     ) -> Result<Response<Self::GetChunksStream>, Status> {
         let session = self.inner.session(&req)?;
+        session.role.allows(Use::Read)?;
         // One request message may be answered in several (by size): a stream of streams.
         let answers = pipelined(
             &self.inner,
@@ -287,6 +317,7 @@ impl Coffer for CofferService {
         req: Request<v1::CommitSnapshotRequest>,
     ) -> Result<Response<v1::CommitSnapshotResponse>, Status> {
         let session = self.inner.session(&req)?;
+        session.role.allows(Use::Write)?;
         Ok(Response::new(
             self.inner
                 .commit_snapshot(&session, req.into_inner())
@@ -299,6 +330,7 @@ impl Coffer for CofferService {
         req: Request<v1::OpenSnapshotRequest>,
     ) -> Result<Response<v1::OpenSnapshotResponse>, Status> {
         let session = self.inner.session(&req)?;
+        session.role.allows(Use::Read)?;
         Ok(Response::new(
             self.inner.open_snapshot(&session, req.into_inner()).await?,
         ))
@@ -309,6 +341,7 @@ impl Coffer for CofferService {
         req: Request<v1::ListSnapshotsRequest>,
     ) -> Result<Response<v1::ListSnapshotsResponse>, Status> {
         let session = self.inner.session(&req)?;
+        session.role.allows(Use::List)?;
         Ok(Response::new(
             self.inner
                 .list_snapshots(&session, req.into_inner())
@@ -321,6 +354,7 @@ impl Coffer for CofferService {
         req: Request<v1::DeleteSnapshotRequest>,
     ) -> Result<Response<v1::DeleteSnapshotResponse>, Status> {
         let session = self.inner.session(&req)?;
+        session.role.allows(Use::Change)?;
         let source = limits::source_of(&req);
         Ok(Response::new(
             self.inner
@@ -334,6 +368,7 @@ impl Coffer for CofferService {
         req: Request<v1::ProtectSnapshotRequest>,
     ) -> Result<Response<v1::ProtectSnapshotResponse>, Status> {
         let session = self.inner.session(&req)?;
+        session.role.allows(Use::Change)?;
         let source = limits::source_of(&req);
         Ok(Response::new(
             self.inner
@@ -347,6 +382,7 @@ impl Coffer for CofferService {
         req: Request<v1::LockSnapshotRequest>,
     ) -> Result<Response<v1::LockSnapshotResponse>, Status> {
         let session = self.inner.session(&req)?;
+        session.role.allows(Use::Change)?;
         Ok(Response::new(
             self.inner.lock_snapshot(&session, req.into_inner()).await?,
         ))
@@ -357,6 +393,7 @@ impl Coffer for CofferService {
         req: Request<v1::SetPolicyRequest>,
     ) -> Result<Response<v1::SetPolicyResponse>, Status> {
         let session = self.inner.session(&req)?;
+        session.role.allows(Use::Change)?;
         let source = limits::source_of(&req);
         Ok(Response::new(
             self.inner
@@ -370,6 +407,7 @@ impl Coffer for CofferService {
         req: Request<v1::AddRuleRequest>,
     ) -> Result<Response<v1::AddRuleResponse>, Status> {
         let session = self.inner.session(&req)?;
+        session.role.allows(Use::Change)?;
         let source = limits::source_of(&req);
         Ok(Response::new(
             self.inner
@@ -383,6 +421,7 @@ impl Coffer for CofferService {
         req: Request<v1::GetSnapshotRequest>,
     ) -> Result<Response<v1::GetSnapshotResponse>, Status> {
         let session = self.inner.session(&req)?;
+        session.role.allows(Use::List)?;
         Ok(Response::new(
             self.inner.get_snapshot(&session, req.into_inner()).await?,
         ))

@@ -12,6 +12,9 @@ use crate::access::Session;
 use crate::catalog::{Catalog, Committed};
 use crate::error::ApplianceError;
 
+/// Largest sealed header a snapshot may carry (a real one is a few hundred bytes).
+const MAX_SEALED_HEADER: usize = 64 << 10;
+
 /// How far ahead of the appliance's clock a client may date a snapshot.
 const MAX_CLOCK_SKEW_US: i64 = 5 * 60 * 1_000_000;
 
@@ -38,6 +41,12 @@ impl Inner {
             return Err(ApplianceError::InvalidArgument(format!(
                 "a commit id is 16 bytes, not {}",
                 req.commit_id.len()
+            )));
+        }
+        if snap.sealed.len() > MAX_SEALED_HEADER {
+            return Err(ApplianceError::InvalidArgument(format!(
+                "a sealed snapshot header may be at most {MAX_SEALED_HEADER} bytes, not {}",
+                snap.sealed.len()
             )));
         }
         // Snapshots are never overwritten: the appliance chooses every new snapshot's id, and a
