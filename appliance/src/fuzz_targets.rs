@@ -43,7 +43,7 @@ fn fuzz_pack_header_and_index_entry() {
     fuzz::run("pack_header", &[h.to_vec()], |b| {
         let _ = PackHeader::decode(b);
     });
-    fuzz::run("index_entry", &[e.to_vec()], |b| {
+    fuzz::run("index_entry", &[e], |b| {
         let _ = IndexEntry::decode(b);
     });
 }

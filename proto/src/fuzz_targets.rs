@@ -46,6 +46,7 @@ fn fuzz_codec() {
 /// Every request message as the appliance decodes it, then the id lists in it as the appliance
 /// unpacks them: `[message type][protobuf]`.
 #[test]
+#[allow(clippy::too_many_lines)] // one seed per request type: the list is the test
 fn fuzz_requests() {
     let ids = bytes::Bytes::from(pack_ids(&[id(1), id(2), id(1)]));
     let frame = v1::ChunkFrame {

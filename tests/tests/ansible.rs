@@ -91,6 +91,24 @@ fn client(coffer: &Path, cfg: &Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// The client enrolled with a one-time token from the appliance role: no password was handed
+/// out; the client generated its own, and the audit shows the token made and redeemed.
+fn enrolled_with_a_token(root: &Path, cfg: &Path) {
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cfg).unwrap()).unwrap();
+    assert_eq!(saved["password"].as_str().unwrap().len(), 48, "{saved}");
+    let audit = Command::new(root.join("usr/local/bin/coffer-appliance"))
+        .args(["audit", "show", "--repo"])
+        .arg(root.join("srv/coffer"))
+        .output()
+        .unwrap();
+    let audit = String::from_utf8_lossy(&audit.stdout);
+    assert!(
+        audit.contains("enroll.create") && audit.contains("enroll.redeem"),
+        "{audit}"
+    );
+}
+
 #[test]
 fn playbook_provisions_idempotently_and_the_scheduled_snapshot_restores() {
     let dir = tempfile::tempdir().unwrap();
@@ -180,21 +198,7 @@ fn playbook_provisions_idempotently_and_the_scheduled_snapshot_restores() {
         .unwrap();
     let acl = String::from_utf8_lossy(&acl.stdout);
     assert!(acl.contains("user=auditor@*  access=READ"), "{acl}");
-    // The client enrolled with a one-time token from the appliance role: no password was
-    // handed out; the client generated its own, and the audit shows the redemption.
-    let saved: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
-    assert_eq!(saved["password"].as_str().unwrap().len(), 48, "{saved}");
-    let audit = Command::new(root.join("usr/local/bin/coffer-appliance"))
-        .args(["audit", "show", "--repo"])
-        .arg(root.join("srv/coffer"))
-        .output()
-        .unwrap();
-    let audit = String::from_utf8_lossy(&audit.stdout);
-    assert!(
-        audit.contains("enroll.create") && audit.contains("enroll.redeem"),
-        "{audit}"
-    );
+    enrolled_with_a_token(&root, &cfg);
     // The role made an append-only repository (its default): the client cannot delete.
     assert!(
         acl.contains("default-own-snapshots  user=*@*  access=APPEND"),

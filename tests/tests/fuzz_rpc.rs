@@ -196,28 +196,7 @@ async fn one_call(
     let code = |r: Result<(), tonic::Status>| r.err().map_or(Code::Ok, |e| e.code());
     match rng.gen_range(0..14) {
         0..=2 => stream_call(rng, s, pool, plains).await,
-        11 => code(
-            c.create_enrollment(v1::CreateEnrollmentRequest {
-                identity: text(rng),
-                role: text(rng),
-                expires_us: rng.r#gen(),
-                auth_hash: random_bytes(rng, 40),
-                sealed_keys: random_bytes(rng, 100),
-                delete_passphrase: text(rng),
-            })
-            .await
-            .map(drop),
-        ),
-        12 => code(
-            c.enroll(v1::EnrollRequest {
-                protocol_version: rng.gen_range(0..3),
-                identity: text(rng),
-                auth: random_bytes(rng, 20),
-                password: text(rng),
-            })
-            .await
-            .map(drop),
-        ),
+        11 | 12 => enrollment_call(rng, s).await,
         3 => {
             let root = if rng.gen_bool(0.5) {
                 Bytes::copy_from_slice(pool[rng.gen_range(0..pool.len())].as_bytes())
@@ -307,6 +286,33 @@ async fn one_call(
             .map(drop),
         ),
     }
+}
+
+/// `CreateEnrollment` or `Enroll` with structured garbage.
+async fn enrollment_call(rng: &mut rand::rngs::StdRng, s: &coffer_client::Session) -> Code {
+    let mut c = s.raw();
+    let r = if rng.r#gen() {
+        c.create_enrollment(v1::CreateEnrollmentRequest {
+            identity: text(rng),
+            role: text(rng),
+            expires_us: rng.r#gen(),
+            auth_hash: random_bytes(rng, 40),
+            sealed_keys: random_bytes(rng, 100),
+            delete_passphrase: text(rng),
+        })
+        .await
+        .map(drop)
+    } else {
+        c.enroll(v1::EnrollRequest {
+            protocol_version: rng.gen_range(0..3),
+            identity: text(rng),
+            auth: random_bytes(rng, 20),
+            password: text(rng),
+        })
+        .await
+        .map(drop)
+    };
+    r.err().map_or(Code::Ok, |e| e.code())
 }
 
 #[test]

@@ -31,7 +31,7 @@ fn source(root: &Path) -> PathBuf {
     let deep = src.join("project-nightingale").join("payroll-secret-2026");
     std::fs::create_dir_all(&deep).unwrap();
     for i in 0..40u64 {
-        let mut body = data(i, 3000 + (i as usize) * 97, true);
+        let mut body = data(i, 3000 + usize::try_from(i).unwrap() * 97, true);
         body.extend_from_slice(MARKERS[(i % 3) as usize].as_bytes());
         std::fs::write(deep.join(format!("note-{i}.txt")), body).unwrap();
     }
@@ -95,7 +95,7 @@ impl Sealed {
         Ok(Session::connect(&o).await?)
     }
 
-    fn opts(&self) -> BackupOptions {
+    fn opts() -> BackupOptions {
         BackupOptions {
             workers: 2,
             ..BackupOptions::default()
@@ -206,9 +206,9 @@ async fn sealed_backups_restore_bit_exact_and_the_appliance_holds_nothing_readab
         s.hello.dedup_key.is_empty(),
         "the appliance has no dedup key to give"
     );
-    let first = backup(&s, &t.src, &t.opts()).await.unwrap();
+    let first = backup(&s, &t.src, &Sealed::opts()).await.unwrap();
     std::fs::write(t.src.join("added.txt"), b"added later payroll-secret-2026").unwrap();
-    let second = backup(&s, &t.src, &t.opts()).await.unwrap();
+    let second = backup(&s, &t.src, &Sealed::opts()).await.unwrap();
     assert!(second.files_unchanged > 0, "the sealed parent was reused");
     assert!(second.new_chunks < first.new_chunks);
     for (sum, expect_added) in [(&first, false), (&second, true)] {
@@ -275,20 +275,20 @@ async fn write_only_members_add_snapshots_and_read_nothing() {
     let t = sealed();
     let w = t.session(WALLY, Role::WriteOnly).await.unwrap();
     assert_eq!(w.hello.role, "write-only");
-    let mine = backup(&w, &t.src, &t.opts()).await.unwrap();
-    let again = backup(&w, &t.src, &t.opts()).await.unwrap();
+    let mine = backup(&w, &t.src, &Sealed::opts()).await.unwrap();
+    let again = backup(&w, &t.src, &Sealed::opts()).await.unwrap();
     assert_eq!(
         again.new_chunks, 0,
         "the second backup deduplicates everything"
     );
     let id = SnapshotId::from_hex(&mine.snapshot).unwrap();
     let a = t.session(ALICE, Role::ReadWrite).await.unwrap();
-    let alices = backup(&a, &t.src, &t.opts()).await.unwrap();
+    let alices = backup(&a, &t.src, &Sealed::opts()).await.unwrap();
     let theirs = SnapshotId::from_hex(&alices.snapshot).unwrap();
 
     // By the rules.
     let denied = |r: Result<_, coffer_client::ClientError>| {
-        let e = r.err().expect("refused");
+        let e = r.expect_err("refused");
         assert_eq!(code(&e), Some(tonic::Code::PermissionDenied), "{e}");
         assert!(e.to_string().contains("write-only"), "{e}");
     };
@@ -330,9 +330,9 @@ async fn write_only_members_add_snapshots_and_read_nothing() {
     );
     let target = restored(&a, &mine.snapshot, &t.dir).await.unwrap();
     assert_eq!(describe(&target).unwrap(), describe(&t.src).unwrap());
-    let (body_writer, _) = (a.snapshot(&id).await.unwrap().path, ());
+    let shown = a.snapshot(&id).await.unwrap().path;
     assert_eq!(
-        body_writer,
+        shown,
         std::fs::canonicalize(&t.src).unwrap().to_string_lossy()
     );
 }
@@ -343,7 +343,7 @@ async fn write_only_members_add_snapshots_and_read_nothing() {
 async fn log_only_members_list_and_read_nothing() {
     let t = sealed();
     let a = t.session(ALICE, Role::ReadWrite).await.unwrap();
-    let sum = backup(&a, &t.src, &t.opts()).await.unwrap();
+    let sum = backup(&a, &t.src, &Sealed::opts()).await.unwrap();
     let id = SnapshotId::from_hex(&sum.snapshot).unwrap();
     admin(
         &t.app,
@@ -371,7 +371,10 @@ async fn log_only_members_list_and_read_nothing() {
     let e = l.get(&[root]).await.unwrap_err();
     assert_eq!(code(&e), Some(tonic::Code::PermissionDenied), "{e}");
     // A log-only member cannot back up: it has no id key.
-    let e = backup(&l, &t.src, &t.opts()).await.unwrap_err().to_string();
+    let e = backup(&l, &t.src, &Sealed::opts())
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("log-only"), "{e}");
 }
 
@@ -380,15 +383,15 @@ async fn log_only_members_list_and_read_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_altered_or_foreign_header_is_reported_and_never_restored() {
     let t = sealed();
-    let a = t.session(ALICE, Role::ReadWrite).await.unwrap();
-    let first = backup(&a, &t.src, &t.opts()).await.unwrap();
+    let alice = t.session(ALICE, Role::ReadWrite).await.unwrap();
+    let first = backup(&alice, &t.src, &Sealed::opts()).await.unwrap();
     std::fs::write(t.src.join("more.txt"), b"more").unwrap();
-    let second = backup(&a, &t.src, &t.opts()).await.unwrap();
-    let one = a
+    let second = backup(&alice, &t.src, &Sealed::opts()).await.unwrap();
+    let one = alice
         .snapshot(&SnapshotId::from_hex(&first.snapshot).unwrap())
         .await
         .unwrap();
-    let two = a
+    let two = alice
         .snapshot(&SnapshotId::from_hex(&second.snapshot).unwrap())
         .await
         .unwrap();
@@ -400,7 +403,7 @@ async fn an_altered_or_foreign_header_is_reported_and_never_restored() {
         sealed: one.sealed.clone(),
         ..v1::Snapshot::default()
     };
-    let r = a
+    let r = alice
         .raw()
         .commit_snapshot(v1::CommitSnapshotRequest {
             snapshot: Some(swapped),
@@ -410,7 +413,7 @@ async fn an_altered_or_foreign_header_is_reported_and_never_restored() {
         .unwrap()
         .into_inner();
     let forged = SnapshotId::from_slice(&r.id).unwrap();
-    let e = a.snapshot(&forged).await.unwrap_err().to_string();
+    let e = alice.snapshot(&forged).await.unwrap_err().to_string();
     assert!(
         e.contains("does not match") && e.contains("not restored"),
         "{e}"
@@ -421,21 +424,21 @@ async fn an_altered_or_foreign_header_is_reported_and_never_restored() {
         o.keyring = Some(Arc::new(Master::generate().issue(ALICE, Role::ReadWrite)));
         Session::connect(&o).await.unwrap()
     };
-    let foreign = backup(&stranger, &t.src, &t.opts()).await.unwrap();
-    let e = a
+    let foreign = backup(&stranger, &t.src, &Sealed::opts()).await.unwrap();
+    let e = alice
         .snapshot(&SnapshotId::from_hex(&foreign.snapshot).unwrap())
         .await
         .unwrap_err()
         .to_string();
     assert!(e.contains("another keyring"), "{e}");
-    let listed = a.list("", false).await.unwrap();
+    let listed = alice.list("", false).await.unwrap();
     let unverified = listed
         .iter()
         .filter(|s| s.tags.first().is_some_and(|t| t.starts_with("UNVERIFIED")))
         .count();
     assert_eq!((listed.len(), unverified), (4, 2));
     // The honest snapshot restores.
-    let target = restored(&a, &second.snapshot, &t.dir).await.unwrap();
+    let target = restored(&alice, &second.snapshot, &t.dir).await.unwrap();
     assert_eq!(describe(&target).unwrap(), describe(&t.src).unwrap());
 }
 
@@ -492,7 +495,7 @@ async fn a_poisoned_chunk_is_replaced_by_the_honest_upload_and_reported() {
     t.app.set_disclosure("repository").unwrap();
     admin(&t.app, &["user", "add", MALLORY]);
     let m = t.session(MALLORY, Role::ReadWrite).await.unwrap();
-    let hers = backup(&m, &t.src, &t.opts()).await.unwrap();
+    let hers = backup(&m, &t.src, &Sealed::opts()).await.unwrap();
     let snap = m
         .snapshot(&SnapshotId::from_hex(&hers.snapshot).unwrap())
         .await
@@ -527,7 +530,7 @@ async fn a_poisoned_chunk_is_replaced_by_the_honest_upload_and_reported() {
     assert!(!target.join("big.bin").exists());
 
     let a = t.session(ALICE, Role::ReadWrite).await.unwrap();
-    let sum = backup(&a, &t.src, &t.opts()).await.unwrap();
+    let sum = backup(&a, &t.src, &Sealed::opts()).await.unwrap();
     assert_eq!(
         sum.new_chunks,
         ids.len() as u64,

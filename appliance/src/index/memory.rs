@@ -43,7 +43,7 @@ impl ChunkIndex for MemIndex {
     ) -> Result<(), RepoError> {
         let mut m = self.map();
         for (id, e) in entries {
-            m.insert(id.as_bytes().to_vec(), e.encode().to_vec());
+            m.insert(id.as_bytes().to_vec(), e.encode());
         }
         Ok(())
     }

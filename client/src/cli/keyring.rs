@@ -96,16 +96,17 @@ fn passphrase(file: Option<&Path>, confirm: bool) -> anyhow::Result<String> {
             .next()
             .unwrap_or_default()
             .to_string(),
-        None => match std::env::var("COFFER_KEYRING_PASSPHRASE") {
-            Ok(p) => p,
-            Err(_) => {
+        None => {
+            if let Ok(p) = std::env::var("COFFER_KEYRING_PASSPHRASE") {
+                p
+            } else {
                 let p = rpassword::prompt_password("Keyring passphrase: ")?;
                 if confirm && rpassword::prompt_password("Again: ")? != p {
                     bail!("the passphrases differ");
                 }
                 p
             }
-        },
+        }
     };
     if p.chars().count() < 12 {
         bail!("a keyring passphrase must be at least 12 characters");
@@ -139,6 +140,85 @@ fn open_master(path: &Path, file: Option<&Path>) -> anyhow::Result<(Master, Stri
     Ok((Master::from_file(&text, &pw)?, pw))
 }
 
+/// `keyring enroll`: a one-time token made through the connected appliance.
+async fn enroll(
+    cfg_path: &Path,
+    user: &str,
+    role: &str,
+    expires: &str,
+    master_path: Option<&Path>,
+    passphrase_file: Option<&Path>,
+    delete_passphrase_file: Option<&Path>,
+) -> anyhow::Result<()> {
+    let role = Role::parse(role)?;
+    let secs = coffer_proto::when::parse_duration_secs(expires)
+        .map_err(|e| anyhow::anyhow!("--expires: {e}"))?;
+    let expires_us = coffer_proto::now_us()
+        + i64::try_from(secs.saturating_mul(1_000_000)).unwrap_or(i64::MAX / 2);
+    let mut master = match master_path {
+        Some(p) => Some(open_master(p, passphrase_file)?),
+        None => None,
+    };
+    if let Some((m, _)) = &mut master {
+        // Recorded in the registry, so that remove-member knows it.
+        m.add_member(&user.to_ascii_lowercase(), role)?;
+    }
+    let step_up = match delete_passphrase_file {
+        Some(f) => std::fs::read_to_string(f)?
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+        None => String::new(),
+    };
+    let user = user.to_ascii_lowercase();
+    let token = super::connected(cfg_path, async |s| {
+        Ok(coffer_client::create_enrollment(
+            s,
+            master.as_ref().map(|(m, _)| m),
+            &user,
+            role,
+            expires_us,
+            &step_up,
+        )
+        .await?)
+    })
+    .await?;
+    if let (Some((m, pw)), Some(path)) = (&master, master_path) {
+        write_private(path, &m.to_file(pw, Kdf::DEFAULT)?, true)?;
+    }
+    eprintln!(
+        "one-time token for {user} ({}), valid for {expires}:",
+        role.name()
+    );
+    println!("{token}");
+    Ok(())
+}
+
+/// `keyring remove-member`.
+fn remove_member(
+    master: &Path,
+    member: &str,
+    passphrase_file: Option<&Path>,
+) -> anyhow::Result<()> {
+    let (mut m, pw) = open_master(master, passphrase_file)?;
+    let member = member.to_ascii_lowercase();
+    let keep = m.remove_member(&member)?;
+    write_private(master, &m.to_file(&pw, Kdf::DEFAULT)?, true)?;
+    println!(
+        "removed {member}; keyring {} is at generation {}. Delete its account \
+         (coffer-appliance user delete {member}) and issue these members again \
+         (add-member): until then their new snapshots are refused by readers issued \
+         after this",
+        hex::encode(m.keyring_id),
+        m.generation
+    );
+    for k in keep {
+        println!("  {} ({})", k.member, k.role.name());
+    }
+    Ok(())
+}
+
 pub async fn run(cmd: KeyringCmd, cfg_path: &Path) -> anyhow::Result<()> {
     match cmd {
         KeyringCmd::Enroll {
@@ -149,49 +229,16 @@ pub async fn run(cmd: KeyringCmd, cfg_path: &Path) -> anyhow::Result<()> {
             passphrase_file,
             delete_passphrase_file,
         } => {
-            let master_path = master.clone();
-            let role = Role::parse(&role)?;
-            let secs = coffer_proto::when::parse_duration_secs(&expires)
-                .map_err(|e| anyhow::anyhow!("--expires: {e}"))?;
-            let expires_us = coffer_proto::now_us()
-                + i64::try_from(secs.saturating_mul(1_000_000)).unwrap_or(i64::MAX / 2);
-            let mut master = match &master {
-                Some(p) => Some(open_master(p, passphrase_file.as_deref())?),
-                None => None,
-            };
-            if let Some((m, _)) = &mut master {
-                // Recorded in the registry, so that remove-member knows it.
-                m.add_member(&user.to_ascii_lowercase(), role)?;
-            }
-            let step_up = match &delete_passphrase_file {
-                Some(f) => std::fs::read_to_string(f)?
-                    .lines()
-                    .next()
-                    .unwrap_or_default()
-                    .to_string(),
-                None => String::new(),
-            };
-            let user = user.to_ascii_lowercase();
-            let token = super::connected(cfg_path, async |s| {
-                Ok(coffer_client::create_enrollment(
-                    s,
-                    master.as_ref().map(|(m, _)| m),
-                    &user,
-                    role,
-                    expires_us,
-                    &step_up,
-                )
-                .await?)
-            })
+            enroll(
+                cfg_path,
+                &user,
+                &role,
+                &expires,
+                master.as_deref(),
+                passphrase_file.as_deref(),
+                delete_passphrase_file.as_deref(),
+            )
             .await?;
-            if let (Some((m, pw)), Some(path)) = (&master, &master_path) {
-                write_private(path, &m.to_file(pw, Kdf::DEFAULT)?, true)?;
-            }
-            eprintln!(
-                "one-time token for {user} ({}), valid for {expires}:",
-                role.name()
-            );
-            println!("{token}");
         }
         KeyringCmd::Create {
             out,
@@ -239,23 +286,7 @@ pub async fn run(cmd: KeyringCmd, cfg_path: &Path) -> anyhow::Result<()> {
             master,
             member,
             passphrase_file,
-        } => {
-            let (mut m, pw) = open_master(&master, passphrase_file.as_deref())?;
-            let member = member.to_ascii_lowercase();
-            let keep = m.remove_member(&member)?;
-            write_private(&master, &m.to_file(&pw, Kdf::DEFAULT)?, true)?;
-            println!(
-                "removed {member}; keyring {} is at generation {}. Delete its account \
-                 (coffer-appliance user delete {member}) and issue these members again \
-                 (add-member): until then their new snapshots are refused by readers issued \
-                 after this",
-                hex::encode(m.keyring_id),
-                m.generation
-            );
-            for k in keep {
-                println!("  {} ({})", k.member, k.role.name());
-            }
-        }
+        } => remove_member(&master, &member, passphrase_file.as_deref())?,
         KeyringCmd::Rotate {
             master,
             passphrase_file,

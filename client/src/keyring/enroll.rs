@@ -121,7 +121,7 @@ pub async fn create(
     let mut text = format!("{PREFIX}{}", hex::encode(token.auth));
     if let Some(k) = &token.key {
         text.push('.');
-        text.push_str(&hex::encode(&**k));
+        text.push_str(&hex::encode(**k));
     }
     Ok(text)
 }

@@ -159,7 +159,8 @@ pub struct Issued {
     pub member: String,
     pub role: Role,
     pub generation: u32,
-    pub issued_us: i64,
+    /// When it was issued (Unix µs).
+    pub at_us: i64,
     /// Set by `remove-member`: the keyring rotated away from it at this time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub removed_us: Option<i64>,
@@ -300,7 +301,7 @@ impl Master {
             member: member.to_string(),
             role,
             generation: self.generation,
-            issued_us: coffer_proto::now_us(),
+            at_us: coffer_proto::now_us(),
             removed_us: None,
         });
         Ok(m)
