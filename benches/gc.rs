@@ -49,6 +49,7 @@ fn main() {
                 len: 65_600,
                 raw_len: 65_536,
                 digest: None,
+                uploader: None,
             },
         ));
         if batch.len() == batch.capacity() {

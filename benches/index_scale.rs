@@ -63,6 +63,7 @@ fn load_shard(paths: &RepoPaths, s: u16, shards: u16, n: u64) -> u64 {
                 len: 65_600,
                 raw_len: 65_536,
                 digest: None,
+                uploader: None,
             },
         ));
         mine += 1;

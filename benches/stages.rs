@@ -202,6 +202,7 @@ fn entry(i: usize) -> IndexEntry {
         len: 100,
         raw_len: 50,
         digest: None,
+        uploader: None,
     }
 }
 
@@ -298,6 +299,7 @@ fn pack_append(c: &mut Criterion) {
                                 raw_len: 1 << 20,
                                 flags: 0,
                                 data: chunk.clone(),
+                                owner: None,
                             }
                         })
                         .collect();

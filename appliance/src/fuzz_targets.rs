@@ -38,6 +38,7 @@ fn fuzz_pack_header_and_index_entry() {
         len: 1000,
         raw_len: 900,
         digest: None,
+        uploader: None,
     }
     .encode();
     fuzz::run("pack_header", &[h.to_vec()], |b| {

@@ -110,6 +110,7 @@ fn snapshot() -> v1::Snapshot {
         lock_until_us: 0,
         protected_until_us: 0,
         sealed: Bytes::new(),
+        committed_us: 0,
     }
 }
 
@@ -121,6 +122,7 @@ fn index_entry() -> IndexEntry {
         len: 70_000,
         raw_len: 65_536,
         digest: None,
+        uploader: None,
     }
 }
 
@@ -175,6 +177,7 @@ fn write_fixtures() {
                 raw_len: u32::try_from(raw.len()).unwrap(),
                 flags: flags_of(c),
                 data: Bytes::from(data),
+                owner: None,
             }
         })
         .collect();

@@ -257,7 +257,7 @@ async fn sealed_backups_restore_bit_exact_and_the_appliance_holds_nothing_readab
     }
     // The catalog as the appliance reads it, and its log.
     let listing = admin(&t.app, &["snapshot", "list", "--json"]);
-    assert_eq!(listing.matches("sealed:").count(), 2, "{listing}");
+    assert_eq!(listing.matches("/.sealed/").count(), 2, "{listing}");
     let log = std::fs::read(t.dir.join("appliance.log")).unwrap();
     for hay in [listing.as_bytes(), &log] {
         assert!(found(hay, &needles).is_empty());
@@ -398,7 +398,7 @@ async fn an_altered_or_foreign_header_is_reported_and_never_restored() {
     // The first header over the second root, committed raw (as a malicious appliance or
     // member would present it).
     let swapped = v1::Snapshot {
-        path: "sealed:00".into(),
+        path: "/.sealed/00".into(),
         root: two.root.clone(),
         sealed: one.sealed.clone(),
         ..v1::Snapshot::default()

@@ -11,6 +11,7 @@ fn entry(i: u8) -> IndexEntry {
         len: 5,
         raw_len: 3,
         digest: None,
+        uploader: None,
     }
 }
 

@@ -44,12 +44,12 @@ pub const META_DAMAGED: &[u8] = b"!meta:damaged-chunks";
 
 /// Meta key listing sealed records replaced by an upload of a different envelope (sealed mode's
 /// poisoning defence): entries of chunk id (32) ‖ time µs (8, LE) ‖ the replaced index entry
-/// (66: with its digest), oldest first, at most [`MAX_REPLACED`] (older ones are dropped).
+/// (82: with its digest and uploader), oldest first, at most [`MAX_REPLACED`] (older ones are dropped).
 /// `verify` reports them; the replaced records stay in their packs until compaction.
 pub const META_REPLACED: &[u8] = b"!meta:replaced-chunks";
 /// Most replacements remembered per shard.
 pub const MAX_REPLACED: usize = 4096;
-const REPLACED_LEN: usize = 32 + 8 + 66;
+const REPLACED_LEN: usize = 32 + 8 + 82;
 
 /// A replaced sealed record, as [`META_REPLACED`] remembers it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,7 +90,7 @@ pub fn add_replaced(
     let mut raw = index.get_meta(META_REPLACED)?.unwrap_or_default();
     for (id, e) in old {
         let mut entry = e.encode();
-        entry.resize(66, 0);
+        entry.resize(82, 0);
         raw.extend_from_slice(id.as_bytes());
         raw.extend_from_slice(&time_us.to_le_bytes());
         raw.extend_from_slice(&entry);

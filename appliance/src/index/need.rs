@@ -141,6 +141,7 @@ mod tests {
             len: 80,
             raw_len: 0,
             digest: None,
+            uploader: None,
         };
         idx.insert_batch(&[(a, e)], false).unwrap();
         let mut s = NeedSet::load(&idx).unwrap();

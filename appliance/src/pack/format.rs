@@ -196,10 +196,14 @@ pub struct IndexEntry {
     /// under the same id (a poisoned record, or the honest one replacing it) is seen without
     /// reading the record. `None` for managed records and for entries rebuilt from footers.
     pub digest: Option<[u8; 32]>,
+    /// Sealed records: the ownership key of the account whose upload wrote it. An account never
+    /// replaces a record it wrote itself (a compromised client cannot destroy what it stored);
+    /// `None` when unknown (all zero on disk).
+    pub uploader: Option<[u8; 16]>,
 }
 
 impl IndexEntry {
-    /// 34 bytes, or 66 with the envelope digest of a sealed record.
+    /// 34 bytes, or 82 with the envelope digest and uploader of a sealed record.
     #[must_use]
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; INDEX_ENTRY_LEN];
@@ -211,6 +215,7 @@ impl IndexEntry {
         b[30..34].copy_from_slice(&self.raw_len.to_le_bytes());
         if let Some(d) = &self.digest {
             b.extend_from_slice(d);
+            b.extend_from_slice(&self.uploader.unwrap_or_default());
         }
         b
     }
@@ -233,6 +238,10 @@ impl IndexEntry {
             digest: b
                 .get(INDEX_ENTRY_LEN..INDEX_ENTRY_LEN + 32)
                 .map(|d| d.try_into().expect("32 bytes")),
+            uploader: b
+                .get(INDEX_ENTRY_LEN + 32..INDEX_ENTRY_LEN + 48)
+                .filter(|u| u.iter().any(|&x| x != 0))
+                .map(|u| u.try_into().expect("16 bytes")),
         })
     }
 }
@@ -415,15 +424,17 @@ mod tests {
             len: 77,
             raw_len: 99,
             digest: None,
+            uploader: None,
         };
         assert_eq!(IndexEntry::decode(&e.encode()).unwrap(), e);
         assert!(IndexEntry::decode(&e.encode()[..10]).is_err());
         let sealed = IndexEntry {
             flags: FLAG_SEALED,
             digest: Some([9; 32]),
+            uploader: Some([5; 16]),
             ..e
         };
-        assert_eq!(sealed.encode().len(), INDEX_ENTRY_LEN + 32);
+        assert_eq!(sealed.encode().len(), INDEX_ENTRY_LEN + 48);
         assert_eq!(IndexEntry::decode(&sealed.encode()).unwrap(), sealed);
     }
 

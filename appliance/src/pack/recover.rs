@@ -98,6 +98,7 @@ fn index_entries(
                     // Not in footers: a sealed record recovered here is not checked against
                     // an upload's envelope until it is written again.
                     digest: None,
+                    uploader: None,
                 },
             )
         })

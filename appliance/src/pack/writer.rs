@@ -31,6 +31,9 @@ pub struct PendingChunk {
     pub flags: u8,
     /// What is stored (plaintext or its zstd frame); encrypted on the way into the pack.
     pub data: Bytes,
+    /// Sealed records: the ownership key of the uploading account (see
+    /// [`super::format::IndexEntry::uploader`]).
+    pub owner: Option<[u8; 16]>,
 }
 
 impl PendingChunk {
@@ -258,6 +261,7 @@ impl<S: PackStore> PackWriter<S> {
                         raw_len: c.raw_len,
                         digest: (c.flags & FLAG_SEALED != 0)
                             .then(|| *blake3::hash(&c.data).as_bytes()),
+                        uploader: c.owner.filter(|_| c.flags & FLAG_SEALED != 0),
                     },
                 ));
                 pos += rec_len;

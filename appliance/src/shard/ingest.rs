@@ -65,6 +65,7 @@ pub fn verify(
         raw_len: c.raw_len,
         flags: flags_of(c.compression),
         data: c.data,
+        owner: None,
     })
 }
 
@@ -102,6 +103,7 @@ pub fn verify_envelope(max_chunk: u32, c: IncomingChunk) -> Result<PendingChunk,
         raw_len: c.raw_len,
         flags: FLAG_SEALED,
         data: c.data,
+        owner: None,
     })
 }
 
@@ -141,11 +143,13 @@ pub(super) async fn put(
 
     let mut verified = Vec::with_capacity(chunks.len());
     for c in chunks {
-        verified.push(if state.sealed {
+        let mut v = if state.sealed {
             verify_envelope(state.max_chunk, c)?
         } else {
             verify(&state.dedup_key, state.max_chunk, c)?
-        });
+        };
+        v.owner = owner;
+        verified.push(v);
         glommio::yield_if_needed().await;
     }
     // The space check covers the whole request, chunks already stored included: whether an
@@ -163,16 +167,21 @@ pub(super) async fn put(
     for (c, p) in verified.into_iter().zip(present) {
         // Sealed mode: a stored envelope other than this one is one of two uploads of the same
         // id, at most one honest (readers check the keyed id): the new one is written and the
-        // index points at it, the old entry is recorded for `verify`.
+        // index points at it, the old entry is recorded for `verify`. Never over a record the
+        // same account wrote: a compromised client cannot destroy what it stored. A record
+        // without a digest (rebuilt from footers) is replaced by any upload.
         let differs = state.sealed
-            && p.as_ref()
-                .and_then(|e| e.digest)
-                .is_some_and(|d| d != *blake3::hash(&c.data).as_bytes());
+            && p.as_ref().is_some_and(|e| {
+                e.digest
+                    .is_none_or(|d| d != *blake3::hash(&c.data).as_bytes())
+                    && (e.uploader.is_none() || e.uploader != owner)
+            });
         if p.is_some() && !state.is_damaged(&c.id) && !differs {
             outcome.deduplicated += 1;
         } else {
             match p {
-                Some(old) if differs => replaced.push((c.id, old)),
+                // A record without a digest is written again, not reported: nothing known differs.
+                Some(old) if differs && old.digest.is_some() => replaced.push((c.id, old)),
                 // Written again; the index then points at the new record (C8).
                 Some(_) => healing.push(c.id),
                 None => {}
@@ -214,14 +223,18 @@ pub(super) async fn rewrite(state: &Rc<ShardState>, ids: &[ChunkId]) -> Result<u
         .store
         .check_space(bytes)
         .map_err(|e| IngestError::NoSpace(e.source.to_string()))?;
+    // A sealed record keeps who wrote it.
+    let uploaders = state.index.get_many(ids).map_err(|e| index_error(&e))?;
     let candidates = stored
         .into_iter()
-        .map(|c| PendingChunk {
+        .zip(uploaders)
+        .map(|(c, e)| PendingChunk {
             id: c.id,
             raw_len: c.raw_len,
             // A sealed envelope stays one: its flag decides how every reader takes it.
             flags: flags_of(c.compression) | if c.sealed { FLAG_SEALED } else { 0 },
             data: c.data,
+            owner: e.and_then(|e| e.uploader),
         })
         .collect();
     let mut outcome = PutOutcome::default();

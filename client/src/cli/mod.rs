@@ -123,7 +123,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let path = std::fs::canonicalize(path.unwrap_or_else(|| PathBuf::from(".")))?;
             let text = path.to_string_lossy().into_owned();
-            let p = connected(&cfg_path, async |s| Ok(s.policy(&text).await?)).await?;
+            let (p, stored) = connected(&cfg_path, async |s| {
+                Ok((s.policy(&text).await?, s.path_as_stored(&text)))
+            })
+            .await?;
+            if let Some(tag) = stored.filter(|t| *t != text) {
+                println!("(sealed repository: the appliance knows {text} as {tag})");
+            }
             if p.fields.is_empty() {
                 println!("no policy sets anything for {text}: retention keeps everything");
             }

@@ -100,7 +100,14 @@ impl Member {
         let conv = self
             .conv_key
             .ok_or_else(|| self.lacks("back up (it has no chunk key)"))?;
-        let ck = *blake3::keyed_hash(&conv, &plain).as_bytes();
+        let frame = Frame::new(ChunkId::default(), plain, codec);
+        let mut body = Vec::with_capacity(5 + frame.data.len());
+        body.push(u8::try_from(i32::from(frame.compression)).unwrap_or(0));
+        body.extend_from_slice(&frame.raw_len.to_le_bytes());
+        body.extend_from_slice(&frame.data);
+        // The key of exactly this body (compressed form included): two bodies never share a
+        // key, so the fixed nonce never seals two messages under one key.
+        let ck = *blake3::keyed_hash(&conv, &body).as_bytes();
         let mut material = [0u8; 64];
         material[..32].copy_from_slice(&conv);
         material[32..].copy_from_slice(&ck);
@@ -112,11 +119,6 @@ impl Member {
             &self.data_public,
             WRAP_INFO,
         );
-        let frame = Frame::new(ChunkId::default(), plain, codec);
-        let mut body = Vec::with_capacity(5 + frame.data.len());
-        body.push(u8::try_from(i32::from(frame.compression)).unwrap_or(0));
-        body.extend_from_slice(&frame.raw_len.to_le_bytes());
-        body.extend_from_slice(&frame.data);
         let mut out = encode_refs(refs);
         out.extend_from_slice(&self.generation.to_le_bytes());
         out.extend_from_slice(&eph_public);
@@ -194,7 +196,7 @@ impl Member {
         };
         let id_key = self.id_key()?;
         if coffer_proto::chunk_id(&id_key, &plain) != *want
-            || blake3::keyed_hash(&self.conv_key.unwrap_or_default(), &plain).as_bytes() != &ck
+            || blake3::keyed_hash(&self.conv_key.unwrap_or_default(), &body).as_bytes() != &ck
         {
             return Err(corrupt());
         }
@@ -211,7 +213,7 @@ impl Member {
             .path_key
             .ok_or_else(|| self.lacks("back up (it has no path key)"))?;
         Ok(format!(
-            "sealed:{}",
+            "/.sealed/{}",
             hex::encode(&blake3::keyed_hash(&k, path.as_bytes()).as_bytes()[..16])
         ))
     }
@@ -277,8 +279,14 @@ impl Member {
         })?;
         // Keys retired by a rotation (a removed member's) seal nothing newer than the rotation;
         // five minutes allow for a backup that was running across it.
+        // The appliance's commit time, not the writer's word (a removed member would backdate).
+        let committed = if snap.committed_us > 0 {
+            snap.committed_us
+        } else {
+            snap.time_us
+        };
         if let Some(next) = self.rotations.get(&(g + 1)) {
-            if snap.time_us > next + 300_000_000 {
+            if committed > next + 300_000_000 {
                 return Err(bad(&format!(
                     "its header is sealed under key generation {g}, retired at {} (a removed \
                      member, or a machine whose keys were not issued again)",
@@ -305,6 +313,12 @@ impl Member {
         let writer = self.verify_cert(cert).map_err(|e| bad(&e.to_string()))?;
         if writer.role == Role::LogOnly.name() {
             return Err(bad("its writer is a log-only member"));
+        }
+        if writer.generation != g {
+            return Err(bad(&format!(
+                "its writer was certified for key generation {}, not the header's {g}",
+                writer.generation
+            )));
         }
         let vk = <[u8; 32]>::try_from(&writer.signing_public[..])
             .ok()
@@ -450,11 +464,13 @@ mod tests {
         );
         let reader = m.add_member("a@h", Role::ReadWrite).unwrap();
         let rotated = m.rotations[&2];
-        let snap = |time_us| v1::Snapshot {
+        let snap = |committed_us| v1::Snapshot {
             identity: "w@h".into(),
             root: vec![7; 32].into(),
             sealed: sealed.clone(),
-            time_us,
+            // The writer's own date cannot bring it back before the rotation.
+            time_us: 1,
+            committed_us,
             ..v1::Snapshot::default()
         };
         // Written before the removal: still valid.
@@ -479,7 +495,7 @@ mod tests {
         let t = wo.path_tag("/home/alice").unwrap();
         assert_eq!(t, rw.path_tag("/home/alice").unwrap());
         assert_ne!(t, wo.path_tag("/home/bob").unwrap());
-        assert!(t.starts_with("sealed:") && !t.contains("alice"));
+        assert!(t.starts_with("/.sealed/") && !t.contains("alice"));
         assert!(lo.path_tag("/x").is_err());
     }
 }

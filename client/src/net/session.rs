@@ -279,6 +279,16 @@ impl Session {
         self.hello.role == "write-only"
     }
 
+    /// How the appliance knows `path`: itself, or in a sealed repository its tag (`None` for a
+    /// member without the path key).
+    #[must_use]
+    pub fn path_as_stored(&self, path: &str) -> Option<String> {
+        match &self.member {
+            Some(m) => m.path_tag(path).ok(),
+            None => Some(path.to_string()),
+        }
+    }
+
     /// The keyring member of a sealed repository's session (`None`: managed).
     #[must_use]
     pub fn member(&self) -> Option<&Arc<Member>> {
@@ -651,12 +661,16 @@ impl Session {
     /// # Errors
     /// RPC failures (`PERMISSION_DENIED` without READ on the path's policy).
     pub async fn policy(&self, path: &str) -> Result<crate::policy::BackupPolicy, ClientError> {
+        // Sealed: the appliance knows the path by its tag only (path-level policies are set
+        // for the tag); a member without the path key asks for its account's policy.
+        let asked = match &self.member {
+            Some(m) => m.path_tag(path).unwrap_or_else(|_| "/".into()),
+            None => path.to_string(),
+        };
         let r = self
             .client
             .clone()
-            .get_policy(v1::GetPolicyRequest {
-                path: path.to_string(),
-            })
+            .get_policy(v1::GetPolicyRequest { path: asked })
             .await?
             .into_inner();
         let mut p = crate::policy::BackupPolicy::from_fields(&r.fields)?;
@@ -819,11 +833,13 @@ fn unsealed(m: &Member, s: v1::Snapshot) -> v1::Snapshot {
     }
 }
 
+/// What the signed header says, in place of what the appliance showed (the hostname stays the
+/// account's: a member cannot label its snapshots with another machine).
 fn with_header(mut s: v1::Snapshot, body: v1::HeaderBody) -> v1::Snapshot {
     s.path = body.path;
     s.tags = body.tags;
-    if !body.hostname.is_empty() {
-        s.hostname = body.hostname;
-    }
+    s.stats = body.stats;
+    s.partial = body.partial;
+    s.parent = body.parent;
     s
 }

@@ -47,7 +47,8 @@ impl Inner {
             .digests(stored.iter().map(|&i| ids[i]).collect())
             .await?;
         for (&i, d) in stored.iter().zip(digests) {
-            if d.is_some_and(|d| d[..] != hashes[i * 32..i * 32 + 32]) {
+            // No digest (an entry rebuilt from footers): unknown, so uploaded again.
+            if d.is_none_or(|d| d[..] != hashes[i * 32..i * 32 + 32]) {
                 present[i] = crate::shard::Presence::default();
             }
         }

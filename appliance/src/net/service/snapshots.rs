@@ -23,6 +23,16 @@ pub(super) fn snapshot_id(bytes: &[u8]) -> Result<SnapshotId, ApplianceError> {
         .map_err(|e| ApplianceError::InvalidArgument(format!("snapshot id: {e}")))
 }
 
+fn sealed_header_fits(snap: &v1::Snapshot) -> Result<(), ApplianceError> {
+    if snap.sealed.len() > MAX_SEALED_HEADER {
+        return Err(ApplianceError::InvalidArgument(format!(
+            "a sealed snapshot header may be at most {MAX_SEALED_HEADER} bytes, not {}",
+            snap.sealed.len()
+        )));
+    }
+    Ok(())
+}
+
 /// A snapshot the caller may not read is reported exactly like a missing one.
 pub(super) fn no_snapshot(id: &SnapshotId) -> ApplianceError {
     ApplianceError::NotFound(format!("no snapshot {id}"))
@@ -43,12 +53,7 @@ impl Inner {
                 req.commit_id.len()
             )));
         }
-        if snap.sealed.len() > MAX_SEALED_HEADER {
-            return Err(ApplianceError::InvalidArgument(format!(
-                "a sealed snapshot header may be at most {MAX_SEALED_HEADER} bytes, not {}",
-                snap.sealed.len()
-            )));
-        }
+        sealed_header_fits(&snap)?;
         // Snapshots are never overwritten: the appliance chooses every new snapshot's id, and a
         // commit that names one is refused rather than silently given another.
         if !snap.id.is_empty() {
@@ -103,6 +108,7 @@ impl Inner {
         };
         session.state.check()?;
         let now = crate::clock::now_us();
+        snap.committed_us = now;
         if snap.time_us == 0 {
             snap.time_us = now;
         } else if snap.time_us < 0 || snap.time_us > now + MAX_CLOCK_SKEW_US {
