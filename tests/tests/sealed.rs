@@ -494,6 +494,10 @@ async fn a_poisoned_chunk_is_replaced_by_the_honest_upload_and_reported() {
     // would be refused against the garbage, and the backup would fail).
     t.app.set_disclosure("repository").unwrap();
     admin(&t.app, &["user", "add", MALLORY]);
+    // Alice's backup writes the records; Mallory's of the same tree deduplicates against them
+    // (an account never replaces records it wrote itself, so she poisons Alice's).
+    let a = t.session(ALICE, Role::ReadWrite).await.unwrap();
+    backup(&a, &t.src, &Sealed::opts()).await.unwrap();
     let m = t.session(MALLORY, Role::ReadWrite).await.unwrap();
     let hers = backup(&m, &t.src, &Sealed::opts()).await.unwrap();
     let snap = m
@@ -529,8 +533,13 @@ async fn a_poisoned_chunk_is_replaced_by_the_honest_upload_and_reported() {
     assert!(matches!(e, coffer_client::ClientError::Corrupt(_)), "{e}");
     assert!(!target.join("big.bin").exists());
 
-    let a = t.session(ALICE, Role::ReadWrite).await.unwrap();
-    let sum = backup(&a, &t.src, &Sealed::opts()).await.unwrap();
+    // Alice's next backup reads every file again (no parent): her envelopes differ from the
+    // garbage, so every chunk is answered missing and her upload replaces Mallory's records.
+    let opts = BackupOptions {
+        no_parent: true,
+        ..Sealed::opts()
+    };
+    let sum = backup(&a, &t.src, &opts).await.unwrap();
     assert_eq!(
         sum.new_chunks,
         ids.len() as u64,
