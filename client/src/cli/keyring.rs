@@ -2,8 +2,6 @@
 //! machine. The master file never goes to the appliance nor to fleet machines; each fleet
 //! machine gets the member file of its role (`connect server --keyring FILE`).
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -114,24 +112,13 @@ fn passphrase(file: Option<&Path>, confirm: bool) -> anyhow::Result<String> {
     Ok(p)
 }
 
-/// Writes `text` to `path` with mode 0600, never over an existing file unless `replace`.
+/// Writes `text` to `path` with mode 0600 (`coffer_client::save_private`), never over an
+/// existing file unless `replace`.
 fn write_private(path: &Path, text: &str, replace: bool) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
     if !replace && path.exists() {
-        let _ = std::fs::remove_file(&tmp);
         bail!("{} exists; not overwriting it", path.display());
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    Ok(coffer_client::save_private(path, text)?)
 }
 
 fn open_master(path: &Path, file: Option<&Path>) -> anyhow::Result<(Master, String)> {

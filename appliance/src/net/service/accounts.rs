@@ -76,14 +76,7 @@ impl Inner {
         req: Request<v1::HelloRequest>,
     ) -> Result<v1::HelloResponse, ApplianceError> {
         // The protocol version is checked before anything else, credentials included.
-        if req.get_ref().protocol_version != coffer_proto::PROTOCOL_VERSION {
-            return Err(ApplianceError::FailedPrecondition(format!(
-                "this client speaks coffer protocol {} but the appliance speaks {}; upgrade the \
-                 older side",
-                req.get_ref().protocol_version,
-                coffer_proto::PROTOCOL_VERSION
-            )));
-        }
+        same_protocol(req.get_ref().protocol_version)?;
         let source = crate::net::limits::source_of(&req);
         let req = req.into_inner();
         let (token, identity) = self
@@ -194,4 +187,17 @@ impl Inner {
             acl_defaults: stored == 0,
         })
     }
+}
+
+/// Refuses a client of another protocol version (checked before anything else, credentials
+/// included).
+pub(super) fn same_protocol(version: u32) -> Result<(), ApplianceError> {
+    if version == coffer_proto::PROTOCOL_VERSION {
+        return Ok(());
+    }
+    Err(ApplianceError::FailedPrecondition(format!(
+        "this client speaks coffer protocol {version} but the appliance speaks {}; upgrade the \
+         older side",
+        coffer_proto::PROTOCOL_VERSION
+    )))
 }

@@ -100,14 +100,7 @@ impl Inner {
         &self,
         req: Request<v1::EnrollRequest>,
     ) -> Result<v1::EnrollResponse, ApplianceError> {
-        if req.get_ref().protocol_version != coffer_proto::PROTOCOL_VERSION {
-            return Err(ApplianceError::FailedPrecondition(format!(
-                "this client speaks coffer protocol {} but the appliance speaks {}; upgrade the \
-                 older side",
-                req.get_ref().protocol_version,
-                coffer_proto::PROTOCOL_VERSION
-            )));
-        }
+        super::accounts::same_protocol(req.get_ref().protocol_version)?;
         let source = crate::net::limits::source_of(&req);
         let req = req.into_inner();
         let identity = normalise_identity(&req.identity)?;
