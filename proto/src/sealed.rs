@@ -3,7 +3,7 @@
 //! In a sealed repository every chunk travels and is stored as an *envelope*:
 //!
 //! ```text
-//! envelope = magic "CSE1" | trees u32 | leaves u32 | lists u32 | ids (32 bytes each) | sealed
+//! envelope = magic "CSE2" | trees | leaves | lists (LEB128 varints) | ids (32 bytes each) | sealed
 //! ```
 //!
 //! The ids are the chunk's references in clear — for a tree object the subtrees and `next`
@@ -12,16 +12,20 @@
 //! reachability (commit checks, opened snapshots, the GC mark) without reading a tree. `sealed`
 //! is the client's ciphertext (`docs/format.md`, "Sealed chunk"), opaque here. What the clear
 //! part reveals (the shape of the tree, never a name or a byte of content) is in
-//! `docs/security.md`.
+//! `docs/security.md`. Each part lists an id once: a bundle shared by a hundred small files is
+//! one reference, not a hundred (the set is what the walk needs, and every byte here is stored
+//! in clear beside a ciphertext that already holds it).
 //!
 //! Pure functions on bytes: every decode of untrusted input answers an error, never panics.
 
-use crate::{pack_ids, unpack_ids, v1, ChunkId, CHUNK_ID_LEN};
+use std::collections::HashSet;
 
-/// First bytes of every envelope.
-pub const ENVELOPE_MAGIC: &[u8; 4] = b"CSE1";
-/// Magic and the three counts.
-pub const ENVELOPE_HEAD_LEN: usize = 16;
+use crate::{unpack_ids, v1, ChunkId, CHUNK_ID_LEN};
+
+/// First bytes of every envelope (version 2: varint counts, each id once per part).
+pub const ENVELOPE_MAGIC: &[u8; 4] = b"CSE2";
+/// Magic and the three counts at their shortest (an envelope without references).
+pub const ENVELOPE_HEAD_LEN: usize = 7;
 /// How much larger than its plaintext chunk a data envelope may be: the head, the client's key
 /// wrap and AEAD tag, and room to spare (`docs/format.md`). The appliance accepts envelopes of
 /// up to the chunker maximum plus this; tree objects are built within half the maximum, so
@@ -53,6 +57,7 @@ impl Refs {
         let id_of = |b: &[u8]| ChunkId::from_slice(b).map_err(|e| format!("bad id: {e}"));
         let packed = |b: &[u8]| unpack_ids(b, usize::MAX).map_err(|e| e.to_string());
         let mut r = Self::default();
+        // Repeats are dropped by `encode_refs`.
         if !t.next.is_empty() {
             r.trees.push(id_of(&t.next)?);
         }
@@ -75,23 +80,48 @@ impl Refs {
 pub enum EnvelopeError {
     #[error("not a sealed envelope (bad magic or shorter than its head)")]
     Magic,
+    #[error("a sealed envelope's reference count is not a varint below 2^32")]
+    Count,
     #[error("a sealed envelope declares {declared} references but holds room for {room}")]
     Counts { declared: u64, room: u64 },
 }
 
-/// The head and references of an envelope; the client appends its sealed part.
+/// Each id of `part` once, in the order of first appearance.
+fn unique(part: &[ChunkId]) -> Vec<&ChunkId> {
+    let mut seen = HashSet::with_capacity(part.len());
+    part.iter().filter(|id| seen.insert(*id)).collect()
+}
+
+/// The head and references of an envelope (each id once per part); the client appends its
+/// sealed part.
 #[must_use]
 pub fn encode_refs(refs: &Refs) -> Vec<u8> {
-    let n = refs.trees.len() + refs.leaves.len() + refs.lists.len();
-    let mut out = Vec::with_capacity(ENVELOPE_HEAD_LEN + n * CHUNK_ID_LEN);
+    let parts = [
+        unique(&refs.trees),
+        unique(&refs.leaves),
+        unique(&refs.lists),
+    ];
+    let n: usize = parts.iter().map(Vec::len).sum();
+    let mut out = Vec::with_capacity(ENVELOPE_HEAD_LEN + 12 + n * CHUNK_ID_LEN);
     out.extend_from_slice(ENVELOPE_MAGIC);
-    for part in [&refs.trees, &refs.leaves, &refs.lists] {
-        out.extend_from_slice(&u32::try_from(part.len()).unwrap_or(u32::MAX).to_le_bytes());
+    for part in &parts {
+        prost::encoding::encode_varint(part.len() as u64, &mut out);
     }
-    out.extend_from_slice(&pack_ids(&refs.trees));
-    out.extend_from_slice(&pack_ids(&refs.leaves));
-    out.extend_from_slice(&pack_ids(&refs.lists));
+    for id in parts.iter().flatten() {
+        out.extend_from_slice(id.as_bytes());
+    }
     out
+}
+
+/// A LEB128 varint below 2^32 at the front of `buf`, and the bytes it took.
+///
+/// # Errors
+/// [`EnvelopeError::Count`] for a truncated, overlong or too large varint.
+pub fn read_varint(buf: &[u8]) -> Result<(u32, usize), EnvelopeError> {
+    let mut rest = buf;
+    let v = prost::encoding::decode_varint(&mut rest).map_err(|_| EnvelopeError::Count)?;
+    let v = u32::try_from(v).map_err(|_| EnvelopeError::Count)?;
+    Ok((v, buf.len() - rest.len()))
 }
 
 /// Splits an envelope into its references and the offset where the sealed part starts.
@@ -102,17 +132,16 @@ pub fn decode_refs(envelope: &[u8]) -> Result<(Refs, usize), EnvelopeError> {
     if envelope.len() < ENVELOPE_HEAD_LEN || &envelope[..4] != ENVELOPE_MAGIC {
         return Err(EnvelopeError::Magic);
     }
-    let count = |at: usize| {
-        u64::from(u32::from_le_bytes([
-            envelope[at],
-            envelope[at + 1],
-            envelope[at + 2],
-            envelope[at + 3],
-        ]))
-    };
-    let (t, l, s) = (count(4), count(8), count(12));
+    let mut head = 4;
+    let mut counts = [0u64; 3];
+    for c in &mut counts {
+        let (v, used) = read_varint(&envelope[head..])?;
+        *c = u64::from(v);
+        head += used;
+    }
+    let [t, l, s] = counts;
     let declared = t + l + s;
-    let room = ((envelope.len() - ENVELOPE_HEAD_LEN) / CHUNK_ID_LEN) as u64;
+    let room = ((envelope.len() - head) / CHUNK_ID_LEN) as u64;
     if declared > room {
         return Err(EnvelopeError::Counts { declared, room });
     }
@@ -120,7 +149,7 @@ pub fn decode_refs(envelope: &[u8]) -> Result<(Refs, usize), EnvelopeError> {
     #[allow(clippy::cast_possible_truncation)]
     let (t, l, s) = (t as usize, l as usize, s as usize);
     let ids = |from: usize, n: usize| {
-        let at = ENVELOPE_HEAD_LEN + from * CHUNK_ID_LEN;
+        let at = head + from * CHUNK_ID_LEN;
         unpack_ids(&envelope[at..at + n * CHUNK_ID_LEN], n).expect("whole ids within bounds")
     };
     let refs = Refs {
@@ -128,7 +157,7 @@ pub fn decode_refs(envelope: &[u8]) -> Result<(Refs, usize), EnvelopeError> {
         leaves: ids(t, l),
         lists: ids(t + l, s),
     };
-    Ok((refs, ENVELOPE_HEAD_LEN + (t + l + s) * CHUNK_ID_LEN))
+    Ok((refs, head + (t + l + s) * CHUNK_ID_LEN))
 }
 
 #[cfg(test)]
@@ -140,18 +169,36 @@ mod tests {
         let id = |b| ChunkId::from_bytes([b; 32]);
         let refs = Refs {
             trees: vec![id(1)],
-            leaves: vec![id(2), id(3)],
-            lists: vec![id(4)],
+            leaves: vec![id(2), id(3), id(2), id(2)],
+            lists: vec![id(4), id(2)],
         };
         let mut env = encode_refs(&refs);
         let head = env.len();
+        assert_eq!(
+            head,
+            4 + 3 + 5 * 32,
+            "repeats within a part are stored once"
+        );
         env.extend_from_slice(b"opaque");
-        assert_eq!(decode_refs(&env), Ok((refs, head)));
-        assert_eq!(decode_refs(b"CSE1"), Err(EnvelopeError::Magic));
+        let once = Refs {
+            leaves: vec![id(2), id(3)],
+            ..refs.clone()
+        };
+        assert_eq!(decode_refs(&env), Ok((once, head)));
+        assert_eq!(encode_refs(&Refs::default()).len(), ENVELOPE_HEAD_LEN);
+        assert_eq!(decode_refs(b"CSE2"), Err(EnvelopeError::Magic));
         assert_eq!(decode_refs(b"XXXX000000000000"), Err(EnvelopeError::Magic));
-        let mut lying = encode_refs(&Refs::default());
-        lying[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
-        lying[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(decode_refs(b"CSE1\0\0\0\0\0\0"), Err(EnvelopeError::Magic));
+        // Counts past 2^32, truncated or overlong varints.
+        assert_eq!(
+            decode_refs(b"CSE2\xff\xff\xff\xff\x7f\0\0"),
+            Err(EnvelopeError::Count)
+        );
+        assert_eq!(decode_refs(b"CSE2\0\0\x80"), Err(EnvelopeError::Count));
+        let mut lying = b"CSE2".to_vec();
+        for _ in 0..3 {
+            prost::encoding::encode_varint(u64::from(u32::MAX), &mut lying);
+        }
         assert!(matches!(
             decode_refs(&lying),
             Err(EnvelopeError::Counts { room: 0, .. })

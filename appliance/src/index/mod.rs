@@ -49,7 +49,9 @@ pub const META_DAMAGED: &[u8] = b"!meta:damaged-chunks";
 pub const META_REPLACED: &[u8] = b"!meta:replaced-chunks";
 /// Most replacements remembered per shard.
 pub const MAX_REPLACED: usize = 4096;
-const REPLACED_LEN: usize = 32 + 8 + 82;
+const REPLACED_LEN: usize = 32 + 8 + REPLACED_ENTRY_LEN;
+const REPLACED_ENTRY_LEN: usize =
+    crate::pack::format::INDEX_ENTRY_LEN + crate::pack::format::SEALED_TAIL_LEN;
 
 /// A replaced sealed record, as [`META_REPLACED`] remembers it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,7 +92,7 @@ pub fn add_replaced(
     let mut raw = index.get_meta(META_REPLACED)?.unwrap_or_default();
     for (id, e) in old {
         let mut entry = e.encode();
-        entry.resize(82, 0);
+        entry.resize(REPLACED_ENTRY_LEN, 0);
         raw.extend_from_slice(id.as_bytes());
         raw.extend_from_slice(&time_us.to_le_bytes());
         raw.extend_from_slice(&entry);

@@ -192,18 +192,40 @@ pub struct IndexEntry {
     /// Record length (header + payload).
     pub len: u32,
     pub raw_len: u32,
-    /// Sealed records: BLAKE3 of the stored envelope, so that an upload of a different envelope
-    /// under the same id (a poisoned record, or the honest one replacing it) is seen without
-    /// reading the record. `None` for managed records and for entries rebuilt from footers.
-    pub digest: Option<[u8; 32]>,
+    /// Sealed records: [`envelope_digest`] of the stored envelope, so that an upload of a
+    /// different envelope under the same id (a poisoned record, or the honest one replacing it)
+    /// is seen without reading the record. `None` for managed records and for entries rebuilt
+    /// from footers.
+    pub digest: Option<[u8; ENVELOPE_DIGEST_LEN]>,
     /// Sealed records: the ownership key of the account whose upload wrote it. An account never
     /// replaces a record it wrote itself (a compromised client cannot destroy what it stored);
     /// `None` when unknown (all zero on disk).
     pub uploader: Option<[u8; 16]>,
 }
 
+/// Bytes of an envelope digest kept in the index: 128 bits. To pass garbage off as a stored
+/// envelope (or the reverse) an uploader would need a second preimage of BLAKE3 truncated to
+/// 128 bits; the honest envelope is fixed by its plaintext and keyring, so a birthday search has
+/// nothing to vary on one side. Half the index bytes of a full hash, on every sealed chunk.
+pub const ENVELOPE_DIGEST_LEN: usize = 16;
+/// See [`ENVELOPE_DIGEST_LEN`].
+pub type EnvelopeDigest = [u8; ENVELOPE_DIGEST_LEN];
+
+/// The digest of a sealed envelope as the index keeps it: the first 16 bytes of its BLAKE3
+/// (what `FindMissingRequest.envelope_hashes` declares in full).
+#[must_use]
+pub fn envelope_digest(envelope: &[u8]) -> [u8; ENVELOPE_DIGEST_LEN] {
+    let h = blake3::hash(envelope);
+    h.as_bytes()[..ENVELOPE_DIGEST_LEN]
+        .try_into()
+        .expect("16 of 32 bytes")
+}
+
+/// Bytes of the sealed tail of an index entry: digest and uploader.
+pub const SEALED_TAIL_LEN: usize = ENVELOPE_DIGEST_LEN + 16;
+
 impl IndexEntry {
-    /// 34 bytes, or 82 with the envelope digest and uploader of a sealed record.
+    /// 34 bytes, or 66 with the envelope digest and uploader of a sealed record.
     #[must_use]
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; INDEX_ENTRY_LEN];
@@ -236,10 +258,10 @@ impl IndexEntry {
             len: le_u32(b, 26),
             raw_len: le_u32(b, 30),
             digest: b
-                .get(INDEX_ENTRY_LEN..INDEX_ENTRY_LEN + 32)
-                .map(|d| d.try_into().expect("32 bytes")),
+                .get(INDEX_ENTRY_LEN..INDEX_ENTRY_LEN + ENVELOPE_DIGEST_LEN)
+                .map(|d| d.try_into().expect("16 bytes")),
             uploader: b
-                .get(INDEX_ENTRY_LEN + 32..INDEX_ENTRY_LEN + 48)
+                .get(INDEX_ENTRY_LEN + ENVELOPE_DIGEST_LEN..INDEX_ENTRY_LEN + SEALED_TAIL_LEN)
                 .filter(|u| u.iter().any(|&x| x != 0))
                 .map(|u| u.try_into().expect("16 bytes")),
         })
@@ -430,11 +452,11 @@ mod tests {
         assert!(IndexEntry::decode(&e.encode()[..10]).is_err());
         let sealed = IndexEntry {
             flags: FLAG_SEALED,
-            digest: Some([9; 32]),
+            digest: Some([9; ENVELOPE_DIGEST_LEN]),
             uploader: Some([5; 16]),
             ..e
         };
-        assert_eq!(sealed.encode().len(), INDEX_ENTRY_LEN + 48);
+        assert_eq!(sealed.encode().len(), INDEX_ENTRY_LEN + SEALED_TAIL_LEN);
         assert_eq!(IndexEntry::decode(&sealed.encode()).unwrap(), sealed);
     }
 

@@ -260,7 +260,7 @@ impl<S: PackStore> PackWriter<S> {
                         len,
                         raw_len: c.raw_len,
                         digest: (c.flags & FLAG_SEALED != 0)
-                            .then(|| *blake3::hash(&c.data).as_bytes()),
+                            .then(|| super::format::envelope_digest(&c.data)),
                         uploader: c.owner.filter(|_| c.flags & FLAG_SEALED != 0),
                     },
                 ));

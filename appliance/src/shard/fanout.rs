@@ -156,7 +156,7 @@ impl Shards {
     pub async fn digests(
         &self,
         ids: Vec<ChunkId>,
-    ) -> Result<Vec<Option<[u8; 32]>>, ApplianceError> {
+    ) -> Result<Vec<Option<crate::pack::format::EnvelopeDigest>>, ApplianceError> {
         self.gather(ids, |id| *id, |s, ids| async move { s.digests(ids).await })
             .await
     }

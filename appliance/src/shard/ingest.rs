@@ -173,7 +173,7 @@ pub(super) async fn put(
         let differs = state.sealed
             && p.as_ref().is_some_and(|e| {
                 e.digest
-                    .is_none_or(|d| d != *blake3::hash(&c.data).as_bytes())
+                    .is_none_or(|d| d != crate::pack::format::envelope_digest(&c.data))
                     && (e.uploader.is_none() || e.uploader != owner)
             });
         if p.is_some() && !state.is_damaged(&c.id) && !differs {

@@ -126,7 +126,7 @@ pub enum ShardRequest {
     /// without one), from the index alone.
     Digests {
         ids: Vec<ChunkId>,
-        reply: Reply<Vec<Option<[u8; 32]>>>,
+        reply: Reply<Vec<Option<crate::pack::format::EnvelopeDigest>>>,
     },
     /// The chunks this shard lists as damaged (C8; usually none).
     Damaged { reply: Reply<Vec<ChunkId>> },
@@ -245,7 +245,7 @@ impl ShardHandle {
     pub async fn digests(
         &self,
         ids: Vec<ChunkId>,
-    ) -> Result<Vec<Option<[u8; 32]>>, ApplianceError> {
+    ) -> Result<Vec<Option<crate::pack::format::EnvelopeDigest>>, ApplianceError> {
         self.call(|reply| ShardRequest::Digests { ids, reply })
             .await
     }

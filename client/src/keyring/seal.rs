@@ -1,20 +1,22 @@
 //! Sealing chunks and snapshot headers under a keyring (`docs/format.md`, "Sealed chunk" and
 //! "Sealed header").
 //!
-//! * A chunk is encrypted convergently: its key `ck` is keyed BLAKE3 of the plaintext under
-//!   `K_conv`, so identical plaintext gives identical bytes within the keyring and the appliance
-//!   deduplicates them without reading them. `ck` travels in the envelope wrapped to the
-//!   keyring's data public key (X25519 with an ephemeral key derived from `K_conv` and `ck`,
-//!   HKDF-SHA256, AES-256-GCM), so only holders of the data private key read it. Each key
-//!   seals exactly one plaintext, so a fixed nonce is safe.
+//! * A chunk is encrypted convergently: its seed `ck` is keyed BLAKE3 of the body (compressed
+//!   plaintext) under `K_conv`, and the envelope is sealed to the keyring's data public key
+//!   with an ephemeral X25519 key derived from `ck` (HKDF-SHA256, AES-256-GCM). Identical
+//!   plaintext gives identical bytes within the keyring, so the appliance deduplicates them
+//!   without reading them, and only holders of the data private key open them. Each derived
+//!   key seals exactly one body, so a fixed nonce is safe. The envelope carries the ephemeral
+//!   public key and nothing else per chunk (no wrapped key): 59 bytes beyond the compressed
+//!   data for a chunk without references (`docs/format.md`).
 //! * A snapshot header is signed by its writer (Ed25519, with the writer's certificate) and
 //!   sealed to the log public key with a random ephemeral key.
 //!
-//! Readers check everything: the AEAD tags, the keyed id of the plaintext, the certificate
+//! Readers check everything: the AEAD tag, the keyed id of the plaintext, the certificate
 //! chain and the writer's signature. Nothing unverified is returned.
 
 use bytes::Bytes;
-use coffer_proto::sealed::{decode_refs, encode_refs, Refs};
+use coffer_proto::sealed::{decode_refs, encode_refs, read_varint, Refs};
 use coffer_proto::{v1, ChunkId};
 use ed25519_dalek::{Signer, Verifier};
 use prost::Message;
@@ -24,14 +26,41 @@ use super::{derive, keyring, x25519_public, Key, Member, Role};
 use crate::net::{Codec, Frame};
 use crate::ClientError;
 
-const WRAP_INFO: &[u8] = b"coffer 2026 sealed chunk key wrap v1";
+const CHUNK_INFO: &[u8] = b"coffer 2026 sealed chunk v2";
 const HEADER_INFO: &[u8] = b"coffer 2026 sealed header v1";
-const CTX_EPH: &str = "coffer 2026 sealed chunk ephemeral key v1";
+const CTX_EPH: &str = "coffer 2026 sealed chunk ephemeral key v2";
 /// Magic of a sealed snapshot header.
 pub const HEADER_MAGIC: &[u8; 4] = b"CSH1";
-/// Generation, ephemeral public key, wrapped chunk key (key + tag).
-const WRAP_LEN: usize = 4 + 32 + 48;
 const TAG: usize = 16;
+/// Body compression: zstd with the envelope's references as a raw-content dictionary, so that
+/// the ids a tree object or list chunk holds (already in clear before it) cost a few bytes each
+/// instead of 32 again. Outside the protocol's `Compression` values on purpose: only readers of
+/// the body ever see it.
+const ZSTD_REFS: u8 = 16;
+/// First bytes of a zstd dictionary: a reference list starting so would not be raw content.
+const ZSTD_DICT_MAGIC: [u8; 4] = 0xEC30_A437u32.to_le_bytes();
+
+/// How many ids the envelope head `head` (as `encode_refs` wrote it) declares.
+fn ref_count(head: &[u8]) -> usize {
+    decode_refs(head).map_or(0, |(r, _)| r.all().count())
+}
+
+/// `plain` compressed with zstd against `dict` (the envelope's ids), when that is possible and
+/// smaller.
+fn compress_with_refs(plain: &[u8], dict: &[u8], codec: Codec) -> Option<Vec<u8>> {
+    let level = match codec {
+        Codec::None => return None,
+        Codec::Zstd(level) => level,
+        Codec::Lz4 => 1,
+    };
+    if dict.is_empty() || dict.starts_with(&ZSTD_DICT_MAGIC) {
+        return None;
+    }
+    let packed = zstd::bulk::Compressor::with_dictionary(level, dict)
+        .and_then(|mut z| z.compress(plain))
+        .ok()?;
+    (packed.len() < plain.len()).then_some(packed)
+}
 
 /// AES-256-GCM with a zero nonce: only for keys that seal one message (see the module doc).
 pub(crate) fn aead_seal(key: &Key, aad: &[u8], plain: &[u8]) -> Vec<u8> {
@@ -100,30 +129,34 @@ impl Member {
         let conv = self
             .conv_key
             .ok_or_else(|| self.lacks("back up (it has no chunk key)"))?;
-        let frame = Frame::new(ChunkId::default(), plain, codec);
-        let mut body = Vec::with_capacity(5 + frame.data.len());
-        body.push(u8::try_from(i32::from(frame.compression)).unwrap_or(0));
-        body.extend_from_slice(&frame.raw_len.to_le_bytes());
-        body.extend_from_slice(&frame.data);
-        // The key of exactly this body (compressed form included): two bodies never share a
-        // key, so the fixed nonce never seals two messages under one key.
-        let ck = *blake3::keyed_hash(&conv, &body).as_bytes();
-        let mut material = [0u8; 64];
-        material[..32].copy_from_slice(&conv);
-        material[32..].copy_from_slice(&ck);
-        let eph = derive(CTX_EPH, &blake3::hash(&material).into(), None);
+        let mut out = encode_refs(refs);
+        let ids = &out[out.len() - ref_count(&out) * 32..];
+        let mut body = Vec::with_capacity(6 + plain.len());
+        if let Some(packed) = compress_with_refs(&plain, ids, codec) {
+            body.push(ZSTD_REFS);
+            prost::encoding::encode_varint(plain.len() as u64, &mut body);
+            body.extend_from_slice(&packed);
+        } else {
+            let frame = Frame::new(ChunkId::default(), plain, codec);
+            body.push(u8::try_from(i32::from(frame.compression)).unwrap_or(0));
+            prost::encoding::encode_varint(u64::from(frame.raw_len), &mut body);
+            body.extend_from_slice(&frame.data);
+        }
+        // The seed of exactly this body (compressed form included): two bodies never share an
+        // ephemeral key, hence never a body key, so the fixed nonce never seals two messages
+        // under one key.
+        let ck = blake3::keyed_hash(&conv, &body).into();
+        let eph = derive(CTX_EPH, &ck, None);
         let eph_public = x25519_public(&eph);
-        let wrap = agreed(
+        let key = agreed(
             &dh(&eph, &self.data_public),
             &eph_public,
             &self.data_public,
-            WRAP_INFO,
+            CHUNK_INFO,
         );
-        let mut out = encode_refs(refs);
-        out.extend_from_slice(&self.generation.to_le_bytes());
+        prost::encoding::encode_varint(u64::from(self.generation), &mut out);
         out.extend_from_slice(&eph_public);
-        out.extend_from_slice(&aead_seal(&wrap, WRAP_INFO, &ck));
-        let sealed = aead_seal(&ck, &out, &body);
+        let sealed = aead_seal(&key, &out, &body);
         out.extend_from_slice(&sealed);
         Ok(out)
     }
@@ -141,11 +174,14 @@ impl Member {
         limit: usize,
     ) -> Result<Bytes, ClientError> {
         let corrupt = || ClientError::Corrupt(want.to_hex());
-        let (_, at) = decode_refs(envelope).map_err(|_| corrupt())?;
-        if envelope.len() < at + WRAP_LEN + TAG {
+        let (refs, refs_end) = decode_refs(envelope).map_err(|_| corrupt())?;
+        let ids = &envelope[refs_end - refs.all().count() * 32..refs_end];
+        debug_assert_eq!(refs.all().count(), ref_count(&envelope[..refs_end]));
+        let (g, used) = read_varint(&envelope[refs_end..]).map_err(|_| corrupt())?;
+        let at = refs_end + used;
+        if envelope.len() < at + 32 + TAG {
             return Err(corrupt());
         }
-        let g = u32::from_le_bytes(envelope[at..at + 4].try_into().expect("4 bytes"));
         // No keyring rotates this often: such a generation is damage or garbage, not keys this
         // member file lacks.
         if g == 0 || g > self.generation.saturating_add(64) {
@@ -156,48 +192,54 @@ impl Member {
                 self.lacks("read chunks (it holds no data key)")
             } else {
                 keyring(format!(
-                    "chunk {want} is sealed under key generation {g}, which member file of {} \
-                     does not hold; issue it again from the master",
+                    "chunk {want} is sealed under key generation {g}, which the member file of \
+                     {} does not hold: after a rotation, issue the file again from the master; \
+                     otherwise the record is damaged or poisoned (`coffer-appliance verify`)",
                     self.member
                 ))
             }
         })?;
-        let eph_public: Key = envelope[at + 4..at + 36].try_into().expect("32 bytes");
-        let wrapped = &envelope[at + 36..at + WRAP_LEN];
-        let wrap = agreed(
+        let eph_public: Key = envelope[at..at + 32].try_into().expect("32 bytes");
+        let key = agreed(
             &dh(secret, &eph_public),
             &eph_public,
             &x25519_public(secret),
-            WRAP_INFO,
+            CHUNK_INFO,
         );
-        let ck: Key = aead_open(&wrap, WRAP_INFO, wrapped)
-            .and_then(|k| k.try_into().ok())
-            .ok_or_else(corrupt)?;
-        let body_at = at + WRAP_LEN;
+        let body_at = at + 32;
         let body =
-            aead_open(&ck, &envelope[..body_at], &envelope[body_at..]).ok_or_else(corrupt)?;
-        if body.len() < 5 {
+            aead_open(&key, &envelope[..body_at], &envelope[body_at..]).ok_or_else(corrupt)?;
+        let Some((&compression, rest)) = body.split_first() else {
             return Err(corrupt());
-        }
-        let raw_len = u32::from_le_bytes(body[1..5].try_into().expect("4 bytes")) as usize;
+        };
+        let (raw_len, used) = read_varint(rest).map_err(|_| corrupt())?;
+        let (raw_len, data) = (raw_len as usize, &rest[used..]);
         if raw_len > limit {
             return Err(corrupt());
         }
-        let plain: Bytes = match v1::Compression::try_from(i32::from(body[0])) {
-            Ok(v1::Compression::None) if body.len() - 5 == raw_len => {
-                Bytes::copy_from_slice(&body[5..])
+        let plain: Bytes = match v1::Compression::try_from(i32::from(compression)) {
+            _ if compression == ZSTD_REFS && !ids.starts_with(&ZSTD_DICT_MAGIC) => {
+                let out = zstd::bulk::Decompressor::with_dictionary(ids)
+                    .and_then(|mut z| z.decompress(data, raw_len))
+                    .map_err(|_| corrupt())?;
+                if out.len() != raw_len {
+                    return Err(corrupt());
+                }
+                out.into()
             }
+            Ok(v1::Compression::None) if data.len() == raw_len => Bytes::copy_from_slice(data),
             Ok(c @ (v1::Compression::Zstd | v1::Compression::Lz4)) => {
-                coffer_proto::codec::decode(c, &body[5..], raw_len)
+                coffer_proto::codec::decode(c, data, raw_len)
                     .map_err(|_| corrupt())?
                     .into()
             }
             _ => return Err(corrupt()),
         };
-        let id_key = self.id_key()?;
-        if coffer_proto::chunk_id(&id_key, &plain) != *want
-            || blake3::keyed_hash(&self.conv_key.unwrap_or_default(), &body).as_bytes() != &ck
-        {
+        // The tag proves the body was sealed to this keyring's data key; the keyed id proves it
+        // is the chunk asked for (only members hold `K_id`). Whether the writer derived its
+        // ephemeral key canonically is not checked: another valid envelope of the same chunk
+        // is only another digest on the appliance (`docs/security.md`).
+        if coffer_proto::chunk_id(&self.id_key()?, &plain) != *want {
             return Err(corrupt());
         }
         Ok(plain)
@@ -390,6 +432,54 @@ mod tests {
         // Another keyring cannot open it.
         let (stranger, _, _) = members();
         assert!(stranger.open_chunk(&id, &a, 1 << 20).is_err());
+    }
+
+    #[test]
+    fn envelopes_cost_59_bytes_and_references_are_not_paid_twice() {
+        let (rw, _, _) = members();
+        let id_key = rw.id_key().unwrap();
+        // File data: head 7, generation 1, ephemeral key 32, compression 1, raw length 2, tag 16.
+        let noise: Vec<u8> = (0..1000u32)
+            .flat_map(|i| blake3::hash(&i.to_le_bytes()).as_bytes()[..1].to_vec())
+            .collect();
+        let env = rw
+            .seal_chunk(&Refs::default(), noise.clone().into(), Codec::None)
+            .unwrap();
+        assert_eq!(env.len(), noise.len() + 59);
+        // A tree-like object naming 50 ids (random bytes, incompressible on their own): the ids
+        // it holds are coded against the clear references, not stored a second time.
+        let ids: Vec<ChunkId> = (0..50u8)
+            .map(|i| ChunkId::from_bytes(*blake3::hash(&[i]).as_bytes()))
+            .collect();
+        let mut tree = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            tree.extend_from_slice(format!("file-{i}.c").as_bytes());
+            tree.extend_from_slice(id.as_bytes());
+        }
+        let refs = Refs {
+            leaves: ids.clone(),
+            ..Refs::default()
+        };
+        let env = rw
+            .seal_chunk(&refs, tree.clone().into(), Codec::Zstd(3))
+            .unwrap();
+        assert!(
+            env.len() < 50 * 32 + (tree.len() - 50 * 32) + 59 + 50 * 6,
+            "{} bytes for {} of tree and {} of references",
+            env.len(),
+            tree.len(),
+            50 * 32
+        );
+        let want = coffer_proto::chunk_id(&id_key, &tree);
+        assert_eq!(rw.open_chunk(&want, &env, 1 << 20).unwrap(), tree);
+        // The references are authenticated: another id in their place fails the tag.
+        let (_, end) = decode_refs(&env).unwrap();
+        let mut forged = env.clone();
+        forged[end - 1] ^= 1;
+        assert!(matches!(
+            rw.open_chunk(&want, &forged, 1 << 20),
+            Err(ClientError::Corrupt(_))
+        ));
     }
 
     #[test]

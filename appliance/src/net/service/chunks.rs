@@ -48,7 +48,7 @@ impl Inner {
             .await?;
         for (&i, d) in stored.iter().zip(digests) {
             // No digest (an entry rebuilt from footers): unknown, so uploaded again.
-            if d.is_none_or(|d| d[..] != hashes[i * 32..i * 32 + 32]) {
+            if d.is_none_or(|d| d[..] != hashes[i * 32..i * 32 + d.len()]) {
                 present[i] = crate::shard::Presence::default();
             }
         }
