@@ -21,6 +21,7 @@ pub mod faults;
 mod fuzz_targets;
 mod index;
 mod maintenance;
+pub mod metrics;
 mod net;
 pub mod pack;
 pub mod pipeline;

@@ -3,6 +3,7 @@
 
 mod cli;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -14,16 +15,23 @@ fn main() -> ExitCode {
     // Everything the appliance creates (catalog, index, packs, keys) is private to its user:
     // RocksDB and plain creates honour the umask.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("COFFER_LOG")
-                // glommio logs a benign ERROR when it probes a file system for
-                // io_uring polled I/O and finds none; it then uses the normal ring.
-                .unwrap_or_else(|_| "info,glommio::reactor=off".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match cli::run(cli::Cli::parse()) {
+    let args = cli::Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("COFFER_LOG")
+        // glommio logs a benign ERROR when it probes a file system for
+        // io_uring polled I/O and finds none; it then uses the normal ring.
+        .unwrap_or_else(|_| "info,glommio::reactor=off".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.log_format == cli::LogFormat::Json {
+        logs.json().flatten_event(true).init();
+    } else if std::env::var_os("JOURNAL_STREAM").is_some() {
+        // Under systemd: journald stamps every line itself and shows no colours.
+        logs.with_ansi(false).without_time().init();
+    } else {
+        logs.with_ansi(std::io::stderr().is_terminal()).init();
+    }
+    match cli::run(args) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -57,7 +57,10 @@ pub struct Appliance {
     stdin: Option<std::process::ChildStdin>,
     pub addr: Option<String>,
     pub fingerprint: Option<String>,
-    log: PathBuf,
+    /// `http://…/metrics` when started with `--metrics-listen`.
+    pub metrics_url: Option<String>,
+    /// Everything the appliance wrote to standard error, across starts.
+    pub log: PathBuf,
     /// Extra `serve` arguments and environment (e.g. a server control user).
     pub serve_args: Vec<String>,
     pub serve_env: Vec<(String, String)>,
@@ -129,6 +132,7 @@ impl Appliance {
             stdin: None,
             addr: None,
             fingerprint: None,
+            metrics_url: None,
             log: dir.join("appliance.log"),
             serve_args: Vec::new(),
             serve_env: Vec::new(),
@@ -231,6 +235,9 @@ impl Appliance {
                     self.log_tail()
                 );
             };
+            if let Some(u) = line.strip_prefix("METRICS ON: ") {
+                self.metrics_url = Some(u.trim().to_string());
+            }
             if let Some(f) = line.strip_prefix("SERVER CERT SHA256: ") {
                 fp = Some(f.trim().to_string());
             }

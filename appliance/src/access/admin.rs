@@ -133,6 +133,41 @@ pub enum Request {
         #[serde(default)]
         now_us: Option<i64>,
     },
+    /// How the running appliance is doing (`status`).
+    Status,
+}
+
+/// The running appliance at a glance (`coffer-appliance status`). Counts are since it started.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub version: String,
+    /// `managed` or `sealed`.
+    pub mode: String,
+    pub started_us: i64,
+    pub uptime_secs: u64,
+    pub shards: u64,
+    /// RocksDB's estimate, all shards.
+    pub index_entries: u64,
+    pub sessions: u64,
+    pub rpcs_in_flight: u64,
+    pub upload_bytes_in_flight: u64,
+    pub read_bytes_in_flight: u64,
+    pub snapshots_committed: u64,
+    /// Bytes the committed snapshots cover.
+    pub logical_bytes: u64,
+    /// Chunk bytes received (as sent) and how many of them were new.
+    pub received_bytes: u64,
+    pub stored_bytes: u64,
+    /// Chunk bytes received per second over the last minute.
+    pub receive_rate_1m: f64,
+    pub disk_free_bytes: u64,
+    pub disk_size_bytes: u64,
+    /// 0: no maintenance run since the start.
+    pub maintenance_last_run_us: i64,
+    pub maintenance_last_duration_secs: f64,
+    pub maintenance_runs: u64,
+    pub maintenance_errors: u64,
+    pub maintenance_freed_bytes: u64,
 }
 
 /// One field of an effective policy, for display.
@@ -198,6 +233,9 @@ pub struct Reply {
     /// What garbage collection did, or with `dry_run` would do (`MaintenanceRun`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gc: Option<crate::maintenance::gc::GcReport>,
+    /// The running appliance (`Status`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<StatusReport>,
 }
 
 /// A snapshot as the admin commands list it.
@@ -385,6 +423,13 @@ fn apply_unaudited(catalog: &Catalog, req: &Request) -> Result<Reply, ApplianceE
                 .ok_or_else(|| ApplianceError::NotFound(format!("no user {identity}")))?;
             rec.quota = *quota;
             catalog.set_user(&rec)?;
+        }
+        Request::Status => {
+            return Err(ApplianceError::FailedPrecondition(
+                "the appliance is not running (no answer on its admin socket): nothing to report; \
+                 start it with `coffer-appliance serve`"
+                    .into(),
+            ))
         }
         Request::Usage { .. } => {
             return Err(ApplianceError::FailedPrecondition(

@@ -148,6 +148,7 @@ pub(super) fn admin_run(repo: &Path, req: &admin::Request) -> anyhow::Result<adm
             | admin::Request::PolicyShow { .. }
             | admin::Request::MaintenanceRun { dry_run: true, .. }
             | admin::Request::Usage { .. }
+            | admin::Request::Status
             | admin::Request::Disclosure { mode: None }
             | admin::Request::SnapshotList
             | admin::Request::AuditShow { .. }

@@ -110,3 +110,95 @@ pub fn usage(a: &UsageArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    repo: RepoArg,
+    /// One JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Unix microseconds as a UTC date and time, to the second.
+fn when(us: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(us.div_euclid(1_000_000)).map_or_else(
+        |_| us.to_string(),
+        |t| {
+            format!(
+                "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            )
+        },
+    )
+}
+
+/// `status [--json]`: the running appliance's [`admin::StatusReport`].
+pub fn status(a: &StatusArgs) -> anyhow::Result<()> {
+    let s = admin_run(&a.repo.repo, &admin::Request::Status)?
+        .status
+        .ok_or_else(|| {
+            anyhow::anyhow!("the appliance answered without a status (older version?)")
+        })?;
+    if a.json {
+        println!("{}", serde_json::to_string(&s)?);
+        return Ok(());
+    }
+    let (days, hours, mins) = (
+        s.uptime_secs / 86_400,
+        s.uptime_secs / 3600 % 24,
+        s.uptime_secs / 60 % 60,
+    );
+    println!("coffer-appliance {} ({} mode)", s.version, s.mode);
+    println!(
+        "started       {} (up {days}d {hours}h {mins}m)",
+        when(s.started_us)
+    );
+    println!(
+        "shards        {} ({} index entries)",
+        s.shards, s.index_entries
+    );
+    println!(
+        "sessions      {} open, {} calls in progress",
+        s.sessions, s.rpcs_in_flight
+    );
+    println!(
+        "in flight     {} of uploads, {} of reads",
+        bytes(s.upload_bytes_in_flight),
+        bytes(s.read_bytes_in_flight)
+    );
+    println!(
+        "since start   {} snapshots covering {}; {} received, {} of it new",
+        s.snapshots_committed,
+        bytes(s.logical_bytes),
+        bytes(s.received_bytes),
+        bytes(s.stored_bytes)
+    );
+    // Whole bytes per second are precise enough for a person.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let rate = s.receive_rate_1m.max(0.0) as u64;
+    println!("receiving     {}/s (last minute)", bytes(rate));
+    println!(
+        "disk          {} free of {}",
+        bytes(s.disk_free_bytes),
+        bytes(s.disk_size_bytes)
+    );
+    if s.maintenance_last_run_us == 0 {
+        println!("maintenance   none since the start");
+    } else {
+        println!(
+            "maintenance   last {} ({:.1} s); {} runs, {} failed, {} freed since the start",
+            when(s.maintenance_last_run_us),
+            s.maintenance_last_duration_secs,
+            s.maintenance_runs,
+            s.maintenance_errors,
+            bytes(s.maintenance_freed_bytes)
+        );
+    }
+    Ok(())
+}

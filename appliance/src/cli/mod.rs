@@ -28,8 +28,25 @@ use coffer_appliance::{ChunkerParams, MasterKey, Mode, RepoPaths};
     about = "The coffer deduplicating backup appliance"
 )]
 pub struct Cli {
+    /// Log lines as `text` (for people and journald) or `json` (one object per line, for log
+    /// shippers). Logs go to standard error; COFFER_LOG sets the filter (default `info`).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "COFFER_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// See [`Cli::log_format`].
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(clap::Args, Debug)]
@@ -78,7 +95,7 @@ pub enum Cmd {
         mode: String,
     },
     /// Serve the repository over gRPC + TLS until SIGTERM/SIGINT.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Manage accounts (through the running appliance if there is one: effective at once).
     User {
         #[command(subcommand)]
@@ -101,6 +118,9 @@ pub enum Cmd {
     /// Space per user or host: logical bytes, stored bytes only they reference, stored bytes
     /// shared with others (counted by the running appliance).
     Usage(maintenance::UsageArgs),
+    /// The running appliance at a glance: version, uptime, shards, sessions, throughput,
+    /// space and the last maintenance (through its admin socket).
+    Status(maintenance::StatusArgs),
     /// Maintenance: `run` applies retention and collects garbage.
     Maintenance {
         #[command(subcommand)]
@@ -234,7 +254,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Mode::Managed
             },
         )?,
-        Cmd::Serve(a) => serve::run(a)?,
+        Cmd::Serve(a) => serve::run(*a)?,
         Cmd::User { cmd } => accounts::user(cmd)?,
         Cmd::Acl { cmd } => accounts::acl(cmd)?,
         Cmd::Disclosure { repo, mode } => accounts::disclosure(&repo.repo, mode)?,
@@ -243,6 +263,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Snapshot { cmd } => history::snapshot(cmd)?,
         Cmd::Audit { cmd } => return history::audit(cmd),
         Cmd::Usage(a) => maintenance::usage(&a)?,
+        Cmd::Status(a) => maintenance::status(&a)?,
         Cmd::Maintenance {
             cmd: MaintenanceCmd::Run(a),
         } => maintenance::run(&a)?,

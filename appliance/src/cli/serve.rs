@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use coffer_appliance::tls;
 use coffer_appliance::RepoPaths;
 
@@ -66,6 +66,14 @@ pub struct ServeArgs {
     /// ServerStatus; its password comes from COFFER_SERVER_CONTROL_PASSWORD.
     #[arg(long, value_name = "NAME@HOST")]
     pub server_control_username: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP: bind it to localhost or a
+    /// private network, or require a token). Port 0 picks one, printed as `METRICS ON:`.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+    /// File whose first line is a bearer token every scrape must present
+    /// (`Authorization: Bearer …`).
+    #[arg(long, value_name = "FILE", requires = "metrics_listen")]
+    pub metrics_token_file: Option<PathBuf>,
 }
 
 /// Resource limits; each default comes from the tuning plan (`coffer-appliance tune` prints
@@ -192,6 +200,21 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     } else {
         tls::load(&a.tls_cert_file, &a.tls_key_file)
     }?;
+    let metrics_token = match &a.metrics_token_file {
+        Some(f) => {
+            let t = std::fs::read_to_string(f)
+                .with_context(|| format!("reading --metrics-token-file {}", f.display()))?;
+            let t = t.lines().next().unwrap_or("").trim().to_owned();
+            if t.len() < 16 {
+                bail!(
+                    "the metrics token in {} is shorter than 16 characters",
+                    f.display()
+                );
+            }
+            Some(t)
+        }
+        None => None,
+    };
     coffer_appliance::serve(
         &paths,
         master,
@@ -205,6 +228,8 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             handshake_timeout: std::time::Duration::from_secs(a.handshake_timeout.max(1)),
             space_reserve: a.space_reserve,
             limits: a.limits.flags(),
+            metrics_listen: a.metrics_listen,
+            metrics_token,
             maintenance: match a.maintenance_at.as_str() {
                 "off" => None,
                 s => Some(coffer_appliance::Schedule::parse(s)?),

@@ -22,6 +22,8 @@ pub(super) struct Admin {
     pub(super) catalog: Arc<Catalog>,
     pub(super) auth: Arc<Auth>,
     pub(super) gc: Arc<Collector>,
+    pub(super) metrics: Arc<crate::metrics::Metrics>,
+    pub(super) scrape: Arc<super::metrics_http::Scrape>,
 }
 
 impl Admin {
@@ -60,6 +62,39 @@ impl Admin {
     /// # Errors
     /// Catalog errors; the collector's (see [`Collector::run`]).
     pub(super) fn maintain(
+        &self,
+        rt: &tokio::runtime::Handle,
+        dry_run: bool,
+        now_us: Option<i64>,
+    ) -> Result<admin::Reply, ApplianceError> {
+        if dry_run {
+            return self.maintain_once(rt, true, now_us);
+        }
+        let began = std::time::Instant::now();
+        let outcome = self.maintain_once(rt, false, now_us);
+        let m = &self.metrics;
+        match &outcome {
+            Ok(r) => {
+                m.maintenance_runs.inc();
+                m.maintenance_freed_bytes
+                    .inc_by(r.gc.as_ref().map_or(0, |g| g.bytes_deleted));
+            }
+            Err(_) => {
+                m.maintenance_errors.inc();
+            }
+        }
+        m.maintenance_last_run_timestamp_seconds
+            .set(crate::clock::now_us() / 1_000_000);
+        m.maintenance_last_duration_seconds
+            .set(began.elapsed().as_secs_f64());
+        // Forgotten snapshots may have been a source's last ones.
+        if let Ok(snaps) = self.catalog.snapshots() {
+            m.reset_backups(&snaps);
+        }
+        outcome
+    }
+
+    fn maintain_once(
         &self,
         rt: &tokio::runtime::Handle,
         dry_run: bool,
@@ -139,6 +174,13 @@ impl Admin {
                 .map_err(|e| ApplianceError::InvalidArgument(format!("bad request: {e}")))?;
             if let admin::Request::MaintenanceRun { dry_run, now_us } = req {
                 return me.maintain(&rt, dry_run, now_us);
+            }
+            if let admin::Request::Status = req {
+                return Ok(admin::Reply {
+                    ok: true,
+                    status: Some(me.scrape.status()),
+                    ..admin::Reply::default()
+                });
             }
             if let admin::Request::Usage { by } = req {
                 return Ok(admin::Reply {

@@ -77,6 +77,13 @@ impl Budget {
         }
     }
 
+    /// Bytes admitted and not yet released (to the budget's 1 KiB unit).
+    #[must_use]
+    pub fn in_use_bytes(&self) -> u64 {
+        let free = u32::try_from(self.all.available_permits()).unwrap_or(u32::MAX);
+        u64::from(self.units.saturating_sub(free)) * UNIT
+    }
+
     fn account(&self, identity: &str) -> Arc<Semaphore> {
         let mut accounts = self
             .accounts

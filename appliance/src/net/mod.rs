@@ -9,8 +9,10 @@
 
 mod admin_socket;
 pub mod budget;
+pub mod calls;
 pub mod limits;
 mod listen;
+mod metrics_http;
 pub mod server;
 pub mod service;
 mod status;

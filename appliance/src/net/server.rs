@@ -10,8 +10,10 @@ use coffer_tuning::{Hardware, Plan};
 use tokio::io::AsyncReadExt;
 
 use super::admin_socket::Admin;
+use super::calls::ObserveLayer;
 use super::limits::{CallLayer, Connections};
 use super::listen::{accept_tls, listener, tls_acceptor, Listener};
+use super::metrics_http::{self, Scrape};
 use super::ServeError;
 use crate::access::{Auth, ControlUser};
 use crate::catalog::Catalog;
@@ -48,6 +50,10 @@ pub struct ServeOptions {
     pub gc: GcConfig,
     /// Overrides of the tuning plan's resource limits (`net::limits`).
     pub limits: super::limits::LimitFlags,
+    /// Where `/metrics` is served in plain HTTP (`None`: nowhere).
+    pub metrics_listen: Option<String>,
+    /// The bearer token a scrape must present (`None`: none needed).
+    pub metrics_token: Option<String>,
 }
 
 /// Warns when the repository is readable or writable by other local users (it holds password
@@ -160,45 +166,26 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
     let limits = opts.limits.apply(plan.limits);
     tracing::info!(?limits, "resource limits");
     let master = Arc::new(master);
-    let configs = plan
-        .shards
-        .iter()
-        .map(|p| ShardConfig {
-            shard: ShardId(p.shard),
-            cpu: Some(p.cpu),
-            io_memory: plan.io_memory_per_shard,
-            ring_depth: plan.ring_depth,
-            paths: paths.clone(),
-            master: master.clone(),
-            repo_id: cfg.id,
-            sealed: cfg.mode == crate::repo::Mode::Sealed,
-            max_chunk: cfg.chunker.max,
-            pack_target: opts.pack_target.unwrap_or(plan.pack_target_bytes),
-            space_reserve: opts.space_reserve,
-            cache_bytes: plan.index_cache_bytes,
-            queue_limit: limits.shard_queue_bytes,
-        })
-        .collect();
-    let shards: Vec<RunningShard> = shard::spawn_all(configs)?;
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let shards: Vec<RunningShard> = shard::spawn_all(shard_configs(
+        &plan,
+        paths,
+        &master,
+        &cfg,
+        opts,
+        limits.shard_queue_bytes,
+        &metrics,
+    ))?;
     let catalog = Arc::new(Catalog::open(&paths.catalog(), false)?);
     // Every catalog change is also journaled in the packs (rebuild-catalog), starting with a
     // checkpoint that takes in what offline tools changed.
     catalog.attach_journal(paths, master.clone(), cfg.id)?;
     note_clock_shift(&catalog)?;
+    metrics.reset_backups(&catalog.snapshots()?);
     let max_msg = max_message_size(cfg.chunker.max);
-    let hello = HelloInfo {
-        mode: cfg.mode,
-        repository_id: cfg.id,
-        chunker: cfg.chunker.into(),
-        dedup_key: master.dedup_key(),
-        limits: v1::Limits {
-            max_chunk_size: cfg.chunker.max,
-            max_message_size: max_msg,
-            max_ids_per_batch: 1 << 16,
-            max_chunks_per_batch: 4096,
-        },
-    };
+    let hello = hello_info(&cfg, &master, max_msg);
     let handles = shards.iter().map(|s| s.handle.clone()).collect();
+    let indexes = shards.iter().map(|s| s.handle.index.clone()).collect();
     check_control(&catalog, opts)?;
     let mut auth = Auth::new(catalog.clone(), opts.control.clone())?;
     auth.set_session_chunks(limits.session_chunks, limits.all_session_chunks);
@@ -213,12 +200,32 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
         paths.clone(),
         opts.gc,
     ));
-    let service = CofferService::new(fanout, catalog.clone(), auth.clone(), hello, gate, limits);
+    let service = CofferService::new(
+        fanout,
+        catalog.clone(),
+        auth.clone(),
+        hello,
+        gate,
+        limits,
+        metrics.clone(),
+    );
+    let scrape = Arc::new(Scrape {
+        metrics: metrics.clone(),
+        token: opts.metrics_token.clone(),
+        auth: auth.clone(),
+        root: paths.root.clone(),
+        indexes,
+        budgets: service.budgets(),
+        mode: cfg.mode,
+        samples: std::sync::Mutex::default(),
+    });
     let admin = Admin {
         socket: paths.admin_socket(),
         catalog,
         auth,
         gc,
+        metrics,
+        scrape: scrape.clone(),
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -227,7 +234,8 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
         .enable_all()
         .build()
         .map_err(|e| ServeError::io("starting the network threads", e))?;
-    let result = rt.block_on(run_network(service, admin, opts, max_msg as usize, limits));
+    let net = run_network(service, admin, scrape, opts, max_msg as usize, limits);
+    let result = rt.block_on(net);
     // The service (and with it every shard handle) is gone: shards finish what is in flight,
     // seal their open packs and stop.
     // A blocking read of stdin (`--shutdown-on-stdin`) may still be pending: do not wait for it.
@@ -241,9 +249,57 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
     result
 }
 
+/// What `Hello` answers for this repository.
+fn hello_info(cfg: &RepoConfig, master: &MasterKey, max_msg: u32) -> HelloInfo {
+    HelloInfo {
+        mode: cfg.mode,
+        repository_id: cfg.id,
+        chunker: cfg.chunker.into(),
+        dedup_key: master.dedup_key(),
+        limits: v1::Limits {
+            max_chunk_size: cfg.chunker.max,
+            max_message_size: max_msg,
+            max_ids_per_batch: 1 << 16,
+            max_chunks_per_batch: 4096,
+        },
+    }
+}
+
+/// One shard configuration per planned core.
+fn shard_configs(
+    plan: &Plan,
+    paths: &RepoPaths,
+    master: &Arc<MasterKey>,
+    cfg: &RepoConfig,
+    opts: &ServeOptions,
+    queue_limit: u64,
+    metrics: &Arc<crate::metrics::Metrics>,
+) -> Vec<ShardConfig> {
+    plan.shards
+        .iter()
+        .map(|p| ShardConfig {
+            shard: ShardId(p.shard),
+            metrics: Some(metrics.clone()),
+            cpu: Some(p.cpu),
+            io_memory: plan.io_memory_per_shard,
+            ring_depth: plan.ring_depth,
+            paths: paths.clone(),
+            master: master.clone(),
+            repo_id: cfg.id,
+            sealed: cfg.mode == crate::repo::Mode::Sealed,
+            max_chunk: cfg.chunker.max,
+            pack_target: opts.pack_target.unwrap_or(plan.pack_target_bytes),
+            space_reserve: opts.space_reserve,
+            cache_bytes: plan.index_cache_bytes,
+            queue_limit,
+        })
+        .collect()
+}
+
 async fn run_network(
     service: CofferService,
     admin: Admin,
+    scrape: Arc<Scrape>,
     opts: &ServeOptions,
     max_msg: usize,
     limits: coffer_tuning::Limits,
@@ -291,7 +347,25 @@ async fn run_network(
     if let Some(at) = opts.maintenance {
         tokio::spawn(maintenance_loop(admin.clone(), at));
     }
-    let result = serve_grpc(service, opts, max_msg, limits).await;
+    let observe = ObserveLayer(scrape.metrics.clone());
+    let sampler = scrape.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(metrics_http::SAMPLE_EVERY);
+        loop {
+            every.tick().await;
+            sampler.sample();
+        }
+    });
+    if let Some(addr) = &opts.metrics_listen {
+        let l = metrics_http::bind(addr).await?;
+        let name = l
+            .local_addr()
+            .map_or_else(|_| addr.clone(), |a| a.to_string());
+        println!("METRICS ON: http://{name}/metrics");
+        tracing::info!(listen = %name, "serving metrics");
+        tokio::spawn(metrics_http::serve(l, scrape));
+    }
+    let result = serve_grpc(service, opts, max_msg, limits, observe).await;
     let _ = std::fs::remove_file(&socket);
     result
 }
@@ -301,6 +375,7 @@ async fn serve_grpc(
     opts: &ServeOptions,
     max_msg: usize,
     limits: coffer_tuning::Limits,
+    observe: ObserveLayer,
 ) -> Result<(), ServeError> {
     let (listener, name) = listener(opts)?;
     let tls = tls_acceptor(&opts.tls)?;
@@ -320,6 +395,7 @@ async fn serve_grpc(
         // A peer that stops answering pings is gone: its connection and calls are dropped.
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .max_concurrent_streams(limits.streams_per_connection)
+        .layer(observe)
         .layer(CallLayer);
     let router = builder.add_service(svc);
     let stop = shutdown_signal(opts.shutdown_on_stdin);

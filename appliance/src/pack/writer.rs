@@ -101,6 +101,8 @@ pub struct PackWriter<S: PackStore = LocalStore> {
     unrecorded_poison: Vec<PackId>,
     /// Packs sealed by this writer (for stats and tests).
     pub sealed: u64,
+    /// Where group commit latency and sealed packs are counted (`serve` sets it).
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl<S: PackStore> std::fmt::Debug for PackWriter<S> {
@@ -130,6 +132,7 @@ impl<S: PackStore> PackWriter<S> {
             written: Rc::new(RefCell::new(HashSet::new())),
             unrecorded_poison: Vec::new(),
             sealed: 0,
+            metrics: None,
         }
     }
 
@@ -271,10 +274,17 @@ impl<S: PackStore> PackWriter<S> {
                 bytes[pos..pos + footer.len()].copy_from_slice(&footer);
             }
         };
+        let began = std::time::Instant::now();
         p.sink
             .append(len, seal, fill)
             .await
             .map_err(|e| PackError::of(&id, e))?;
+        if let Some(m) = &self.metrics {
+            m.pack_fsync_seconds.observe(began.elapsed().as_secs_f64());
+            if seal {
+                m.packs_sealed.inc();
+            }
+        }
         crate::faults::point("pack.appended");
         // Durable: now, and only now, the index may point at these bytes. A sealed pack's
         // entries are synced so that the open-pack marker can move on.

@@ -307,6 +307,8 @@ impl ShardHandle {
 #[derive(Debug, Clone)]
 pub struct ShardConfig {
     pub shard: ShardId,
+    /// Where the pack writer counts group commits (`None`: nowhere).
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
     pub cpu: Option<usize>,
     pub io_memory: usize,
     /// io_uring submission depth (the tuning plan's `ring_depth`).
@@ -483,7 +485,7 @@ impl ShardState {
         }
         let store = Rc::new(LocalStore::new(cfg.paths.clone(), cfg.space_reserve));
         let encryption: Arc<dyn Encryption> = cfg.master.clone();
-        let writer = PackWriter::new(
+        let mut writer = PackWriter::new(
             store.clone(),
             encryption.clone(),
             index.clone(),
@@ -491,6 +493,7 @@ impl ShardState {
             cfg.repo_id,
             cfg.pack_target,
         );
+        writer.metrics.clone_from(&cfg.metrics);
         let need = NeedSet::load(index.as_ref()).map_err(index_err)?;
         let damaged = crate::index::damaged(index.as_ref()).map_err(index_err)?;
         if !damaged.is_empty() {

@@ -1,5 +1,7 @@
 //! Account calls: Hello (login), ChangePassword, and the control user's ServerStatus.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use coffer_proto::v1;
 use tonic::Request;
@@ -9,6 +11,7 @@ use crate::access::accounts::MIN_PASSWORD_CHARS;
 use crate::access::rules::{self, Access, TargetType};
 use crate::access::Session;
 use crate::error::ApplianceError;
+use crate::net::calls::CallRecord;
 use crate::repo::Mode;
 
 impl Inner {
@@ -78,11 +81,18 @@ impl Inner {
         // The protocol version is checked before anything else, credentials included.
         same_protocol(req.get_ref().protocol_version)?;
         let source = crate::net::limits::source_of(&req);
+        let call = req.extensions().get::<Arc<CallRecord>>().cloned();
         let req = req.into_inner();
         let (token, identity) = self
             .auth
             .login(&req.identity, &req.password, source)
-            .await?;
+            .await
+            .inspect_err(|_| {
+                self.metrics.logins_failed.inc();
+            })?;
+        if let Some(call) = call {
+            call.set_identity(&identity);
+        }
         let h = &self.hello;
         let who = identity.clone();
         let auth = self.auth.clone();

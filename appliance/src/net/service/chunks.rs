@@ -98,6 +98,10 @@ impl Inner {
         }
         session.state.add_uploaded(adopted);
         session.state.add_pinned(answered);
+        self.metrics.find_missing_ids.inc_by(n as u64);
+        self.metrics
+            .find_missing_missing
+            .inc_by(missing.iter().map(|b| u64::from(b.count_ones())).sum());
         Ok(v1::FindMissingResponse {
             missing: missing.into(),
             count: u32::try_from(n).unwrap_or(u32::MAX),
@@ -204,7 +208,15 @@ impl Inner {
             .quotas
             .check(&session.identity, masked.stored_bytes)?;
         let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
+        let raw: u64 = chunks.iter().map(|c| u64::from(c.raw_len)).sum();
+        let received: u64 = chunks.iter().map(|c| c.data.len() as u64).sum();
         let mut total = self.shards.put(chunks, session.state.owner).await?;
+        let m = &self.metrics;
+        m.chunk_raw_bytes.inc_by(raw);
+        m.chunk_received_bytes.inc_by(received);
+        m.chunk_stored_bytes.inc_by(total.stored_bytes);
+        m.chunks_stored.inc_by(u64::from(total.stored));
+        m.chunks_deduplicated.inc_by(u64::from(total.deduplicated));
         // Counted as what is new to this session, not what was new to the repository: usage
         // counts shared chunks too, and the figure a quota refusal shows must not tell whether
         // someone else stored these chunks (user disclosure).

@@ -26,7 +26,9 @@ use crate::access::{Auth, Session, Use};
 use crate::catalog::{Catalog, CatalogError};
 use crate::error::ApplianceError;
 use crate::maintenance::gc::Gate;
+use crate::metrics::Metrics;
 use crate::net::budget::Budget;
+use crate::net::calls::CallRecord;
 use crate::net::limits::{self, AccountStreams};
 use crate::reach::Walker;
 use crate::shard::Shards;
@@ -71,6 +73,7 @@ struct Inner {
     limits: coffer_tuning::Limits,
     /// One token redemption at a time: a token is used once.
     enrollments: tokio::sync::Mutex<()>,
+    metrics: Arc<Metrics>,
 }
 
 impl CofferService {
@@ -82,6 +85,7 @@ impl CofferService {
         hello: HelloInfo,
         gate: Arc<Gate>,
         limits: coffer_tuning::Limits,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let wait = std::time::Duration::from_secs(limits.admission_wait_secs);
         let read_budget = Budget::new("read", limits.read_budget_bytes, 256 << 20, wait);
@@ -105,8 +109,18 @@ impl CofferService {
                 streams: AccountStreams::new(limits.streams_per_account),
                 limits,
                 enrollments: tokio::sync::Mutex::new(()),
+                metrics,
             }),
         }
+    }
+
+    /// The upload and read budgets (their bytes in use are exported as metrics).
+    #[must_use]
+    pub fn budgets(&self) -> (Budget, Budget) {
+        (
+            self.inner.upload_budget.clone(),
+            self.inner.read_budget.clone(),
+        )
     }
 }
 
@@ -116,7 +130,11 @@ impl Inner {
             .metadata()
             .get(coffer_proto::SESSION_HEADER)
             .and_then(|v| v.to_str().ok());
-        self.auth.session(token)
+        let s = self.auth.session(token)?;
+        if let Some(call) = req.extensions().get::<Arc<CallRecord>>() {
+            call.set_identity(&s.identity);
+        }
+        Ok(s)
     }
 
     /// A user's session: the server control user may only refresh and read status.

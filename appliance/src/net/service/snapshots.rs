@@ -147,12 +147,16 @@ impl Inner {
                     .into(),
             ));
         }
+        let counted = Counted::of(&snap);
         let committed = catalog_call(&self.catalog, move |c| c.commit_snapshot(&snap)).await?;
         if let Committed::Earlier(id) = committed {
             tracing::info!(snapshot = %id, identity = %session.identity, "a retried commit answered with its earlier snapshot");
-        } else if !walk.skipped {
-            // The walk saw everything: the new snapshot's reachable set, ready for restores.
-            self.walker.remember(root, Arc::new(walk.reach));
+        } else {
+            counted.count(&self.metrics);
+            if !walk.skipped {
+                // The walk saw everything: the new snapshot's reachable set, ready for restores.
+                self.walker.remember(root, Arc::new(walk.reach));
+            }
         }
         Ok(v1::CommitSnapshotResponse {
             id: Bytes::copy_from_slice(committed.id().as_bytes()),
@@ -239,6 +243,35 @@ impl Inner {
                 Ok(v1::GetSnapshotResponse { snapshot: Some(s) })
             }
             _ => Err(no_snapshot(&id)),
+        }
+    }
+}
+
+/// What a new snapshot adds to the metrics, taken before the commit consumes it.
+struct Counted {
+    identity: String,
+    path: String,
+    time_us: i64,
+    partial: bool,
+    bytes: u64,
+}
+
+impl Counted {
+    fn of(s: &v1::Snapshot) -> Self {
+        Self {
+            identity: s.identity.clone(),
+            path: s.path.clone(),
+            time_us: s.time_us,
+            partial: s.partial,
+            bytes: s.stats.as_ref().map_or(0, |st| st.bytes),
+        }
+    }
+
+    fn count(&self, m: &crate::metrics::Metrics) {
+        m.snapshots_committed.inc();
+        m.logical_bytes.inc_by(self.bytes);
+        if !self.partial {
+            m.backed_up(&self.identity, &self.path, self.time_us);
         }
     }
 }
