@@ -32,7 +32,7 @@ pub use net::{
 };
 pub use pipeline::{backup, BackupOptions, BackupSummary};
 pub use policy::{systemd_timer, BackupPolicy, Filter, PolicyField};
-pub use restore::{restore, RestoreSummary};
+pub use restore::{restore, restore_with, Overwrite, RestoreSummary};
 pub use snapshot::{diff, fetch_tree, Change, TreeCache};
 pub use stages::chunk::Cdc;
 pub use stages::Progress;

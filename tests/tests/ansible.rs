@@ -109,6 +109,28 @@ fn enrolled_with_a_token(root: &Path, cfg: &Path) {
     );
 }
 
+/// Shell completions and manual pages, generated from the binaries' own definitions.
+fn help_files_installed(root: &std::path::Path) {
+    for (file, needle) in [
+        (
+            "usr/share/bash-completion/completions/coffer",
+            "complete -F",
+        ),
+        (
+            "usr/share/bash-completion/completions/coffer-appliance",
+            "complete -F",
+        ),
+        ("usr/local/share/man/man1/coffer.1", ".TH coffer"),
+        (
+            "usr/local/share/man/man1/coffer-appliance.1",
+            ".TH coffer-appliance",
+        ),
+    ] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap_or_default();
+        assert!(text.contains(needle), "{file}: {text:.200}");
+    }
+}
+
 #[test]
 fn playbook_provisions_idempotently_and_the_scheduled_snapshot_restores() {
     let dir = tempfile::tempdir().unwrap();
@@ -156,6 +178,7 @@ fn playbook_provisions_idempotently_and_the_scheduled_snapshot_restores() {
         "the timer comes from the policy's schedule:\n{timer}"
     );
     // The client's scheduled snapshot, run by hand (no systemd here), then a restore.
+    help_files_installed(&root);
     let script = root.join("usr/local/bin/coffer-backup");
     let out = Command::new(&script).output().unwrap();
     assert!(

@@ -490,3 +490,92 @@ mod f4 {
         (app, rt, s, dir)
     });
 }
+
+/// Issue 16, the terminal: `snapshot list` in local time and human sizes (RFC 3339 in JSON),
+/// `ls -l`, and `restore --overwrite always|if-changed|never` — an existing file is never
+/// overwritten silently.
+#[test]
+fn listings_read_as_dates_and_restore_says_what_it_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = Appliance::init(dir.path(), 2, 64 << 10, &[ALICE]).unwrap();
+    app.start().unwrap();
+    let cfg = dir.path().join("client.json");
+    connect_client(&app, &cfg, "alice", "laptop");
+    let src = dir.path().join("src");
+    make_tree(&src);
+    let id = create_snapshot(&cfg, &src)["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let (rc, out, _) = coffer(&cfg, &["snapshot", "list"]).unwrap();
+    assert_eq!(rc, 0);
+    let line = out.lines().find(|l| l.starts_with(&id)).unwrap();
+    // `ID  YYYY-MM-DD HH:MM:SS  identity:path  N files  3.3 MiB`
+    let when = &line[id.len() + 2..id.len() + 21];
+    assert!(
+        when.as_bytes()[4] == b'-' && when.as_bytes()[13] == b':',
+        "{line}"
+    );
+    assert!(line.contains(" MiB"), "{line}");
+    let (_, json, _) = coffer(&cfg, &["snapshot", "list", "--json"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(json.lines().next().unwrap()).unwrap();
+    let t = v["time"].as_str().unwrap();
+    assert!(t.ends_with('Z') && t.contains('T'), "{v}");
+    assert!(v["time_us"].as_i64().unwrap() > 0);
+
+    let (rc, long, _) = coffer(&cfg, &["ls", "-l", &format!("{id}:/")]).unwrap();
+    assert_eq!(rc, 0);
+    let small = long.lines().find(|l| l.ends_with(" small.txt")).unwrap();
+    assert!(small.starts_with("-rw------- "), "{small}");
+    assert!(small.contains(" 13 "), "size in bytes: {small}");
+    assert!(
+        small.contains("2020-09-1"),
+        "mtime 1600000000 in local time: {small}"
+    );
+    assert!(long.contains("link-rel -> dir/big.bin"), "{long}");
+    let (_, short, _) = coffer(&cfg, &["ls", &format!("{id}:/")]).unwrap();
+    assert!(short.lines().any(|l| l == "small.txt"), "{short}");
+
+    let target = dir.path().join("restored");
+    let restore = |mode: &str| {
+        let (rc, out, err) = coffer(
+            &cfg,
+            &[
+                "restore",
+                &id,
+                target.to_str().unwrap(),
+                "--json",
+                "--overwrite",
+                mode,
+            ],
+        )
+        .unwrap();
+        assert_eq!(rc, 0, "{out}{err}");
+        serde_json::from_str::<serde_json::Value>(out.lines().last().unwrap()).unwrap()
+    };
+    let first = restore("never");
+    assert_eq!(
+        (first["replaced"].as_u64(), first["kept"].as_u64()),
+        (Some(0), Some(0))
+    );
+    // Local edits: one file changed, one left alone.
+    std::fs::write(target.join("small.txt"), b"edited locally\n").unwrap();
+    let kept = restore("never");
+    assert_eq!(
+        std::fs::read(target.join("small.txt")).unwrap(),
+        b"edited locally\n"
+    );
+    assert!(kept["kept"].as_u64().unwrap() >= 8, "{kept}");
+    assert_eq!(kept["replaced"], 0);
+    let changed = restore("if-changed");
+    assert_eq!(changed["replaced"], 1, "only the edited file: {changed}");
+    assert_eq!(
+        std::fs::read(target.join("small.txt")).unwrap(),
+        b"hello coffer\n"
+    );
+    let all = restore("always");
+    assert_eq!(all["kept"], 0);
+    assert!(all["replaced"].as_u64().unwrap() >= 8, "{all}");
+    assert_eq!(describe(&src).unwrap(), describe(&target).unwrap());
+}

@@ -177,6 +177,10 @@ pub enum Cmd {
     /// Print the hardware found, the plan `serve` would apply (which core runs which shard,
     /// network threads, queue depth, pack size, index cache) and what to change, with reasons.
     Tune(tune::TuneArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page (roff; `coffer-appliance manpage > coffer-appliance.8`).
+    Manpage,
 }
 
 pub fn parse_mode(s: &str) -> Result<u32, String> {
@@ -279,6 +283,20 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             repo::rebuild_catalog(&RepoPaths::new(&repo.repo), &password)?;
         }
         Cmd::Tune(a) => tune::run(&a)?,
+        Cmd::Completions { shell } => print_help_file(Some(shell))?,
+        Cmd::Manpage => print_help_file(None)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the shell completion script for `shell` or the manual page (roff) of `coffer-appliance`.
+fn print_help_file(shell: Option<clap_complete::Shell>) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let mut out = std::io::stdout().lock();
+    match shell {
+        Some(sh) => clap_complete::generate(sh, &mut cmd, "coffer-appliance", &mut out),
+        None => clap_mangen::Man::new(cmd).render(&mut out)?,
+    }
+    Ok(())
 }

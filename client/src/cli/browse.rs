@@ -64,8 +64,27 @@ fn kind_char(k: i32) -> char {
     }
 }
 
+/// `rwxr-xr-x` for the permission bits `mode` (setuid, setgid and sticky as `s`/`S`, `t`/`T`).
+fn mode_string(mode: u32) -> String {
+    let mut s: Vec<char> = "rwxrwxrwx"
+        .chars()
+        .enumerate()
+        .map(|(i, c)| if mode & (0o400 >> i) != 0 { c } else { '-' })
+        .collect();
+    for (bit, at, lower, upper) in [
+        (0o4000, 2, 's', 'S'),
+        (0o2000, 5, 's', 'S'),
+        (0o1000, 8, 't', 'T'),
+    ] {
+        if mode & bit != 0 {
+            s[at] = if s[at] == '-' { upper } else { lower };
+        }
+    }
+    s.into_iter().collect()
+}
+
 /// `coffer ls`: one line per entry of the directory `target` names, or the one file it names.
-pub async fn ls(cfg_path: &Path, target: &str) -> anyhow::Result<()> {
+pub async fn ls(cfg_path: &Path, target: &str, long: bool) -> anyhow::Result<()> {
     let nodes = connected(cfg_path, async |s| {
         let (tree, node) = locate(s, target).await?;
         Ok(match node {
@@ -75,12 +94,23 @@ pub async fn ls(cfg_path: &Path, target: &str) -> anyhow::Result<()> {
     })
     .await?;
     for n in nodes {
+        let name = String::from_utf8_lossy(&n.name);
+        if !long {
+            println!("{name}");
+            continue;
+        }
+        let target = if n.symlink_target.is_empty() {
+            String::new()
+        } else {
+            format!(" -> {}", String::from_utf8_lossy(&n.symlink_target))
+        };
         println!(
-            "{}{:o} {:>12} {}",
+            "{}{} {:>11} {:>12} {} {name}{target}",
             kind_char(n.kind),
-            n.mode,
+            mode_string(n.mode),
+            format!("{}:{}", n.uid, n.gid),
             n.size,
-            String::from_utf8_lossy(&n.name)
+            super::local_time(n.mtime_ns.div_euclid(1000)),
         );
     }
     Ok(())

@@ -79,8 +79,18 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
-    /// List the contents of SNAPSHOT[:/path].
-    Ls { target: String },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page (roff; `coffer manpage > coffer.1`).
+    Manpage,
+    /// List the contents of SNAPSHOT[:/path]: names, or with -l mode, owner, size and
+    /// modification time.
+    Ls {
+        target: String,
+        /// Long listing: mode, uid:gid, size in bytes, modification time (local), name.
+        #[arg(short = 'l', long = "long")]
+        long: bool,
+    },
     /// Restore SNAPSHOT[:/path] into TARGET (created if missing).
     Restore {
         source: String,
@@ -88,6 +98,10 @@ enum Cmd {
         /// Print a JSON summary.
         #[arg(long)]
         json: bool,
+        /// What to do with files already in TARGET: replace them (`always`), replace them when
+        /// size or modification time differ (`if-changed`), or keep them (`never`).
+        #[arg(long, value_enum, default_value = "always")]
+        overwrite: coffer_client::Overwrite,
     },
 }
 
@@ -102,7 +116,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Disconnect => connect::disconnect(&cfg_path)?,
         Cmd::Keyring { cmd } => keyring::run(cmd, &cfg_path).await?,
         Cmd::Snapshot { cmd } => return snapshots::run(cmd, &cfg_path).await,
-        Cmd::Ls { target } => browse::ls(&cfg_path, &target).await?,
+        Cmd::Completions { shell } => print_help_file(Some(shell))?,
+        Cmd::Manpage => print_help_file(None)?,
+        Cmd::Ls { target, long } => browse::ls(&cfg_path, &target, long).await?,
         Cmd::Policy {
             cmd: PolicyCmd::Schedule { systemd },
         } => {
@@ -148,7 +164,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             source,
             target,
             json,
-        } => restore::restore(&cfg_path, &source, &target, json).await?,
+            overwrite,
+        } => restore::restore(&cfg_path, &source, &target, json, overwrite).await?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -206,4 +223,49 @@ async fn connected<T>(
     let r = f(&s).await;
     s.end().await;
     r
+}
+
+/// Unix microseconds as local date and time to the second (`2026-12-03 01:02:03`).
+pub(crate) fn local_time(us: i64) -> String {
+    use chrono::TimeZone;
+    chrono::Local.timestamp_micros(us).single().map_or_else(
+        || format!("@{us}us"),
+        |t| t.format("%Y-%m-%d %H:%M:%S").to_string(),
+    )
+}
+
+/// Unix microseconds as RFC 3339 in UTC (`2026-12-03T01:02:03.123456Z`).
+pub(crate) fn rfc3339(us: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(us).map_or_else(
+        || us.to_string(),
+        |t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+    )
+}
+
+/// Prints the shell completion script for `shell` or the manual page (roff) of `coffer`.
+fn print_help_file(shell: Option<clap_complete::Shell>) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let mut out = std::io::stdout().lock();
+    match shell {
+        Some(sh) => clap_complete::generate(sh, &mut cmd, "coffer", &mut out),
+        None => clap_mangen::Man::new(cmd).render(&mut out)?,
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod time_tests {
+    #[test]
+    fn times_read_as_dates() {
+        assert_eq!(
+            super::rfc3339(1_764_720_123_456_789),
+            "2025-12-03T00:02:03.456789Z"
+        );
+        assert_eq!(
+            super::rfc3339(1_764_720_123_000_000),
+            "2025-12-03T00:02:03Z"
+        );
+        assert_eq!(super::local_time(1_764_720_123_456_789).len(), 19);
+    }
 }

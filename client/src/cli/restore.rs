@@ -4,7 +4,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use anyhow::bail;
-use coffer_client::restore as restore_tree;
+use coffer_client::restore_with as restore_tree;
 
 use super::browse::locate;
 use super::connected;
@@ -15,6 +15,7 @@ pub async fn restore(
     source: &str,
     target: &Path,
     json: bool,
+    overwrite: coffer_client::Overwrite,
 ) -> anyhow::Result<()> {
     let sum = connected(cfg_path, async |s| {
         let (tree, node) = locate(s, source).await?;
@@ -22,20 +23,26 @@ pub async fn restore(
             bail!("{source} names a file; restore a directory (its parent) instead");
         }
         let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
-        Ok(restore_tree(s, tree, target, root).await?)
+        Ok(restore_tree(s, tree, target, root, overwrite).await?)
     })
     .await?;
     if json {
         println!("{}", serde_json::to_string(&sum)?);
     } else {
         println!(
-            "restored {} files, {} directories, {} symlinks, {} bytes into {}",
+            "restored {} files, {} directories, {} symlinks, {} into {}",
             sum.files,
             sum.dirs,
             sum.symlinks,
-            sum.bytes,
+            indicatif::HumanBytes(sum.bytes),
             target.display()
         );
+        if sum.replaced > 0 || sum.kept > 0 {
+            println!(
+                "{} existing files or symlinks replaced, {} left as they were (--overwrite)",
+                sum.replaced, sum.kept
+            );
+        }
     }
     Ok(())
 }

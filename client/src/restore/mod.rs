@@ -8,7 +8,10 @@
 //! * Files are written to a fresh temporary name (`O_CREAT|O_EXCL`) in their directory and
 //!   renamed into place, so a planted symlink at the final name is replaced, never written
 //!   through. Every chunk is checked against its id before a byte of it is written.
-//! * Re-running an interrupted restore is safe: everything is overwritten in place.
+//! * Re-running an interrupted restore is safe: everything is overwritten in place. What is
+//!   already in the target is replaced ([`Overwrite::Always`], the default), replaced only when
+//!   its size or modification time differs ([`Overwrite::IfChanged`]), or kept
+//!   ([`Overwrite::Never`]); the summary counts both.
 //! * A restore reported complete is on disk: the target's file system is synced before the
 //!   summary is returned (and written back in the background while the restore runs).
 //!
@@ -35,6 +38,24 @@ pub struct RestoreSummary {
     pub dirs: u64,
     pub symlinks: u64,
     pub bytes: u64,
+    /// Files and symlinks that were already in the target and were replaced.
+    pub replaced: u64,
+    /// Files and symlinks already in the target and left as they were ([`Overwrite`]).
+    pub kept: u64,
+}
+
+/// What to do with a file or symlink the target already has.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Overwrite {
+    /// Replace it.
+    #[default]
+    Always,
+    /// Replace it unless it is the same kind with the same size and modification time (a
+    /// symlink: the same target).
+    IfChanged,
+    /// Keep it.
+    Never,
 }
 
 /// Most bytes of one group of files fetched together (see [`GROUP_CHUNKS`]).
@@ -56,16 +77,36 @@ pub async fn restore(
     target: &Path,
     chown: bool,
 ) -> Result<RestoreSummary, ClientError> {
+    restore_with(session, root, target, chown, Overwrite::Always).await
+}
+
+/// [`restore`], deciding with `overwrite` what happens to what the target already has.
+///
+/// # Errors
+/// As [`restore`].
+pub async fn restore_with(
+    session: &Session,
+    root: ChunkId,
+    target: &Path,
+    chown: bool,
+    overwrite: Overwrite,
+) -> Result<RestoreSummary, ClientError> {
     ensure_dir(target).map_err(|e| ClientError::io("create", target, e))?;
-    let plan = Plan::read(session, root, target, chown).await?;
+    let plan = Plan::read(session, root, target, chown, overwrite).await?;
     let mut sum = RestoreSummary {
         files: plan.files.len() as u64,
         symlinks: plan.symlinks,
+        replaced: plan.replaced,
+        kept: plan.kept,
         ..RestoreSummary::default()
     };
     let flusher = Flusher::start(target)?;
     sum.bytes = write_files(session, plan.files, chown).await?;
     for (p, g) in plan.links {
+        if overwrite == Overwrite::Never && std::fs::symlink_metadata(&p).is_ok() {
+            sum.kept += 1;
+            continue;
+        }
         clear(&p)
             .and_then(|()| std::fs::hard_link(&plan.first_of_group[&g], &p))
             .map_err(|e| ClientError::io("create the hard link", &p, e))?;

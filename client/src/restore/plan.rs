@@ -11,6 +11,7 @@ use coffer_proto::v1::{Node, NodeKind};
 use coffer_proto::ChunkId;
 
 use super::write::{clear, ensure_dir, FileJob};
+use super::Overwrite;
 use crate::net::Session;
 use crate::snapshot::tree::subtree_of;
 use crate::snapshot::{fetch_trees, node_chunk_ids};
@@ -27,6 +28,34 @@ pub struct Plan {
     /// The file restored for each hard-link group.
     pub first_of_group: HashMap<u64, PathBuf>,
     pub symlinks: u64,
+    overwrite: Overwrite,
+    /// Existing files and symlinks replaced, and kept.
+    pub replaced: u64,
+    pub kept: u64,
+}
+
+/// Whether `p`, as found in the target, stays: `Some(true)` keep it, `Some(false)` replace it,
+/// `None` nothing there.
+fn keep_existing(p: &Path, n: &Node, overwrite: Overwrite) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(p).ok()?;
+    Some(match overwrite {
+        Overwrite::Always => false,
+        Overwrite::Never => true,
+        Overwrite::IfChanged => match NodeKind::try_from(n.kind) {
+            Ok(NodeKind::File) => {
+                m.file_type().is_file()
+                    && m.len() == n.size
+                    && m.mtime() * 1_000_000_000 + m.mtime_nsec() == n.mtime_ns
+            }
+            Ok(NodeKind::Symlink) => {
+                m.file_type().is_symlink()
+                    && std::fs::read_link(p)
+                        .is_ok_and(|t| t.as_os_str().as_bytes() == n.symlink_target.as_ref())
+            }
+            _ => false,
+        },
+    })
 }
 
 /// A tree error met while restoring `path`, named by that path; RPC and I/O errors are kept as
@@ -52,8 +81,12 @@ impl Plan {
         root: ChunkId,
         target: &Path,
         chown: bool,
+        overwrite: Overwrite,
     ) -> Result<Self, ClientError> {
-        let mut plan = Self::default();
+        let mut plan = Self {
+            overwrite,
+            ..Self::default()
+        };
         let mut level: Vec<(PathBuf, ChunkId)> = vec![(target.to_path_buf(), root)];
         while !level.is_empty() {
             let ids: Vec<ChunkId> = level.iter().map(|l| l.1).collect();
@@ -70,10 +103,14 @@ impl Plan {
                             plan.dirs.push((p, n));
                         }
                         Ok(NodeKind::File) => plan.file(session, p, n).await?,
-                        Ok(NodeKind::Symlink) => {
-                            symlink(&p, &n, chown)?;
-                            plan.symlinks += 1;
-                        }
+                        Ok(NodeKind::Symlink) => match keep_existing(&p, &n, overwrite) {
+                            Some(true) => plan.kept += 1,
+                            found => {
+                                symlink(&p, &n, chown)?;
+                                plan.symlinks += 1;
+                                plan.replaced += u64::from(found.is_some());
+                            }
+                        },
                         _ => {
                             return Err(ClientError::Restore {
                                 path: p,
@@ -99,6 +136,14 @@ impl Plan {
                 return Ok(());
             }
             self.first_of_group.insert(n.hardlink_group, p.clone());
+        }
+        match keep_existing(&p, &n, self.overwrite) {
+            Some(true) => {
+                self.kept += 1;
+                return Ok(());
+            }
+            Some(false) => self.replaced += 1,
+            None => {}
         }
         let ids = node_chunk_ids(session, &n).await.map_err(|e| at(&p, e))?;
         self.files.push(FileJob {
