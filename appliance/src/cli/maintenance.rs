@@ -120,24 +120,6 @@ pub struct StatusArgs {
     json: bool,
 }
 
-/// Unix microseconds as a UTC date and time, to the second.
-fn when(us: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(us.div_euclid(1_000_000)).map_or_else(
-        |_| us.to_string(),
-        |t| {
-            format!(
-                "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
-                t.year(),
-                u8::from(t.month()),
-                t.day(),
-                t.hour(),
-                t.minute(),
-                t.second()
-            )
-        },
-    )
-}
-
 /// `status [--json]`: the running appliance's [`admin::StatusReport`].
 pub fn status(a: &StatusArgs) -> anyhow::Result<()> {
     let s = admin_run(&a.repo.repo, &admin::Request::Status)?
@@ -157,7 +139,7 @@ pub fn status(a: &StatusArgs) -> anyhow::Result<()> {
     println!("coffer-appliance {} ({} mode)", s.version, s.mode);
     println!(
         "started       {} (up {days}d {hours}h {mins}m)",
-        when(s.started_us)
+        coffer_proto::when::format_us(s.started_us)
     );
     println!(
         "shards        {} ({} index entries)",
@@ -193,7 +175,7 @@ pub fn status(a: &StatusArgs) -> anyhow::Result<()> {
     } else {
         println!(
             "maintenance   last {} ({:.1} s); {} runs, {} failed, {} freed since the start",
-            when(s.maintenance_last_run_us),
+            coffer_proto::when::format_us(s.maintenance_last_run_us),
             s.maintenance_last_duration_secs,
             s.maintenance_runs,
             s.maintenance_errors,

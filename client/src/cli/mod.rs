@@ -234,14 +234,6 @@ pub(crate) fn local_time(us: i64) -> String {
     )
 }
 
-/// Unix microseconds as RFC 3339 in UTC (`2026-12-03T01:02:03.123456Z`).
-pub(crate) fn rfc3339(us: i64) -> String {
-    chrono::DateTime::from_timestamp_micros(us).map_or_else(
-        || us.to_string(),
-        |t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
-    )
-}
-
 /// Prints the shell completion script for `shell` or the manual page (roff) of `coffer`.
 fn print_help_file(shell: Option<clap_complete::Shell>) -> anyhow::Result<()> {
     use clap::CommandFactory;
@@ -258,14 +250,6 @@ fn print_help_file(shell: Option<clap_complete::Shell>) -> anyhow::Result<()> {
 mod time_tests {
     #[test]
     fn times_read_as_dates() {
-        assert_eq!(
-            super::rfc3339(1_764_720_123_456_789),
-            "2025-12-03T00:02:03.456789Z"
-        );
-        assert_eq!(
-            super::rfc3339(1_764_720_123_000_000),
-            "2025-12-03T00:02:03Z"
-        );
         assert_eq!(super::local_time(1_764_720_123_456_789).len(), 19);
     }
 }

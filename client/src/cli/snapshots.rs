@@ -307,13 +307,13 @@ async fn list(s: &Session, path: Option<PathBuf>, json: bool, all: bool) -> anyh
                 "{}",
                 serde_json::json!({
                     "id": hex::encode(&snap.id), "identity": snap.identity, "path": snap.path,
-                    "time_us": snap.time_us, "time": super::rfc3339(snap.time_us),
+                    "time_us": snap.time_us, "time": coffer_proto::when::format_us(snap.time_us),
                     "files": st.files, "bytes": st.bytes, "partial": snap.partial,
                     "lock_until_us": snap.lock_until_us, "protected_until_us": snap.protected_until_us,
                     "lock_until": (snap.lock_until_us > 0 && snap.lock_until_us < i64::MAX)
-                        .then(|| super::rfc3339(snap.lock_until_us)),
+                        .then(|| coffer_proto::when::format_us(snap.lock_until_us)),
                     "protected_until": (snap.protected_until_us > 0 && snap.protected_until_us < i64::MAX)
-                        .then(|| super::rfc3339(snap.protected_until_us)),
+                        .then(|| coffer_proto::when::format_us(snap.protected_until_us)),
                 })
             );
         } else {

@@ -40,9 +40,19 @@ const ZSTD_REFS: u8 = 16;
 /// First bytes of a zstd dictionary: a reference list starting so would not be raw content.
 const ZSTD_DICT_MAGIC: [u8; 4] = 0xEC30_A437u32.to_le_bytes();
 
-/// How many ids the envelope head `head` (as `encode_refs` wrote it) declares.
+/// How many ids the envelope head `head` (as `encode_refs` wrote it) declares: its three counts,
+/// read without decoding the ids.
 fn ref_count(head: &[u8]) -> usize {
-    decode_refs(head).map_or(0, |(r, _)| r.all().count())
+    let mut at = coffer_proto::sealed::ENVELOPE_MAGIC.len();
+    let mut n = 0;
+    for _ in 0..3 {
+        let Ok((c, used)) = read_varint(&head[at.min(head.len())..]) else {
+            return 0;
+        };
+        n += c as usize;
+        at += used;
+    }
+    n
 }
 
 /// `plain` compressed with zstd against `dict` (the envelope's ids), when that is possible and
