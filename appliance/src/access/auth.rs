@@ -241,6 +241,15 @@ impl Auth {
             .collect()
     }
 
+    /// Every live session: its identity and state (the web UI's sessions page).
+    #[must_use]
+    pub fn overview(&self) -> Vec<(String, Arc<SessionState>)> {
+        lock(&self.sessions)
+            .values()
+            .map(|s| (s.identity.clone(), s.state.clone()))
+            .collect()
+    }
+
     /// Bytes the live sessions of each account uploaded (quotas).
     #[must_use]
     pub fn live_uploads(&self) -> HashMap<String, u64> {

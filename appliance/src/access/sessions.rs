@@ -85,6 +85,8 @@ pub struct SessionState {
     /// New bytes this session's uploads stored (quotas: counted until the session ends).
     pub stored_bytes: std::sync::atomic::AtomicU64,
     last_used: Mutex<Instant>,
+    /// When the session was opened.
+    pub started: Instant,
     allowance: Arc<ChunkAllowance>,
     /// Chunk ids in `uploaded` and `pinned` (counted in `allowance` until the session ends).
     held: AtomicU64,
@@ -112,6 +114,7 @@ impl SessionState {
             revoked: AtomicBool::new(false),
             stored_bytes: std::sync::atomic::AtomicU64::new(0),
             last_used: Mutex::new(now),
+            started: now,
             allowance,
             held: AtomicU64::new(0),
         }
@@ -272,7 +275,9 @@ impl SessionState {
         Ok(())
     }
 
-    pub(super) fn idle_since(&self) -> Instant {
+    /// When the session was last used.
+    #[must_use]
+    pub fn idle_since(&self) -> Instant {
         *lock(&self.last_used)
     }
 }

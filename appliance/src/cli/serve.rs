@@ -74,6 +74,25 @@ pub struct ServeArgs {
     /// (`Authorization: Bearer …`).
     #[arg(long, value_name = "FILE", requires = "metrics_listen")]
     pub metrics_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub ui: UiArgs,
+}
+
+/// The web UI.
+#[derive(Debug, clap::Args)]
+pub struct UiArgs {
+    /// Serve the web UI over HTTPS (the same certificate as gRPC) on --ui-listen, by default
+    /// 127.0.0.1:8443. Printed as `UI ON: https://…/`.
+    #[arg(long)]
+    pub ui: bool,
+    /// Where the web UI listens (`HOST:PORT`; port 0 picks one). Implies --ui.
+    #[arg(long, value_name = "ADDR")]
+    pub ui_listen: Option<String>,
+    /// Print a generated password for a built-in local administrator of the web UI
+    /// (`SERVER PASSWORD: …`, user `admin`), for a single-machine setup. Lasts until the
+    /// appliance stops.
+    #[arg(long)]
+    pub random_password: bool,
 }
 
 /// Resource limits; each default comes from the tuning plan (`coffer-appliance tune` prints
@@ -215,6 +234,19 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let ui_listen = match (a.ui.ui, a.ui.ui_listen) {
+        (_, Some(addr)) => Some(addr),
+        (true, None) => Some("127.0.0.1:8443".to_string()),
+        (false, None) => None,
+    };
+    if a.ui.random_password && ui_listen.is_none() {
+        bail!("--random-password is for the web UI: add --ui or --ui-listen ADDR");
+    }
+    let ui_password = a.ui.random_password.then(|| {
+        let p = hex::encode(rand::random::<[u8; 16]>());
+        println!("SERVER PASSWORD: {p}");
+        p
+    });
     coffer_appliance::serve(
         &paths,
         master,
@@ -230,6 +262,8 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             limits: a.limits.flags(),
             metrics_listen: a.metrics_listen,
             metrics_token,
+            ui_listen,
+            ui_password,
             maintenance: match a.maintenance_at.as_str() {
                 "off" => None,
                 s => Some(coffer_appliance::Schedule::parse(s)?),

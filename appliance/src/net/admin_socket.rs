@@ -158,20 +158,21 @@ impl Admin {
         Ok(r)
     }
 
-    /// One request line in, one reply line out.
-    async fn answer(self: Arc<Self>, stream: tokio::net::UnixStream) {
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-        let (r, mut w) = stream.into_split();
-        let mut line = String::new();
-        let mut r = tokio::io::BufReader::new(r.take(1 << 20));
-        if r.read_line(&mut line).await.is_err() {
-            return;
-        }
+    /// Applies one administrative request on behalf of `actor` (`admin` for the socket, the
+    /// operator's identity for the web UI), on a blocking thread: the socket and the UI share
+    /// this one path, audit entries included.
+    ///
+    /// # Errors
+    /// What the request was refused with.
+    pub(super) async fn call(
+        self: &Arc<Self>,
+        req: admin::Request,
+        actor: &str,
+    ) -> Result<admin::Reply, ApplianceError> {
         let me = self.clone();
+        let actor = actor.to_string();
         let rt = tokio::runtime::Handle::current();
-        let reply = tokio::task::spawn_blocking(move || -> Result<admin::Reply, ApplianceError> {
-            let req: admin::Request = serde_json::from_str(&line)
-                .map_err(|e| ApplianceError::InvalidArgument(format!("bad request: {e}")))?;
+        tokio::task::spawn_blocking(move || -> Result<admin::Reply, ApplianceError> {
             if let admin::Request::MaintenanceRun { dry_run, now_us } = req {
                 return me.maintain(&rt, dry_run, now_us);
             }
@@ -189,14 +190,29 @@ impl Admin {
                     ..admin::Reply::default()
                 });
             }
-            let reply = admin::apply(&me.catalog, &req)?;
+            let reply = admin::apply_as(&me.catalog, &req, &actor)?;
             me.auth.reload()?;
-            tracing::info!(request = ?std::mem::discriminant(&req), "admin change applied");
+            tracing::info!(request = ?std::mem::discriminant(&req), %actor, "admin change applied");
             Ok(reply)
         })
         .await
         .unwrap_or_else(|e| Err(ApplianceError::Internal(format!("admin request: {e}"))))
-        .unwrap_or_else(|e| admin::Reply {
+    }
+
+    /// One request line in, one reply line out.
+    async fn answer(self: Arc<Self>, stream: tokio::net::UnixStream) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let (r, mut w) = stream.into_split();
+        let mut line = String::new();
+        let mut r = tokio::io::BufReader::new(r.take(1 << 20));
+        if r.read_line(&mut line).await.is_err() {
+            return;
+        }
+        let reply = match serde_json::from_str::<admin::Request>(&line) {
+            Ok(req) => self.call(req, "admin").await,
+            Err(e) => Err(ApplianceError::InvalidArgument(format!("bad request: {e}"))),
+        };
+        let reply = reply.unwrap_or_else(|e| admin::Reply {
             ok: false,
             kind: admin::kind_of(&e).into(),
             error: e.to_string(),

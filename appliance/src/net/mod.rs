@@ -17,6 +17,7 @@ pub mod server;
 pub mod service;
 mod status;
 pub mod tls;
+mod ui;
 
 use crate::error::{ApplianceError, RepoError};
 

@@ -54,6 +54,10 @@ pub struct ServeOptions {
     pub metrics_listen: Option<String>,
     /// The bearer token a scrape must present (`None`: none needed).
     pub metrics_token: Option<String>,
+    /// Where the web UI is served over HTTPS (`None`: nowhere).
+    pub ui_listen: Option<String>,
+    /// The built-in UI administrator's password (`--random-password`).
+    pub ui_password: Option<String>,
 }
 
 /// Warns when the repository is readable or writable by other local users (it holds password
@@ -191,6 +195,7 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
     auth.set_session_chunks(limits.session_chunks, limits.all_session_chunks);
     let auth = Arc::new(auth);
     let fanout = crate::shard::Shards::new(handles);
+    let ui_reads = (fanout.clone(), cfg.mode);
     let gate = Arc::new(Gate::default());
     let gc = Arc::new(Collector::new(
         fanout.clone(),
@@ -234,7 +239,15 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
         .enable_all()
         .build()
         .map_err(|e| ServeError::io("starting the network threads", e))?;
-    let net = run_network(service, admin, scrape, opts, max_msg as usize, limits);
+    let net = run_network(
+        service,
+        admin,
+        scrape,
+        opts,
+        max_msg as usize,
+        limits,
+        ui_reads,
+    );
     let result = rt.block_on(net);
     // The service (and with it every shard handle) is gone: shards finish what is in flight,
     // seal their open packs and stop.
@@ -303,6 +316,7 @@ async fn run_network(
     opts: &ServeOptions,
     max_msg: usize,
     limits: coffer_tuning::Limits,
+    ui_reads: (crate::shard::Shards, crate::repo::Mode),
 ) -> Result<(), ServeError> {
     let admin = Arc::new(admin);
     let admin_listener = admin.bind()?;
@@ -364,6 +378,25 @@ async fn run_network(
         println!("METRICS ON: http://{name}/metrics");
         tracing::info!(listen = %name, "serving metrics");
         tokio::spawn(metrics_http::serve(l, scrape));
+    }
+    if let Some(addr) = &opts.ui_listen {
+        let l = super::ui::bind(addr).await?;
+        let name = l
+            .local_addr()
+            .map_or_else(|_| addr.clone(), |a| a.to_string());
+        let (shards, mode) = ui_reads;
+        let cfg = super::ui::UiConfig {
+            auth: admin.auth.clone(),
+            catalog: admin.catalog.clone(),
+            admin: admin.clone(),
+            shards,
+            mode,
+            builtin: opts.ui_password.clone(),
+            service: service.clone(),
+        };
+        super::ui::serve(l, cfg, &opts.tls, &limits)?;
+        println!("UI ON: https://{name}/");
+        tracing::info!(listen = %name, "serving the web UI");
     }
     let result = serve_grpc(service, opts, max_msg, limits, observe).await;
     let _ = std::fs::remove_file(&socket);

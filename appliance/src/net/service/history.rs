@@ -405,7 +405,7 @@ fn level_of(levels: &[(PolicyTarget, Policy)], target: &PolicyTarget) -> Policy 
 }
 
 /// The access `who` has on the policy at `target`.
-pub(super) fn policy_access(
+pub(crate) fn policy_access(
     rules: &[crate::access::rules::Rule],
     who: &str,
     target: &PolicyTarget,

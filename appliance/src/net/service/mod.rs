@@ -14,6 +14,8 @@ mod enroll;
 mod history;
 mod snapshots;
 
+pub(crate) use history::policy_access;
+
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -112,6 +114,32 @@ impl CofferService {
                 metrics,
             }),
         }
+    }
+
+    /// `SetPolicy` on behalf of the web UI: the RPC's checks, step-up and audit.
+    ///
+    /// # Errors
+    /// As the RPC.
+    pub(crate) async fn set_policy_for(
+        &self,
+        session: &Session,
+        source: Option<std::net::IpAddr>,
+        req: v1::SetPolicyRequest,
+    ) -> Result<v1::SetPolicyResponse, ApplianceError> {
+        self.inner.set_policy(session, source, req).await
+    }
+
+    /// `AddRule` on behalf of the web UI: the RPC's checks, step-up and audit.
+    ///
+    /// # Errors
+    /// As the RPC.
+    pub(crate) async fn add_rule_for(
+        &self,
+        session: &Session,
+        source: Option<std::net::IpAddr>,
+        req: v1::AddRuleRequest,
+    ) -> Result<v1::AddRuleResponse, ApplianceError> {
+        self.inner.add_rule(session, source, req).await
     }
 
     /// The upload and read budgets (their bytes in use are exported as metrics).
