@@ -59,6 +59,10 @@ pub struct Appliance {
     pub fingerprint: Option<String>,
     /// `http://…/metrics` when started with `--metrics-listen`.
     pub metrics_url: Option<String>,
+    /// `https://…/` when started with `--ui-listen`, and the built-in administrator's
+    /// password with `--random-password`.
+    pub ui_url: Option<String>,
+    pub server_password: Option<String>,
     /// Everything the appliance wrote to standard error, across starts.
     pub log: PathBuf,
     /// Extra `serve` arguments and environment (e.g. a server control user).
@@ -133,6 +137,8 @@ impl Appliance {
             addr: None,
             fingerprint: None,
             metrics_url: None,
+            ui_url: None,
+            server_password: None,
             log: dir.join("appliance.log"),
             serve_args: Vec::new(),
             serve_env: Vec::new(),
@@ -237,6 +243,12 @@ impl Appliance {
             };
             if let Some(u) = line.strip_prefix("METRICS ON: ") {
                 self.metrics_url = Some(u.trim().to_string());
+            }
+            if let Some(u) = line.strip_prefix("UI ON: ") {
+                self.ui_url = Some(u.trim().to_string());
+            }
+            if let Some(p) = line.strip_prefix("SERVER PASSWORD: ") {
+                self.server_password = Some(p.trim().to_string());
             }
             if let Some(f) = line.strip_prefix("SERVER CERT SHA256: ") {
                 fp = Some(f.trim().to_string());

@@ -162,13 +162,11 @@ fn host_of(s: &v1::Snapshot) -> &str {
     }
 }
 
-/// Seconds between the client's start and the appliance's commit (0 when unknown).
-fn took(s: &v1::Snapshot) -> u64 {
-    if s.committed_us > 0 && s.committed_us > s.time_us {
-        u64::try_from((s.committed_us - s.time_us) / 1_000_000).unwrap_or(0)
-    } else {
-        0
-    }
+/// Seconds between the client's start and the appliance's commit (`None` when unknown: a
+/// snapshot committed before the appliance recorded its commit time, or a client clock ahead).
+fn took(s: &v1::Snapshot) -> Option<u64> {
+    (s.committed_us > 0 && s.committed_us >= s.time_us)
+        .then(|| u64::try_from((s.committed_us - s.time_us) / 1_000_000).unwrap_or(0))
 }
 
 fn flags(s: &v1::Snapshot, now_us: i64) -> Markup {
@@ -219,19 +217,20 @@ pub(super) async fn snapshots(
         form method="get" action="/diff" {
             table {
                 thead { tr {
-                    th { "Time" } th { "Account" } th { "Path" } th.num { "Size" } th.num { "Files" }
-                    th.num { "Took" } th { "" } th { "Diff" }
+                    th { "Time" } th { "Id" } th { "Account" } th { "Path" } th.num { "Size" } th.num { "Files" }
+                    th.num { "Took" } th { "" } th title="choose a snapshot to compare from, and one to compare to" { "From · To" }
                 } }
                 tbody {
                     @for s in &shown {
                         @let id = hex::encode(&s.id);
                         tr {
                             td { @if v.reads(s) { a href=(format!("/snapshots/{id}")) { (when(s.time_us)) } } @else { (when(s.time_us)) } }
+                            td.mono.muted title=(id) { (id[..8.min(id.len())]) }
                             td { (s.identity) }
                             td.mono { (s.path) }
                             td.num { (bytes(s.stats.as_ref().map_or(0, |t| t.bytes))) }
                             td.num { (s.stats.as_ref().map_or(0, |t| t.files)) }
-                            td.num { @match took(s) { 0 => (dash()), t => (pages::duration(t)) } }
+                            td.num { @match took(s) { None => (dash()), Some(0) => "< 1 s", Some(t) => (pages::duration(t)) } }
                             td { (flags(s, now)) }
                             td { input type="radio" name="a" value=(id) title="from"; " " input type="radio" name="b" value=(id) title="to"; }
                         }
@@ -273,13 +272,13 @@ fn managed(ui: &Ui) -> Result<(), Failure> {
     }
 }
 
-fn crumbs(id: &str, path: &[Vec<u8>]) -> Markup {
+fn crumbs(id: &str, root: &str, path: &[Vec<u8>]) -> Markup {
     html! {
         div.crumbs.mono {
-            a href=(format!("/snapshots/{id}")) { "/" }
+            a href=(format!("/snapshots/{id}")) { (root) }
             @for i in 0..path.len() {
+                " / "
                 a href=(format!("/snapshots/{id}?path={}", enc(&path[..=i].join(&b'/')))) { (name(&path[i])) }
-                @if i + 1 < path.len() { " / " }
             }
         }
     }
@@ -355,7 +354,7 @@ pub(super) async fn browse(
     let page: Vec<&Node> = entries.iter().skip(from).take(PAGE_ENTRIES).collect();
     let body = html! {
         (summary)
-        (crumbs(&id, &path))
+        (crumbs(&id, &s.path, &path))
         p { a href=(format!("/snapshots/{id}/tar?path={}", enc(&at))) { "Download this directory as .tar" } }
         table {
             thead { tr { th { "Mode" } th { "Name" } th.num { "Size" } th { "Modified" } th { "Owner" } } }

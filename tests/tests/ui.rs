@@ -1,0 +1,374 @@
+//! Issue 16 (web UI): a real headless Chromium logs in, browses a snapshot, downloads a file and
+//! compares its bytes, fails to reach another user's snapshot by its URL, and sees an operator's
+//! freshness table mark a host late; and the session and CSRF rules refuse what they must
+//! (a form without its token, another user's cookie, a logged-out cookie).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use coffer_tests::{admin, connect_client, create_snapshot, data, Appliance, USER_PASSWORD};
+
+const ALICE: &str = "alice@laptop";
+const BOB: &str = "bob@desk";
+const CAROL: &str = "carol@admin";
+
+/// An appliance with three accounts: alice (a 1h schedule), bob, and carol, an operator (FULL on
+/// the acl, user and policy targets).
+fn appliance(dir: &Path, extra: &[&str]) -> Appliance {
+    let mut app = Appliance::init(dir, 2, 16 * 1024, &[ALICE, BOB, CAROL]).unwrap();
+    admin(&app, &["acl", "enable"]);
+    for target in ["type=acl", "type=user", "type=policy"] {
+        admin(
+            &app,
+            &[
+                "acl", "add", "--user", CAROL, "--access", "FULL", "--target", target,
+            ],
+        );
+    }
+    admin(&app, &["policy", "set", ALICE, "--schedule", "1h"]);
+    app.serve_args = ["--ui-listen", "127.0.0.1:0"]
+        .iter()
+        .chain(extra)
+        .map(|s| (*s).to_string())
+        .collect();
+    app.start().unwrap();
+    app
+}
+
+fn snapshot_id(v: &serde_json::Value) -> String {
+    v["snapshot"].as_str().expect("snapshot id").to_string()
+}
+
+#[test]
+fn a_browser_downloads_what_it_may_and_the_operator_sees_who_is_late() {
+    if !Path::new("/usr/bin/chromium").exists() || !Path::new("/usr/bin/chromedriver").exists() {
+        panic!("Debian's chromium and chromium-driver are needed (.ci/run installs them)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = appliance(dir.path(), &[]);
+
+    // alice: two snapshots of a tree (the second changes one file); bob: one of his own.
+    let src = dir.path().join("alice-src");
+    std::fs::create_dir_all(src.join("projects/report")).unwrap();
+    std::fs::write(
+        src.join("projects/report/figures.bin"),
+        data(7, 3 << 20, false),
+    )
+    .unwrap();
+    std::fs::write(src.join("projects/notes.txt"), b"first draft\n").unwrap();
+    for i in 0..20u64 {
+        std::fs::write(
+            src.join(format!("projects/small-{i}.txt")),
+            data(i, 900, true),
+        )
+        .unwrap();
+    }
+    let cfg_a = dir.path().join("alice.json");
+    connect_client(&app, &cfg_a, "alice", "laptop");
+    let older = snapshot_id(&create_snapshot(&cfg_a, &src));
+    std::fs::write(src.join("projects/notes.txt"), b"second draft, longer\n").unwrap();
+    let newer = snapshot_id(&create_snapshot(&cfg_a, &src));
+    let bsrc = dir.path().join("bob-src");
+    std::fs::create_dir_all(&bsrc).unwrap();
+    std::fs::write(bsrc.join("bob-payroll.csv"), b"name,salary\n").unwrap();
+    let cfg_b = dir.path().join("bob.json");
+    connect_client(&app, &cfg_b, "bob", "desk");
+    let bobs = snapshot_id(&create_snapshot(&cfg_b, &bsrc));
+
+    // Three hours later (the appliance's clock, shifted at start): alice's 1h schedule fired
+    // twice without a backup.
+    app.stop().unwrap();
+    app.serve_env = vec![("COFFER_CLOCK_OFFSET_SECS".into(), "10800".into())];
+    app.start().unwrap();
+
+    let downloads = dir.path().join("downloads");
+    let shots = dir.path().join("shots");
+    std::fs::create_dir_all(&downloads).unwrap();
+    std::fs::create_dir_all(&shots).unwrap();
+    let plan = serde_json::json!({
+        "ui": app.ui_url.as_ref().expect("UI ON printed"),
+        "password": USER_PASSWORD,
+        "alice": ALICE, "bob": BOB, "carol": CAROL,
+        "alice_snapshot": newer, "alice_older": older, "bob_snapshot": bobs,
+        "file": "projects/report/figures.bin",
+        "source": src.join("projects/report/figures.bin"),
+        "changed": "projects/notes.txt",
+        "bob_file": "bob-payroll.csv",
+        "downloads": downloads, "shots": shots,
+    });
+    let out = Command::new("/usr/bin/python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("ui/browser.py"))
+        .arg(plan.to_string())
+        .output()
+        .expect("python3 with selenium (Debian's python3-selenium)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "browser test: {text}\n{}",
+        app.log_tail()
+    );
+    for name in ["login", "snapshots", "browse", "diff", "operator", "audit"] {
+        let p = shots.join(format!("{name}.png"));
+        assert!(std::fs::metadata(&p).is_ok_and(|m| m.len() > 1000), "{p:?}");
+    }
+    // Where screenshots are wanted (docs/ui/), they are kept.
+    if let Ok(keep) = std::env::var("COFFER_UI_SHOTS") {
+        std::fs::create_dir_all(&keep).unwrap();
+        for e in std::fs::read_dir(&shots).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), PathBuf::from(&keep).join(e.file_name())).unwrap();
+        }
+    }
+    // Every web login, download and refusal went through the log: no password in it.
+    let log = std::fs::read_to_string(&app.log).unwrap();
+    assert!(!log.contains(USER_PASSWORD));
+    assert!(log.contains("web UI download"), "downloads are logged");
+}
+
+/// A browser's state for curl: its cookie jar and the last page.
+struct Browser {
+    ui: String,
+    jar: PathBuf,
+    dir: PathBuf,
+}
+
+/// An answer: status, headers, body.
+struct Answer {
+    status: u16,
+    headers: String,
+    body: String,
+}
+
+impl Browser {
+    fn new(ui: &str, dir: &Path, name: &str) -> Self {
+        Self {
+            ui: ui.trim_end_matches('/').to_string(),
+            jar: dir.join(format!("{name}.jar")),
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// `curl` with this browser's cookies; `form` fields make it a POST.
+    fn call(&self, path: &str, form: &[(&str, &str)], cookie: Option<&str>) -> Answer {
+        let (hdr, body) = (self.dir.join("h.txt"), self.dir.join("b.txt"));
+        let mut c = Command::new("curl");
+        c.args(["-sk", "-o"]).arg(&body).arg("-D").arg(&hdr);
+        c.args(["-w", "%{http_code}"]);
+        match cookie {
+            Some(v) => {
+                c.args(["-H", &format!("Cookie: {v}")]);
+            }
+            None => {
+                c.arg("-c").arg(&self.jar).arg("-b").arg(&self.jar);
+            }
+        }
+        for (k, v) in form {
+            c.args(["--data-urlencode", &format!("{k}={v}")]);
+        }
+        let out = c.arg(format!("{}{path}", self.ui)).output().expect("curl");
+        Answer {
+            status: String::from_utf8_lossy(&out.stdout)
+                .parse()
+                .expect("a status"),
+            headers: std::fs::read_to_string(&hdr).unwrap_or_default(),
+            body: std::fs::read_to_string(&body).unwrap_or_default(),
+        }
+    }
+
+    fn get(&self, path: &str) -> Answer {
+        self.call(path, &[], None)
+    }
+
+    /// A POST of `form` (a form with no fields still is a POST: it carries no token).
+    fn post(&self, path: &str, form: &[(&str, &str)]) -> Answer {
+        if form.is_empty() {
+            return self.call(path, &[("nothing", "")], None);
+        }
+        self.call(path, form, None)
+    }
+
+    /// The CSRF token on `path`'s page.
+    fn token(&self, path: &str) -> String {
+        csrf_in(&self.get(path).body)
+    }
+
+    fn login(&self, identity: &str, password: &str) -> Answer {
+        let t = self.token("/login");
+        self.post(
+            "/login",
+            &[("identity", identity), ("password", password), ("csrf", &t)],
+        )
+    }
+
+    /// The session cookie's value.
+    fn cookie(&self) -> String {
+        let jar = std::fs::read_to_string(&self.jar).unwrap();
+        jar.lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                (f.len() == 7 && f[5] == "coffer_ui").then(|| f[6].to_string())
+            })
+            .expect("a session cookie")
+    }
+}
+
+fn csrf_in(page: &str) -> String {
+    let at = page.find("name=\"csrf\" value=\"").expect("a CSRF field") + 19;
+    page[at..at + 32].to_string()
+}
+
+#[test]
+fn forms_without_their_token_other_users_cookies_and_logged_out_cookies_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = appliance(dir.path(), &["--random-password"]);
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("secret.txt"), b"alice's secret\n").unwrap();
+    let cfg = dir.path().join("alice.json");
+    connect_client(&app, &cfg, "alice", "laptop");
+    let snap = snapshot_id(&create_snapshot(&cfg, &src));
+    let ui = app.ui_url.clone().expect("UI ON printed");
+    let (alice, bob, carol) = (
+        Browser::new(&ui, dir.path(), "alice"),
+        Browser::new(&ui, dir.path(), "bob"),
+        Browser::new(&ui, dir.path(), "carol"),
+    );
+
+    // Logging in: the form's token and cookie are needed; a wrong password is refused.
+    let no_cookie = Browser::new(&ui, dir.path(), "stranger");
+    let t = csrf_in(&alice.get("/login").body);
+    let r = no_cookie.post(
+        "/login",
+        &[
+            ("identity", ALICE),
+            ("password", USER_PASSWORD),
+            ("csrf", &t),
+        ],
+    );
+    assert_eq!(
+        r.status, 403,
+        "a login without the form's cookie: {}",
+        r.body
+    );
+    let r = alice.login(ALICE, "not-the-password");
+    assert_eq!(r.status, 401);
+    assert!(r.body.contains("unknown user or wrong password"));
+    let r = alice.login(ALICE, USER_PASSWORD);
+    assert_eq!(r.status, 303);
+    let set = r.headers.to_ascii_lowercase();
+    assert!(
+        set.contains("set-cookie: coffer_ui=") && set.contains("httponly; secure; samesite=strict"),
+        "{set}"
+    );
+    assert_eq!(bob.login(BOB, USER_PASSWORD).status, 303);
+    assert_eq!(carol.login(CAROL, USER_PASSWORD).status, 303);
+
+    // Every page carries the strict policy: no scripts, nothing from elsewhere.
+    let page = alice.get("/");
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains(&snap));
+    let h = page.headers.to_ascii_lowercase();
+    assert!(
+        h.contains("content-security-policy: default-src 'none'"),
+        "{h}"
+    );
+    assert!(!h.contains("unsafe-inline") && !page.body.contains("<script"));
+
+    // A form without its token, or with another session's, changes nothing.
+    let r = alice.post("/logout", &[]);
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        alice.get("/").status,
+        200,
+        "a refused logout ended the session"
+    );
+    let set_schedule = |who: &Browser, token: &str| {
+        who.post(
+            "/operator/policies",
+            &[
+                ("target", BOB),
+                ("field", "schedule"),
+                ("value", "2h"),
+                ("csrf", token),
+            ],
+        )
+    };
+    let policies = || admin(&app, &["policy", "list"]);
+    assert_eq!(set_schedule(&carol, "").status, 403);
+    assert_eq!(set_schedule(&carol, &alice.token("/")).status, 403);
+    assert!(!policies().contains("2h"), "{}", policies());
+    let r = set_schedule(&carol, &carol.token("/operator/policies"));
+    assert_eq!(r.status, 303);
+    assert!(
+        policies().contains("2h"),
+        "the operator's own token works: {}",
+        policies()
+    );
+
+    // Another user's cookie reads as that user: bob sees nothing of alice's, by any URL, and
+    // is no operator.
+    for path in [
+        format!("/snapshots/{snap}"),
+        format!("/snapshots/{snap}/file?path=secret.txt"),
+        format!("/snapshots/{snap}/tar"),
+        format!("/diff?a={snap}&b={snap}"),
+    ] {
+        let r = bob.get(&path);
+        assert_eq!(r.status, 404, "{path}: {}", r.body);
+        assert!(!r.body.contains("secret"), "{path}");
+        assert_eq!(alice.get(&path).status, 200, "{path}");
+    }
+    assert!(!bob.get("/").body.contains(&snap));
+    assert_eq!(bob.get("/operator").status, 403);
+    let r = bob.post(
+        "/operator/accounts",
+        &[
+            ("op", "disable"),
+            ("identity", ALICE),
+            ("csrf", &bob.token("/")),
+        ],
+    );
+    assert_eq!(r.status, 403);
+    assert_eq!(alice.get("/").status, 200, "bob disabled alice");
+
+    // A logged-out cookie is dead, even replayed by hand; so is its token.
+    let old = alice.cookie();
+    let token = alice.token("/");
+    assert_eq!(alice.post("/logout", &[("csrf", &token)]).status, 303);
+    let replay = format!("coffer_ui={old}");
+    for path in ["/", &format!("/snapshots/{snap}/file?path=secret.txt")] {
+        let r = alice.call(path, &[], Some(&replay));
+        assert_eq!(r.status, 303, "{path}");
+        assert!(r.headers.to_ascii_lowercase().contains("location: /login"));
+    }
+    assert_eq!(
+        alice
+            .call("/logout", &[("csrf", &token)], Some(&replay))
+            .status,
+        401
+    );
+
+    // The built-in administrator of --random-password: only with the printed password.
+    let root = Browser::new(&ui, dir.path(), "root");
+    assert_eq!(root.login("admin", "a-guess").status, 401);
+    let pw = app
+        .server_password
+        .clone()
+        .expect("SERVER PASSWORD printed");
+    assert_eq!(root.login("admin", &pw).status, 303);
+    assert!(root.get("/operator").body.contains(ALICE));
+    assert_eq!(
+        root.get(&format!("/snapshots/{snap}/file?path=secret.txt"))
+            .body,
+        "alice's secret\n"
+    );
+
+    let log = std::fs::read_to_string(&app.log).unwrap();
+    for secret in [USER_PASSWORD, pw.as_str(), old.as_str()] {
+        assert!(!log.contains(secret), "a secret is in the log");
+    }
+}
