@@ -16,7 +16,7 @@ coffer_start() {
     "$COFFER_BIN/coffer-appliance" user add bench@bench --repo "$REPO" >> "$LOGDIR/coffer-init.log" 2>&1
     rm -f "$WORK/coffer-cert.pem" "$WORK/coffer-key.pem" "$WORK/coffer-serve.out"
     COFFER_LOG="warn,glommio::reactor=off" "$COFFER_BIN/coffer-appliance" serve --repo "$REPO" --listen 127.0.0.1:0 --tls-generate-cert \
-        --tls-cert-file "$WORK/coffer-cert.pem" --tls-key-file "$WORK/coffer-key.pem" \
+        --tls-cert-file "$WORK/coffer-cert.pem" --tls-key-file "$WORK/coffer-key.pem" ${COFFER_SERVE_EXTRA:-} \
         > "$WORK/coffer-serve.out" 2> "$LOGDIR/coffer-serve.log" &
     COFFER_PID=$!
     local i; for i in $(seq 100); do grep -q '^LISTENING ON:' "$WORK/coffer-serve.out" 2>/dev/null && break; sleep 0.1; done

@@ -323,6 +323,39 @@ fn forms_without_their_token_other_users_cookies_and_logged_out_cookies_are_refu
         assert_eq!(alice.get(&path).status, 200, "{path}");
     }
     assert!(!bob.get("/").body.contains(&snap));
+    // alice's whole snapshot as a .tar, streamed: it unpacks to the source.
+    let tar = dir.path().join("all.tar");
+    let r = alice.call(&format!("/snapshots/{snap}/tar"), &[], None);
+    assert_eq!(r.status, 200);
+    let ok = Command::new("curl")
+        .args(["-sfk", "-o"])
+        .arg(&tar)
+        .arg("-b")
+        .arg(&alice.jar)
+        .arg(format!("{}/snapshots/{snap}/tar", alice.ui))
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let out = dir.path().join("untarred");
+    std::fs::create_dir_all(&out).unwrap();
+    assert!(Command::new("tar")
+        .arg("-xf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&out)
+        .status()
+        .unwrap()
+        .success());
+    let top = std::fs::read_dir(&out)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert_eq!(
+        std::fs::read(top.join("secret.txt")).unwrap(),
+        b"alice's secret\n"
+    );
     assert_eq!(bob.get("/operator").status, 403);
     let r = bob.post(
         "/operator/accounts",

@@ -17,6 +17,7 @@ import time
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 PLAN = json.loads(sys.argv[1])
 UI = PLAN["ui"].rstrip("/")
@@ -48,6 +49,14 @@ def browser():
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=o)
 
 
+def arrived(d, cond):
+    """Waits (up to 20 s) for the navigation a click started to reach a page where cond holds."""
+    try:
+        WebDriverWait(d, 20).until(cond)
+    except Exception:  # noqa: BLE001 (a timeout, or a page torn down mid-check)
+        fail(f"the expected page did not come: at {d.current_url}")
+
+
 def shot(d, name):
     d.save_screenshot(os.path.join(PLAN["shots"], name + ".png"))
 
@@ -64,12 +73,14 @@ def login(d, identity):
     if identity == PLAN["alice"]:
         shot(d, "login")
     d.find_element(By.CSS_SELECTOR, "form.login button[type=submit]").click()
+    # The next page, once the browser has navigated to it.
+    arrived(d, lambda d: d.find_elements(By.CSS_SELECTOR, "form.logout"))
     expect(identity in body(d), f"{identity} is not shown as logged in: {body(d)[:300]}")
 
 
 def logout(d):
     d.find_element(By.CSS_SELECTOR, "form.logout button").click()
-    expect(d.current_url.endswith("/login"), f"logout went to {d.current_url}")
+    arrived(d, lambda d: d.current_url.endswith("/login"))
 
 
 def wait_for_download(name, size):
@@ -93,10 +104,12 @@ def alice(d):
     expect(links, "alice's snapshot is not listed")
     shot(d, "snapshots")
     links[0].click()
+    arrived(d, lambda d: "/snapshots/" in d.current_url)
     # Browse down to the file, one directory at a time, as a person would.
     parts = PLAN["file"].split("/")
     for p in parts[:-1]:
         d.find_element(By.LINK_TEXT, p + "/").click()
+        arrived(d, lambda d, p=p: d.current_url.endswith(p))
     shot(d, "browse")
     d.find_element(By.LINK_TEXT, parts[-1]).click()
     want = open(PLAN["source"], "rb").read()

@@ -25,7 +25,7 @@ use crate::shard::Shards;
 /// Most entries one directory listing may have (a bound on what a crafted tree can cost).
 pub(super) const MAX_LISTING: usize = 1_000_000;
 /// Chunks a file read fetches at once.
-const READ_BATCH: usize = 8;
+const READ_BATCH: usize = 4;
 /// Buffers of a `.tar` waiting to be sent, and their size.
 const TAR_QUEUE: usize = 4;
 const TAR_BUFFER: usize = 256 << 10;
