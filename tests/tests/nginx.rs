@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 
 use coffer_tests::{
     bin, coffer, connect_url, create_snapshot, data, describe, listening, sigterm, Appliance,
-    REPO_PASSWORD,
+    REPO_PASSWORD, USER_PASSWORD,
 };
 
 /// nginx's own certificate (what clients see): (cert, key).
@@ -55,7 +55,13 @@ impl Drop for Nginx {
 
 /// Renders the documented configuration and starts nginx in the foreground, with a fresh
 /// certificate in `dir/front.pem`.
-fn nginx(dir: &Path, listen: &str, upstream: &str, appliance_cert: &Path) -> Nginx {
+fn nginx(
+    dir: &Path,
+    listen: &str,
+    upstream: &str,
+    appliance_cert: &Path,
+    ui: (&str, &str),
+) -> Nginx {
     let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
         .into_iter()
         .find(|p| Path::new(p).exists())
@@ -75,7 +81,9 @@ fn nginx(dir: &Path, listen: &str, upstream: &str, appliance_cert: &Path) -> Ngi
         .replace("@KEY@", key.to_str().unwrap())
         .replace("@UPSTREAM@", upstream)
         .replace("@APPLIANCE_CERT@", appliance_cert.to_str().unwrap())
-        .replace("@PREFIX@", prefix.to_str().unwrap());
+        .replace("@PREFIX@", prefix.to_str().unwrap())
+        .replace("@UI_LISTEN@", ui.0)
+        .replace("@UI_UPSTREAM@", ui.1);
     let conf_path = prefix.join("nginx.conf");
     std::fs::write(&conf_path, conf).unwrap();
     let check = Command::new(nginx)
@@ -120,14 +128,17 @@ fn run_through_nginx(upstream_unix: bool) {
         "127.0.0.1:0".to_string()
     };
     let appliance_cert = dir.path().join("appliance.pem");
+    let ui_upstream = format!("127.0.0.1:{}", free_port());
     let mut child = Command::new(bin("coffer-appliance"))
         .args(["serve", "--repo", &app.repo_str(), "--listen", &listen])
+        .args(["--ui-listen", &ui_upstream])
         .arg("--tls-generate-cert")
         .arg("--tls-cert-file")
         .arg(&appliance_cert)
         .arg("--tls-key-file")
         .arg(dir.path().join("appliance.key"))
         .env("COFFER_REPO_PASSWORD", REPO_PASSWORD)
+        .env("COFFER_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -135,7 +146,14 @@ fn run_through_nginx(upstream_unix: bool) {
         .unwrap();
     let (upstream, _) = listening(&mut child);
     let front = format!("127.0.0.1:{}", free_port());
-    let _nginx = nginx(dir.path(), &front, &upstream, &appliance_cert);
+    let ui_front = format!("127.0.0.1:{}", free_port());
+    let _nginx = nginx(
+        dir.path(),
+        &front,
+        &upstream,
+        &appliance_cert,
+        (&ui_front, &ui_upstream),
+    );
     let fp = fingerprint_of(&dir.path().join("front.pem"));
 
     let cfg = dir.path().join("client.json");
@@ -157,7 +175,55 @@ fn run_through_nginx(upstream_unix: bool) {
     let (rc, out, err) = coffer(&cfg, &["restore", id, target.to_str().unwrap()]).unwrap();
     assert_eq!(rc, 0, "{out}{err}");
     assert_eq!(describe(&src).unwrap(), describe(&target).unwrap());
+    ui_through_nginx(dir.path(), &ui_front, id, &src.join("large.bin"));
     assert_eq!(sigterm(&mut child), Some(0));
+}
+
+/// The web UI through nginx's second server block: log in (cookies and CSRF token survive the
+/// proxy), see the snapshot, and download the large file whole, streamed.
+fn ui_through_nginx(dir: &Path, front: &str, snapshot: &str, file: &Path) {
+    let jar = dir.join("ui.jar");
+    let curl = |args: &[&str]| {
+        let out = Command::new("curl")
+            .args(["-sk", "-c"])
+            .arg(&jar)
+            .arg("-b")
+            .arg(&jar)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "curl {args:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let base = format!("https://{front}");
+    let form = curl(&[&format!("{base}/login")]);
+    let at = form.find("name=\"csrf\" value=\"").expect("the login form") + 19;
+    let token = &form[at..at + 32];
+    let code = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--data-urlencode",
+        "identity=alice@laptop",
+        "--data-urlencode",
+        &format!("password={USER_PASSWORD}"),
+        "--data-urlencode",
+        &format!("csrf={token}"),
+        &format!("{base}/login"),
+    ]);
+    assert_eq!(code, "303", "login through nginx");
+    assert!(curl(&[&format!("{base}/")]).contains(snapshot));
+    let got = dir.join("large.download");
+    curl(&[
+        "-o",
+        got.to_str().unwrap(),
+        &format!("{base}/snapshots/{snapshot}/file?path=large.bin"),
+    ]);
+    assert!(
+        std::fs::read(&got).unwrap() == std::fs::read(file).unwrap(),
+        "the download differs"
+    );
 }
 
 fn fingerprint_of(cert: &Path) -> String {

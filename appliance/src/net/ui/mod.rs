@@ -122,7 +122,8 @@ impl Viewer {
     }
 }
 
-/// An error page: the status and what to tell the user.
+/// An error page: the status and what to tell the user. `SEE_OTHER` stands for "log in
+/// first" and answers a redirect to the login page.
 #[derive(Debug)]
 pub(super) struct Failure(StatusCode, String);
 

@@ -97,7 +97,8 @@ pub(super) fn freshness(
     now_us: i64,
 ) -> Vec<Fresh> {
     let mut by: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
-    for s in snaps.iter().filter(|s| s.sealed.is_empty()) {
+    // Sealed snapshots count too: their path is an opaque tag, stable per source.
+    for s in snaps {
         let at = if s.committed_us > 0 {
             s.committed_us
         } else {
