@@ -11,6 +11,8 @@ use coffer_tests::{admin, connect_client, create_snapshot, data, Appliance, USER
 const ALICE: &str = "alice@laptop";
 const BOB: &str = "bob@desk";
 const CAROL: &str = "carol@admin";
+/// The UI's session cookie.
+const COOKIE: &str = "__Host-coffer_ui";
 
 /// An appliance with three accounts: alice (a 1h schedule), bob, and carol, an operator (FULL on
 /// the acl, user and policy targets).
@@ -41,9 +43,10 @@ fn snapshot_id(v: &serde_json::Value) -> String {
 
 #[test]
 fn a_browser_downloads_what_it_may_and_the_operator_sees_who_is_late() {
-    if !Path::new("/usr/bin/chromium").exists() || !Path::new("/usr/bin/chromedriver").exists() {
-        panic!("Debian's chromium and chromium-driver are needed (.ci/run installs them)");
-    }
+    assert!(
+        Path::new("/usr/bin/chromium").exists() && Path::new("/usr/bin/chromedriver").exists(),
+        "Debian's chromium and chromium-driver are needed (.ci/run installs them)"
+    );
     let dir = tempfile::tempdir().unwrap();
     let mut app = appliance(dir.path(), &[]);
 
@@ -204,13 +207,37 @@ impl Browser {
         )
     }
 
+    /// `curl -o to` with this browser's cookies: its exit status.
+    fn download(&self, path: &str, to: &Path) -> std::process::ExitStatus {
+        Command::new("curl")
+            .args(["-sfk", "-o"])
+            .arg(to)
+            .arg("-b")
+            .arg(&self.jar)
+            .arg(format!("{}{path}", self.ui))
+            .status()
+            .unwrap()
+    }
+
+    /// A download at 2 MB/s, running.
+    fn download_slowly(&self, path: &str, to: &Path) -> std::process::Child {
+        Command::new("curl")
+            .args(["-sfk", "--limit-rate", "2M", "-o"])
+            .arg(to)
+            .arg("-b")
+            .arg(&self.jar)
+            .arg(format!("{}{path}", self.ui))
+            .spawn()
+            .unwrap()
+    }
+
     /// The session cookie's value.
     fn cookie(&self) -> String {
         let jar = std::fs::read_to_string(&self.jar).unwrap();
         jar.lines()
             .find_map(|l| {
                 let f: Vec<&str> = l.split('\t').collect();
-                (f.len() == 7 && f[5] == "coffer_ui").then(|| f[6].to_string())
+                (f.len() == 7 && f[5] == COOKIE).then(|| f[6].to_string())
             })
             .expect("a session cookie")
     }
@@ -221,32 +248,54 @@ fn csrf_in(page: &str) -> String {
     page[at..at + 32].to_string()
 }
 
-#[test]
-fn forms_without_their_token_other_users_cookies_and_logged_out_cookies_are_refused() {
+/// A running appliance (with `--random-password`), alice's snapshot of one small file, and the
+/// UI's address.
+struct Setup {
+    dir: tempfile::TempDir,
+    app: Appliance,
+    snap: String,
+    ui: String,
+}
+
+fn setup(file: &[u8]) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let app = appliance(dir.path(), &["--random-password"]);
     let src = dir.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
-    std::fs::write(src.join("secret.txt"), b"alice's secret\n").unwrap();
+    std::fs::write(src.join("secret.txt"), file).unwrap();
     let cfg = dir.path().join("alice.json");
     connect_client(&app, &cfg, "alice", "laptop");
     let snap = snapshot_id(&create_snapshot(&cfg, &src));
     let ui = app.ui_url.clone().expect("UI ON printed");
-    let (alice, bob, carol) = (
-        Browser::new(&ui, dir.path(), "alice"),
-        Browser::new(&ui, dir.path(), "bob"),
-        Browser::new(&ui, dir.path(), "carol"),
-    );
+    Setup { dir, app, snap, ui }
+}
 
-    // Logging in: the form's token and cookie are needed; a wrong password is refused.
-    let no_cookie = Browser::new(&ui, dir.path(), "stranger");
-    let t = csrf_in(&alice.get("/login").body);
-    let r = no_cookie.post(
+impl Setup {
+    fn browser(&self, name: &str) -> Browser {
+        Browser::new(&self.ui, self.dir.path(), name)
+    }
+
+    /// No password, generated password or cookie in the appliance's log.
+    fn log_holds_none_of(&self, secrets: &[&str]) {
+        let log = std::fs::read_to_string(&self.app.log).unwrap();
+        for s in secrets.iter().chain([&USER_PASSWORD]) {
+            assert!(!log.contains(s), "a secret is in the log");
+        }
+    }
+}
+
+#[test]
+fn logins_need_the_forms_token_and_pages_carry_the_strict_policy() {
+    let t = setup(b"alice's secret\n");
+    let alice = t.browser("alice");
+    // The login form's token needs the login form's cookie.
+    let token = csrf_in(&alice.get("/login").body);
+    let r = t.browser("stranger").post(
         "/login",
         &[
             ("identity", ALICE),
             ("password", USER_PASSWORD),
-            ("csrf", &t),
+            ("csrf", &token),
         ],
     );
     assert_eq!(
@@ -261,24 +310,41 @@ fn forms_without_their_token_other_users_cookies_and_logged_out_cookies_are_refu
     assert_eq!(r.status, 303);
     let set = r.headers.to_ascii_lowercase();
     assert!(
-        set.contains("set-cookie: coffer_ui=") && set.contains("httponly; secure; samesite=strict"),
+        set.contains("set-cookie: __host-coffer_ui=")
+            && set.contains("httponly; secure; samesite=strict"),
         "{set}"
     );
-    assert_eq!(bob.login(BOB, USER_PASSWORD).status, 303);
-    assert_eq!(carol.login(CAROL, USER_PASSWORD).status, 303);
-
     // Every page carries the strict policy: no scripts, nothing from elsewhere.
     let page = alice.get("/");
     assert_eq!(page.status, 200);
-    assert!(page.body.contains(&snap));
+    assert!(page.body.contains(&t.snap));
     let h = page.headers.to_ascii_lowercase();
     assert!(
         h.contains("content-security-policy: default-src 'none'"),
         "{h}"
     );
     assert!(!h.contains("unsafe-inline") && !page.body.contains("<script"));
+    // The built-in administrator of --random-password: only with the printed password.
+    let root = t.browser("root");
+    assert_eq!(root.login("admin", "a-guess").status, 401);
+    let pw = t
+        .app
+        .server_password
+        .clone()
+        .expect("SERVER PASSWORD printed");
+    assert_eq!(root.login("admin", &pw).status, 303);
+    assert!(root.get("/operator").body.contains(ALICE));
+    let file = format!("/snapshots/{}/file?path=secret.txt", t.snap);
+    assert_eq!(root.get(&file).body, "alice's secret\n");
+    t.log_holds_none_of(&[&pw, &alice.cookie()]);
+}
 
-    // A form without its token, or with another session's, changes nothing.
+#[test]
+fn forms_without_their_sessions_token_change_nothing() {
+    let t = setup(b"x");
+    let (alice, carol) = (t.browser("alice"), t.browser("carol"));
+    assert_eq!(alice.login(ALICE, USER_PASSWORD).status, 303);
+    assert_eq!(carol.login(CAROL, USER_PASSWORD).status, 303);
     let r = alice.post("/logout", &[]);
     assert_eq!(r.status, 403);
     assert_eq!(
@@ -297,7 +363,7 @@ fn forms_without_their_token_other_users_cookies_and_logged_out_cookies_are_refu
             ],
         )
     };
-    let policies = || admin(&app, &["policy", "list"]);
+    let policies = || admin(&t.app, &["policy", "list"]);
     assert_eq!(set_schedule(&carol, "").status, 403);
     assert_eq!(set_schedule(&carol, &alice.token("/")).status, 403);
     assert!(!policies().contains("2h"), "{}", policies());
@@ -308,9 +374,23 @@ fn forms_without_their_token_other_users_cookies_and_logged_out_cookies_are_refu
         "the operator's own token works: {}",
         policies()
     );
+    // Counting space walks every snapshot: a POST with the token too.
+    assert_eq!(carol.post("/operator", &[]).status, 403);
+    let r = carol.post("/operator", &[("csrf", &carol.token("/operator"))]);
+    assert!(
+        r.status == 200 && r.body.contains("Only theirs"),
+        "{}",
+        r.body
+    );
+}
 
-    // Another user's cookie reads as that user: bob sees nothing of alice's, by any URL, and
-    // is no operator.
+#[test]
+fn another_users_cookie_reads_as_that_user() {
+    let t = setup(b"alice's secret\n");
+    let (alice, bob) = (t.browser("alice"), t.browser("bob"));
+    assert_eq!(alice.login(ALICE, USER_PASSWORD).status, 303);
+    assert_eq!(bob.login(BOB, USER_PASSWORD).status, 303);
+    let snap = &t.snap;
     for path in [
         format!("/snapshots/{snap}"),
         format!("/snapshots/{snap}/file?path=secret.txt"),
@@ -322,40 +402,7 @@ fn forms_without_their_token_other_users_cookies_and_logged_out_cookies_are_refu
         assert!(!r.body.contains("secret"), "{path}");
         assert_eq!(alice.get(&path).status, 200, "{path}");
     }
-    assert!(!bob.get("/").body.contains(&snap));
-    // alice's whole snapshot as a .tar, streamed: it unpacks to the source.
-    let tar = dir.path().join("all.tar");
-    let r = alice.call(&format!("/snapshots/{snap}/tar"), &[], None);
-    assert_eq!(r.status, 200);
-    let ok = Command::new("curl")
-        .args(["-sfk", "-o"])
-        .arg(&tar)
-        .arg("-b")
-        .arg(&alice.jar)
-        .arg(format!("{}/snapshots/{snap}/tar", alice.ui))
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    let out = dir.path().join("untarred");
-    std::fs::create_dir_all(&out).unwrap();
-    assert!(Command::new("tar")
-        .arg("-xf")
-        .arg(&tar)
-        .arg("-C")
-        .arg(&out)
-        .status()
-        .unwrap()
-        .success());
-    let top = std::fs::read_dir(&out)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    assert_eq!(
-        std::fs::read(top.join("secret.txt")).unwrap(),
-        b"alice's secret\n"
-    );
+    assert!(!bob.get("/").body.contains(snap.as_str()));
     assert_eq!(bob.get("/operator").status, 403);
     let r = bob.post(
         "/operator/accounts",
@@ -367,13 +414,107 @@ fn forms_without_their_token_other_users_cookies_and_logged_out_cookies_are_refu
     );
     assert_eq!(r.status, 403);
     assert_eq!(alice.get("/").status, 200, "bob disabled alice");
+    // alice's whole snapshot as a .tar, streamed: it unpacks to the source.
+    let tar = t.dir.path().join("all.tar");
+    assert!(alice
+        .download(&format!("/snapshots/{snap}/tar"), &tar)
+        .success());
+    let out = t.dir.path().join("untarred");
+    std::fs::create_dir_all(&out).unwrap();
+    let untar = Command::new("tar")
+        .arg("-xf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&out)
+        .status();
+    assert!(untar.unwrap().success());
+    let top = std::fs::read_dir(&out)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert_eq!(
+        std::fs::read(top.join("secret.txt")).unwrap(),
+        b"alice's secret\n"
+    );
+}
 
-    // A logged-out cookie is dead, even replayed by hand; so is its token.
+#[test]
+fn restricted_roles_see_what_their_role_allows_and_are_no_operators() {
+    let t = setup(b"x");
+    let snap = &t.snap;
+    for (who, role) in [("wo@box", "write-only"), ("lo@box", "log-only")] {
+        admin(&t.app, &["user", "add", who, "--role", role]);
+        for target in ["type=acl", "type=snapshot,username=alice"] {
+            admin(
+                &t.app,
+                &[
+                    "acl", "add", "--user", who, "--access", "FULL", "--target", target,
+                ],
+            );
+        }
+    }
+    let (wo, lo) = (t.browser("wo"), t.browser("lo"));
+    assert_eq!(wo.login("wo@box", USER_PASSWORD).status, 303);
+    assert_eq!(lo.login("lo@box", USER_PASSWORD).status, 303);
+    // Write-only lists nothing; log-only lists alice's snapshot but cannot open it.
+    assert!(!wo.get("/").body.contains(snap.as_str()));
+    assert!(lo.get("/").body.contains(snap.as_str()));
+    for b in [&wo, &lo] {
+        assert_eq!(b.get(&format!("/snapshots/{snap}")).status, 404);
+        assert_eq!(
+            b.get("/operator").status,
+            403,
+            "a restricted role is an operator"
+        );
+    }
+    // An operator's password reset ends the account's sessions, in the UI too.
+    let (alice, carol) = (t.browser("alice"), t.browser("carol"));
+    assert_eq!(alice.login(ALICE, USER_PASSWORD).status, 303);
+    assert_eq!(alice.get(&format!("/snapshots/{snap}")).status, 200);
+    assert_eq!(carol.login(CAROL, USER_PASSWORD).status, 303);
+    let token = carol.token("/operator/accounts");
+    let r = carol.post(
+        "/operator/accounts",
+        &[
+            ("op", "password"),
+            ("identity", ALICE),
+            ("password", "a-new-password"),
+            ("csrf", &token),
+        ],
+    );
+    assert!(r.headers.contains("done="), "{}", r.headers);
+    assert_eq!(alice.get(&format!("/snapshots/{snap}")).status, 303);
+    assert_eq!(alice.login(ALICE, "a-new-password").status, 303);
+}
+
+#[test]
+fn logged_out_cookies_and_their_downloads_are_dead() {
+    // 24 MiB that do not compress: a download that takes seconds at 2 MB/s.
+    let t = setup(&data(5, 24 << 20, false));
+    let alice = t.browser("alice");
+    assert_eq!(alice.login(ALICE, USER_PASSWORD).status, 303);
+    let snap = &t.snap;
+    let file = format!("/snapshots/{snap}/file?path=secret.txt");
+    // A download in progress stops when its session ends: cut short, never whole.
+    let part = t.dir.path().join("part");
+    let mut slow = alice.download_slowly(&file, &part);
+    assert!(
+        coffer_tests::eventually(std::time::Duration::from_secs(20), || {
+            std::fs::metadata(&part).is_ok_and(|m| m.len() > 0)
+        }),
+        "the download did not start"
+    );
     let old = alice.cookie();
     let token = alice.token("/");
     assert_eq!(alice.post("/logout", &[("csrf", &token)]).status, 303);
-    let replay = format!("coffer_ui={old}");
-    for path in ["/", &format!("/snapshots/{snap}/file?path=secret.txt")] {
+    let status = slow.wait().unwrap();
+    assert!(!status.success(), "the download completed after the logout");
+    assert!(std::fs::metadata(&part).unwrap().len() < 24 << 20);
+    // The cookie, replayed by hand, is dead; so is its token.
+    let replay = format!("{COOKIE}={old}");
+    for path in ["/", file.as_str()] {
         let r = alice.call(path, &[], Some(&replay));
         assert_eq!(r.status, 303, "{path}");
         assert!(r.headers.to_ascii_lowercase().contains("location: /login"));
@@ -384,24 +525,5 @@ fn forms_without_their_token_other_users_cookies_and_logged_out_cookies_are_refu
             .status,
         401
     );
-
-    // The built-in administrator of --random-password: only with the printed password.
-    let root = Browser::new(&ui, dir.path(), "root");
-    assert_eq!(root.login("admin", "a-guess").status, 401);
-    let pw = app
-        .server_password
-        .clone()
-        .expect("SERVER PASSWORD printed");
-    assert_eq!(root.login("admin", &pw).status, 303);
-    assert!(root.get("/operator").body.contains(ALICE));
-    assert_eq!(
-        root.get(&format!("/snapshots/{snap}/file?path=secret.txt"))
-            .body,
-        "alice's secret\n"
-    );
-
-    let log = std::fs::read_to_string(&app.log).unwrap();
-    for secret in [USER_PASSWORD, pw.as_str(), old.as_str()] {
-        assert!(!log.contains(secret), "a secret is in the log");
-    }
+    t.log_holds_none_of(&[&old]);
 }

@@ -127,9 +127,13 @@ impl Auth {
             .map_err(|e| ApplianceError::Internal(e.to_string()))?;
         self.quotas
             .set_quotas(records.iter().map(|u| (u.identity.clone(), u.quota)));
-        let users: HashMap<String, String> = records
+        // A session lives while its account keeps the password and the role it was opened with.
+        let users: HashMap<String, (String, Role)> = records
             .into_iter()
-            .map(|u| (u.identity, u.password_hash))
+            .map(|u| {
+                let role = Role::parse(u.role.as_deref()).unwrap_or(Role::WriteOnly);
+                (u.identity, (u.password_hash, role))
+            })
             .collect();
         let disclosure = parse_disclosure(
             self.catalog
@@ -178,7 +182,10 @@ impl Auth {
             }
         }
         lock(&self.sessions).retain(|_, s| {
-            let keep = s.control || users.get(&s.identity).is_some_and(|h| *h == s.phc);
+            let keep = s.control
+                || users
+                    .get(&s.identity)
+                    .is_some_and(|(h, role)| *h == s.phc && *role == s.role);
             if !keep {
                 s.state.revoke();
             }

@@ -150,13 +150,7 @@ pub fn emergency_space(paths: &RepoPaths) {
 /// # Errors
 /// Startup failures, with what to do about them.
 pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Result<(), ServeError> {
-    let cfg = paths.load_config()?;
-    check_index_present(paths, &cfg)?;
-    for w in check_private(paths) {
-        tracing::warn!("{w}");
-        eprintln!("warning: {w}");
-    }
-    emergency_space(paths);
+    let cfg = preflight(paths)?;
     let hw = Hardware::detect_for(&paths.root);
     let plan = Plan::new(&hw, usize::from(cfg.shards))?;
     if hw.memlock_bytes < coffer_tuning::MIN_MEMLOCK_BYTES {
@@ -260,6 +254,19 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
             .map_err(|e| ServeError::Refused(format!("a shard stopped abnormally: {e}")))?;
     }
     result
+}
+
+/// Before serving: the configuration, an index present, warnings about permissions, the
+/// emergency space file.
+fn preflight(paths: &RepoPaths) -> Result<RepoConfig, ServeError> {
+    let cfg = paths.load_config()?;
+    check_index_present(paths, &cfg)?;
+    for w in check_private(paths) {
+        tracing::warn!("{w}");
+        eprintln!("warning: {w}");
+    }
+    emergency_space(paths);
+    Ok(cfg)
 }
 
 /// What `Hello` answers for this repository.

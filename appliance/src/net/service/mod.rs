@@ -126,6 +126,7 @@ impl CofferService {
         source: Option<std::net::IpAddr>,
         req: v1::SetPolicyRequest,
     ) -> Result<v1::SetPolicyResponse, ApplianceError> {
+        session.role.allows(Use::Change)?;
         self.inner.set_policy(session, source, req).await
     }
 
@@ -139,7 +140,26 @@ impl CofferService {
         source: Option<std::net::IpAddr>,
         req: v1::AddRuleRequest,
     ) -> Result<v1::AddRuleResponse, ApplianceError> {
+        session.role.allows(Use::Change)?;
         self.inner.add_rule(session, source, req).await
+    }
+
+    /// The step-up (delete passphrase) of `session`'s account, for a web UI change that has no
+    /// RPC of its own (removing a rule).
+    ///
+    /// # Errors
+    /// As [`Auth::step_up`]; a restricted role.
+    pub(crate) async fn step_up_for(
+        &self,
+        session: &Session,
+        passphrase: &str,
+        source: Option<std::net::IpAddr>,
+    ) -> Result<(), ApplianceError> {
+        session.role.allows(Use::Change)?;
+        self.inner
+            .auth
+            .step_up(&session.identity, passphrase, source)
+            .await
     }
 
     /// The upload and read budgets (their bytes in use are exported as metrics).

@@ -8,7 +8,7 @@
 //! [`TAR_QUEUE`] buffers of [`TAR_BUFFER`] bytes that the response drains. Must never decide
 //! access: the caller has checked the snapshot against the rules.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -31,6 +31,30 @@ const TAR_QUEUE: usize = 4;
 const TAR_BUFFER: usize = 256 << 10;
 /// Most changes a diff lists.
 pub(super) const MAX_CHANGES: usize = 2000;
+/// Most tree parts one listing chains, and most pairs of directories one diff compares (bounds
+/// on what a crafted tree can cost: a chain or a subtree may point back at itself).
+const MAX_PARTS: usize = 65_536;
+const MAX_DIFF_DIRS: usize = 100_000;
+
+/// Checked before each batch a download reads: the session still lives and may still read the
+/// snapshot (a logout, a disabled account or a removed rule stops a download in progress).
+pub(super) type Still = std::sync::Arc<dyn Fn() -> Result<(), ApplianceError> + Send + Sync>;
+
+/// A name a tree may hold: one path component (never empty, `.`, `..`, nor with `/` or NUL).
+fn check_name(name: &[u8]) -> Result<(), ApplianceError> {
+    if name.is_empty()
+        || name == b"."
+        || name == b".."
+        || name.iter().any(|b| *b == b'/' || *b == 0)
+    {
+        Err(damaged(format!(
+            "it holds an invalid name {:?}",
+            String::from_utf8_lossy(name)
+        )))
+    } else {
+        Ok(())
+    }
+}
 
 fn damaged(what: impl std::fmt::Display) -> ApplianceError {
     ApplianceError::FailedPrecondition(format!("the snapshot is damaged: {what}"))
@@ -87,11 +111,10 @@ impl Contents {
     pub(super) async fn listing(&self, id: ChunkId) -> Result<Vec<Node>, ApplianceError> {
         let mut nodes = Vec::new();
         let mut next = Some(id);
-        let mut parts = 0usize;
+        let mut seen = std::collections::HashSet::new();
         while let Some(part) = next.take() {
-            parts += 1;
-            if parts > MAX_LISTING {
-                return Err(damaged("a listing chains too many parts"));
+            if !seen.insert(part) || seen.len() > MAX_PARTS {
+                return Err(damaged("a listing's parts loop or are too many"));
             }
             let data = self.plains(vec![part]).await?.pop().unwrap_or_default();
             let t = Tree::decode(data).map_err(|e| damaged(format!("tree {part}: {e}")))?;
@@ -142,48 +165,45 @@ impl Contents {
         Ok(Found::Dir(dir, entries))
     }
 
-    /// A file's chunk ids (from its node, or through its list chunks), or its bundle.
-    async fn pieces(&self, n: &Node) -> Result<Pieces, ApplianceError> {
+    /// A file's chunk ids and list chunks (read one at a time as the ids run out), or its
+    /// bundle.
+    fn pieces(n: &Node) -> Result<Pieces, ApplianceError> {
         if !n.bundle.is_empty() {
             return Ok(Pieces::Bundle(
                 id_of(&n.bundle, "a bundle")?,
                 n.bundle_offset,
             ));
         }
-        let mut ids = unpack_ids(&n.chunks, usize::MAX).map_err(damaged)?;
-        if !n.chunk_lists.is_empty() {
-            let lists = unpack_ids(&n.chunk_lists, usize::MAX).map_err(damaged)?;
-            for batch in lists.chunks(READ_BATCH) {
-                for list in self.plains(batch.to_vec()).await? {
-                    ids.extend(unpack_ids(&list, usize::MAX).map_err(damaged)?);
-                }
-            }
-        }
-        Ok(Pieces::Chunks(ids.into()))
+        Ok(Pieces::Chunks {
+            ids: unpack_ids(&n.chunks, usize::MAX).map_err(damaged)?.into(),
+            lists: unpack_ids(&n.chunk_lists, usize::MAX)
+                .map_err(damaged)?
+                .into(),
+        })
     }
 
     /// A file's bytes, [`READ_BATCH`] chunks at a time. The stream ends with an error (and the
     /// response is cut short, never presented as whole) when the content is not `size` bytes.
     pub(super) fn file(
         &self,
-        node: Node,
-    ) -> impl Stream<Item = Result<Bytes, ApplianceError>> + Send + 'static {
+        node: &Node,
+        still: Still,
+    ) -> Result<impl Stream<Item = Result<Bytes, ApplianceError>> + Send + 'static, ApplianceError>
+    {
         let me = self.clone();
         let start = Reading {
-            pieces: None,
+            pieces: Self::pieces(node)?,
             sent: 0,
             size: node.size,
         };
-        futures::stream::try_unfold((start, node), move |(mut r, node)| {
-            let me = me.clone();
+        Ok(futures::stream::try_unfold(start, move |mut r| {
+            let (me, still) = (me.clone(), still.clone());
             async move {
-                if r.pieces.is_none() {
-                    r.pieces = Some(me.pieces(&node).await?);
-                }
+                still()?;
                 let out = me.next_bytes(&mut r).await?;
-                Ok(out.map(|b| (b, (r, node))))
+                Ok(out.map(|b| (b, r)))
             }
-        })
+        }))
     }
 
     /// The next bytes of a file being read, `None` at its end (checked against its size).
@@ -193,10 +213,21 @@ impl Contents {
                 "a file's content is {sent} bytes or more, its entry says {size}"
             ))
         };
-        let out = match r.pieces.as_mut() {
-            Some(Pieces::Bundle(id, off)) => {
+        if let Pieces::Chunks { ids, lists } = &mut r.pieces {
+            if ids.is_empty() {
+                if let Some(list) = lists.pop_front() {
+                    let data = self.plains(vec![list]).await?.pop().unwrap_or_default();
+                    *ids = unpack_ids(&data, usize::MAX).map_err(damaged)?.into();
+                }
+            }
+        }
+        let out = match &mut r.pieces {
+            Pieces::Bundle(id, off) => {
                 let (id, off) = (*id, *off);
-                r.pieces = Some(Pieces::Chunks(VecDeque::new()));
+                r.pieces = Pieces::Chunks {
+                    ids: VecDeque::new(),
+                    lists: VecDeque::new(),
+                };
                 let b = self.plains(vec![id]).await?.pop().unwrap_or_default();
                 let range = usize::try_from(off)
                     .ok()
@@ -206,12 +237,12 @@ impl Contents {
                     .ok_or_else(|| damaged("a file lies outside its bundle"))?;
                 vec![slice]
             }
-            Some(Pieces::Chunks(ids)) if !ids.is_empty() => {
+            Pieces::Chunks { ids, .. } if !ids.is_empty() => {
                 let n = ids.len().min(READ_BATCH);
                 let batch: Vec<ChunkId> = ids.drain(..n).collect();
                 self.plains(batch).await?
             }
-            _ => {
+            Pieces::Chunks { .. } => {
                 return if r.sent == r.size {
                     Ok(None)
                 } else {
@@ -239,23 +270,35 @@ impl Contents {
     ) -> Result<(Vec<Change>, bool), ApplianceError> {
         let mut out = Vec::new();
         let mut todo: Vec<(Vec<u8>, ChunkId, ChunkId)> = vec![(Vec::new(), from, to)];
+        // Each pair of directories once; and a bound on how many (a crafted tree can name one
+        // subtree many times over).
+        let mut compared = std::collections::HashSet::new();
         while let Some((prefix, before, after)) = todo.pop() {
-            if before == after {
+            if before == after || !compared.insert((before, after)) {
                 continue;
             }
+            if compared.len() > MAX_DIFF_DIRS {
+                return Err(ApplianceError::FailedPrecondition(format!(
+                    "the snapshots differ in more than {MAX_DIFF_DIRS} directories: too many to \
+                     compare here"
+                )));
+            }
             let (la, lb) = (self.listing(before).await?, self.listing(after).await?);
-            let mut names: Vec<&[u8]> = la.iter().chain(&lb).map(|n| n.name.as_ref()).collect();
+            let by_name = |l: Vec<Node>| -> HashMap<Vec<u8>, Node> {
+                l.into_iter().map(|n| (n.name.to_vec(), n)).collect()
+            };
+            let (ma, mb) = (by_name(la), by_name(lb));
+            let mut names: Vec<&Vec<u8>> = ma.keys().chain(mb.keys()).collect();
             names.sort_unstable();
             names.dedup();
-            let find =
-                |l: &'_ [Node], name: &[u8]| l.iter().find(|n| n.name.as_ref() == name).cloned();
+            let find = |m: &HashMap<Vec<u8>, Node>, name: &[u8]| m.get(name).cloned();
             for name in names {
                 let path = if prefix.is_empty() {
-                    name.to_vec()
+                    name.clone()
                 } else {
                     [prefix.as_slice(), b"/", name].concat()
                 };
-                let (old, new) = (find(&la, name), find(&lb, name));
+                let (old, new) = (find(&ma, name), find(&mb, name));
                 let change = |mark| Change {
                     mark,
                     path: path.clone(),
@@ -291,83 +334,161 @@ impl Contents {
     }
 
     /// Writes the directory `dir` (its entries, under the name `top`) as a `.tar` into a
-    /// stream, on a blocking thread; an error ends the stream with that error (the archive is
-    /// then cut short: no end-of-archive blocks).
+    /// stream, on a blocking thread. Subdirectories are listed as they are reached (memory: the
+    /// listings on the way down). Unless the archive is complete, the stream ends with an
+    /// error, never with end-of-archive blocks: a panic or an error cuts the download short.
     pub(super) fn tar(
         &self,
         top: PathBuf,
         dir: Option<Node>,
         entries: Vec<Node>,
+        still: Still,
     ) -> impl Stream<Item = Result<Bytes, io::Error>> + Send + 'static {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, io::Error>>(TAR_QUEUE);
         let me = self.clone();
         let rt = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
-            let w = Sender {
+            let failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let mut abort = Abort {
                 tx: tx.clone(),
+                failed: failed.clone(),
+                done: false,
+            };
+            let w = Sender {
+                tx,
                 buf: Vec::with_capacity(TAR_BUFFER),
+                failed,
             };
             let mut t = tar::Builder::new(w);
             t.mode(tar::HeaderMode::Complete);
-            let outcome = me
-                .tar_into(&rt, &mut t, &top, dir.as_ref(), entries)
+            let walk = Walk {
+                me: &me,
+                rt: &rt,
+                still: &still,
+                entries: 0,
+            };
+            let outcome = walk
+                .tar_into(&mut t, &top, dir.as_ref(), entries)
                 .and_then(|()| t.into_inner())
                 .and_then(|mut w| w.flush());
-            if let Err(e) = outcome {
-                let _ = tx.blocking_send(Err(e));
+            match outcome {
+                Ok(()) => abort.done = true,
+                Err(e) => abort.fail(e),
             }
         });
         tokio_stream::wrappers::ReceiverStream::new(rx)
     }
+}
 
+/// Most entries one `.tar` holds (a crafted tree can name one subtree many times over).
+const MAX_TAR_ENTRIES: u64 = 50_000_000;
+
+/// One `.tar` being written.
+struct Walk<'a> {
+    me: &'a Contents,
+    rt: &'a tokio::runtime::Handle,
+    still: &'a Still,
+    entries: u64,
+}
+
+impl Walk<'_> {
     fn tar_into(
-        &self,
-        rt: &tokio::runtime::Handle,
+        mut self,
         t: &mut tar::Builder<Sender>,
         top: &Path,
         dir: Option<&Node>,
         entries: Vec<Node>,
     ) -> io::Result<()> {
-        let fail = |e: ApplianceError| io::Error::other(e.to_string());
         let mut h = header(dir, tar::EntryType::Directory, 0);
         t.append_data(&mut h, top, io::empty())?;
-        let mut todo: Vec<(PathBuf, Vec<Node>)> = vec![(top.to_path_buf(), entries)];
-        while let Some((at, nodes)) = todo.pop() {
-            for n in nodes {
-                let path = at.join(std::ffi::OsStr::from_bytes(&n.name));
-                match n.kind() {
-                    NodeKind::Dir => {
-                        let mut h = header(Some(&n), tar::EntryType::Directory, 0);
-                        t.append_data(&mut h, &path, io::empty())?;
-                        let sub = id_of(&n.subtree, "a subtree").map_err(fail)?;
-                        let list = rt.block_on(self.listing(sub)).map_err(fail)?;
-                        todo.push((path, list));
-                    }
-                    NodeKind::Symlink => {
-                        let mut h = header(Some(&n), tar::EntryType::Symlink, 0);
-                        let target = std::ffi::OsStr::from_bytes(&n.symlink_target);
-                        t.append_link(&mut h, &path, target)?;
-                    }
-                    NodeKind::File => {
-                        let mut h = header(Some(&n), tar::EntryType::Regular, n.size);
-                        let pieces = rt.block_on(self.pieces(&n)).map_err(fail)?;
-                        let r = FileRead {
-                            me: self,
-                            rt,
-                            reading: Reading {
-                                pieces: Some(pieces),
-                                sent: 0,
-                                size: n.size,
-                            },
-                            have: Bytes::new(),
-                        };
-                        t.append_data(&mut h, &path, r)?;
-                    }
-                    NodeKind::Unspecified => {}
+        let mut todo: Vec<(PathBuf, ChunkId)> = Vec::new();
+        self.add(t, top, entries, &mut todo)?;
+        while let Some((at, sub)) = todo.pop() {
+            let nodes = self.rt.block_on(self.me.listing(sub)).map_err(fail)?;
+            self.add(t, &at, nodes, &mut todo)?;
+        }
+        Ok(())
+    }
+
+    /// Appends the entries of one directory; its subdirectories are left in `todo`.
+    fn add(
+        &mut self,
+        t: &mut tar::Builder<Sender>,
+        at: &Path,
+        nodes: Vec<Node>,
+        todo: &mut Vec<(PathBuf, ChunkId)>,
+    ) -> io::Result<()> {
+        for n in nodes {
+            check_name(&n.name).map_err(fail)?;
+            (self.still)().map_err(fail)?;
+            self.entries += 1;
+            if self.entries > MAX_TAR_ENTRIES {
+                return Err(fail(damaged(format!(
+                    "it holds more than {MAX_TAR_ENTRIES} entries"
+                ))));
+            }
+            let path = at.join(std::ffi::OsStr::from_bytes(&n.name));
+            match n.kind() {
+                NodeKind::Dir => {
+                    let mut h = header(Some(&n), tar::EntryType::Directory, 0);
+                    t.append_data(&mut h, &path, io::empty())?;
+                    todo.push((path, id_of(&n.subtree, "a subtree").map_err(fail)?));
+                }
+                NodeKind::Symlink => {
+                    let mut h = header(Some(&n), tar::EntryType::Symlink, 0);
+                    let target = std::ffi::OsStr::from_bytes(&n.symlink_target);
+                    t.append_link(&mut h, &path, target)?;
+                }
+                NodeKind::File => {
+                    let mut h = header(Some(&n), tar::EntryType::Regular, n.size);
+                    let r = FileRead {
+                        me: self.me,
+                        rt: self.rt,
+                        reading: Reading {
+                            pieces: Contents::pieces(&n).map_err(fail)?,
+                            sent: 0,
+                            size: n.size,
+                        },
+                        have: Bytes::new(),
+                    };
+                    t.append_data(&mut h, &path, r)?;
+                }
+                NodeKind::Unspecified => {
+                    return Err(fail(damaged("an entry of unknown kind")));
                 }
             }
         }
         Ok(())
+    }
+}
+
+#[allow(clippy::needless_pass_by_value)] // used as `map_err(fail)`
+fn fail(e: ApplianceError) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+/// Ends a `.tar` stream with an error unless it completed (also when its thread panics), and
+/// stops the writer from sending anything after that error.
+struct Abort {
+    tx: tokio::sync::mpsc::Sender<Result<Bytes, io::Error>>,
+    failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: bool,
+}
+
+impl Abort {
+    fn fail(&mut self, e: io::Error) {
+        if !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            let _ = self.tx.blocking_send(Err(e));
+        }
+        self.done = true;
+    }
+}
+
+impl Drop for Abort {
+    fn drop(&mut self) {
+        if !self.done {
+            self.fail(io::Error::other("the archive was interrupted"));
+        }
     }
 }
 
@@ -402,15 +523,18 @@ fn header(n: Option<&Node>, kind: tar::EntryType, size: u64) -> tar::Header {
 /// Where a file read stands.
 #[derive(Debug)]
 struct Reading {
-    /// `None` until the node's pieces are known.
-    pieces: Option<Pieces>,
+    pieces: Pieces,
     sent: u64,
     size: u64,
 }
 
 #[derive(Debug)]
 enum Pieces {
-    Chunks(VecDeque<ChunkId>),
+    /// Chunk ids still to read, and list chunks whose ids come after them.
+    Chunks {
+        ids: VecDeque<ChunkId>,
+        lists: VecDeque<ChunkId>,
+    },
     Bundle(ChunkId, u64),
 }
 
@@ -439,10 +563,12 @@ impl Read for FileRead<'_> {
 }
 
 /// Buffers the archive and hands it to the response in [`TAR_BUFFER`] pieces; a response
-/// that went away (the browser cancelled) stops the writer.
+/// that went away (the browser cancelled) stops the writer, and after a failure nothing more
+/// is sent (the builder's end-of-archive blocks included).
 struct Sender {
     tx: tokio::sync::mpsc::Sender<Result<Bytes, io::Error>>,
     buf: Vec<u8>,
+    failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Write for Sender {
@@ -455,6 +581,9 @@ impl Write for Sender {
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        if self.failed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(io::Error::other("the archive failed"));
+        }
         if self.buf.is_empty() {
             return Ok(());
         }

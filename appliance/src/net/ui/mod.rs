@@ -45,14 +45,18 @@ use crate::catalog::Catalog;
 use crate::error::ApplianceError;
 use crate::shard::Shards;
 
-/// The session cookie and the login form's cookie.
-const COOKIE: &str = "coffer_ui";
-const LOGIN_COOKIE: &str = "coffer_login";
+/// The session cookie and the login form's cookie. `__Host-`: the browser keeps them only when
+/// set over HTTPS for this host and path `/`, so a sibling domain cannot plant one.
+const COOKIE: &str = "__Host-coffer_ui";
+const LOGIN_COOKIE: &str = "__Host-coffer_login";
 /// A UI session ends after this long unused, and after [`SESSION_MAX`] in any case.
 const SESSION_IDLE: Duration = Duration::from_mins(30);
 const SESSION_MAX: Duration = Duration::from_hours(12);
-/// UI sessions kept at once (the least recently used one ends first).
+/// UI sessions kept at once, and per account (the least recently used one ends first).
 const MAX_SESSIONS: usize = 4096;
+const MAX_SESSIONS_PER_ACCOUNT: usize = 16;
+/// Browse and diff pages being computed at once (each reads trees); more wait their turn.
+const WALKS: usize = 4;
 /// Downloads streaming at once, appliance-wide (each holds at most a read batch or a `.tar`
 /// queue in memory).
 const DOWNLOADS: usize = 8;
@@ -77,6 +81,9 @@ pub(super) struct Ui {
     /// The built-in administrator's password (`--random-password`).
     builtin: Option<String>,
     downloads: Arc<tokio::sync::Semaphore>,
+    walks: Arc<tokio::sync::Semaphore>,
+    /// A space count is running (one at a time).
+    counting: std::sync::atomic::AtomicBool,
 }
 
 /// A logged-in browser.
@@ -96,14 +103,14 @@ pub(super) struct Viewer {
     /// FULL on the `acl` target (or the built-in administrator): the operator pages.
     pub(super) operator: bool,
     /// The built-in administrator sees every snapshot, as the admin socket does.
-    builtin: bool,
-    role: Role,
+    pub(super) builtin: bool,
+    pub(super) role: Role,
     /// This session's CSRF token.
     pub(super) csrf: String,
-    rules: Arc<Vec<rules::Rule>>,
+    pub(super) rules: Arc<Vec<rules::Rule>>,
     /// The appliance session of a user (`None` for the built-in administrator): changes that
     /// have an RPC go through it, with the RPC's checks.
-    session: Option<crate::access::Session>,
+    pub(super) session: Option<crate::access::Session>,
 }
 
 impl Viewer {
@@ -238,8 +245,10 @@ impl Ui {
                     crate::net::limits::lock(&self.sessions).remove(token);
                     return None;
                 };
-                let full =
-                    rules::access(&rules, &s.identity, TargetType::Acl, &[]) == Some(Access::Full);
+                // A restricted role (write-only, log-only) changes nothing, rules or not.
+                let full = rules::access(&rules, &s.identity, TargetType::Acl, &[])
+                    == Some(Access::Full)
+                    && session.role == Role::Any;
                 (full, session.role, false, Some(session))
             }
         };
@@ -259,15 +268,24 @@ impl Ui {
         let cookie = hex::encode(rand::random::<[u8; 32]>());
         let now = Instant::now();
         let mut all = crate::net::limits::lock(&self.sessions);
-        if all.len() >= MAX_SESSIONS {
-            if let Some(oldest) = all
+        // Sessions that ended by themselves go first (looked up without touching them).
+        all.retain(|_, s| {
+            now.duration_since(s.used) <= SESSION_IDLE
+                && now.duration_since(s.created) <= SESSION_MAX
+                && s.token
+                    .as_ref()
+                    .is_none_or(|t| self.auth.state_of(t).is_some())
+        });
+        // Then the least recently used of this account's, or of everyone's.
+        let mine = all.values().filter(|s| s.identity == identity).count();
+        if mine >= MAX_SESSIONS_PER_ACCOUNT || all.len() >= MAX_SESSIONS {
+            let oldest = all
                 .iter()
+                .filter(|(_, s)| mine < MAX_SESSIONS_PER_ACCOUNT || s.identity == identity)
                 .min_by_key(|(_, s)| s.used)
-                .map(|(k, _)| k.clone())
-            {
-                if let Some(t) = all.remove(&oldest).and_then(|s| s.token) {
-                    self.auth.end_session(&t);
-                }
+                .map(|(k, _)| k.clone());
+            if let Some(t) = oldest.and_then(|k| all.remove(&k)).and_then(|s| s.token) {
+                self.auth.end_session(&t);
             }
         }
         all.insert(
@@ -350,7 +368,10 @@ fn router(ui: Arc<Ui>) -> Router {
         .route("/snapshots/{id}/tar", get(user::tar))
         .route("/diff", get(user::diff))
         .route("/policy", get(user::policy))
-        .route("/operator", get(operator::overview))
+        .route(
+            "/operator",
+            get(operator::overview).post(operator::count_space),
+        )
         .route(
             "/operator/accounts",
             get(operator::accounts).post(operator::account_change),
@@ -442,6 +463,8 @@ pub(super) fn serve(
         key: rand::random(),
         builtin: cfg.builtin,
         downloads: Arc::new(tokio::sync::Semaphore::new(DOWNLOADS)),
+        walks: Arc::new(tokio::sync::Semaphore::new(WALKS)),
+        counting: std::sync::atomic::AtomicBool::new(false),
     });
     let app = router(ui);
     let conns = Connections::new(limits.connections, Duration::from_secs(limits.idle_secs));

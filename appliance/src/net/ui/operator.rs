@@ -208,28 +208,52 @@ fn space_table(r: &admin::UsageReport, quotas: &BTreeMap<String, Option<u64>>) -
     }
 }
 
-pub(super) async fn overview(State(ui): St, headers: HeaderMap, RawQuery(query): RawQuery) -> Page {
+pub(super) async fn overview(State(ui): St, headers: HeaderMap) -> Page {
     let v = operator(&ui, &headers)?;
-    let (snaps, levels, users) = catalog(&ui, |c| {
+    overview_page(&ui, &v, None).await
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct CsrfOnly {
+    #[serde(default)]
+    csrf: String,
+}
+
+/// Counts space by account (a POST: it walks every snapshot and renews the quotas' base), one
+/// count at a time, then shows the overview with it.
+pub(super) async fn count_space(
+    State(ui): St,
+    headers: HeaderMap,
+    Form(f): Form<CsrfOnly>,
+) -> Page {
+    use std::sync::atomic::Ordering;
+    let v = operator_post(&ui, &headers, &f.csrf)?;
+    if ui.counting.swap(true, Ordering::SeqCst) {
+        return Err(Failure(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            "a space count is already running; try again when it is done".into(),
+        ));
+    }
+    let r = ui
+        .admin
+        .call(
+            Request::Usage {
+                by: admin::UsageBy::User,
+            },
+            &v.identity,
+        )
+        .await;
+    ui.counting.store(false, Ordering::SeqCst);
+    overview_page(&ui, &v, r?.usage).await
+}
+
+async fn overview_page(ui: &Arc<Ui>, v: &Viewer, space: Option<admin::UsageReport>) -> Page {
+    let (snaps, levels, users) = catalog(ui, |c| {
         Ok::<_, crate::catalog::CatalogError>((c.snapshots()?, c.policies()?, c.users()?))
     })
     .await?;
     let rows = freshness(&snaps, &levels, crate::clock::now_us());
     let status = ui.admin.scrape.status();
-    let space = if pages::query_text(query.as_deref(), "space").is_some() {
-        let r = ui
-            .admin
-            .call(
-                Request::Usage {
-                    by: admin::UsageBy::User,
-                },
-                &v.identity,
-            )
-            .await?;
-        r.usage
-    } else {
-        None
-    };
     let quotas: BTreeMap<String, Option<u64>> =
         users.into_iter().map(|u| (u.identity, u.quota)).collect();
     let late = rows.iter().filter(|r| r.late).count();
@@ -238,14 +262,18 @@ pub(super) async fn overview(State(ui): St, headers: HeaderMap, RawQuery(query):
         h2 { "Freshness" @if late > 0 { " " span.late { "(" (late) " late)" } } }
         (freshness_table(&rows))
         h2 { "Sessions in progress" }
-        (sessions_table(&ui))
+        (sessions_table(ui))
         h2 { "Space by account" }
         @match &space {
             Some(r) => (space_table(r, &quotas)),
-            None => p { a href="/operator?space=1" { "Count space now" } span.muted { " (walks every snapshot)" } },
+            None => form method="post" action="/operator" {
+                (csrf(v))
+                button.quiet type="submit" { "Count space now" }
+                span.muted { " (walks every snapshot)" }
+            },
         }
     };
-    Ok(pages::page(Some(&v), "Overview", &body))
+    Ok(pages::page(Some(v), "Overview", &body))
 }
 
 pub(super) async fn accounts(State(ui): St, headers: HeaderMap, RawQuery(query): RawQuery) -> Page {
@@ -288,7 +316,8 @@ pub(super) async fn accounts(State(ui): St, headers: HeaderMap, RawQuery(query):
     Ok(pages::page(Some(&v), "Accounts", &body))
 }
 
-#[derive(Debug, Deserialize)]
+/// An account change (no `Debug`: it holds a password).
+#[derive(Deserialize)]
 pub(super) struct AccountForm {
     #[serde(default)]
     csrf: String,
@@ -300,9 +329,13 @@ pub(super) struct AccountForm {
     password: String,
 }
 
-/// Whether the operator may change account `identity` (FULL on its `user` target too).
+/// Whether the operator may change account `identity` (normalised: the account a change
+/// would reach) — FULL on its `user` target too.
 fn may_change_account(v: &Viewer, identity: &str) -> bool {
-    let (u, h) = identity.split_once('@').unwrap_or((identity, ""));
+    let Ok(identity) = crate::access::normalise_identity(identity) else {
+        return false;
+    };
+    let (u, h) = identity.split_once('@').unwrap_or((&identity, ""));
     v.builtin
         || rules::access(
             &v.rules,
@@ -402,6 +435,7 @@ pub(super) async fn rules(State(ui): St, headers: HeaderMap, RawQuery(query): Ra
                     (csrf(&v))
                     input type="hidden" name="op" value="remove";
                     input type="hidden" name="id" value=(r.id);
+                    @if !v.builtin { input type="password" name="delete_passphrase" autocomplete="off" placeholder="delete passphrase, if any"; " " }
                     button.danger type="submit" { "Remove" }
                 } } }
             } } }
@@ -467,7 +501,13 @@ pub(super) async fn rule_change(
                 ui.admin.call(Request::AclAdd { rule }, &v.identity).await?;
                 Ok(done)
             }
-            ("remove", _) => {
+            ("remove", session) => {
+                // Removing a rule can take access from others: the step-up, as for adding.
+                if let Some(s) = session {
+                    ui.service
+                        .step_up_for(s, &f.delete_passphrase, peer.0)
+                        .await?;
+                }
                 let req = Request::AclRemove {
                     ids: vec![f.id.clone()],
                 };

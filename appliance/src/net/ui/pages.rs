@@ -120,6 +120,14 @@ pub(super) fn duration(secs: u64) -> String {
     }
 }
 
+/// Bytes kept as they are in an RFC 8187 `filename*` value (attr-char, a safe subset).
+const ATTR_SET: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.');
+
+/// A file name for `Content-Disposition: …; filename*=UTF-8''…`.
+pub(super) fn enc_attr(name: &[u8]) -> String {
+    percent_encode(name, ATTR_SET).to_string()
+}
+
 /// A snapshot path in a URL query (raw bytes, percent-encoded).
 pub(super) fn enc(path: &[u8]) -> String {
     percent_encode(path, PATH_SET).to_string()

@@ -13,7 +13,7 @@ use futures::StreamExt;
 use maud::{html, Markup};
 use serde::Deserialize;
 
-use super::content::{Found, MAX_CHANGES};
+use super::content::{Found, Still, MAX_CHANGES};
 use super::pages::{self, bytes, dash, enc, name, when};
 use super::{cookie, need, need_post, same, set_cookie, Failure, Page, Peer, St, Ui, Viewer};
 use super::{BUILTIN_ADMIN, COOKIE, LOGIN_COOKIE};
@@ -23,7 +23,8 @@ use crate::error::ApplianceError;
 /// Entries one page of a listing shows.
 const PAGE_ENTRIES: usize = 1000;
 
-#[derive(Debug, Deserialize)]
+/// The login form (no `Debug`: it holds a password).
+#[derive(Deserialize)]
 pub(super) struct LoginForm {
     #[serde(default)]
     identity: String,
@@ -104,6 +105,18 @@ pub(super) async fn login(
             if same(pw, &f.password) {
                 Ok((BUILTIN_ADMIN.to_string(), None))
             } else {
+                let from = peer
+                    .0
+                    .map_or("an unknown address".into(), |ip| ip.to_string());
+                let event = crate::catalog::audit::Event::refused(
+                    BUILTIN_ADMIN,
+                    "ui.login",
+                    BUILTIN_ADMIN,
+                    &format!("wrong password from {from}"),
+                );
+                if let Err(e) = catalog(&ui, move |c| c.audit(&event)).await {
+                    tracing::warn!(error = %e.1, "audit entry for a failed UI login not written");
+                }
                 Err(ApplianceError::Unauthenticated(
                     "unknown user or wrong password".into(),
                 ))
@@ -244,6 +257,28 @@ pub(super) async fn snapshots(
     Ok(pages::page(Some(&v), "Snapshots", &body))
 }
 
+/// What a download checks before each batch: the viewer's session still lives (not logged out,
+/// not ended by a password, role or account change) and the rules still let it read `s`.
+fn still(ui: &Arc<Ui>, v: &Viewer, s: &v1::Snapshot) -> Still {
+    let (session, auth, identity, snap) = (
+        v.session.clone(),
+        ui.auth.clone(),
+        v.identity.clone(),
+        s.clone(),
+    );
+    Arc::new(move || {
+        if let Some(session) = &session {
+            session.state.check()?;
+            if crate::access::rules::snapshot_access(&auth.rules(), &identity, &snap).is_none() {
+                return Err(ApplianceError::PermissionDenied(
+                    "access to this snapshot was revoked".into(),
+                ));
+            }
+        }
+        Ok(())
+    })
+}
+
 /// The snapshot named in a URL, if the viewer may read it; the same answer whether it does
 /// not exist or may not be read (the disclosure rule of the RPCs).
 async fn readable(ui: &Arc<Ui>, v: &Viewer, id: &str) -> Result<v1::Snapshot, Failure> {
@@ -324,7 +359,8 @@ pub(super) async fn browse(
     let path = pages::components(&raw);
     let from: usize = pages::query_text(query.as_deref(), "from")
         .and_then(|f| f.parse().ok())
-        .unwrap_or(0);
+        .unwrap_or(0)
+        .min(super::content::MAX_LISTING);
     let summary = html! {
         p.muted {
             (s.identity) " · " span.mono { (s.path) } " · " (when(s.time_us)) " · "
@@ -340,7 +376,14 @@ pub(super) async fn browse(
         };
         return Ok(pages::page(Some(&v), "Snapshot", &body));
     }
-    let found = ui.contents.find(root_of(&s)?, &path).await?;
+    let found = {
+        let _turn = ui
+            .walks
+            .acquire()
+            .await
+            .map_err(|_| Failure::not_found("shutting down"))?;
+        ui.contents.find(root_of(&s)?, &path).await?
+    };
     let Found::Dir(_, mut entries) = found else {
         let to = format!("/snapshots/{id}/file?path={}", enc(&raw));
         return Ok(Redirect::to(&to).into_response());
@@ -382,7 +425,7 @@ fn attachment(raw: &[u8]) -> HeaderValue {
         .collect();
     HeaderValue::from_str(&format!(
         "attachment; filename=\"{plain}\"; filename*=UTF-8''{}",
-        enc(raw)
+        pages::enc_attr(raw)
     ))
     .unwrap_or_else(|_| HeaderValue::from_static("attachment"))
 }
@@ -418,7 +461,7 @@ pub(super) async fn download(
     tracing::info!(identity = %v.identity, snapshot = %id, "web UI download");
     let size = node.size;
     let fname = node.name.clone();
-    let stream = ui.contents.file(node).map(move |r| {
+    let stream = ui.contents.file(&node, still(&ui, &v, &s))?.map(move |r| {
         let _held = &permit;
         r.map_err(|e| std::io::Error::other(e.to_string()))
     });
@@ -464,10 +507,13 @@ pub(super) async fn tar(
     let top_path = std::path::PathBuf::from(
         <std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(top.clone()),
     );
-    let stream = ui.contents.tar(top_path, node, entries).map(move |r| {
-        let _held = &permit;
-        r
-    });
+    let stream = ui
+        .contents
+        .tar(top_path, node, entries, still(&ui, &v, &s))
+        .map(move |r| {
+            let _held = &permit;
+            r
+        });
     let mut r = Body::from_stream(stream).into_response();
     let h = r.headers_mut();
     h.insert(
@@ -494,7 +540,14 @@ pub(super) async fn diff(State(ui): St, headers: HeaderMap, RawQuery(query): Raw
         readable(&ui, &v, &to).await?,
     );
     managed(&ui)?;
-    let (changes, cut) = ui.contents.diff(root_of(&sa)?, root_of(&sb)?).await?;
+    let (changes, cut) = {
+        let _turn = ui
+            .walks
+            .acquire()
+            .await
+            .map_err(|_| Failure::not_found("shutting down"))?;
+        ui.contents.diff(root_of(&sa)?, root_of(&sb)?).await?
+    };
     let body = html! {
         p.muted {
             "From " a href=(format!("/snapshots/{from}")) { (when(sa.time_us)) } " (" (sa.identity) " " span.mono { (sa.path) } ")"
@@ -520,6 +573,11 @@ pub(super) async fn diff(State(ui): St, headers: HeaderMap, RawQuery(query): Raw
 pub(super) async fn policy(State(ui): St, headers: HeaderMap) -> Page {
     let v = need(&ui, &headers)?;
     let me = v.identity.clone();
+    if v.role == crate::access::Role::WriteOnly {
+        let body =
+            html! { p.muted { "This account may add snapshots but not list them (write-only)." } };
+        return Ok(pages::page(Some(&v), "Policy", &body));
+    }
     let (snaps, levels) = catalog(&ui, |c| {
         Ok::<_, crate::catalog::CatalogError>((c.snapshots()?, c.policies()?))
     })
