@@ -439,17 +439,30 @@ fn download_permit(ui: &Ui) -> Result<tokio::sync::OwnedSemaphorePermit, Failure
     })
 }
 
+/// What a download names: the viewer, the snapshot (one it may read, in a managed
+/// repository), the path's components and what they name.
+async fn download_target(
+    ui: &Arc<Ui>,
+    headers: &HeaderMap,
+    id: &str,
+    query: Option<&str>,
+) -> Result<(Viewer, v1::Snapshot, Vec<Vec<u8>>, Found), Failure> {
+    let v = need(ui, headers)?;
+    let s = readable(ui, &v, id).await?;
+    managed(ui)?;
+    let path = pages::components(&pages::query_bytes(query, "path").unwrap_or_default());
+    let found = ui.contents.find(root_of(&s)?, &path).await?;
+    Ok((v, s, path, found))
+}
+
 pub(super) async fn download(
     State(ui): St,
     headers: HeaderMap,
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Page {
-    let v = need(&ui, &headers)?;
-    let s = readable(&ui, &v, &id).await?;
-    managed(&ui)?;
-    let path = pages::components(&pages::query_bytes(query.as_deref(), "path").unwrap_or_default());
-    let Found::Leaf(node) = ui.contents.find(root_of(&s)?, &path).await? else {
+    let (v, s, _, found) = download_target(&ui, &headers, &id, query.as_deref()).await?;
+    let Found::Leaf(node) = found else {
         return Err(Failure::bad("that is a directory: download it as .tar"));
     };
     if node.kind() != NodeKind::File {
@@ -482,11 +495,8 @@ pub(super) async fn tar(
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Page {
-    let v = need(&ui, &headers)?;
-    let s = readable(&ui, &v, &id).await?;
-    managed(&ui)?;
-    let path = pages::components(&pages::query_bytes(query.as_deref(), "path").unwrap_or_default());
-    let Found::Dir(node, entries) = ui.contents.find(root_of(&s)?, &path).await? else {
+    let (v, s, path, found) = download_target(&ui, &headers, &id, query.as_deref()).await?;
+    let Found::Dir(node, entries) = found else {
         return Err(Failure::bad("that is a file: download it directly"));
     };
     // The snapshot's root has no entry of its own: it is shown as a directory of the
