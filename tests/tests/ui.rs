@@ -526,4 +526,36 @@ fn logged_out_cookies_and_their_downloads_are_dead() {
         401
     );
     t.log_holds_none_of(&[&old]);
+
+    // One account cannot take every download slot: its fourth waits, others' do not.
+    assert_eq!(alice.login(ALICE, USER_PASSWORD).status, 303);
+    let mut running = Vec::new();
+    for i in 0..3 {
+        let to = t.dir.path().join(format!("slow-{i}"));
+        running.push(alice.download_slowly(&file, &to));
+        let started = coffer_tests::eventually(std::time::Duration::from_secs(20), || {
+            std::fs::metadata(&to).is_ok_and(|m| m.len() > 0)
+        });
+        assert!(started, "download {i} did not start");
+    }
+    let r = alice.get(&file);
+    assert_eq!(r.status, 503, "a fourth download of one account");
+    assert!(r.body.contains("already has 3 downloads"), "{}", r.body);
+    let root = t.browser("root");
+    let pw = t
+        .app
+        .server_password
+        .clone()
+        .expect("SERVER PASSWORD printed");
+    assert_eq!(root.login("admin", &pw).status, 303);
+    let whole = t.dir.path().join("whole");
+    assert!(
+        root.download(&file, &whole).success(),
+        "another account was blocked"
+    );
+    assert_eq!(std::fs::metadata(&whole).unwrap().len(), 24 << 20);
+    for mut c in running {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
 }

@@ -59,7 +59,10 @@ const MAX_SESSIONS_PER_ACCOUNT: usize = 16;
 const WALKS: usize = 4;
 /// Downloads streaming at once, appliance-wide (each holds at most a read batch or a `.tar`
 /// queue in memory).
-const DOWNLOADS: usize = 8;
+const DOWNLOADS: usize = 16;
+/// Downloads one account may have streaming at once: no account can take every slot (a client
+/// that stops reading holds its slots until its connection's idle deadline closes it).
+pub(super) const DOWNLOADS_PER_ACCOUNT: usize = 3;
 /// The built-in local administrator of `--random-password` (not a valid `user@host`, so no
 /// account can take the name).
 pub(super) const BUILTIN_ADMIN: &str = "admin";
@@ -81,6 +84,8 @@ pub(super) struct Ui {
     /// The built-in administrator's password (`--random-password`).
     builtin: Option<String>,
     downloads: Arc<tokio::sync::Semaphore>,
+    /// Downloads streaming per account.
+    downloading: Arc<Mutex<HashMap<String, usize>>>,
     walks: Arc<tokio::sync::Semaphore>,
     /// A space count is running (one at a time).
     counting: std::sync::atomic::AtomicBool,
@@ -323,6 +328,50 @@ impl Ui {
     }
 }
 
+/// A download's place: one of the appliance's slots and one of its account's, held until the
+/// response's last byte (or until it is dropped).
+pub(super) struct DownloadSlot {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    identity: String,
+    counts: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Drop for DownloadSlot {
+    fn drop(&mut self) {
+        let mut c = crate::net::limits::lock(&self.counts);
+        if let Some(n) = c.get_mut(&self.identity) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.identity);
+            }
+        }
+    }
+}
+
+impl Ui {
+    /// A slot for one more download of `identity`.
+    pub(super) fn download_slot(&self, identity: &str) -> Result<DownloadSlot, Failure> {
+        let busy = |why: &str| Failure(StatusCode::SERVICE_UNAVAILABLE, why.to_string());
+        let mut c = crate::net::limits::lock(&self.downloading);
+        let mine = c.get(identity).copied().unwrap_or(0);
+        if mine >= DOWNLOADS_PER_ACCOUNT {
+            return Err(busy(&format!(
+                "this account already has {DOWNLOADS_PER_ACCOUNT} downloads running; let one \
+                 finish first"
+            )));
+        }
+        let slot = self.downloads.clone().try_acquire_owned().map_err(|_| {
+            busy("too many downloads are running on this appliance; try again in a moment")
+        })?;
+        c.insert(identity.to_string(), mine + 1);
+        Ok(DownloadSlot {
+            _slot: slot,
+            identity: identity.to_string(),
+            counts: self.downloading.clone(),
+        })
+    }
+}
+
 /// The viewer of a page that needs a login: a browser without a session is sent to the login
 /// page.
 pub(super) fn need(ui: &Ui, headers: &HeaderMap) -> Result<Viewer, Failure> {
@@ -463,6 +512,7 @@ pub(super) fn serve(
         key: rand::random(),
         builtin: cfg.builtin,
         downloads: Arc::new(tokio::sync::Semaphore::new(DOWNLOADS)),
+        downloading: Arc::default(),
         walks: Arc::new(tokio::sync::Semaphore::new(WALKS)),
         counting: std::sync::atomic::AtomicBool::new(false),
     });

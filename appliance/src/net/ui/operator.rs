@@ -407,6 +407,8 @@ pub(super) async fn account_change(
         Err(r) => return r.into_response(),
     };
     let outcome = async {
+        // A malformed identity is said to be one, before any access question.
+        crate::access::normalise_identity(&f.identity)?;
         if !may_change_account(&v, &f.identity) {
             return Err(ApplianceError::PermissionDenied(format!(
                 "{} may not change the account {}",

@@ -1,5 +1,7 @@
 //! The UI's page frame, shared pieces and formats (maud templates: every value is escaped).
 
+use std::fmt::Write as _;
+
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use maud::{html, Markup, PreEscaped, DOCTYPE};
@@ -170,9 +172,28 @@ pub(super) fn mode(kind: char, m: u32) -> String {
     s
 }
 
-/// Text for a raw name (invalid UTF-8 shown with replacement characters).
+/// Whether `c` changes the direction text is shown in (it could disguise a name's end).
+pub(super) fn bidi(c: char) -> bool {
+    matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}')
+}
+
+/// Text for a raw name: invalid UTF-8 bytes as `\xFF`, control and direction characters as
+/// `\u{…}`, so that two different names never look alike.
 pub(super) fn name(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+    let mut out = String::with_capacity(b.len());
+    for chunk in b.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c.is_control() || bidi(c) || c == '\\' {
+                out.extend(c.escape_default());
+            } else {
+                out.push(c);
+            }
+        }
+        for byte in chunk.invalid() {
+            let _ = write!(out, "\\x{byte:02X}");
+        }
+    }
+    out
 }
 
 /// A non-breaking marker for an empty cell.
@@ -200,6 +221,11 @@ mod tests {
         }
         assert_eq!(query_bytes(Some("a=1"), "path"), None);
         assert_eq!(components(b"/a//b/"), vec![b"a".to_vec(), b"b".to_vec()]);
+        // Names that would look alike, or hide their end, are shown apart.
+        assert_eq!(name(b"a\xff\xfeb"), "a\\xFF\\xFEb");
+        assert_eq!(name("x\u{202e}txt.exe".as_bytes()), "x\\u{202e}txt.exe");
+        assert_eq!(name(b"line\nbreak"), "line\\nbreak");
+        assert_ne!(name(b"\xff"), name("\u{fffd}".as_bytes()));
     }
 
     #[test]

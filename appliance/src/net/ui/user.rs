@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Extension, Form, Path, RawQuery, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Redirect, Response};
 use coffer_proto::v1::{self, Node, NodeKind};
 use coffer_proto::{ChunkId, SnapshotId};
@@ -413,6 +413,18 @@ pub(super) async fn browse(
 
 /// `attachment; filename="…"; filename*=UTF-8''…` for a raw name.
 fn attachment(raw: &[u8]) -> HeaderValue {
+    // Control and direction-changing characters never reach the name a browser saves.
+    let shown: String = String::from_utf8_lossy(raw)
+        .chars()
+        .map(|c| {
+            if c.is_control() || pages::bidi(c) {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    let raw = shown.as_bytes();
     let plain: String = String::from_utf8_lossy(raw)
         .chars()
         .map(|c| {
@@ -428,15 +440,6 @@ fn attachment(raw: &[u8]) -> HeaderValue {
         pages::enc_attr(raw)
     ))
     .unwrap_or_else(|_| HeaderValue::from_static("attachment"))
-}
-
-fn download_permit(ui: &Ui) -> Result<tokio::sync::OwnedSemaphorePermit, Failure> {
-    ui.downloads.clone().try_acquire_owned().map_err(|_| {
-        Failure(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many downloads are running on this appliance; try again in a moment".into(),
-        )
-    })
 }
 
 /// What a download names: the viewer, the snapshot (one it may read, in a managed
@@ -470,7 +473,7 @@ pub(super) async fn download(
             "only files can be downloaded (that is a symbolic link)",
         ));
     }
-    let permit = download_permit(&ui)?;
+    let permit = ui.download_slot(&v.identity)?;
     tracing::info!(identity = %v.identity, snapshot = %id, "web UI download");
     let size = node.size;
     let fname = node.name.clone();
@@ -508,7 +511,7 @@ pub(super) async fn tar(
         ..Node::default()
     });
     let node = Some(node);
-    let permit = download_permit(&ui)?;
+    let permit = ui.download_slot(&v.identity)?;
     let top: Vec<u8> = path
         .last()
         .cloned()
