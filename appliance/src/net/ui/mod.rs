@@ -99,6 +99,8 @@ struct UiSession {
     token: Option<String>,
     created: Instant,
     used: Instant,
+    /// What the last change did (done, text), shown once by the next page.
+    note: Option<(bool, String)>,
 }
 
 /// Who is asking, and what the rules let them do.
@@ -300,9 +302,28 @@ impl Ui {
                 token,
                 created: now,
                 used: now,
+                note: None,
             },
         );
         cookie
+    }
+
+    /// Leaves a note for the next page of this request's session.
+    fn set_note(&self, headers: &HeaderMap, note: (bool, String)) {
+        if let Some(c) = cookie(headers, COOKIE) {
+            if let Some(s) = crate::net::limits::lock(&self.sessions).get_mut(c) {
+                s.note = Some(note);
+            }
+        }
+    }
+
+    /// Takes the note left for this request's session.
+    fn take_note(&self, headers: &HeaderMap) -> Option<(bool, String)> {
+        let c = cookie(headers, COOKIE)?;
+        crate::net::limits::lock(&self.sessions)
+            .get_mut(c)?
+            .note
+            .take()
     }
 
     /// Ends the UI session of a request (and the appliance session it holds).

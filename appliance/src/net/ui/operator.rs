@@ -59,20 +59,29 @@ fn step_up(v: &Viewer) -> Markup {
     }
 }
 
-/// Back to `page` with a note of what was done or refused.
-fn back(page: &str, outcome: Result<String, ApplianceError>) -> Response {
-    let (k, text) = match outcome {
-        Ok(d) => ("done", d),
-        Err(e) => ("error", Failure::from(e).1),
+/// Back to `page`, with a note of what was done or refused kept in the session (never in the
+/// URL: a link cannot put words on an operator's page).
+fn back(
+    ui: &Ui,
+    headers: &HeaderMap,
+    page: &str,
+    outcome: Result<String, ApplianceError>,
+) -> Response {
+    let note = match outcome {
+        Ok(d) => (true, d),
+        Err(e) => (false, Failure::from(e).1),
     };
-    Redirect::to(&format!("{page}?{k}={}", pages::enc(text.as_bytes()))).into_response()
+    ui.set_note(headers, note);
+    Redirect::to(page).into_response()
 }
 
-fn notes(q: Option<&str>) -> Markup {
-    pages::notes(
-        pages::query_text(q, "done").as_deref(),
-        pages::query_text(q, "error").as_deref(),
-    )
+/// The note a change left for this session's next page, shown once.
+fn notes(ui: &Ui, headers: &HeaderMap) -> Markup {
+    match ui.take_note(headers) {
+        Some((true, d)) => pages::notes(Some(&d), None),
+        Some((false, e)) => pages::notes(None, Some(&e)),
+        None => pages::notes(None, None),
+    }
 }
 
 /// One row of the freshness table.
@@ -276,12 +285,12 @@ async fn overview_page(ui: &Arc<Ui>, v: &Viewer, space: Option<admin::UsageRepor
     Ok(pages::page(Some(v), "Overview", &body))
 }
 
-pub(super) async fn accounts(State(ui): St, headers: HeaderMap, RawQuery(query): RawQuery) -> Page {
+pub(super) async fn accounts(State(ui): St, headers: HeaderMap) -> Page {
     let v = operator(&ui, &headers)?;
     let mut users = catalog(&ui, crate::catalog::Catalog::users).await?;
     users.sort_by(|a, b| a.identity.cmp(&b.identity));
     let body = html! {
-        (notes(query.as_deref()))
+        (notes(&ui, &headers))
         form.panel method="post" action="/operator/accounts" {
             (csrf(&v))
             input type="hidden" name="op" value="add";
@@ -420,14 +429,14 @@ pub(super) async fn account_change(
         Ok(done)
     }
     .await;
-    back("/operator/accounts", outcome)
+    back(&ui, &headers, "/operator/accounts", outcome)
 }
 
-pub(super) async fn rules(State(ui): St, headers: HeaderMap, RawQuery(query): RawQuery) -> Page {
+pub(super) async fn rules(State(ui): St, headers: HeaderMap) -> Page {
     let v = operator(&ui, &headers)?;
     let reply = catalog(&ui, |c| admin::apply(c, &Request::AclList)).await?;
     let body = html! {
-        (notes(query.as_deref()))
+        (notes(&ui, &headers))
         @if reply.defaults { p.muted { "No rules are stored: the built-in defaults (" (reply.default_access) ") apply." } }
         table {
             thead { tr { th { "Id" } th { "Who" } th { "Access" } th { "Target" } th { "" } } }
@@ -522,14 +531,14 @@ pub(super) async fn rule_change(
         }
     }
     .await;
-    back("/operator/rules", outcome)
+    back(&ui, &headers, "/operator/rules", outcome)
 }
 
-pub(super) async fn policies(State(ui): St, headers: HeaderMap, RawQuery(query): RawQuery) -> Page {
+pub(super) async fn policies(State(ui): St, headers: HeaderMap) -> Page {
     let v = operator(&ui, &headers)?;
     let levels = catalog(&ui, crate::catalog::Catalog::policies).await?;
     let body = html! {
-        (notes(query.as_deref()))
+        (notes(&ui, &headers))
         table {
             thead { tr { th { "Level" } th { "Settings" } } }
             tbody { @for (t, p) in &levels { tr {
@@ -630,7 +639,7 @@ pub(super) async fn policy_change(
         Ok(format!("{} set at {}", f.field, f.target.trim()))
     }
     .await;
-    back("/operator/policies", outcome)
+    back(&ui, &headers, "/operator/policies", outcome)
 }
 
 fn runs_table(entries: &[crate::catalog::audit::Entry]) -> Markup {
@@ -643,11 +652,7 @@ fn runs_table(entries: &[crate::catalog::audit::Entry]) -> Markup {
     }
 }
 
-pub(super) async fn maintenance(
-    State(ui): St,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Page {
+pub(super) async fn maintenance(State(ui): St, headers: HeaderMap) -> Page {
     let v = operator(&ui, &headers)?;
     let mut runs = catalog(&ui, |c| c.audit_entries(0)).await?;
     runs.retain(|e| e.action == "maintenance.run");
@@ -655,7 +660,7 @@ pub(super) async fn maintenance(
     runs.truncate(50);
     let s = ui.admin.scrape.status();
     let body = html! {
-        (notes(query.as_deref()))
+        (notes(&ui, &headers))
         p { "Last run " (when(s.maintenance_last_run_us)) " took " (format!("{:.1}", s.maintenance_last_duration_secs)) " s; "
             (s.maintenance_runs) " runs and " (s.maintenance_errors) " errors since start, " (bytes(s.maintenance_freed_bytes)) " freed." }
         form.panel method="post" action="/operator/maintenance" {
@@ -714,7 +719,7 @@ pub(super) async fn maintenance_run(
                 )
             }
         });
-    back("/operator/maintenance", outcome)
+    back(&ui, &headers, "/operator/maintenance", outcome)
 }
 
 pub(super) async fn audit(State(ui): St, headers: HeaderMap, RawQuery(query): RawQuery) -> Page {
