@@ -207,28 +207,26 @@ impl Browser {
         )
     }
 
-    /// `curl -o to` with this browser's cookies: its exit status.
+    /// `curl -o to` of `path` with this browser's cookies (`--limit-rate` when given).
+    fn fetch_to(&self, path: &str, to: &Path, rate: Option<&str>) -> Command {
+        let mut c = Command::new("curl");
+        c.arg("-sfk");
+        if let Some(r) = rate {
+            c.args(["--limit-rate", r]);
+        }
+        c.arg("-o").arg(to).arg("-b").arg(&self.jar);
+        c.arg(format!("{}{path}", self.ui));
+        c
+    }
+
+    /// A whole download: curl's exit status.
     fn download(&self, path: &str, to: &Path) -> std::process::ExitStatus {
-        Command::new("curl")
-            .args(["-sfk", "-o"])
-            .arg(to)
-            .arg("-b")
-            .arg(&self.jar)
-            .arg(format!("{}{path}", self.ui))
-            .status()
-            .unwrap()
+        self.fetch_to(path, to, None).status().unwrap()
     }
 
     /// A download at 2 MB/s, running.
     fn download_slowly(&self, path: &str, to: &Path) -> std::process::Child {
-        Command::new("curl")
-            .args(["-sfk", "--limit-rate", "2M", "-o"])
-            .arg(to)
-            .arg("-b")
-            .arg(&self.jar)
-            .arg(format!("{}{path}", self.ui))
-            .spawn()
-            .unwrap()
+        self.fetch_to(path, to, Some("2M")).spawn().unwrap()
     }
 
     /// The session cookie's value.

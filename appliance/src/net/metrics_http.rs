@@ -128,7 +128,7 @@ impl Scrape {
 }
 
 /// Compares in time independent of where the first difference is.
-fn same_token(a: &[u8], b: &[u8]) -> bool {
+pub(super) fn same_token(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
