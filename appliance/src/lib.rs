@@ -50,6 +50,7 @@ pub use maintenance::{
 };
 pub use net::limits::LimitFlags;
 pub use net::server::{serve, ServeOptions};
+pub use pack::store::s3::{AckAfter, StorageConfig, TierOptions};
 pub use net::tls::{self, TlsError, TlsIdentity};
 pub use net::ServeError;
 pub use repo::{

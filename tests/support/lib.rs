@@ -2,6 +2,7 @@
 //! certificate, and hands out logged-in client sessions pinned to its fingerprint.
 
 pub mod faultfs;
+pub mod garage;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -126,23 +127,7 @@ impl Appliance {
         users: &[&str],
         extra: &[&str],
     ) -> anyhow::Result<Self> {
-        let a = Self {
-            dir: dir.to_path_buf(),
-            repo: repo.to_path_buf(),
-            cert: dir.join("cert.pem"),
-            key: dir.join("key.pem"),
-            pack_target: None,
-            child: None,
-            stdin: None,
-            addr: None,
-            fingerprint: None,
-            metrics_url: None,
-            ui_url: None,
-            server_password: None,
-            log: dir.join("appliance.log"),
-            serve_args: Vec::new(),
-            serve_env: Vec::new(),
-        };
+        let a = Self::existing(dir, repo);
         let repo = a.repo.to_str().context("utf-8 path")?.to_string();
         let shards = shards.to_string();
         let avg = chunk_avg.to_string();
@@ -170,6 +155,29 @@ impl Appliance {
             }
         }
         Ok(a)
+    }
+
+    /// A repository that exists already at `repo` (made by `attach`, say); certificate, key and
+    /// log in `dir`. Not started.
+    #[must_use]
+    pub fn existing(dir: &Path, repo: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            repo: repo.to_path_buf(),
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            pack_target: None,
+            child: None,
+            stdin: None,
+            addr: None,
+            fingerprint: None,
+            metrics_url: None,
+            ui_url: None,
+            server_password: None,
+            log: dir.join("appliance.log"),
+            serve_args: Vec::new(),
+            serve_env: Vec::new(),
+        }
     }
 
     /// [`Appliance::init`] then [`Appliance::start`].

@@ -164,7 +164,7 @@ pub(super) fn admin_run(repo: &Path, req: &admin::Request) -> anyhow::Result<adm
 }
 
 /// `none`, or bytes with an optional K/M/G/T suffix (powers of 1024).
-fn parse_quota(s: &str) -> anyhow::Result<Option<u64>> {
+pub(super) fn parse_quota(s: &str) -> anyhow::Result<Option<u64>> {
     let t = s.trim();
     if t.eq_ignore_ascii_case("none") {
         return Ok(None);

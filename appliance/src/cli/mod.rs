@@ -93,6 +93,18 @@ pub enum Cmd {
         /// dedup then happens within a keyring. Fixed for the repository's life.
         #[arg(long, default_value = "managed", value_parser = ["managed", "sealed"])]
         mode: String,
+        #[command(flatten)]
+        storage: repo::StorageArgs,
+    },
+    /// Serve a repository kept in an object store from this machine: fetch its files and packs
+    /// into an empty DIR, rebuild the index and the catalog from them.
+    Attach {
+        #[command(flatten)]
+        repo: RepoArg,
+        #[command(flatten)]
+        password: RepoPassword,
+        #[command(flatten)]
+        storage: repo::StorageArgs,
     },
     /// Serve the repository over gRPC + TLS until SIGTERM/SIGINT.
     Serve(Box<serve::ServeArgs>),
@@ -246,6 +258,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             chunk_avg,
             default_access,
             mode,
+            storage,
         } => repo::init(
             &RepoPaths::new(&repo.repo),
             &password,
@@ -257,7 +270,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 Mode::Managed
             },
+            &storage,
         )?,
+        Cmd::Attach {
+            repo,
+            password,
+            storage,
+        } => repo::attach(&RepoPaths::new(&repo.repo), &password, &storage)?,
         Cmd::Serve(a) => serve::run(*a)?,
         Cmd::User { cmd } => accounts::user(cmd)?,
         Cmd::Acl { cmd } => accounts::acl(cmd)?,

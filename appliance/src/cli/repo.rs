@@ -12,6 +12,45 @@ use coffer_appliance::{OpenMode, RocksIndex};
 
 use super::{repo_password, unlock, RepoPassword};
 
+/// Where packs live: the local disk (default) or an S3-compatible bucket.
+#[derive(clap::Args, Debug)]
+pub struct StorageArgs {
+    /// Keep packs in an S3-compatible object store: s3://BUCKET/PREFIX (the local packs/
+    /// directory becomes the staging area and read cache). Credentials come from
+    /// AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or --s3-credentials-file, never the repository.
+    #[arg(long, value_name = "URL")]
+    pub storage: Option<String>,
+    /// The object store's endpoint, e.g. http://127.0.0.1:3900 (Garage) or https://rgw:7480.
+    #[arg(long, value_name = "URL", requires = "storage")]
+    pub s3_endpoint: Option<String>,
+    /// The bucket's region (Garage: the `s3_region` of its configuration).
+    #[arg(long, value_name = "REGION", default_value = "us-east-1")]
+    pub s3_region: String,
+    /// An AWS shared-credentials file (section [default], or $AWS_PROFILE), read at each start.
+    #[arg(long, value_name = "FILE", requires = "storage")]
+    pub s3_credentials_file: Option<std::path::PathBuf>,
+}
+
+impl StorageArgs {
+    fn config(&self) -> anyhow::Result<Option<coffer_appliance::StorageConfig>> {
+        let Some(url) = &self.storage else {
+            return Ok(None);
+        };
+        let cfg = coffer_appliance::StorageConfig {
+            url: url.clone(),
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            credentials_file: match &self.s3_credentials_file {
+                Some(f) => Some(std::path::absolute(f)?),
+                None => None,
+            },
+        };
+        cfg.bucket_prefix()?;
+        Ok(Some(cfg))
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // one per `init` flag group
 pub fn init(
     paths: &RepoPaths,
     password: &RepoPassword,
@@ -19,9 +58,15 @@ pub fn init(
     avg: u32,
     default_access: &str,
     mode: Mode,
+    storage: &StorageArgs,
 ) -> anyhow::Result<()> {
     if paths.config().exists() {
         return Err(coffer_appliance::RepoError::AlreadyExists(paths.root.clone()).into());
+    }
+    let storage = storage.config()?;
+    if let Some(s) = &storage {
+        // Before anything is created: the bucket is reachable and holds no repository.
+        coffer_appliance::pack::store::s3::check_empty(s)?;
     }
     let chunker = ChunkerParams {
         min: (avg / 4).max(64),
@@ -73,6 +118,21 @@ pub fn init(
     drop(catalog);
     // The repository file is written last: its presence means the repository is complete.
     coffer_appliance::write_file_durable(&paths.config(), &cfg.encode(), 0o600)?;
+    if let Some(s) = &storage {
+        let p = coffer_appliance::pack::store::s3::publish(paths, s)?;
+        println!("packs are kept in {} (the local packs/ is the staging area and cache)", s.url);
+        if !p.conditional {
+            println!(
+                "warning: this object store ignores conditional writes (If-None-Match): the \
+                 one-writer lease is checked, not enforced atomically"
+            );
+        }
+        println!(
+            "object lock: not applied by this version: packs in the bucket are protected by the \
+             appliance's retention locks and by the bucket's own access policy only \
+             (docs/object-storage.md)"
+        );
+    }
     println!(
         "built-in access: {}",
         if default_access == "append" {
@@ -91,6 +151,68 @@ pub fn init(
         chunker.min,
         chunker.avg,
         chunker.max
+    );
+    Ok(())
+}
+
+/// `attach`: a repository kept in an object store, brought to an empty directory.
+pub fn attach(
+    paths: &RepoPaths,
+    password: &RepoPassword,
+    storage: &StorageArgs,
+) -> anyhow::Result<()> {
+    let Some(cfg) = storage.config()? else {
+        bail!("attach needs --storage s3://BUCKET/PREFIX");
+    };
+    if paths.config().exists() {
+        bail!(
+            "{} already holds a repository: attach into an empty directory",
+            paths.root.display()
+        );
+    }
+    // Empty, or left by an interrupted attach (it writes lease.id first, coffer.repo last).
+    if paths.root.exists()
+        && !paths.root.join("lease.id").exists()
+        && std::fs::read_dir(&paths.root)?.next().is_some()
+    {
+        bail!(
+            "{} is not empty: attach into an empty or new directory",
+            paths.root.display()
+        );
+    }
+    coffer_appliance::create_dir_durable(&paths.root)?;
+    std::fs::set_permissions(&paths.root, std::fs::Permissions::from_mode(0o700))?;
+    let mut last = std::time::Instant::now();
+    let got = coffer_appliance::pack::store::s3::fetch_repository(paths, &cfg, |done, total| {
+        if done == total || last.elapsed() >= std::time::Duration::from_secs(2) {
+            eprintln!("fetched {done}/{total} packs");
+            last = std::time::Instant::now();
+        }
+    })?;
+    println!(
+        "fetched {} packs ({}) and {} catalog journal segments from {}",
+        got.packs,
+        coffer_appliance::human_bytes(got.bytes),
+        got.journals,
+        cfg.url
+    );
+    let master = unlock(paths, password)?;
+    let out = coffer_appliance::rebuild_index(paths, &master)?;
+    println!(
+        "rebuilt the index from {} packs: {} chunks",
+        out.stats.packs, out.stats.chunks
+    );
+    let r = coffer_appliance::rebuild_catalog(paths, &master)?;
+    println!(
+        "rebuilt the catalog: {} users, {} snapshots, {} access rules, {} policies",
+        r.users, r.snapshots, r.rules, r.policies
+    );
+    cfg.save(paths)?;
+    println!(
+        "attached {} to {}: start it with `coffer-appliance serve --repo {}`",
+        cfg.url,
+        paths.root.display(),
+        paths.root.display()
     );
     Ok(())
 }

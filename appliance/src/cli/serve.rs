@@ -76,6 +76,41 @@ pub struct ServeArgs {
     pub metrics_token_file: Option<PathBuf>,
     #[command(flatten)]
     pub ui: UiArgs,
+    #[command(flatten)]
+    pub tier: TierArgs,
+}
+
+/// How a repository kept in an object store (`init --storage`) is served.
+#[derive(clap::Args, Debug)]
+pub struct TierArgs {
+    /// When a chunk counts as stored: `local` after the fsync of the staged pack (uploaded in
+    /// the background, again after a crash), `remote` only once the object store confirmed it
+    /// (every group commit becomes its own object).
+    #[arg(long, value_enum, default_value = "local")]
+    pub ack_after: coffer_appliance::AckAfter,
+    /// Bytes of sealed packs that may wait for upload; beyond, backups are refused
+    /// (RESOURCE_EXHAUSTED) until uploads catch up. K/M/G/T suffixes.
+    #[arg(long, default_value = "8G", value_name = "BYTES", value_parser = parse_size)]
+    pub staging_size: u64,
+    /// Bytes of uploaded packs kept on the local disk for reads (least recently read leave
+    /// first). K/M/G/T suffixes.
+    #[arg(long, default_value = "16G", value_name = "BYTES", value_parser = parse_size)]
+    pub cache_size: u64,
+    /// Seconds one object-store request may take before it is retried.
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    pub s3_timeout: u64,
+    /// Seconds of retries (with backoff, on 5xx, throttling, timeouts and resets) before an
+    /// object-store call fails; a staged upload is then tried again later.
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    pub s3_retry_for: u64,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    match super::accounts::parse_quota(s) {
+        Ok(Some(n)) => Ok(n),
+        Ok(None) => Err("a size is needed here".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// The web UI.
@@ -264,6 +299,16 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             metrics_token,
             ui_listen,
             ui_password,
+            tier: coffer_appliance::TierOptions {
+                ack_after: a.tier.ack_after,
+                staging_bytes: a.tier.staging_size,
+                cache_bytes: a.tier.cache_size,
+                timeouts: coffer_appliance::pack::store::s3::Timeouts {
+                    request: std::time::Duration::from_secs(a.tier.s3_timeout.max(1)),
+                    retries: 32,
+                    retry_for: std::time::Duration::from_secs(a.tier.s3_retry_for),
+                },
+            },
             maintenance: match a.maintenance_at.as_str() {
                 "off" => None,
                 s => Some(coffer_appliance::Schedule::parse(s)?),

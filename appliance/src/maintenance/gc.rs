@@ -41,6 +41,7 @@ use crate::faults::point;
 use crate::index::{ChunkIndex, META_OPEN_PACK, META_POISONED};
 use crate::pack::format::PACK_HEADER_LEN;
 use crate::reach::Marker;
+use crate::pack::store::s3::Tier;
 use crate::repo::RepoPaths;
 use crate::shard::Shards;
 
@@ -346,6 +347,9 @@ pub struct Collector {
     paths: RepoPaths,
     cfg: GcConfig,
     running: Mutex<()>,
+    /// The object store behind the local packs: its packs are candidates too, and deleted there
+    /// after the local copy.
+    tier: Option<Arc<Tier>>,
 }
 
 impl std::fmt::Debug for Collector {
@@ -378,7 +382,15 @@ impl Collector {
             paths,
             cfg,
             running: Mutex::new(()),
+            tier: None,
         }
+    }
+
+    /// The same collector for a repository whose packs live in an object store.
+    #[must_use]
+    pub fn with_tier(mut self, tier: Option<Arc<Tier>>) -> Self {
+        self.tier = tier;
+        self
     }
 
     /// Counts space per owner (see [`crate::maintenance::usage`]); not beside a running
@@ -451,6 +463,30 @@ impl Collector {
                     id,
                     PackFile {
                         len: md.len(),
+                        open: open.contains(&id),
+                    },
+                );
+            }
+        }
+        if let Some(t) = &self.tier {
+            // Packs only in the bucket (dropped from the local cache). A listing error ends the
+            // run with nothing changed (G10). The object's time is its upload's, never earlier
+            // than its last record.
+            let remote = t.list_remote().map_err(|e| {
+                ApplianceError::Internal(format!("garbage collection, listing the bucket: {e}"))
+            })?;
+            let busy = t.busy();
+            for (id, size, modified_us) in remote {
+                if poisoned.contains(&id) || busy.contains(&id) || modified_us >= cutoff_us {
+                    continue;
+                }
+                if self.paths.pack(&id).exists() {
+                    continue;
+                }
+                out.insert(
+                    id,
+                    PackFile {
+                        len: size,
                         open: open.contains(&id),
                     },
                 );
@@ -540,6 +576,12 @@ impl Collector {
                 rt.block_on(h.seal())?;
             }
             point("gc.sealed");
+        }
+        if let Some(t) = &self.tier {
+            // Staged packs are never deleted (they are busy): let them reach the bucket first,
+            // so that this run can collect from them. Failing that, nothing changes.
+            t.flush(std::time::Duration::from_secs(600))
+                .map_err(|e| ApplianceError::Unavailable(format!("garbage collection: {e}")))?;
         }
         // Taken after the seals, so that with a grace of 0 the packs they closed are candidates
         // (with a longer grace, a pack sealed now becomes one at a later run: sealing rewrote
@@ -690,6 +732,15 @@ impl Collector {
             }
         }
         point("gc.checked-compacted");
+        if let Some(t) = &self.tier {
+            // The moved records sit in the shards' open packs, on the local disk only: they
+            // reach the bucket before the packs they came from leave it.
+            for h in self.shards.handles() {
+                rt.block_on(h.seal())?;
+            }
+            t.flush(std::time::Duration::from_secs(600))
+                .map_err(|e| ApplianceError::Unavailable(format!("garbage collection: {e}")))?;
+        }
         let done: Vec<PackId> = sparse.into_iter().filter(|p| !still.contains(p)).collect();
         if !still.is_empty() {
             tracing::warn!(
@@ -716,6 +767,11 @@ impl Collector {
         // pack no shard refuses is never written again. Then every shard drops its readers of
         // the rest and the first one unlinks them.
         let mut ids = ids.to_vec();
+        if let Some(t) = &self.tier {
+            // Never a pack still open, staged or uploading.
+            let busy = t.busy();
+            ids.retain(|p| !busy.contains(p));
+        }
         for h in self.shards.handles() {
             let refused: HashSet<PackId> = rt
                 .block_on(h.check_packs(ids.clone()))?
@@ -729,6 +785,14 @@ impl Collector {
                 .into_iter()
                 .collect();
             ids.retain(|p| done.contains(p));
+        }
+        if let Some(t) = &self.tier {
+            // Gone locally (and from the index): now from the bucket. A failure stops the run;
+            // the next one lists the leftover objects again and deletes them.
+            t.delete_remote(&ids).map_err(|e| {
+                ApplianceError::Unavailable(format!("garbage collection, deleting objects: {e}"))
+            })?;
+            point("gc.deleted-objects");
         }
         report.packs_deleted += ids.len() as u64;
         report.bytes_deleted += ids

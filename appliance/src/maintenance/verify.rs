@@ -49,6 +49,20 @@ pub fn verify(
     master: Option<&MasterKey>,
 ) -> Result<VerifyReport, RepoError> {
     let mut rep = VerifyReport::default();
+    if let Some(storage) = crate::pack::store::s3::StorageConfig::load(paths)
+        .map_err(|e| RepoError::Invalid(e.to_string()))?
+    {
+        // Packs dropped from the local cache are checked from the bucket: fetched first (the
+        // next start trims the cache again). Unreachable, they would read as missing.
+        let (n, bytes) = crate::pack::store::s3::fetch_missing_packs(paths, &storage)
+            .map_err(|e| RepoError::Invalid(format!("verify needs the object store: {e}")))?;
+        if n > 0 {
+            rep.warnings.push(format!(
+                "fetched {n} packs ({bytes} bytes) from {} to check them",
+                storage.url
+            ));
+        }
+    }
     let mut packs: HashMap<PackId, Option<PackView>> = HashMap::new();
     // Packs that may lack a footer: each shard's open pack, and packs waiting to be sealed.
     let mut unsealed: HashSet<PackId> = HashSet::new();

@@ -58,6 +58,8 @@ pub struct ServeOptions {
     pub ui_listen: Option<String>,
     /// The built-in UI administrator's password (`--random-password`).
     pub ui_password: Option<String>,
+    /// How the object store is used when the repository has one (`storage.json`).
+    pub tier: crate::pack::store::s3::TierOptions,
 }
 
 /// Warns when the repository is readable or writable by other local users (it holds password
@@ -165,6 +167,7 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
     tracing::info!(?limits, "resource limits");
     let master = Arc::new(master);
     let metrics = Arc::new(crate::metrics::Metrics::new());
+    let tier = start_tier(paths, opts)?;
     let shards: Vec<RunningShard> = shard::spawn_all(shard_configs(
         &plan,
         paths,
@@ -173,7 +176,12 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
         opts,
         limits.shard_queue_bytes,
         &metrics,
+        tier.as_ref(),
     ))?;
+    if let Some(t) = &tier {
+        // The shards recovered: every local pack not opened since is sealed.
+        t.reconcile().map_err(|e| ServeError::Refused(e.to_string()))?;
+    }
     let catalog = Arc::new(Catalog::open(&paths.catalog(), false)?);
     // Every catalog change is also journaled in the packs (rebuild-catalog), starting with a
     // checkpoint that takes in what offline tools changed.
@@ -198,7 +206,7 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
         gate.clone(),
         paths.clone(),
         opts.gc,
-    ));
+    ).with_tier(tier.clone()));
     let service = CofferService::new(
         fanout,
         catalog.clone(),
@@ -253,7 +261,36 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
             .join()
             .map_err(|e| ServeError::Refused(format!("a shard stopped abnormally: {e}")))?;
     }
+    if let Some(t) = tier {
+        // The shards sealed their packs: upload them, the catalog last, and free the lease.
+        t.shutdown(TIER_DRAIN);
+    }
     result
+}
+
+/// How long a graceful stop waits for staged packs to reach the object store (the rest is
+/// uploaded at the next start).
+const TIER_DRAIN: Duration = Duration::from_secs(300);
+
+/// Connects the object store when the repository has one, taking its lease.
+fn start_tier(
+    paths: &RepoPaths,
+    opts: &ServeOptions,
+) -> Result<Option<Arc<crate::pack::store::s3::Tier>>, ServeError> {
+    use crate::pack::store::s3::{StorageConfig, Tier};
+    let Some(cfg) = StorageConfig::load(paths).map_err(|e| ServeError::Refused(e.to_string()))?
+    else {
+        return Ok(None);
+    };
+    let tier = Tier::start(paths, &cfg, opts.tier).map_err(|e| ServeError::Refused(e.to_string()))?;
+    tracing::info!(
+        storage = %cfg.url,
+        ack_after = ?opts.tier.ack_after,
+        staging = opts.tier.staging_bytes,
+        cache = opts.tier.cache_bytes,
+        "packs are stored in the object store"
+    );
+    Ok(Some(tier))
 }
 
 /// Before serving: the configuration, an index present, warnings about permissions, the
@@ -286,6 +323,7 @@ fn hello_info(cfg: &RepoConfig, master: &MasterKey, max_msg: u32) -> HelloInfo {
 }
 
 /// One shard configuration per planned core.
+#[allow(clippy::too_many_arguments)] // each is one part of the shard's configuration
 fn shard_configs(
     plan: &Plan,
     paths: &RepoPaths,
@@ -294,6 +332,7 @@ fn shard_configs(
     opts: &ServeOptions,
     queue_limit: u64,
     metrics: &Arc<crate::metrics::Metrics>,
+    tier: Option<&Arc<crate::pack::store::s3::Tier>>,
 ) -> Vec<ShardConfig> {
     plan.shards
         .iter()
@@ -312,6 +351,7 @@ fn shard_configs(
             space_reserve: opts.space_reserve,
             cache_bytes: plan.index_cache_bytes,
             queue_limit,
+            tier: tier.cloned(),
         })
         .collect()
 }

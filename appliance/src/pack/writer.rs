@@ -191,6 +191,7 @@ impl<S: PackStore> PackWriter<S> {
     /// [`PackError`] from create, write, truncate, fsync or the index.
     pub async fn write(&mut self, chunks: &[PendingChunk]) -> Result<(), PackError> {
         self.check_space(chunks)?;
+        let seal_each = self.store.seals_every_commit();
         let mut i = 0;
         while i < chunks.len() {
             if self.open.is_none() {
@@ -199,7 +200,7 @@ impl<S: PackStore> PackWriter<S> {
                     Err(e) => return Err(e),
                 }
             }
-            let res = self.write_some(&chunks[i..], false).await;
+            let res = self.write_some(&chunks[i..], seal_each).await;
             match res {
                 Ok(n) => i += n,
                 Err(e) => {

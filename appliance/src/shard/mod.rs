@@ -325,6 +325,8 @@ pub struct ShardConfig {
     pub cache_bytes: usize,
     /// Bytes of verified chunks that may wait for the next group commit.
     pub queue_limit: u64,
+    /// The object store behind the local packs, if the repository has one.
+    pub tier: Option<Arc<crate::pack::store::s3::Tier>>,
 }
 
 /// A running shard.
@@ -483,7 +485,8 @@ impl ShardState {
                 "sealed the pack left open by a crash"
             );
         }
-        let store = Rc::new(LocalStore::new(cfg.paths.clone(), cfg.space_reserve));
+        let store =
+            Rc::new(LocalStore::new(cfg.paths.clone(), cfg.space_reserve).with_tier(cfg.tier.clone()));
         let encryption: Arc<dyn Encryption> = cfg.master.clone();
         let mut writer = PackWriter::new(
             store.clone(),

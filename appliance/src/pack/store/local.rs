@@ -8,10 +8,12 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use coffer_proto::PackId;
 use glommio::io::{DmaFile, ReadResult};
 
+use super::s3::{AckAfter, Tier};
 use super::{PackSink, PackStore, StoreError};
 use crate::repo::RepoPaths;
 
@@ -39,6 +41,26 @@ pub struct LocalStore {
     /// the file system's size.
     reserve: Option<u64>,
     readers: RefCell<HashMap<PackId, Rc<DmaFile>>>,
+    /// The object store behind this one, if any: sealed packs are uploaded there and packs no
+    /// longer on the local disk are read from it (see [`super::s3`]).
+    tier: Option<Arc<Tier>>,
+}
+
+/// Bytes read back from the local disk or the object store.
+#[derive(Debug)]
+pub enum PackBytes {
+    Local(ReadResult),
+    Remote(bytes::Bytes),
+}
+
+impl std::ops::Deref for PackBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Local(r) => r,
+            Self::Remote(b) => b,
+        }
+    }
 }
 
 impl LocalStore {
@@ -48,7 +70,15 @@ impl LocalStore {
             paths,
             reserve,
             readers: RefCell::new(HashMap::new()),
+            tier: None,
         }
+    }
+
+    /// The same store in front of an object store: it becomes the staging area and cache.
+    #[must_use]
+    pub fn with_tier(mut self, tier: Option<Arc<Tier>>) -> Self {
+        self.tier = tier;
+        self
     }
 
     async fn reader(&self, id: &PackId) -> Result<Rc<DmaFile>, StoreError> {
@@ -78,11 +108,13 @@ pub struct LocalSink {
     header_len: u64,
     /// Bytes from `align_down(len)` to `len`, rewritten at the start of the next append.
     tail: Vec<u8>,
+    /// The object store the sealed pack is staged for, and the pack's id.
+    tier: Option<(Arc<Tier>, PackId)>,
 }
 
 impl PackStore for LocalStore {
     type Sink = LocalSink;
-    type Read = ReadResult;
+    type Read = PackBytes;
 
     async fn create(&self, id: &PackId, header: &[u8]) -> Result<LocalSink, StoreError> {
         let path = self.paths.pack(id);
@@ -90,6 +122,9 @@ impl PackStore for LocalStore {
         // `packs/<xx>/` itself must be durable too, not only the pack's name in it.
         crate::repo::create_dir_durable(dir)
             .map_err(|e| StoreError::new("creating its directory", e))?;
+        if let Some(t) = &self.tier {
+            t.opened(*id);
+        }
         let file = DmaFile::create(&path)
             .await
             .map_err(|e| StoreError::new("creating", e))?;
@@ -100,6 +135,7 @@ impl PackStore for LocalStore {
             len: header.len() as u64,
             header_len: header.len() as u64,
             tail: header.to_vec(),
+            tier: self.tier.clone().map(|t| (t, *id)),
         })
     }
 
@@ -108,22 +144,49 @@ impl PackStore for LocalStore {
         id: &PackId,
         offset: u64,
         len: usize,
-    ) -> Result<ReadResult, StoreError> {
-        self.reader(id)
-            .await?
+    ) -> Result<PackBytes, StoreError> {
+        let local = match self.reader(id).await {
+            Ok(f) => f,
+            Err(e) => match &self.tier {
+                // Uploaded and dropped from the local cache: a ranged GET.
+                Some(t) if e.source.kind() == std::io::ErrorKind::NotFound => {
+                    return t.read(id, offset, len).await.map(PackBytes::Remote).map_err(|e| {
+                        StoreError::new("reading from the object store", std::io::Error::other(e))
+                    });
+                }
+                _ => return Err(e),
+            },
+        };
+        if let Some(t) = &self.tier {
+            t.touch(id);
+        }
+        local
             .read_at(offset, len)
             .await
+            .map(PackBytes::Local)
             .map_err(|e| StoreError::new("reading", e))
+    }
+
+    fn seals_every_commit(&self) -> bool {
+        self.tier
+            .as_ref()
+            .is_some_and(|t| t.ack_after() == AckAfter::Remote)
     }
 
     fn discard(&self, id: &PackId) -> Result<(), StoreError> {
         self.readers.borrow_mut().remove(id);
+        if let Some(t) = &self.tier {
+            t.discarded(id);
+        }
         std::fs::remove_file(self.paths.pack(id)).map_err(|e| StoreError::new("removing", e))
     }
 
     fn delete(&self, id: &PackId) -> Result<(), StoreError> {
         // Dropping the cached reader closes the file, so that its space is freed now.
         self.readers.borrow_mut().remove(id);
+        if let Some(t) = &self.tier {
+            t.forget(id);
+        }
         let path = self.paths.pack(id);
         match std::fs::remove_file(&path) {
             Ok(()) => {}
@@ -138,7 +201,13 @@ impl PackStore for LocalStore {
 
     fn check_space(&self, need: u64) -> Result<(), StoreError> {
         check_free_space(&self.paths.packs(), need + ALIGN * 2, self.reserve)
-            .map_err(|e| StoreError::new("checking free space", e))
+            .map_err(|e| StoreError::new("checking free space", e))?;
+        match &self.tier {
+            Some(t) => t
+                .check(need)
+                .map_err(|e| StoreError::new("checking the staging area", e)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -195,6 +264,21 @@ impl PackSink for LocalSink {
             .map_err(|e| StoreError::new("fdatasync", e))?;
         self.len = end;
         self.tail = tail;
+        if last {
+            if let Some((t, id)) = &self.tier {
+                crate::faults::point("s3.staged");
+                if let Some(rx) = t.sealed(*id, end) {
+                    // `--ack-after remote`: nothing in the pack is acknowledged before the
+                    // object store confirmed it.
+                    let outcome = rx.recv_async().await.unwrap_or_else(|_| {
+                        Err("the object-store uploader stopped".to_string())
+                    });
+                    outcome.map_err(|e| {
+                        StoreError::new("uploading to the object store", std::io::Error::other(e))
+                    })?;
+                }
+            }
+        }
         Ok(())
     }
 }

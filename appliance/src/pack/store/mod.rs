@@ -14,6 +14,7 @@
 //! index.
 
 pub mod local;
+pub mod s3;
 
 use std::ops::Deref;
 
@@ -61,6 +62,12 @@ pub trait PackStore: std::fmt::Debug {
     /// The pack cannot be opened or read.
     async fn read_at(&self, id: &PackId, offset: u64, len: usize)
         -> Result<Self::Read, StoreError>;
+
+    /// Whether every group commit must seal its pack (a store that can only confirm whole
+    /// objects, such as an object store acknowledging after upload).
+    fn seals_every_commit(&self) -> bool {
+        false
+    }
 
     /// Removes a pack nothing was acknowledged from (an empty pack at shutdown).
     ///
