@@ -12,7 +12,8 @@ coffer_repo_dir() { echo "$REPO"; }
 coffer_start() {
     coffer_env
     rm -rf "$REPO"
-    "$COFFER_BIN/coffer-appliance" init --repo "$REPO" > "$LOGDIR/coffer-init.log" 2>&1
+    # shellcheck disable=SC2086 # COFFER_INIT_EXTRA is a list of arguments (coffer-s3.sh)
+    "$COFFER_BIN/coffer-appliance" init --repo "$REPO" ${COFFER_INIT_EXTRA:-} > "$LOGDIR/coffer-init.log" 2>&1
     "$COFFER_BIN/coffer-appliance" user add bench@bench --repo "$REPO" >> "$LOGDIR/coffer-init.log" 2>&1
     rm -f "$WORK/coffer-cert.pem" "$WORK/coffer-key.pem" "$WORK/coffer-serve.out"
     COFFER_LOG="warn,glommio::reactor=off" "$COFFER_BIN/coffer-appliance" serve --repo "$REPO" --listen 127.0.0.1:0 --tls-generate-cert \

@@ -67,6 +67,22 @@ impl Garage {
     /// # Errors
     /// When Garage cannot be found, started or configured.
     pub fn start(dir: &Path, bucket: &str) -> anyhow::Result<Self> {
+        // Ports are picked free, then bound by Garage: another test may take one in between.
+        let mut last = None;
+        for attempt in 0..3 {
+            let d = dir.join(format!("try-{attempt}"));
+            match Self::start_once(&d, bucket) {
+                Ok(g) => return Ok(g),
+                Err(e) => {
+                    let log = std::fs::read_to_string(d.join("garage.log")).unwrap_or_default();
+                    last = Some(e.context(log));
+                }
+            }
+        }
+        Err(last.expect("three attempts"))
+    }
+
+    fn start_once(dir: &Path, bucket: &str) -> anyhow::Result<Self> {
         let bin = garage_bin()?;
         std::fs::create_dir_all(dir)?;
         let (s3, rpc, admin) = (free_port()?, free_port()?, free_port()?);
@@ -108,14 +124,14 @@ impl Garage {
         };
         // The node answers its CLI once its RPC is up: polled, bounded.
         let mut id = None;
-        for _ in 0..200 {
+        for _ in 0..600 {
             if let Ok(out) = g.cli(&["node", "id", "-q"]) {
                 id = out.lines().next().map(|l| l.split('@').next().unwrap_or(l).to_string());
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        let id = id.context("garage did not answer `node id` within 10 s")?;
+        let id = id.context("garage did not answer `node id` within 30 s")?;
         g.cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &id])?;
         g.cli(&["layout", "apply", "--version", "1"])?;
         g.cli(&["bucket", "create", bucket])?;
@@ -166,11 +182,7 @@ impl Garage {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Every object in the bucket under `prefix`, with its size.
-    ///
-    /// # Errors
-    /// When the listing fails.
-    pub fn objects(&self, prefix: &str) -> anyhow::Result<Vec<(String, u64)>> {
+    fn client(&self) -> anyhow::Result<(tokio::runtime::Runtime, object_store::aws::AmazonS3)> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -183,6 +195,39 @@ impl Garage {
             .with_access_key_id(&self.key_id)
             .with_secret_access_key(&self.secret)
             .build()?;
+        Ok((rt, store))
+    }
+
+    /// The bytes of object `key`.
+    ///
+    /// # Errors
+    /// When it cannot be read.
+    pub fn read(&self, key: &str) -> anyhow::Result<Vec<u8>> {
+        use object_store::ObjectStoreExt;
+        let (rt, store) = self.client()?;
+        rt.block_on(async {
+            let r = store.get(&object_store::path::Path::from(key)).await?;
+            Ok(r.bytes().await?.to_vec())
+        })
+    }
+
+    /// Deletes object `key` (an operator declaring a dead appliance's lease void).
+    ///
+    /// # Errors
+    /// When the store refuses.
+    pub fn delete(&self, key: &str) -> anyhow::Result<()> {
+        use object_store::ObjectStoreExt;
+        let (rt, store) = self.client()?;
+        rt.block_on(store.delete(&object_store::path::Path::from(key)))?;
+        Ok(())
+    }
+
+    /// Every object in the bucket under `prefix`, with its size.
+    ///
+    /// # Errors
+    /// When the listing fails.
+    pub fn objects(&self, prefix: &str) -> anyhow::Result<Vec<(String, u64)>> {
+        let (rt, store) = self.client()?;
         rt.block_on(async {
             use futures::StreamExt;
             use object_store::ObjectStore;

@@ -25,6 +25,7 @@ use records::key;
 pub use records::{EnrollmentRecord, UserRecord};
 
 use std::path::Path;
+use std::sync::Arc;
 
 use coffer_proto::{v1, SnapshotId};
 use prost::Message;
@@ -62,7 +63,13 @@ pub struct Catalog {
     /// The journal in the packs, once the running appliance attached it (offline tools write
     /// the catalog alone; the next start checkpoints what they changed).
     journal: std::sync::Mutex<Option<(journal::Journal, crate::repo::RepoPaths)>>,
+    /// Called after each journaled change, before it is answered (`--ack-after remote`: the
+    /// journal reaches the object store first).
+    confirm: std::sync::OnceLock<Confirm>,
 }
+
+/// See [`Catalog::confirm_with`].
+pub type Confirm = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// What [`Catalog::commit_snapshot`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +138,7 @@ impl Catalog {
             commits: std::sync::Mutex::new(()),
             policies: std::sync::Mutex::new(()),
             journal: std::sync::Mutex::new(None),
+            confirm: std::sync::OnceLock::new(),
         };
         schema::migrate(&catalog)?;
         Ok(catalog)
@@ -567,6 +575,8 @@ impl Catalog {
                             e.path
                         )));
                     }
+                    // A retried commit is answered only once its first write is confirmed too.
+                    self.confirmed()?;
                     return Ok(Committed::Earlier(earlier));
                 }
             }
@@ -628,8 +638,28 @@ impl Catalog {
         self.db.write_opt(batch, &wo).map_err(ce)?;
         if let Some((j, paths)) = slot.as_mut() {
             j.append(paths, ops, || self.checkpoint_state())?;
+            // Under the journal's lock: confirmations come in the order of the writes.
+            self.confirmed()?;
         }
         Ok(())
+    }
+
+    /// From now on every journaled change is answered only once `f` confirmed it (the object
+    /// store holds the journal). Set once, by `serve`.
+    pub fn confirm_with(&self, f: Confirm) {
+        let _ = self.confirm.set(f);
+    }
+
+    fn confirmed(&self) -> Result<(), CatalogError> {
+        match self.confirm.get() {
+            Some(f) => f().map_err(|why| {
+                CatalogError::Engine(format!(
+                    "the change is durable here but the object store did not confirm it (it is \
+                     uploaded later; retry): {why}"
+                ))
+            }),
+            None => Ok(()),
+        }
     }
 
     /// One snapshot.

@@ -164,15 +164,16 @@ pub fn attach(
     let Some(cfg) = storage.config()? else {
         bail!("attach needs --storage s3://BUCKET/PREFIX");
     };
-    if paths.config().exists() {
+    if paths.catalog().exists() {
         bail!(
             "{} already holds a repository: attach into an empty directory",
             paths.root.display()
         );
     }
-    // Empty, or left by an interrupted attach (it writes lease.id first, coffer.repo last).
+    // Empty, or left by an interrupted attach (storage.json comes first, the catalog last): it
+    // is taken up again.
     if paths.root.exists()
-        && !paths.root.join("lease.id").exists()
+        && coffer_appliance::StorageConfig::load(paths)?.is_none()
         && std::fs::read_dir(&paths.root)?.next().is_some()
     {
         bail!(
@@ -182,6 +183,8 @@ pub fn attach(
     }
     coffer_appliance::create_dir_durable(&paths.root)?;
     std::fs::set_permissions(&paths.root, std::fs::Permissions::from_mode(0o700))?;
+    // First: whatever happens next, this directory is never served as a local-only repository.
+    cfg.save(paths)?;
     let mut last = std::time::Instant::now();
     let got = coffer_appliance::pack::store::s3::fetch_repository(paths, &cfg, |done, total| {
         if done == total || last.elapsed() >= std::time::Duration::from_secs(2) {
@@ -207,7 +210,6 @@ pub fn attach(
         "rebuilt the catalog: {} users, {} snapshots, {} access rules, {} policies",
         r.users, r.snapshots, r.rules, r.policies
     );
-    cfg.save(paths)?;
     println!(
         "attached {} to {}: start it with `coffer-appliance serve --repo {}`",
         cfg.url,

@@ -450,7 +450,15 @@ impl Collector {
             if poisoned.contains(&id) {
                 continue;
             }
-            let md = std::fs::metadata(&path).map_err(io)?;
+            let md = match std::fs::metadata(&path) {
+                Ok(md) => md,
+                // Dropped from the object store's local cache meanwhile: listed from the bucket
+                // below.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.tier.is_some() => {
+                    continue
+                }
+                Err(e) => return Err(io(e)),
+            };
             let written = md
                 .modified()
                 .map_err(io)?
@@ -787,8 +795,13 @@ impl Collector {
             ids.retain(|p| done.contains(p));
         }
         if let Some(t) = &self.tier {
-            // Gone locally (and from the index): now from the bucket. A failure stops the run;
-            // the next one lists the leftover objects again and deletes them.
+            // Gone locally (and from the index): now from the bucket, once the bucket's catalog
+            // no longer lists the snapshots forgotten before (an attach must never find a
+            // snapshot whose packs are gone). A failure stops the run; the next one lists the
+            // leftover objects again and deletes them.
+            t.mirror_now().map_err(|e| {
+                ApplianceError::Unavailable(format!("garbage collection, mirroring the catalog: {e}"))
+            })?;
             t.delete_remote(&ids).map_err(|e| {
                 ApplianceError::Unavailable(format!("garbage collection, deleting objects: {e}"))
             })?;

@@ -186,6 +186,15 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
     // Every catalog change is also journaled in the packs (rebuild-catalog), starting with a
     // checkpoint that takes in what offline tools changed.
     catalog.attach_journal(paths, master.clone(), cfg.id)?;
+    if let Some(t) = tier
+        .as_ref()
+        .filter(|t| t.ack_after() == crate::pack::store::s3::AckAfter::Remote)
+    {
+        // `--ack-after remote`: a snapshot, account or rule change is answered once the journal
+        // holding it is in the object store.
+        let t = t.clone();
+        catalog.confirm_with(Arc::new(move || t.mirror_now().map_err(|e| e.to_string())));
+    }
     note_clock_shift(&catalog)?;
     metrics.reset_backups(&catalog.snapshots()?);
     let max_msg = max_message_size(cfg.chunker.max);
@@ -459,6 +468,7 @@ async fn serve_grpc(
 ) -> Result<(), ServeError> {
     let (listener, name) = listener(opts)?;
     let tls = tls_acceptor(&opts.tls)?;
+    let stop = shutdown_signal(opts.shutdown_on_stdin);
     println!("SERVER CERT SHA256: {}", opts.tls.fingerprint);
     println!("LISTENING ON: {name}");
     std::io::Write::flush(&mut std::io::stdout())
@@ -478,7 +488,6 @@ async fn serve_grpc(
         .layer(observe)
         .layer(CallLayer);
     let router = builder.add_service(svc);
-    let stop = shutdown_signal(opts.shutdown_on_stdin);
     let deadline = opts.handshake_timeout;
     let conns = Connections::new(limits.connections, Duration::from_secs(limits.idle_secs));
     match listener {
@@ -499,22 +508,27 @@ async fn serve_grpc(
     Ok(())
 }
 
-async fn shutdown_signal(on_stdin: bool) {
+/// Installs the SIGTERM and SIGINT handlers now (before `LISTENING ON` is printed, so that a
+/// signal sent as soon as it is read is a graceful stop, not the default kill); the future ends
+/// at the first signal, or when standard input closes with `on_stdin`.
+fn shutdown_signal(on_stdin: bool) -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
-    let stdin_closed = async {
-        if !on_stdin {
-            return std::future::pending::<()>().await;
+    async move {
+        let stdin_closed = async {
+            if !on_stdin {
+                return std::future::pending::<()>().await;
+            }
+            let mut buf = [0u8; 256];
+            let mut stdin = tokio::io::stdin();
+            while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+            () = stdin_closed => tracing::info!("standard input closed: shutting down"),
         }
-        let mut buf = [0u8; 256];
-        let mut stdin = tokio::io::stdin();
-        while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-        () = stdin_closed => tracing::info!("standard input closed: shutting down"),
     }
 }
 

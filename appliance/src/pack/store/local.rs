@@ -41,6 +41,8 @@ pub struct LocalStore {
     /// the file system's size.
     reserve: Option<u64>,
     readers: RefCell<HashMap<PackId, Rc<DmaFile>>>,
+    /// The tier's eviction count when `readers` was last cleared (see [`Tier::evictions`]).
+    seen_evictions: std::cell::Cell<u64>,
     /// The object store behind this one, if any: sealed packs are uploaded there and packs no
     /// longer on the local disk are read from it (see [`super::s3`]).
     tier: Option<Arc<Tier>>,
@@ -70,6 +72,7 @@ impl LocalStore {
             paths,
             reserve,
             readers: RefCell::new(HashMap::new()),
+            seen_evictions: std::cell::Cell::new(0),
             tier: None,
         }
     }
@@ -82,6 +85,14 @@ impl LocalStore {
     }
 
     async fn reader(&self, id: &PackId) -> Result<Rc<DmaFile>, StoreError> {
+        if let Some(t) = &self.tier {
+            // Evicted files are freed only once nothing holds them open.
+            let now = t.evictions();
+            if now != self.seen_evictions.get() {
+                self.readers.borrow_mut().clear();
+                self.seen_evictions.set(now);
+            }
+        }
         if let Some(f) = self.readers.borrow().get(id) {
             return Ok(f.clone());
         }

@@ -27,7 +27,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -63,6 +63,11 @@ pub const HOLD_VAR: &str = "COFFER_S3_HOLD_UPLOADS";
 pub const STORAGE_FILE: &str = "storage.json";
 /// The file holding this repository directory's lease holder id.
 const HOLDER_FILE: &str = "lease.id";
+/// The file holding the lease generation this directory last held or attached at.
+const GENERATION_FILE: &str = "lease.gen";
+/// Bucket writes and deletes stop when the lease was not refreshed for this long (well inside
+/// [`LEASE_TTL_US`], so that they stop before another appliance may take it).
+const LEASE_TRUST: Duration = Duration::from_secs(40);
 
 /// An object-store failure, with what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -430,15 +435,23 @@ impl Bucket {
             .map_err(err(format!("starting the upload of {name}")))?;
         let mut w = WriteMultipart::new_with_chunk_size(up, PART);
         let mut buf = vec![0u8; PART];
-        loop {
-            let n = f.read(&mut buf).await.map_err(io)?;
-            if n == 0 {
-                break;
+        let sent: Result<(), TierError> = async {
+            loop {
+                let n = f.read(&mut buf).await.map_err(io)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                w.wait_for_capacity(2)
+                    .await
+                    .map_err(err(format!("uploading {name}")))?;
+                w.write(&buf[..n]);
             }
-            w.wait_for_capacity(2)
-                .await
-                .map_err(err(format!("uploading {name}")))?;
-            w.write(&buf[..n]);
+        }
+        .await;
+        if let Err(e) = sent {
+            // No half-finished multipart upload is left to accumulate in the bucket.
+            let _ = w.abort().await;
+            return Err(e);
         }
         w.finish()
             .await
@@ -509,8 +522,13 @@ pub struct Lease {
     pub holder: String,
     pub host: String,
     pub pid: u32,
-    /// Appliance clock, µs: the lease is free after this.
+    /// Appliance clock, µs: the lease is free after this (0: released by a graceful stop).
     pub until_us: i64,
+    /// Moves on at every start of an appliance on the prefix. A directory that last served (or
+    /// attached) at an older generation than the bucket's is stale: another appliance wrote
+    /// since, and its index and catalog would undo that (its GC would delete the newer packs).
+    #[serde(default)]
+    pub generation: u64,
 }
 
 impl Lease {
@@ -534,6 +552,27 @@ pub fn holder_id(paths: &RepoPaths) -> Result<String, TierError> {
             Ok(id)
         }
     }
+}
+
+/// The generation this directory last held or attached at (`lease.gen`; 0 when absent).
+fn local_generation(paths: &RepoPaths) -> u64 {
+    std::fs::read_to_string(paths.root.join(GENERATION_FILE))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Records the generation this directory holds or attached at.
+///
+/// # Errors
+/// The file cannot be written.
+pub fn set_local_generation(paths: &RepoPaths, generation: u64) -> Result<(), TierError> {
+    crate::repo::write_file_durable(
+        &paths.root.join(GENERATION_FILE),
+        generation.to_string().as_bytes(),
+        0o600,
+    )
+    .map_err(|e| TierError(format!("writing {GENERATION_FILE}: {e}")))
 }
 
 /// Refuses when another appliance holds a live lease on the bucket's prefix.
@@ -588,6 +627,28 @@ impl Default for TierOptions {
 
 type Waiter = flume::Sender<Result<(), String>>;
 
+impl State {
+    fn cache(&mut self, id: PackId, len: u64) {
+        self.tick += 1;
+        let t = self.tick;
+        match self.cached.insert(id, (len, t)) {
+            Some((old_len, old_t)) => {
+                self.lru.remove(&old_t);
+                self.cached_bytes = self.cached_bytes - old_len + len;
+            }
+            None => self.cached_bytes += len,
+        }
+        self.lru.insert(t, id);
+    }
+
+    fn uncache(&mut self, id: &PackId) {
+        if let Some((len, t)) = self.cached.remove(id) {
+            self.lru.remove(&t);
+            self.cached_bytes -= len;
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     /// Packs being written (never uploaded, evicted or deleted by the GC while here).
@@ -597,6 +658,8 @@ struct State {
     staged_bytes: u64,
     /// Uploaded packs still on the local disk: length and last use.
     cached: HashMap<PackId, (u64, u64)>,
+    /// The same by last use, oldest first.
+    lru: std::collections::BTreeMap<u64, PackId>,
     cached_bytes: u64,
     tick: u64,
     /// Uploads confirmed since the start (tests and status).
@@ -621,7 +684,13 @@ pub struct Tier {
     rx: flume::Receiver<PackId>,
     holder: String,
     conditional: bool,
-    lease_tag: Mutex<Option<String>>,
+    /// When the last lease write that succeeded was sent.
+    lease_ok: Mutex<Option<Instant>>,
+    /// The lease generation this appliance holds.
+    generation: AtomicU64,
+    /// Moves on at each eviction: shards then drop their open readers (the space of evicted
+    /// files is freed once nothing holds them open).
+    evictions: AtomicU64,
     stopping: AtomicBool,
 }
 
@@ -678,10 +747,12 @@ impl Tier {
             rx,
             holder,
             conditional,
-            lease_tag: Mutex::new(None),
+            lease_ok: Mutex::new(None),
+            generation: AtomicU64::new(local_generation(paths)),
+            evictions: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
         });
-        tier.run(tier.clone().take_lease())?;
+        tier.run(tier.clone().take_lease(true))?;
         let remote: HashSet<String> = tier
             .run({
                 let b = tier.bucket.clone();
@@ -699,7 +770,7 @@ impl Tier {
                 if t.stopping.load(Ordering::SeqCst) {
                     return;
                 }
-                if let Err(e) = t.clone().take_lease().await {
+                if let Err(e) = t.clone().take_lease(false).await {
                     tracing::error!(error = %e, "refreshing the object-store lease");
                 }
             }
@@ -737,6 +808,38 @@ impl Tier {
         self.conditional
     }
 
+    /// Whether this appliance may write to or delete from the bucket now: it holds the lease
+    /// and refreshed it within [`LEASE_TRUST`].
+    ///
+    /// # Errors
+    /// Why not.
+    pub fn lease_valid(&self) -> Result<(), TierError> {
+        if let Some(why) = &lock(&self.state).lost {
+            return Err(TierError(format!(
+                "this appliance no longer holds the object-store lease: {why}"
+            )));
+        }
+        let last = *self.lease_ok.lock().unwrap_or_else(PoisonError::into_inner);
+        match last {
+            Some(t) if t.elapsed() < LEASE_TRUST => Ok(()),
+            Some(t) => Err(TierError(format!(
+                "the object-store lease was last refreshed {} s ago: bucket writes wait until \
+                 it is refreshed",
+                t.elapsed().as_secs()
+            ))),
+            None => Err(TierError("the object-store lease is not held".into())),
+        }
+    }
+
+    /// Mirrors the catalog journal and repository files now (`--ack-after remote` calls it
+    /// after every catalog change; the GC before deleting objects).
+    ///
+    /// # Errors
+    /// The store's, or a lease not held.
+    pub fn mirror_now(self: &Arc<Self>) -> Result<(), TierError> {
+        self.run(self.clone().mirror())
+    }
+
     /// Runs `fut` on the tier's threads and waits for it (never from an async task).
     fn run<T: Send + 'static>(
         &self,
@@ -763,7 +866,8 @@ impl Tier {
             .expect("the tier's runtime runs until the tier is dropped")
     }
 
-    async fn take_lease(self: Arc<Self>) -> Result<(), TierError> {
+    /// Takes (`first`: at start, moving the generation on) or refreshes the lease.
+    async fn take_lease(self: Arc<Self>, first: bool) -> Result<(), TierError> {
         if let Some(why) = lock(&self.state).lost.clone() {
             // Once another appliance wrote, this one's index may be stale: it never takes the
             // lease back without a restart.
@@ -772,18 +876,41 @@ impl Tier {
         let now = crate::clock::now_us();
         let current = self.bucket.get("lease").await?;
         let mut mode = PutMode::Overwrite;
+        let mut generation = self.generation.load(Ordering::SeqCst);
         if let Some((b, tag)) = &current {
             let l: Lease = serde_json::from_slice(b)
                 .map_err(|e| TierError(format!("the lease object is not readable: {e}")))?;
-            if l.holder != self.holder && l.live(now) {
-                let e = held_elsewhere(self.bucket.url(), &l);
-                let had = self.lease_tag.lock().is_ok_and(|t| t.is_some());
-                let mut st = lock(&self.state);
-                if st.lost.is_none() && had {
+            let lost = if l.holder != self.holder && l.live(now) {
+                Some(held_elsewhere(self.bucket.url(), &l))
+            } else if first && l.holder != self.holder && l.generation > generation {
+                Some(TierError(format!(
+                    "{} moved on since this directory last served it: another appliance (host \
+                     {}) served it at generation {}, this directory holds generation {}; its \
+                     index and catalog are stale. Attach again into an empty directory \
+                     (`coffer-appliance attach`)",
+                    self.bucket.url(),
+                    l.host,
+                    l.generation,
+                    generation
+                )))
+            } else if !first && (l.holder != self.holder || l.generation != generation) {
+                Some(TierError(format!(
+                    "another appliance (host {}) took the lease of {}",
+                    l.host,
+                    self.bucket.url()
+                )))
+            } else {
+                None
+            };
+            if let Some(e) = lost {
+                if !first {
                     tracing::error!(error = %e, "the object-store lease was taken over: writes stop");
                 }
-                st.lost = Some(e.0.clone());
+                lock(&self.state).lost = Some(e.0.clone());
                 return Err(e);
+            }
+            if first {
+                generation = l.generation.max(generation) + 1;
             }
             if self.conditional {
                 mode = PutMode::Update(UpdateVersion {
@@ -791,15 +918,22 @@ impl Tier {
                     version: None,
                 });
             }
-        } else if self.conditional {
-            mode = PutMode::Create;
+        } else {
+            if first {
+                generation += 1;
+            }
+            if self.conditional {
+                mode = PutMode::Create;
+            }
         }
         let lease = Lease {
             holder: self.holder.clone(),
             host: hostname(),
             pid: std::process::id(),
             until_us: now + LEASE_TTL_US,
+            generation,
         };
+        let sent = Instant::now();
         let body = serde_json::to_vec(&lease).map_err(|e| TierError(e.to_string()))?;
         let r = self
             .bucket
@@ -814,12 +948,16 @@ impl Tier {
             )
             .await;
         match r {
-            Ok(put) => {
+            Ok(_) => {
+                if first {
+                    set_local_generation(&self.paths, generation)?;
+                    self.generation.store(generation, Ordering::SeqCst);
+                }
+                // Trusted from when the request was sent, not when it was answered.
                 *self
-                    .lease_tag
+                    .lease_ok
                     .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = put.e_tag.or(Some(String::new()));
-                lock(&self.state).lost = None;
+                    .unwrap_or_else(PoisonError::into_inner) = Some(sent);
                 Ok(())
             }
             Err(
@@ -836,6 +974,7 @@ impl Tier {
     /// Uploads the repository files and catalog journal segments that changed, then deletes the
     /// segments gone locally.
     async fn mirror(self: Arc<Self>) -> Result<(), TierError> {
+        self.lease_valid()?;
         let paths = self.paths.clone();
         let files = tokio::task::spawn_blocking(move || mirrored_files(&paths))
             .await
@@ -902,17 +1041,18 @@ impl Tier {
                 let Ok(md) = std::fs::metadata(&path) else {
                     continue;
                 };
-                if remote.get(&id) == Some(&md.len()) {
-                    st.tick += 1;
-                    let t = st.tick;
-                    if st.cached.insert(id, (md.len(), t)).is_none() {
-                        st.cached_bytes += md.len();
+                match remote.get(&id) {
+                    Some(&size) if size == md.len() => st.cache(id, md.len()),
+                    // Pack objects are written once: never replaced by a local copy that
+                    // differs (damaged?). Kept locally, not evicted; `verify` tells.
+                    Some(&size) => tracing::error!(pack = %id, local = md.len(), bucket = size,
+                        "the local pack and its object differ in size: both kept, run verify"),
+                    None => {
+                        st.staged.insert(id, (md.len(), Vec::new()));
+                        st.staged_bytes += md.len();
+                        queued += 1;
+                        let _ = self.jobs.send(id);
                     }
-                } else {
-                    st.staged.insert(id, (md.len(), Vec::new()));
-                    st.staged_bytes += md.len();
-                    queued += 1;
-                    let _ = self.jobs.send(id);
                 }
             }
         }
@@ -934,14 +1074,22 @@ impl Tier {
         while let Ok(id) = self.rx.recv_async().await {
             let mut wait = Duration::from_secs(1);
             loop {
+                if std::env::var_os(HOLD_VAR).is_some() {
+                    // Nothing held is confirmed: `--ack-after remote` answers its writers now.
+                    self.fail_waiters(id, &format!("uploads are held ({HOLD_VAR})"));
+                }
                 while std::env::var_os(HOLD_VAR).is_some() {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 crate::faults::point("s3.upload");
-                let r = self
-                    .bucket
-                    .upload_file(&self.paths.pack(&id), &Bucket::pack_name(&id))
-                    .await;
+                let r = match self.lease_valid() {
+                    Ok(()) => {
+                        self.bucket
+                            .upload_file(&self.paths.pack(&id), &Bucket::pack_name(&id))
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
                 match r {
                     Ok(present) => {
                         self.uploaded(id, present);
@@ -973,15 +1121,16 @@ impl Tier {
             if let Some((len, waiters)) = st.staged.remove(&id) {
                 st.staged_bytes -= len;
                 for tx in waiters {
-                    let _ = tx.send(Ok(()));
+                    // A pack deleted before its upload (GC) was never confirmed by the store.
+                    let _ = tx.send(if present {
+                        Ok(())
+                    } else {
+                        Err(format!("pack {id} vanished before its upload"))
+                    });
                 }
                 if present {
                     st.uploaded += 1;
-                    st.tick += 1;
-                    let t = st.tick;
-                    if st.cached.insert(id, (len, t)).is_none() {
-                        st.cached_bytes += len;
-                    }
+                    st.cache(id, len);
                 }
             }
         }
@@ -992,19 +1141,37 @@ impl Tier {
 
     /// Drops the least recently used uploaded packs from the local disk until the cache fits.
     fn evict(&self) {
-        let mut st = lock(&self.state);
-        while st.cached_bytes > self.opts.cache_bytes {
-            let Some((&id, &(len, _))) = st.cached.iter().min_by_key(|(_, (_, t))| *t) else {
-                break;
-            };
-            st.cached.remove(&id);
-            st.cached_bytes -= len;
-            match std::fs::remove_file(self.paths.pack(&id)) {
+        let mut victims = Vec::new();
+        {
+            let mut st = lock(&self.state);
+            while st.cached_bytes > self.opts.cache_bytes {
+                let Some((_, id)) = st.lru.pop_first() else {
+                    break;
+                };
+                if let Some((len, _)) = st.cached.remove(&id) {
+                    st.cached_bytes -= len;
+                }
+                victims.push(id);
+            }
+        }
+        if victims.is_empty() {
+            return;
+        }
+        // Outside the lock: the shards' reads and seals never wait for an unlink.
+        for id in &victims {
+            match std::fs::remove_file(self.paths.pack(id)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => tracing::warn!(pack = %id, error = %e, "dropping a cached pack"),
             }
         }
+        self.evictions.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Moves on at each eviction (see `evictions`).
+    #[must_use]
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::SeqCst)
     }
 
     /// A pack the writer creates: never uploaded, evicted or collected while open.
@@ -1053,10 +1220,8 @@ impl Tier {
     /// Marks a local read of `id` (the cache keeps recently read packs).
     pub fn touch(&self, id: &PackId) {
         let mut st = lock(&self.state);
-        st.tick += 1;
-        let t = st.tick;
-        if let Some(e) = st.cached.get_mut(id) {
-            e.1 = t;
+        if let Some(&(len, _)) = st.cached.get(id) {
+            st.cache(*id, len);
         }
     }
 
@@ -1065,13 +1230,13 @@ impl Tier {
     /// # Errors
     /// `StorageFull` or `PermissionDenied`, saying why.
     pub fn check(&self, need: u64) -> std::io::Result<()> {
-        let st = lock(&self.state);
-        if let Some(why) = &st.lost {
+        if let Err(e) = self.lease_valid() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::PermissionDenied,
-                format!("this appliance no longer holds the object-store lease: {why}"),
+                e.0,
             ));
         }
+        let st = lock(&self.state);
         if st.staged_bytes > 0 && st.staged_bytes + need > self.opts.staging_bytes {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::StorageFull,
@@ -1094,10 +1259,7 @@ impl Tier {
 
     /// A pack the GC deleted locally: forgotten by the cache.
     pub fn forget(&self, id: &PackId) {
-        let mut st = lock(&self.state);
-        if let Some((len, _)) = st.cached.remove(id) {
-            st.cached_bytes -= len;
-        }
+        lock(&self.state).uncache(id);
     }
 
     /// Every pack in the bucket (GC candidates beside the local ones).
@@ -1105,6 +1267,7 @@ impl Tier {
     /// # Errors
     /// A listing error (the GC run then stops, changing nothing).
     pub fn list_remote(&self) -> Result<Vec<(PackId, u64, i64)>, TierError> {
+        self.lease_valid()?;
         let b = self.bucket.clone();
         self.run(async move { b.list_packs().await })
     }
@@ -1114,6 +1277,7 @@ impl Tier {
     /// # Errors
     /// The first failed delete.
     pub fn delete_remote(&self, ids: &[PackId]) -> Result<(), TierError> {
+        self.lease_valid()?;
         let b = self.bucket.clone();
         let names: Vec<String> = ids.iter().map(Bucket::pack_name).collect();
         self.run(async move {
@@ -1167,24 +1331,40 @@ impl Tier {
     /// At a graceful stop (shards already sealed their packs): uploads what is staged (at most
     /// `limit`; the rest goes at the next start), mirrors the catalog, releases the lease.
     pub fn shutdown(self: &Arc<Self>, limit: Duration) {
+        let mut whole = true;
         if let Err(e) = self.flush(limit) {
-            tracing::warn!(error = %e, "stopping with packs not uploaded yet: they are uploaded at the next start");
+            tracing::error!(error = %e, "stopping with packs not uploaded yet: the lease is kept \
+                (it expires in a minute); restart this appliance to upload them, do not attach \
+                elsewhere before");
+            whole = false;
         }
-        if let Err(e) = self.run(self.clone().mirror()) {
-            tracing::warn!(error = %e, "mirroring the catalog at the stop; done at the next start");
+        if let Err(e) = self.mirror_now() {
+            tracing::error!(error = %e, "mirroring the catalog at the stop: the lease is kept; \
+                restart this appliance to finish");
+            whole = false;
         }
         self.stopping.store(true, Ordering::SeqCst);
-        let (b, holder) = (self.bucket.clone(), self.holder.clone());
+        if !whole {
+            return;
+        }
+        // Released, not deleted: the generation stays in the bucket.
+        let (b, holder, generation) = (
+            self.bucket.clone(),
+            self.holder.clone(),
+            self.generation.load(Ordering::SeqCst),
+        );
         let r = self.run(async move {
-            match b.get("lease").await? {
-                Some((bytes, _)) => {
-                    if serde_json::from_slice::<Lease>(&bytes).is_ok_and(|l| l.holder == holder) {
-                        b.delete("lease").await?;
-                    }
-                    Ok(())
-                }
-                None => Ok::<(), TierError>(()),
+            let Some((bytes, _)) = b.get("lease").await? else {
+                return Ok(());
+            };
+            let mut l: Lease = serde_json::from_slice(&bytes)
+                .map_err(|e| TierError(format!("the lease object is not readable: {e}")))?;
+            if l.holder == holder && l.generation == generation {
+                l.until_us = 0;
+                let body = serde_json::to_vec(&l).map_err(|e| TierError(e.to_string()))?;
+                b.put("lease", Bytes::from(body)).await?;
             }
+            Ok::<(), TierError>(())
         });
         if let Err(e) = r {
             tracing::warn!(error = %e, "releasing the object-store lease (it expires by itself)");
@@ -1244,6 +1424,7 @@ pub fn publish(paths: &RepoPaths, cfg: &StorageConfig) -> Result<Published, Tier
         Ok::<(), TierError>(())
     })?;
     holder_id(paths)?;
+    set_local_generation(paths, 0)?;
     cfg.save(paths)?;
     Ok(Published { conditional })
 }
@@ -1272,7 +1453,8 @@ pub fn fetch_repository(
     let bucket = cfg.connect(Timeouts::default())?;
     let rt = oneshot_runtime()?;
     let holder = holder_id(paths)?;
-    rt.block_on(check_lease(&bucket, &holder))?;
+    let lease = rt.block_on(check_lease(&bucket, &holder))?;
+    set_local_generation(paths, lease.map_or(0, |l| l.generation))?;
     let Some((repo_file, _)) = rt.block_on(bucket.get("coffer.repo"))? else {
         return Err(TierError(format!("{} holds no coffer repository", cfg.url)));
     };
@@ -1344,7 +1526,7 @@ async fn download_packs(
         let path = paths.pack(&id);
         async move { b.download(&Bucket::pack_name(&id), &path).await }
     }))
-    .buffer_unordered(8);
+    .buffer_unordered(4);
     let (mut n, mut bytes) = (0, 0);
     while let Some(r) = s.next().await {
         bytes += r?;
