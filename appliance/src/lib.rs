@@ -50,9 +50,9 @@ pub use maintenance::{
 };
 pub use net::limits::LimitFlags;
 pub use net::server::{serve, ServeOptions};
-pub use pack::store::s3::{AckAfter, StorageConfig, TierOptions};
 pub use net::tls::{self, TlsError, TlsIdentity};
 pub use net::ServeError;
+pub use pack::store::s3::{AckAfter, StorageConfig, TierOptions};
 pub use repo::{
     create_dir_durable, write_file_durable, ChunkerParams, Mode, RepoConfig, RepoPaths, Sharding,
 };

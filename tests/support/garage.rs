@@ -126,7 +126,10 @@ impl Garage {
         let mut id = None;
         for _ in 0..600 {
             if let Ok(out) = g.cli(&["node", "id", "-q"]) {
-                id = out.lines().next().map(|l| l.split('@').next().unwrap_or(l).to_string());
+                id = out
+                    .lines()
+                    .next()
+                    .map(|l| l.split('@').next().unwrap_or(l).to_string());
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(50));

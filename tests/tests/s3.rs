@@ -92,7 +92,10 @@ fn restore_all_from(app: &mut Appliance, dir: &Path, snaps: &[(String, PathBuf)]
     let (rc, out, err) = coffer(&cfg, &["snapshot", "list", "--json"]).unwrap();
     assert_eq!(rc, 0, "{out}{err}");
     for (id, src) in snaps {
-        assert!(out.contains(id.as_str()), "snapshot {id} missing after attach: {out}");
+        assert!(
+            out.contains(id.as_str()),
+            "snapshot {id} missing after attach: {out}"
+        );
         let target = dir.join(format!("restore-{}", rand::random::<u32>()));
         assert_restores(&cfg, id, src, &target);
     }
@@ -123,7 +126,10 @@ fn backups_live_in_the_bucket_and_attach_serves_them_from_an_empty_directory() {
     admin(&app, &["maintenance", "run"]);
     let packs = objects(&g, "site-a/packs");
     let bucket_bytes: u64 = packs.iter().map(|p| p.1).sum();
-    assert!(bucket_bytes >= 10 << 20, "packs in the bucket: {bucket_bytes} bytes");
+    assert!(
+        bucket_bytes >= 10 << 20,
+        "packs in the bucket: {bucket_bytes} bytes"
+    );
     let local = local_pack_bytes(&app.repo);
     assert!(
         local < bucket_bytes / 2,
@@ -140,7 +146,10 @@ fn backups_live_in_the_bucket_and_attach_serves_them_from_an_empty_directory() {
     assert!(names.iter().any(|n| n.starts_with("site-a/catalog/")));
     let lease: serde_json::Value =
         serde_json::from_slice(&g.read("site-a/lease").unwrap()).unwrap();
-    assert_eq!(lease["until_us"], 0, "a graceful stop releases the lease: {lease}");
+    assert_eq!(
+        lease["until_us"], 0,
+        "a graceful stop releases the lease: {lease}"
+    );
     assert_eq!(lease["generation"], 1, "{lease}");
     // Credentials never reach the repository directory or the bucket.
     let storage = std::fs::read_to_string(app.repo.join("storage.json")).unwrap();
@@ -202,7 +211,10 @@ fn remote_ack_acknowledges_nothing_the_store_has_not_confirmed() {
     let src = dir.path().join("src");
     fill(&src, 7, 3, 1 << 20);
     let (rc, out, err) = coffer(&cfg, &["snapshot", "create", src.to_str().unwrap()]).unwrap();
-    assert_ne!(rc, 0, "a backup was acknowledged while no upload was allowed: {out}{err}");
+    assert_ne!(
+        rc, 0,
+        "a backup was acknowledged while no upload was allowed: {out}{err}"
+    );
     let (rc, out, err) = coffer(&cfg, &["snapshot", "list", "--json"]).unwrap();
     assert_eq!(rc, 0, "{out}{err}");
     assert!(!out.contains("\"id\""), "a snapshot exists: {out}");
@@ -223,26 +235,31 @@ fn remote_ack_acknowledges_nothing_the_store_has_not_confirmed() {
 fn a_second_appliance_is_refused_the_lease() {
     let dir = tempfile::tempdir().unwrap();
     let g = Garage::start(&dir.path().join("garage"), "coffer").unwrap();
-    let mut a = init(dir.path(), "a", &g, "lease", &g.endpoint);
-    a.start().unwrap();
+    let mut first = init(dir.path(), "a", &g, "lease", &g.endpoint);
+    first.start().unwrap();
     let (ok, text, _) = attach(dir.path(), "b", &g, "lease");
     assert!(!ok, "attach beside a running appliance succeeded: {text}");
     assert!(text.contains("served by another appliance"), "{text}");
-    assert_eq!(a.stop().unwrap(), Some(0));
+    assert_eq!(first.stop().unwrap(), Some(0));
     std::fs::remove_dir_all(dir.path().join("b")).unwrap();
-    let (ok, text, mut b) = attach(dir.path(), "b", &g, "lease");
+    let (ok, text, mut second) = attach(dir.path(), "b", &g, "lease");
     assert!(ok, "attach after the stop: {text}");
-    a.start().unwrap();
-    let e = b.start().expect_err("a second appliance started on a leased prefix");
-    assert!(format!("{e:#}").contains("served by another appliance"), "{e:#}");
-    assert_eq!(a.stop().unwrap(), Some(0));
-    // a served after b attached: b's index and catalog are stale.
-    let e = b.start().expect_err("a stale copy started");
+    first.start().unwrap();
+    let e = second
+        .start()
+        .expect_err("a second appliance started on a leased prefix");
+    assert!(
+        format!("{e:#}").contains("served by another appliance"),
+        "{e:#}"
+    );
+    assert_eq!(first.stop().unwrap(), Some(0));
+    // The first served after the second attached: the second's index and catalog are stale.
+    let e = second.start().expect_err("a stale copy started");
     assert!(format!("{e:#}").contains("Attach again"), "{e:#}");
-    let (ok, text, mut c) = attach(dir.path(), "c", &g, "lease");
+    let (ok, text, mut third) = attach(dir.path(), "c", &g, "lease");
     assert!(ok, "a fresh attach: {text}");
-    c.start().unwrap();
-    assert_eq!(c.stop().unwrap(), Some(0));
+    third.start().unwrap();
+    assert_eq!(third.stop().unwrap(), Some(0));
 }
 
 /// The GC deletes objects in the bucket (the cache is empty: every pack is only there) once no
@@ -279,7 +296,11 @@ fn garbage_collection_frees_objects_in_the_bucket() {
         "the bucket went from {before} to {after} bytes after deleting 6 MiB of unique data: \
          {report}"
     );
-    assert_eq!(local_pack_bytes(&app.repo), 0, "--cache-size 0 keeps nothing locally");
+    assert_eq!(
+        local_pack_bytes(&app.repo),
+        0,
+        "--cache-size 0 keeps nothing locally"
+    );
     assert_restores(&cfg, &kept, &keep, &dir.path().join("r"));
 }
 

@@ -120,7 +120,10 @@ pub fn init(
     coffer_appliance::write_file_durable(&paths.config(), &cfg.encode(), 0o600)?;
     if let Some(s) = &storage {
         let p = coffer_appliance::pack::store::s3::publish(paths, s)?;
-        println!("packs are kept in {} (the local packs/ is the staging area and cache)", s.url);
+        println!(
+            "packs are kept in {} (the local packs/ is the staging area and cache)",
+            s.url
+        );
         if !p.conditional {
             println!(
                 "warning: this object store ignores conditional writes (If-None-Match): the \

@@ -40,8 +40,8 @@ use crate::error::{ApplianceError, RepoError};
 use crate::faults::point;
 use crate::index::{ChunkIndex, META_OPEN_PACK, META_POISONED};
 use crate::pack::format::PACK_HEADER_LEN;
-use crate::reach::Marker;
 use crate::pack::store::s3::Tier;
+use crate::reach::Marker;
 use crate::repo::RepoPaths;
 use crate::shard::Shards;
 
@@ -588,7 +588,7 @@ impl Collector {
         if let Some(t) = &self.tier {
             // Staged packs are never deleted (they are busy): let them reach the bucket first,
             // so that this run can collect from them. Failing that, nothing changes.
-            t.flush(std::time::Duration::from_secs(600))
+            t.flush(std::time::Duration::from_mins(10))
                 .map_err(|e| ApplianceError::Unavailable(format!("garbage collection: {e}")))?;
         }
         // Taken after the seals, so that with a grace of 0 the packs they closed are candidates
@@ -746,7 +746,7 @@ impl Collector {
             for h in self.shards.handles() {
                 rt.block_on(h.seal())?;
             }
-            t.flush(std::time::Duration::from_secs(600))
+            t.flush(std::time::Duration::from_mins(10))
                 .map_err(|e| ApplianceError::Unavailable(format!("garbage collection: {e}")))?;
         }
         let done: Vec<PackId> = sparse.into_iter().filter(|p| !still.contains(p)).collect();
@@ -800,7 +800,9 @@ impl Collector {
             // snapshot whose packs are gone). A failure stops the run; the next one lists the
             // leftover objects again and deletes them.
             t.mirror_now().map_err(|e| {
-                ApplianceError::Unavailable(format!("garbage collection, mirroring the catalog: {e}"))
+                ApplianceError::Unavailable(format!(
+                    "garbage collection, mirroring the catalog: {e}"
+                ))
             })?;
             t.delete_remote(&ids).map_err(|e| {
                 ApplianceError::Unavailable(format!("garbage collection, deleting objects: {e}"))

@@ -155,14 +155,7 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
     let cfg = preflight(paths)?;
     let hw = Hardware::detect_for(&paths.root);
     let plan = Plan::new(&hw, usize::from(cfg.shards))?;
-    if hw.memlock_bytes < coffer_tuning::MIN_MEMLOCK_BYTES {
-        return Err(ServeError::Refused(format!(
-            "RLIMIT_MEMLOCK is {} bytes; io_uring needs at least {} (set LimitMEMLOCK=infinity in \
-             the systemd unit or raise `ulimit -l`)",
-            hw.memlock_bytes,
-            coffer_tuning::MIN_MEMLOCK_BYTES
-        )));
-    }
+    check_memlock(&hw)?;
     let limits = opts.limits.apply(plan.limits);
     tracing::info!(?limits, "resource limits");
     let master = Arc::new(master);
@@ -178,23 +171,11 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
         &metrics,
         tier.as_ref(),
     ))?;
-    if let Some(t) = &tier {
-        // The shards recovered: every local pack not opened since is sealed.
-        t.reconcile().map_err(|e| ServeError::Refused(e.to_string()))?;
-    }
     let catalog = Arc::new(Catalog::open(&paths.catalog(), false)?);
     // Every catalog change is also journaled in the packs (rebuild-catalog), starting with a
     // checkpoint that takes in what offline tools changed.
     catalog.attach_journal(paths, master.clone(), cfg.id)?;
-    if let Some(t) = tier
-        .as_ref()
-        .filter(|t| t.ack_after() == crate::pack::store::s3::AckAfter::Remote)
-    {
-        // `--ack-after remote`: a snapshot, account or rule change is answered once the journal
-        // holding it is in the object store.
-        let t = t.clone();
-        catalog.confirm_with(Arc::new(move || t.mirror_now().map_err(|e| e.to_string())));
-    }
+    tier_ready(tier.as_ref(), &catalog)?;
     note_clock_shift(&catalog)?;
     metrics.reset_backups(&catalog.snapshots()?);
     let max_msg = max_message_size(cfg.chunker.max);
@@ -208,14 +189,17 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
     let fanout = crate::shard::Shards::new(handles);
     let ui_reads = (fanout.clone(), cfg.mode);
     let gate = Arc::new(Gate::default());
-    let gc = Arc::new(Collector::new(
-        fanout.clone(),
-        catalog.clone(),
-        auth.clone(),
-        gate.clone(),
-        paths.clone(),
-        opts.gc,
-    ).with_tier(tier.clone()));
+    let gc = Arc::new(
+        Collector::new(
+            fanout.clone(),
+            catalog.clone(),
+            auth.clone(),
+            gate.clone(),
+            paths.clone(),
+            opts.gc,
+        )
+        .with_tier(tier.clone()),
+    );
     let service = CofferService::new(
         fanout,
         catalog.clone(),
@@ -279,7 +263,38 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
 
 /// How long a graceful stop waits for staged packs to reach the object store (the rest is
 /// uploaded at the next start).
-const TIER_DRAIN: Duration = Duration::from_secs(300);
+const TIER_DRAIN: Duration = Duration::from_mins(5);
+
+fn check_memlock(hw: &Hardware) -> Result<(), ServeError> {
+    if hw.memlock_bytes < coffer_tuning::MIN_MEMLOCK_BYTES {
+        return Err(ServeError::Refused(format!(
+            "RLIMIT_MEMLOCK is {} bytes; io_uring needs at least {} (set LimitMEMLOCK=infinity in \
+             the systemd unit or raise `ulimit -l`)",
+            hw.memlock_bytes,
+            coffer_tuning::MIN_MEMLOCK_BYTES
+        )));
+    }
+    Ok(())
+}
+
+/// Once the shards recovered (every local pack not opened since is sealed) and the catalog is
+/// journaled: uploads start, and with `--ack-after remote` a snapshot, account or rule change
+/// is answered once the journal holding it is in the object store.
+fn tier_ready(
+    tier: Option<&Arc<crate::pack::store::s3::Tier>>,
+    catalog: &Catalog,
+) -> Result<(), ServeError> {
+    let Some(t) = tier else {
+        return Ok(());
+    };
+    t.reconcile()
+        .map_err(|e| ServeError::Refused(e.to_string()))?;
+    if t.ack_after() == crate::pack::store::s3::AckAfter::Remote {
+        let t = t.clone();
+        catalog.confirm_with(Arc::new(move || t.mirror_now().map_err(|e| e.to_string())));
+    }
+    Ok(())
+}
 
 /// Connects the object store when the repository has one, taking its lease.
 fn start_tier(
@@ -291,7 +306,8 @@ fn start_tier(
     else {
         return Ok(None);
     };
-    let tier = Tier::start(paths, &cfg, opts.tier).map_err(|e| ServeError::Refused(e.to_string()))?;
+    let tier =
+        Tier::start(paths, &cfg, opts.tier).map_err(|e| ServeError::Refused(e.to_string()))?;
     tracing::info!(
         storage = %cfg.url,
         ack_after = ?opts.tier.ack_after,

@@ -485,8 +485,9 @@ impl ShardState {
                 "sealed the pack left open by a crash"
             );
         }
-        let store =
-            Rc::new(LocalStore::new(cfg.paths.clone(), cfg.space_reserve).with_tier(cfg.tier.clone()));
+        let store = Rc::new(
+            LocalStore::new(cfg.paths.clone(), cfg.space_reserve).with_tier(cfg.tier.clone()),
+        );
         let encryption: Arc<dyn Encryption> = cfg.master.clone();
         let mut writer = PackWriter::new(
             store.clone(),

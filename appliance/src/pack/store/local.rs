@@ -150,20 +150,22 @@ impl PackStore for LocalStore {
         })
     }
 
-    async fn read_at(
-        &self,
-        id: &PackId,
-        offset: u64,
-        len: usize,
-    ) -> Result<PackBytes, StoreError> {
+    async fn read_at(&self, id: &PackId, offset: u64, len: usize) -> Result<PackBytes, StoreError> {
         let local = match self.reader(id).await {
             Ok(f) => f,
             Err(e) => match &self.tier {
                 // Uploaded and dropped from the local cache: a ranged GET.
                 Some(t) if e.source.kind() == std::io::ErrorKind::NotFound => {
-                    return t.read(id, offset, len).await.map(PackBytes::Remote).map_err(|e| {
-                        StoreError::new("reading from the object store", std::io::Error::other(e))
-                    });
+                    return t
+                        .read(id, offset, len)
+                        .await
+                        .map(PackBytes::Remote)
+                        .map_err(|e| {
+                            StoreError::new(
+                                "reading from the object store",
+                                std::io::Error::other(e),
+                            )
+                        });
                 }
                 _ => return Err(e),
             },
@@ -281,9 +283,10 @@ impl PackSink for LocalSink {
                 if let Some(rx) = t.sealed(*id, end) {
                     // `--ack-after remote`: nothing in the pack is acknowledged before the
                     // object store confirmed it.
-                    let outcome = rx.recv_async().await.unwrap_or_else(|_| {
-                        Err("the object-store uploader stopped".to_string())
-                    });
+                    let outcome = rx
+                        .recv_async()
+                        .await
+                        .unwrap_or_else(|_| Err("the object-store uploader stopped".to_string()));
                     outcome.map_err(|e| {
                         StoreError::new("uploading to the object store", std::io::Error::other(e))
                     })?;

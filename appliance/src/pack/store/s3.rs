@@ -220,9 +220,9 @@ pub struct Timeouts {
 impl Default for Timeouts {
     fn default() -> Self {
         Self {
-            request: Duration::from_secs(60),
+            request: Duration::from_mins(1),
             retries: 10,
-            retry_for: Duration::from_secs(120),
+            retry_for: Duration::from_mins(2),
         }
     }
 }
@@ -507,7 +507,8 @@ impl Bucket {
         match second {
             Ok(_) => Ok(false),
             Err(
-                object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. },
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
             ) => Ok(true),
             Err(e) => Err(TierError(format!("probing conditional writes: {e}"))),
         }
@@ -849,7 +850,8 @@ impl Tier {
         self.rt.spawn(async move {
             let _ = tx.send(fut.await);
         });
-        rx.recv().expect("the tier's runtime runs until the tier is dropped")
+        rx.recv()
+            .expect("the tier's runtime runs until the tier is dropped")
     }
 
     /// Runs `fut` on the tier's threads; the answer is awaited from any executor.
@@ -954,14 +956,12 @@ impl Tier {
                     self.generation.store(generation, Ordering::SeqCst);
                 }
                 // Trusted from when the request was sent, not when it was answered.
-                *self
-                    .lease_ok
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = Some(sent);
+                *self.lease_ok.lock().unwrap_or_else(PoisonError::into_inner) = Some(sent);
                 Ok(())
             }
             Err(
-                object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. },
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
             ) => {
                 let why = "another appliance took the lease at the same moment".to_string();
                 lock(&self.state).lost = Some(why.clone());
@@ -1099,7 +1099,7 @@ impl Tier {
                         tracing::warn!(pack = %id, error = %e, retry_in = ?wait, "pack upload failed");
                         self.fail_waiters(id, &e.to_string());
                         tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(Duration::from_secs(60));
+                        wait = (wait * 2).min(Duration::from_mins(1));
                     }
                 }
             }
@@ -1325,7 +1325,12 @@ impl Tier {
     #[must_use]
     pub fn counts(&self) -> (usize, u64, u64, u64) {
         let st = lock(&self.state);
-        (st.staged.len(), st.staged_bytes, st.cached_bytes, st.uploaded)
+        (
+            st.staged.len(),
+            st.staged_bytes,
+            st.cached_bytes,
+            st.uploaded,
+        )
     }
 
     /// At a graceful stop (shards already sealed their packs): uploads what is staged (at most
@@ -1413,7 +1418,8 @@ pub fn publish(paths: &RepoPaths, cfg: &StorageConfig) -> Result<Published, Tier
     let bucket = cfg.connect(Timeouts::default())?;
     let rt = oneshot_runtime()?;
     let conditional = rt.block_on(bucket.probe_conditional())?;
-    let files = mirrored_files(paths).map_err(|e| TierError(format!("reading the repository: {e}")))?;
+    let files =
+        mirrored_files(paths).map_err(|e| TierError(format!("reading the repository: {e}")))?;
     rt.block_on(async {
         for (name, path, _) in files {
             let b = tokio::fs::read(&path)
@@ -1497,7 +1503,10 @@ pub fn fetch_repository(
 ///
 /// # Errors
 /// The store's or the file system's.
-pub fn fetch_missing_packs(paths: &RepoPaths, cfg: &StorageConfig) -> Result<(u64, u64), TierError> {
+pub fn fetch_missing_packs(
+    paths: &RepoPaths,
+    cfg: &StorageConfig,
+) -> Result<(u64, u64), TierError> {
     let bucket = cfg.connect(Timeouts::default())?;
     let rt = oneshot_runtime()?;
     rt.block_on(async {
@@ -1544,7 +1553,10 @@ fn hostname() -> String {
 }
 
 /// The files mirrored to the bucket: `(object name, path, (len, mtime ns))`.
-fn mirrored_files(paths: &RepoPaths) -> std::io::Result<Vec<(String, PathBuf, (u64, i128))>> {
+/// A mirrored file: object name, local path, `(len, mtime ns)`.
+type Mirrored = (String, PathBuf, (u64, i128));
+
+fn mirrored_files(paths: &RepoPaths) -> std::io::Result<Vec<Mirrored>> {
     let stamp = |p: &Path| -> std::io::Result<(u64, i128)> {
         let md = std::fs::metadata(p)?;
         let t = md
@@ -1575,7 +1587,8 @@ fn mirrored_files(paths: &RepoPaths) -> std::io::Result<Vec<(String, PathBuf, (u
             let Some(name) = f.file_name().to_str().map(str::to_string) else {
                 continue;
             };
-            if name.starts_with('.') || name.ends_with(".tmp") {
+            // Temporary files of durable writes are not the file yet.
+            if name.starts_with('.') || name.to_ascii_lowercase().ends_with(".tmp") {
                 continue;
             }
             let p = f.path();
@@ -1633,8 +1646,11 @@ mod tests {
              # comment\naws_access_key_id = GK1\naws_secret_access_key=s3cr3t\n",
         )
         .unwrap();
-        let (k, s, t) = credentials(Some(&f)).unwrap();
-        assert_eq!((k.as_str(), s.as_str(), t), ("GK1", "s3cr3t", None));
+        let (key, secret, token) = credentials(Some(&f)).unwrap();
+        assert_eq!(
+            (key.as_str(), secret.as_str(), token),
+            ("GK1", "s3cr3t", None)
+        );
         std::fs::write(&f, "[default]\naws_access_key_id = GK1\n").unwrap();
         let e = credentials(Some(&f)).unwrap_err().to_string();
         assert!(e.contains("aws_secret_access_key"), "{e}");
