@@ -2,7 +2,8 @@
 #   coffer_s3   --ack-after local, default cache: S4 reads what the local cache still holds
 #   coffer_s3r  --ack-after remote: a chunk is acknowledged once Garage confirmed its pack
 #   coffer_s3c  --cache-size 0: every pack leaves the local disk once uploaded, S4 reads every
-#               chunk with a ranged GET
+#               chunk with a ranged GET; its S1/S5 include `maintenance run`, which seals the
+#               open packs and waits until every pack is in the bucket
 # Source it after coffer.sh: EXTRA_TOOLS="benches/peers/coffer.sh benches/peers/coffer-s3.sh".
 # Each start makes a fresh bucket; coffer_s3*_stop appends the bucket's object count and bytes to
 # $LOGDIR/coffer-s3-objects.csv (listed through the S3 API with boto3).
@@ -63,12 +64,13 @@ print(f"{tool},{bucket},{n},{size},{size / max(n, 1):.0f},{n / max(size / 1e9, 1
 EOF
 }
 
+coffer_s3c_backup() { coffer_backup && "$COFFER_BIN/coffer-appliance" maintenance run --repo "$REPO" > /dev/null; }
 for t in coffer_s3 coffer_s3r coffer_s3c; do
     eval "${t}_version() { coffer_version; echo \"garage \$(\"\$GARAGE\" --version 2>/dev/null | head -1)\"; }"
     eval "${t}_repo_dir() { coffer_repo_dir; }"
     eval "${t}_server_pid() { coffer_server_pid; }"
     eval "${t}_init() { coffer_init; }"
-    eval "${t}_backup() { coffer_backup; }"
+    [ "$t" = coffer_s3c ] || eval "${t}_backup() { coffer_backup; }"
     eval "${t}_restore() { coffer_restore; }"
     eval "${t}_restored_root() { coffer_restored_root; }"
     eval "${t}_stop() { coffer_stop; coffer_s3_objects $t; unset COFFER_INIT_EXTRA COFFER_SERVE_EXTRA; }"

@@ -228,12 +228,10 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
         scrape: scrape.clone(),
     };
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(plan.network_threads)
-        .thread_name("net")
-        .enable_all()
-        .build()
-        .map_err(|e| ServeError::io("starting the network threads", e))?;
+    let rt = net_runtime(plan.network_threads)?;
+    if tier.is_some() {
+        rt.spawn(seal_periodically(ui_reads.0.clone()));
+    }
     let net = run_network(
         service,
         admin,
@@ -265,6 +263,15 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
 /// uploaded at the next start).
 const TIER_DRAIN: Duration = Duration::from_mins(5);
 
+fn net_runtime(threads: usize) -> Result<tokio::runtime::Runtime, ServeError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name("net")
+        .enable_all()
+        .build()
+        .map_err(|e| ServeError::io("starting the network threads", e))
+}
+
 fn check_memlock(hw: &Hardware) -> Result<(), ServeError> {
     if hw.memlock_bytes < coffer_tuning::MIN_MEMLOCK_BYTES {
         return Err(ServeError::Refused(format!(
@@ -294,6 +301,25 @@ fn tier_ready(
         catalog.confirm_with(Arc::new(move || t.mirror_now().map_err(|e| e.to_string())));
     }
     Ok(())
+}
+
+/// With an object store, how often the shards' open packs are sealed (and so staged for
+/// upload): an idle appliance's last acknowledged writes reach the bucket within this, not
+/// only once a pack fills.
+const SEAL_EVERY: Duration = Duration::from_mins(1);
+
+async fn seal_periodically(shards: crate::shard::Shards) {
+    let mut every = tokio::time::interval(SEAL_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        for h in shards.handles() {
+            if let Err(e) = h.seal().await {
+                tracing::warn!(error = %e, "sealing an open pack for upload");
+            }
+        }
+    }
 }
 
 /// Connects the object store when the repository has one, taking its lease.

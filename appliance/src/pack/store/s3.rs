@@ -841,29 +841,35 @@ impl Tier {
         self.run(self.clone().mirror())
     }
 
+    /// Starts `fut` on the tier's threads; its answer arrives on the receiver.
+    fn spawn_answer<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> flume::Receiver<T> {
+        let (tx, rx) = flume::bounded(1);
+        self.rt.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx
+    }
+
     /// Runs `fut` on the tier's threads and waits for it (never from an async task).
     fn run<T: Send + 'static>(
         &self,
         fut: impl std::future::Future<Output = T> + Send + 'static,
     ) -> T {
-        let (tx, rx) = flume::bounded(1);
-        self.rt.spawn(async move {
-            let _ = tx.send(fut.await);
-        });
-        rx.recv()
+        self.spawn_answer(fut)
+            .recv()
             .expect("the tier's runtime runs until the tier is dropped")
     }
 
-    /// Runs `fut` on the tier's threads; the answer is awaited from any executor.
+    /// Runs `fut` on the tier's threads; the answer is awaited from any executor (a shard's).
     async fn run_async<T: Send + 'static>(
         &self,
         fut: impl std::future::Future<Output = T> + Send + 'static,
     ) -> T {
-        let (tx, rx) = flume::bounded(1);
-        self.rt.spawn(async move {
-            let _ = tx.send(fut.await);
-        });
-        rx.recv_async()
+        self.spawn_answer(fut)
+            .recv_async()
             .await
             .expect("the tier's runtime runs until the tier is dropped")
     }
