@@ -83,6 +83,10 @@ pub struct Metrics {
     pub index_entries: Family<ShardLabels, Gauge>,
     pub disk_free_bytes: Gauge,
     pub disk_size_bytes: Gauge,
+    /// With an object store: sealed packs waiting for upload, and uploaded packs kept locally.
+    pub object_store_staged_packs: Gauge,
+    pub object_store_staged_bytes: Gauge,
+    pub object_store_cached_bytes: Gauge,
     pub maintenance_runs: Counter,
     pub maintenance_errors: Counter,
     pub maintenance_last_run_timestamp_seconds: Gauge,
@@ -221,6 +225,21 @@ impl Metrics {
             "disk_size_bytes",
             "Size of the repository's file system",
         );
+        let object_store_staged_packs = g(
+            &mut r,
+            "object_store_staged_packs",
+            "Sealed packs waiting for upload to the object store (0 without one)",
+        );
+        let object_store_staged_bytes = g(
+            &mut r,
+            "object_store_staged_bytes",
+            "Bytes of sealed packs waiting for upload to the object store",
+        );
+        let object_store_cached_bytes = g(
+            &mut r,
+            "object_store_cached_bytes",
+            "Bytes of uploaded packs kept on the local disk for reads",
+        );
         let maintenance_runs = c(&mut r, "maintenance_runs", "Maintenance runs finished");
         let maintenance_errors = c(&mut r, "maintenance_errors", "Maintenance runs that failed");
         let maintenance_last_run_timestamp_seconds = g(
@@ -277,6 +296,9 @@ impl Metrics {
             index_entries,
             disk_free_bytes,
             disk_size_bytes,
+            object_store_staged_packs,
+            object_store_staged_bytes,
+            object_store_cached_bytes,
             maintenance_runs,
             maintenance_errors,
             maintenance_last_run_timestamp_seconds,

@@ -31,6 +31,31 @@ fn fill(dir: &Path, seed: u64, files: u64, len: usize) {
     }
 }
 
+/// `/metrics` of the running appliance (plain HTTP on loopback).
+fn scrape(app: &Appliance) -> String {
+    use std::io::{Read, Write};
+    let url = app.metrics_url.as_ref().expect("--metrics-listen");
+    let hostport = url
+        .strip_prefix("http://")
+        .and_then(|u| u.strip_suffix("/metrics"))
+        .expect("http://HOST:PORT/metrics");
+    let mut s = std::net::TcpStream::connect(hostport).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    raw
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in the scrape"))
+}
+
 fn id_of(summary: &serde_json::Value) -> String {
     summary["snapshot"].as_str().unwrap().to_string()
 }
@@ -171,6 +196,7 @@ fn a_crash_between_local_ack_and_upload_loses_nothing() {
     let mut app = init(dir.path(), "a", &g, "crash", &g.endpoint);
     // One shard's packs fill to 40 MiB: uploaded in parts (above 32 MiB).
     app.pack_target = Some(40 << 20);
+    app.serve_args = vec!["--metrics-listen".into(), "127.0.0.1:0".into()];
     app.serve_env = vec![("COFFER_S3_HOLD_UPLOADS".into(), "1".into())];
     app.start().unwrap();
     let cfg = dir.path().join("alice.toml");
@@ -182,7 +208,14 @@ fn a_crash_between_local_ack_and_upload_loses_nothing() {
         objects(&g, "crash/packs").is_empty(),
         "uploads were held, yet packs reached the bucket"
     );
+    // The operator sees what waits: each shard sealed a pack of nearly 40 MiB, staged and not
+    // uploaded.
+    let metrics = scrape(&app);
+    let staged = metric(&metrics, "coffer_object_store_staged_bytes");
+    assert!(staged >= 64.0 * 1024.0 * 1024.0, "staged bytes {staged}");
+    assert!(metric(&metrics, "coffer_object_store_staged_packs") >= 2.0);
     app.kill();
+    app.serve_args.clear();
     app.serve_env.clear();
     app.start().unwrap();
     assert_eq!(app.stop().unwrap(), Some(0), "{}", app.log_tail());

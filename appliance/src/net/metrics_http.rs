@@ -33,6 +33,8 @@ pub(super) struct Scrape {
     pub(super) mode: crate::repo::Mode,
     /// (when, chunk bytes received so far), every [`SAMPLE_EVERY`], the last minute's.
     pub(super) samples: Mutex<VecDeque<(Instant, u64)>>,
+    /// The object store behind the packs, if any (staging and cache gauges).
+    pub(super) tier: Option<Arc<crate::pack::store::s3::Tier>>,
 }
 
 /// How often [`Scrape::sample`] runs.
@@ -111,6 +113,13 @@ impl Scrape {
                 .set(i64::try_from(free).unwrap_or(i64::MAX));
             m.disk_size_bytes
                 .set(i64::try_from(size).unwrap_or(i64::MAX));
+        }
+        if let Some(t) = &self.tier {
+            let (packs, staged, cached, _) = t.counts();
+            let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            m.object_store_staged_packs.set(g(packs as u64));
+            m.object_store_staged_bytes.set(g(staged));
+            m.object_store_cached_bytes.set(g(cached));
         }
         let bytes = |b: &Budget| i64::try_from(b.in_use_bytes()).unwrap_or(i64::MAX);
         m.upload_bytes_in_flight.set(bytes(&self.budgets.0));

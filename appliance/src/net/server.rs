@@ -218,6 +218,7 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
         budgets: service.budgets(),
         mode: cfg.mode,
         samples: std::sync::Mutex::default(),
+        tier: tier.clone(),
     });
     let admin = Admin {
         socket: paths.admin_socket(),
