@@ -753,3 +753,33 @@ pub fn eventually(limit: std::time::Duration, mut cond: impl FnMut() -> bool) ->
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// `GET /metrics` of an appliance started with `--metrics-listen` (plain HTTP on loopback), with
+/// a bearer `token` if given: `(status, body)`.
+///
+/// # Panics
+/// When the appliance has no metrics listener or does not answer HTTP.
+#[must_use]
+pub fn scrape_metrics(app: &Appliance, token: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let url = app
+        .metrics_url
+        .as_ref()
+        .expect("started with --metrics-listen");
+    let hostport = url
+        .strip_prefix("http://")
+        .and_then(|u| u.strip_suffix("/metrics"))
+        .expect("http://HOST:PORT/metrics");
+    let mut s = std::net::TcpStream::connect(hostport).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {hostport}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP answer");
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, body.to_string())
+}

@@ -3,7 +3,7 @@
 //! in JSON with one line per RPC, and no password or token anywhere in them.
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -16,26 +16,7 @@ const WRONG: &str = "wrong-password-for-alice";
 
 /// `GET /metrics` over plain HTTP/1.1: (status, body).
 fn scrape(app: &Appliance, token: Option<&str>) -> (u16, String) {
-    let url = app
-        .metrics_url
-        .as_ref()
-        .expect("started with --metrics-listen");
-    let hostport = url
-        .strip_prefix("http://")
-        .and_then(|u| u.strip_suffix("/metrics"))
-        .expect("http://HOST:PORT/metrics");
-    let mut s = std::net::TcpStream::connect(hostport).unwrap();
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {hostport}\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP answer");
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, body.to_string())
+    coffer_tests::scrape_metrics(app, token)
 }
 
 /// The value of the one sample named `series` (name and labels exactly as exported).

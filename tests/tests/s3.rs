@@ -33,21 +33,7 @@ fn fill(dir: &Path, seed: u64, files: u64, len: usize) {
 
 /// `/metrics` of the running appliance (plain HTTP on loopback).
 fn scrape(app: &Appliance) -> String {
-    use std::io::{Read, Write};
-    let url = app.metrics_url.as_ref().expect("--metrics-listen");
-    let hostport = url
-        .strip_prefix("http://")
-        .and_then(|u| u.strip_suffix("/metrics"))
-        .expect("http://HOST:PORT/metrics");
-    let mut s = std::net::TcpStream::connect(hostport).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    raw
+    coffer_tests::scrape_metrics(app, None).1
 }
 
 fn metric(text: &str, name: &str) -> f64 {

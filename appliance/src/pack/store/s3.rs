@@ -763,32 +763,36 @@ impl Tier {
             .map(|l| l.name)
             .collect();
         lock(&tier.state).remote_journals = remote;
-        tier.run(tier.clone().mirror())?;
-        let t = tier.clone();
-        tier.rt.spawn(async move {
-            loop {
-                tokio::time::sleep(LEASE_REFRESH).await;
-                if t.stopping.load(Ordering::SeqCst) {
-                    return;
-                }
-                if let Err(e) = t.clone().take_lease(false).await {
-                    tracing::error!(error = %e, "refreshing the object-store lease");
-                }
-            }
+        tier.mirror_now()?;
+        tier.repeat(LEASE_REFRESH, "refreshing the object-store lease", |t| {
+            t.take_lease(false)
         });
-        let t = tier.clone();
-        tier.rt.spawn(async move {
-            loop {
-                tokio::time::sleep(MIRROR_EVERY).await;
-                if t.stopping.load(Ordering::SeqCst) {
-                    return;
-                }
-                if let Err(e) = t.clone().mirror().await {
-                    tracing::warn!(error = %e, "mirroring the catalog to the object store");
-                }
-            }
-        });
+        tier.repeat(
+            MIRROR_EVERY,
+            "mirroring the catalog to the object store",
+            Tier::mirror,
+        );
         Ok(tier)
+    }
+
+    /// Runs `step` every `period` on the tier's threads until the stop; failures are logged.
+    fn repeat<F, Fut>(self: &Arc<Self>, period: Duration, what: &'static str, step: F)
+    where
+        F: Fn(Arc<Self>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<(), TierError>> + Send + 'static,
+    {
+        let t = self.clone();
+        self.rt.spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                if t.stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                if let Err(e) = step(t.clone()).await {
+                    tracing::warn!(error = %e, "{what}");
+                }
+            }
+        });
     }
 
     /// The bucket.
