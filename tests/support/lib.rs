@@ -3,6 +3,7 @@
 
 pub mod faultfs;
 pub mod garage;
+pub mod moto;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -123,6 +123,13 @@ fn backups_live_in_the_bucket_and_attach_serves_them_from_an_empty_directory() {
     // A cache of 512 KiB: uploaded packs leave the local disk, reads become ranged GETs.
     app.serve_args = vec!["--cache-size".into(), "512K".into()];
     app.start().unwrap();
+    // Garage has no S3 Object Lock: the start says so (tests/tests/s3_lock.rs checks a store
+    // that has it).
+    let log = std::fs::read_to_string(&app.log).unwrap();
+    assert!(
+        log.contains("object lock not available"),
+        "the start does not say Garage lacks Object Lock: {log}"
+    );
     let cfg = dir.path().join("alice.toml");
     connect_client(&app, &cfg, "alice", "laptop");
     let src1 = dir.path().join("src1");

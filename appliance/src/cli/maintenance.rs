@@ -62,6 +62,12 @@ pub fn run(a: &RunArgs) -> anyhow::Result<()> {
             bytes(gc.bytes_moved),
             bytes(gc.bytes_deleted.saturating_sub(gc.bytes_moved))
         );
+        if gc.packs_retained > 0 {
+            println!(
+                "kept {} packs that the bucket retains for locked snapshots (S3 Object Lock)",
+                gc.packs_retained
+            );
+        }
     }
     Ok(())
 }

@@ -130,11 +130,17 @@ pub fn init(
                  one-writer lease is checked, not enforced atomically"
             );
         }
-        println!(
-            "object lock: not applied by this version: packs in the bucket are protected by the \
-             appliance's retention locks and by the bucket's own access policy only \
-             (docs/object-storage.md)"
-        );
+        match &p.object_lock {
+            coffer_appliance::pack::store::objectlock::LockSupport::Enabled => println!(
+                "object lock: enabled on the bucket: the objects of locked snapshots get \
+                 compliance retention until the lock's end (nobody can delete them earlier)"
+            ),
+            coffer_appliance::pack::store::objectlock::LockSupport::Unavailable(why) => println!(
+                "object lock: not available ({why}): objects in the bucket are protected by the \
+                 appliance's retention locks and by the bucket's own access policy only \
+                 (docs/object-storage.md, \"Retention locks and the store\")"
+            ),
+        }
     }
     println!(
         "built-in access: {}",

@@ -45,6 +45,8 @@ use crate::reach::Marker;
 use crate::repo::RepoPaths;
 use crate::shard::Shards;
 
+mod objectlock;
+
 /// Default grace window: chunks in packs written within it are never collected (G6).
 pub const DEFAULT_GRACE_US: i64 = 24 * 3600 * 1_000_000;
 /// Default dead share above which a pack is compacted (G7).
@@ -119,6 +121,9 @@ pub struct GcReport {
     pub condemned_bytes: u64,
     pub packs_deleted: u64,
     pub packs_compacted: u64,
+    /// Packs left alone because the bucket retains them (S3 Object Lock) until a later date.
+    #[serde(default)]
+    pub packs_retained: u64,
     /// Live records copied by compaction, and their bytes.
     pub records_moved: u64,
     pub bytes_moved: u64,
@@ -347,6 +352,8 @@ pub struct Collector {
     paths: RepoPaths,
     cfg: GcConfig,
     running: Mutex<()>,
+    /// Locked snapshots whose packs the bucket retains, and until when (`objectlock`).
+    locks_done: Mutex<HashMap<SnapshotId, i64>>,
     /// The object store behind the local packs: its packs are candidates too, and deleted there
     /// after the local copy.
     tier: Option<Arc<Tier>>,
@@ -382,6 +389,7 @@ impl Collector {
             paths,
             cfg,
             running: Mutex::new(()),
+            locks_done: Mutex::new(HashMap::new()),
             tier: None,
         }
     }
@@ -590,6 +598,13 @@ impl Collector {
             // so that this run can collect from them. Failing that, nothing changes.
             t.flush(std::time::Duration::from_mins(10))
                 .map_err(|e| ApplianceError::Unavailable(format!("garbage collection: {e}")))?;
+            if !dry_run {
+                // Locks applied before packs are chosen; a failure here only delays them: the
+                // retention check below is what keeps a retained pack.
+                if let Err(e) = self.lock_pass(rt) {
+                    tracing::warn!(error = %e, "gc: applying snapshot locks to the bucket");
+                }
+            }
         }
         // Taken after the seals, so that with a grace of 0 the packs they closed are candidates
         // (with a longer grace, a pack sealed now becomes one at a later run: sealing rewrote
@@ -695,6 +710,23 @@ impl Collector {
                     sparse.insert(*id);
                 }
                 Some(_) => {}
+            }
+        }
+        if let Some(t) = &self.tier {
+            // Never delete nor compact what the bucket retains (its snapshot's lock holds; the
+            // store would refuse the delete of that version anyway).
+            let all: Vec<PackId> = empty.iter().chain(&sparse).copied().collect();
+            let kept = t.retained(&all).map_err(|e| {
+                ApplianceError::Unavailable(format!("garbage collection, reading retention: {e}"))
+            })?;
+            if !kept.is_empty() {
+                empty.retain(|p| !kept.contains(p));
+                sparse.retain(|p| !kept.contains(p));
+                report.packs_retained = kept.len() as u64;
+                tracing::info!(
+                    packs = kept.len(),
+                    "gc: packs retained by the bucket's object lock are kept"
+                );
             }
         }
         for part in empty.chunks(64) {

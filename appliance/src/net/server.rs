@@ -220,6 +220,8 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
         samples: std::sync::Mutex::default(),
         tier: tier.clone(),
     });
+    let rt = net_runtime(plan.network_threads)?;
+    spawn_tier_tasks(&rt, tier.as_ref(), &ui_reads.0, &gc);
     let admin = Admin {
         socket: paths.admin_socket(),
         catalog,
@@ -229,10 +231,6 @@ pub fn serve(paths: &RepoPaths, master: MasterKey, opts: &ServeOptions) -> Resul
         scrape: scrape.clone(),
     };
 
-    let rt = net_runtime(plan.network_threads)?;
-    if tier.is_some() {
-        rt.spawn(seal_periodically(ui_reads.0.clone()));
-    }
     let net = run_network(
         service,
         admin,
@@ -319,6 +317,56 @@ async fn seal_periodically(shards: crate::shard::Shards) {
             if let Err(e) = h.seal().await {
                 tracing::warn!(error = %e, "sealing an open pack for upload");
             }
+        }
+    }
+}
+
+/// With an object store: the periodic seal, and with Object Lock the lock passes. Nothing
+/// without one (a collector held by a task would keep the shards from stopping).
+fn spawn_tier_tasks(
+    rt: &tokio::runtime::Runtime,
+    tier: Option<&Arc<crate::pack::store::s3::Tier>>,
+    shards: &crate::shard::Shards,
+    gc: &Arc<Collector>,
+) {
+    let Some(t) = tier else {
+        return;
+    };
+    rt.spawn(seal_periodically(shards.clone()));
+    if t.object_lock() {
+        rt.spawn(apply_locks_periodically(gc.clone()));
+    }
+}
+
+/// With S3 Object Lock on the bucket, how often snapshot locks are compared with the retention
+/// already set (a pass with nothing new reads only the catalog).
+const LOCKS_EVERY: Duration = Duration::from_secs(10);
+
+/// Applies snapshot locks to the bucket until the appliance stops (a lock set or extended
+/// reaches its packs within [`LOCKS_EVERY`] once they are uploaded). A pass is skipped while a
+/// collection runs: the collection makes one.
+async fn apply_locks_periodically(gc: Arc<Collector>) {
+    let mut every = tokio::time::interval(LOCKS_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let gc = gc.clone();
+        let rt = tokio::runtime::Handle::current();
+        match tokio::task::spawn_blocking(move || gc.try_apply_locks(&rt)).await {
+            Ok(Some(Ok(r))) if r.objects > 0 || r.pending > 0 || r.failed > 0 => {
+                tracing::info!(
+                    snapshots = r.snapshots,
+                    objects = r.objects,
+                    pending = r.pending,
+                    failed = r.failed,
+                    "object lock: retention applied"
+                );
+            }
+            Ok(Some(Err(e))) => {
+                tracing::warn!(error = %e, "object lock: applying snapshot locks (tried again)");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "object lock task failed"),
         }
     }
 }

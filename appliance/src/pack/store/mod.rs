@@ -14,6 +14,7 @@
 //! index.
 
 pub mod local;
+pub mod objectlock;
 pub mod s3;
 
 use std::ops::Deref;

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use coffer_proto::PackId;
 use futures::StreamExt;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AwsCredential};
 use object_store::path::Path as ObjectPath;
 use object_store::{
     ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
@@ -42,6 +42,7 @@ use object_store::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::objectlock::{LockSupport, ObjectLock};
 use crate::repo::RepoPaths;
 
 /// Packs larger than this are uploaded in parts.
@@ -171,8 +172,8 @@ impl StorageConfig {
         let mut b = AmazonS3Builder::new()
             .with_bucket_name(&bucket)
             .with_region(&self.region)
-            .with_access_key_id(key)
-            .with_secret_access_key(secret)
+            .with_access_key_id(&key)
+            .with_secret_access_key(&secret)
             .with_virtual_hosted_style_request(false)
             .with_retry(RetryConfig {
                 max_retries: timeouts.retries,
@@ -184,7 +185,7 @@ impl StorageConfig {
                     .with_timeout(timeouts.request)
                     .with_connect_timeout(Duration::from_secs(10)),
             );
-        if let Some(t) = token {
+        if let Some(t) = &token {
             b = b.with_token(t);
         }
         if let Some(ep) = &self.endpoint {
@@ -195,8 +196,20 @@ impl StorageConfig {
         let store = b
             .build()
             .map_err(err(format!("configuring {}", self.url)))?;
+        let lock = ObjectLock::new(
+            self.endpoint.as_deref(),
+            &bucket,
+            &self.region,
+            AwsCredential {
+                key_id: key,
+                secret_key: secret,
+                token,
+            },
+            timeouts,
+        )?;
         Ok(Bucket {
             store: Arc::new(store),
+            lock: Arc::new(lock),
             prefix,
             url: self.url.clone(),
         })
@@ -279,6 +292,7 @@ fn credentials(file: Option<&Path>) -> Result<(String, String, Option<String>), 
 #[derive(Debug, Clone)]
 pub struct Bucket {
     store: Arc<dyn ObjectStore>,
+    lock: Arc<ObjectLock>,
     prefix: String,
     url: String,
 }
@@ -307,6 +321,13 @@ impl Bucket {
     pub fn pack_name(id: &PackId) -> String {
         let hex = id.to_hex();
         format!("packs/{}/{hex}", &hex[..2])
+    }
+
+    /// The bucket's Object Lock calls; object names given to them are full keys
+    /// ([`Self::key`]).
+    #[must_use]
+    pub fn object_lock(&self) -> &ObjectLock {
+        &self.lock
     }
 
     /// The bucket URL this client reaches.
@@ -671,6 +692,8 @@ struct State {
     mirrored: HashMap<String, (u64, i128)>,
     /// Journal segments known in the bucket.
     remote_journals: HashSet<String>,
+    /// Compliance retention known to be set, by object name: its end (µs).
+    retained: HashMap<String, i64>,
 }
 
 /// The running tier of one appliance: shared by the shards (reads, seals), the GC and `serve`.
@@ -685,6 +708,7 @@ pub struct Tier {
     rx: flume::Receiver<PackId>,
     holder: String,
     conditional: bool,
+    object_lock: LockSupport,
     /// When the last lease write that succeeded was sent.
     lease_ok: Mutex<Option<Instant>>,
     /// The lease generation this appliance holds.
@@ -736,6 +760,14 @@ impl Tier {
                  checked before it is taken, but two appliances started within the same second \
                  could both take it (docs/deployment.md, \"One writer\")");
         }
+        let object_lock = rt.block_on(bucket.lock.support())?;
+        match &object_lock {
+            LockSupport::Enabled => tracing::info!(bucket = %bucket.url,
+                "object lock enabled: the objects of locked snapshots get compliance retention"),
+            LockSupport::Unavailable(why) => tracing::warn!(bucket = %bucket.url,
+                "object lock not available ({why}): locked snapshots are protected by the \
+                 appliance and the bucket's access policy only"),
+        }
         let (jobs, rx) = flume::unbounded();
         let tier = Arc::new(Self {
             bucket,
@@ -748,6 +780,7 @@ impl Tier {
             rx,
             holder,
             conditional,
+            object_lock,
             lease_ok: Mutex::new(None),
             generation: AtomicU64::new(local_generation(paths)),
             evictions: AtomicU64::new(0),
@@ -1303,6 +1336,140 @@ impl Tier {
         })
     }
 
+    /// Whether locked snapshots' objects get compliance retention (Object Lock is enabled on
+    /// the bucket).
+    #[must_use]
+    pub fn object_lock(&self) -> bool {
+        self.object_lock == LockSupport::Enabled
+    }
+
+    /// Of `ids`, the packs whose object in the bucket is retained past now: the GC neither
+    /// deletes nor compacts them. Empty without Object Lock.
+    ///
+    /// # Errors
+    /// A retention that cannot be read (the GC run then stops).
+    pub fn retained(&self, ids: &[PackId]) -> Result<HashSet<PackId>, TierError> {
+        if !self.object_lock() {
+            return Ok(HashSet::new());
+        }
+        let now = coffer_proto::now_us();
+        let mut out = HashSet::new();
+        let mut ask = Vec::new();
+        {
+            let st = lock(&self.state);
+            for id in ids {
+                match st.retained.get(&Bucket::pack_name(id)) {
+                    Some(&until) if until > now => {
+                        out.insert(*id);
+                    }
+                    _ => ask.push(*id),
+                }
+            }
+        }
+        let b = self.bucket.clone();
+        let found = self.run(async move {
+            let mut s = futures::stream::iter(ask.into_iter().map(|id| {
+                let b = b.clone();
+                async move {
+                    let key = b.key(&Bucket::pack_name(&id)).to_string();
+                    b.lock.retention(&key).await.map(|r| (id, r))
+                }
+            }))
+            .buffer_unordered(8);
+            let mut found = Vec::new();
+            while let Some(r) = s.next().await {
+                if let (id, Some(r)) = r? {
+                    found.push((id, r.until_us));
+                }
+            }
+            Ok::<_, TierError>(found)
+        })?;
+        let mut st = lock(&self.state);
+        for (id, until) in found {
+            st.retained.insert(Bucket::pack_name(&id), until);
+            if until > now {
+                out.insert(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sets compliance retention until `until_us` on each of `names` (objects under the
+    /// prefix) whose retention ends earlier; answers how many changed. Never shortens one.
+    ///
+    /// # Errors
+    /// Without the lease, or the first refusal or failure of the store.
+    pub fn retain(&self, names: Vec<String>, until_us: i64) -> Result<usize, TierError> {
+        self.lease_valid()?;
+        let names: Vec<String> = {
+            let st = lock(&self.state);
+            names
+                .into_iter()
+                .filter(|n| st.retained.get(n).is_none_or(|&u| u < until_us))
+                .collect()
+        };
+        let b = self.bucket.clone();
+        let done = self.run(async move {
+            let mut s = futures::stream::iter(names.into_iter().map(|n| {
+                let b = b.clone();
+                async move {
+                    let key = b.key(&n).to_string();
+                    let had = b.lock.retention(&key).await?;
+                    match had {
+                        Some(r) if r.compliance && r.until_us >= until_us => {
+                            Ok::<_, TierError>((n, r.until_us, false))
+                        }
+                        _ => {
+                            b.lock.retain(&key, until_us).await?;
+                            Ok((n, until_us, true))
+                        }
+                    }
+                }
+            }))
+            .buffer_unordered(8);
+            let mut done = Vec::new();
+            while let Some(r) = s.next().await {
+                done.push(r?);
+            }
+            Ok::<_, TierError>(done)
+        })?;
+        let mut st = lock(&self.state);
+        let mut changed = 0;
+        for (n, until, set) in done {
+            st.retained.insert(n, until);
+            changed += usize::from(set);
+        }
+        Ok(changed)
+    }
+
+    /// [`Self::retain`] on what a fresh machine needs besides packs: the repository file, the
+    /// wrapped keys and the catalog journal as mirrored now (holding every lock so far). Later
+    /// journal versions replace it as the current object; this version stays in the bucket's
+    /// history until `until_us`.
+    ///
+    /// # Errors
+    /// As [`Self::retain`], or the mirror's.
+    pub fn retain_repository(self: &Arc<Self>, until_us: i64) -> Result<usize, TierError> {
+        self.mirror_now()?;
+        let b = self.bucket.clone();
+        let mut names = vec!["coffer.repo".to_string()];
+        names.extend(
+            self.run(async move {
+                let mut l = b.list("keys").await?;
+                l.extend(b.list("catalog").await?);
+                Ok::<_, TierError>(l)
+            })?
+            .into_iter()
+            .map(|l| l.name),
+        );
+        // A journal object is replaced at each mirror: its retention is its version's only.
+        {
+            let mut st = lock(&self.state);
+            st.retained.retain(|n, _| !n.starts_with("catalog/"));
+        }
+        self.retain(names, until_us)
+    }
+
     /// Waits until every pack staged now is uploaded, at most `limit`.
     ///
     /// # Errors
@@ -1397,10 +1564,12 @@ fn oneshot_runtime() -> Result<tokio::runtime::Runtime, TierError> {
 }
 
 /// What `init --storage` found and did.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Published {
     /// Whether the store honours conditional writes (an exclusive lease).
     pub conditional: bool,
+    /// Whether locked snapshots' objects get compliance retention.
+    pub object_lock: LockSupport,
 }
 
 /// Refuses a bucket prefix that already holds a repository (before `init` creates anything).
@@ -1428,6 +1597,7 @@ pub fn publish(paths: &RepoPaths, cfg: &StorageConfig) -> Result<Published, Tier
     let bucket = cfg.connect(Timeouts::default())?;
     let rt = oneshot_runtime()?;
     let conditional = rt.block_on(bucket.probe_conditional())?;
+    let object_lock = rt.block_on(bucket.lock.support())?;
     let files =
         mirrored_files(paths).map_err(|e| TierError(format!("reading the repository: {e}")))?;
     rt.block_on(async {
@@ -1442,7 +1612,10 @@ pub fn publish(paths: &RepoPaths, cfg: &StorageConfig) -> Result<Published, Tier
     holder_id(paths)?;
     set_local_generation(paths, 0)?;
     cfg.save(paths)?;
-    Ok(Published { conditional })
+    Ok(Published {
+        conditional,
+        object_lock,
+    })
 }
 
 /// What `attach` brought down.
