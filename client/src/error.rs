@@ -64,6 +64,9 @@ pub enum ClientError {
     /// snapshot whose sealed header does not verify.
     #[error("{0}")]
     Keyring(String),
+    /// `coffer mount` cannot mount or unmount: FUSE missing, a bad mount point.
+    #[error("{0}")]
+    Mount(String),
 }
 
 impl ClientError {

@@ -15,6 +15,7 @@ mod error;
 #[cfg(test)]
 mod fuzz_targets;
 mod keyring;
+mod mount;
 mod net;
 mod pipeline;
 mod policy;
@@ -26,6 +27,7 @@ pub use config::{default_path, save_private, ClientConfig};
 pub use error::{ClientError, TreeError};
 pub use keyring::enroll::{create as create_enrollment, redeem as redeem_enrollment, Enrolled};
 pub use keyring::{Kdf, Master, Member, Role};
+pub use mount::{check_fuse, mount, umount, CofferFs, MountOptions};
 pub use net::{
     channel, Codec, Deadlines, Frame, Need, PutStats, Session, SessionOptions, Target,
     WithDeadlines,

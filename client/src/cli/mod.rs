@@ -103,6 +103,44 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "always")]
         overwrite: coffer_client::Overwrite,
     },
+    /// Mount the snapshots you may read as a read-only file system (FUSE) at MOUNTPOINT:
+    /// hosts/HOST/TIME, paths/PATH/TIME (`/` as %2F) and ids/ID, each group with `latest`.
+    /// Runs until Ctrl-C, SIGTERM or `coffer umount MOUNTPOINT`.
+    Mount {
+        mountpoint: PathBuf,
+        /// Memory for chunks read (e.g. 256M, 2G).
+        #[arg(long, default_value = "256M", value_parser = parse_size)]
+        cache_size: u64,
+        /// How often the snapshot list is read again (seconds).
+        #[arg(long, default_value_t = 10)]
+        refresh: u64,
+    },
+    /// Unmount a `coffer mount`.
+    Umount { mountpoint: PathBuf },
+}
+
+/// `256M`, `2G`, `512K` or plain bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let bad = || format!("{s:?}: use a number with K, M, G or T");
+    let (num, mul) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (
+            &t[..i],
+            match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(bad()),
+            },
+        ),
+        _ => (t, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .ok_or_else(bad)
 }
 
 /// Runs one command; the exit code is 0, or [`EXIT_PARTIAL`] for a partial backup.
@@ -166,6 +204,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
             overwrite,
         } => restore::restore(&cfg_path, &source, &target, json, overwrite).await?,
+        Cmd::Mount {
+            mountpoint,
+            cache_size,
+            refresh,
+        } => {
+            coffer_client::check_fuse()?;
+            let cfg = ClientConfig::load(&cfg_path)?;
+            let s = session(&cfg).await?;
+            let opts = coffer_client::MountOptions {
+                cache_bytes: cache_size,
+                refresh: std::time::Duration::from_secs(refresh.max(1)),
+            };
+            let r = coffer_client::mount(s.clone(), &mountpoint, opts).await;
+            s.end().await;
+            r?;
+        }
+        Cmd::Umount { mountpoint } => coffer_client::umount(&mountpoint)?,
     }
     Ok(ExitCode::SUCCESS)
 }
