@@ -72,6 +72,11 @@ fn appliance_on(m: &Moto, dir: &Path) -> (Appliance, std::path::PathBuf) {
         "the start says the bucket has Object Lock: {}",
         app.log_tail()
     );
+    let storage = std::fs::read_to_string(app.repo.join("storage.json")).unwrap();
+    assert!(
+        storage.contains("\"object_lock\": true") || storage.contains("\"object_lock\":true"),
+        "init records that the bucket has Object Lock: {storage}"
+    );
     let cfg = dir.join("alice.toml");
     connect_client(&app, &cfg, "alice", "laptop");
     (app, cfg)

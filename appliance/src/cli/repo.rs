@@ -44,6 +44,7 @@ impl StorageArgs {
                 Some(f) => Some(std::path::absolute(f)?),
                 None => None,
             },
+            object_lock: false,
         };
         cfg.bucket_prefix()?;
         Ok(Some(cfg))
@@ -170,9 +171,11 @@ pub fn attach(
     password: &RepoPassword,
     storage: &StorageArgs,
 ) -> anyhow::Result<()> {
-    let Some(cfg) = storage.config()? else {
+    let Some(mut cfg) = storage.config()? else {
         bail!("attach needs --storage s3://BUCKET/PREFIX");
     };
+    cfg.object_lock = coffer_appliance::pack::store::s3::detect_object_lock(&cfg)?
+        == coffer_appliance::pack::store::objectlock::LockSupport::Enabled;
     if paths.catalog().exists() {
         bail!(
             "{} already holds a repository: attach into an empty directory",

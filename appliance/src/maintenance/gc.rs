@@ -354,6 +354,9 @@ pub struct Collector {
     running: Mutex<()>,
     /// Locked snapshots whose packs the bucket retains, and until when (`objectlock`).
     locks_done: Mutex<HashMap<SnapshotId, i64>>,
+    /// The repository files' retention: until when it was last set, and whether a snapshot
+    /// was done since (its lock is in a newer journal version).
+    repo_retained: Mutex<(i64, bool)>,
     /// The object store behind the local packs: its packs are candidates too, and deleted there
     /// after the local copy.
     tier: Option<Arc<Tier>>,
@@ -390,6 +393,7 @@ impl Collector {
             cfg,
             running: Mutex::new(()),
             locks_done: Mutex::new(HashMap::new()),
+            repo_retained: Mutex::new((0, false)),
             tier: None,
         }
     }

@@ -130,11 +130,25 @@ impl Collector {
                 until = %coffer_proto::when::format_us(until),
                 "object lock: the snapshot's packs are retained in the bucket");
         }
-        if report.snapshots > 0 {
-            let n = tier.retain_repository(latest).map_err(|e| {
-                ApplianceError::Unavailable(format!("object lock, repository files: {e}"))
-            })?;
-            report.objects += n as u64;
+        // Retried at every pass until it succeeds: without the keys and the journal, retained
+        // packs could not be read.
+        let mut repo = self
+            .repo_retained
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        repo.1 |= report.snapshots > 0;
+        if repo.1 || latest > repo.0 {
+            match tier.retain_repository(latest) {
+                Ok(n) => {
+                    report.objects += n as u64;
+                    *repo = (latest, false);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e,
+                        "object lock: retention not set on the repository files (tried again)");
+                    report.failed += 1;
+                }
+            }
         }
         Ok(report)
     }
@@ -155,12 +169,16 @@ impl Collector {
         for (idx, ids) in self.indexes().iter().zip(ids) {
             let ids: Vec<ChunkId> = ids.into_iter().collect();
             for part in ids.chunks(4096) {
-                for e in idx
+                let found = idx
                     .get_many(part)
-                    .map_err(internal("object lock, reading the index"))?
-                    .into_iter()
-                    .flatten()
-                {
+                    .map_err(internal("object lock, reading the index"))?;
+                for (id, e) in part.iter().zip(found) {
+                    // A chunk the index lacks cannot be retained: the snapshot is not done.
+                    let e = e.ok_or_else(|| {
+                        ApplianceError::FailedPrecondition(format!(
+                            "chunk {id} is not in the index"
+                        ))
+                    })?;
                     packs.insert(e.pack);
                 }
             }

@@ -188,12 +188,6 @@ impl ObjectLock {
         let (status, _, body) = self
             .send(http::Method::GET, &url, Bytes::new(), &[])
             .await?;
-        if status.is_server_error() && status != http::StatusCode::NOT_IMPLEMENTED {
-            return Err(TierError(format!(
-                "reading the object lock configuration of bucket {}: HTTP {status}",
-                self.bucket
-            )));
-        }
         if status.is_success() {
             let cfg: LockConfiguration = std::str::from_utf8(&body)
                 .ok()
@@ -208,25 +202,79 @@ impl ObjectLock {
                 self.bucket
             )));
         }
+        // Only a definite "no" is an answer: any other error (a bad signature, a denied
+        // permission, a wrong region, an outage) fails, lest a repository whose packs are
+        // retained be taken for one without retention.
         let (code, message) = s3_error(&body);
-        Ok(LockSupport::Unavailable(match code.as_str() {
-            "ObjectLockConfigurationNotFoundError" => format!(
+        match (status, code.as_str()) {
+            (_, "ObjectLockConfigurationNotFoundError") => Ok(LockSupport::Unavailable(format!(
                 "bucket {} does not have Object Lock enabled (it can only be enabled when a \
                  bucket is created)",
                 self.bucket
-            ),
-            "AccessDenied" => format!(
-                "the lock configuration of bucket {} cannot be read with these credentials \
-                 (grant s3:GetBucketObjectLockConfiguration, s3:PutObjectRetention and \
-                 s3:GetObjectRetention)",
+            ))),
+            (http::StatusCode::NOT_IMPLEMENTED, _) | (_, "NotImplemented") => {
+                Ok(LockSupport::Unavailable(format!(
+                    "the store does not support S3 Object Lock ({code}: {message})"
+                )))
+            }
+            _ => Err(TierError(format!(
+                "reading the Object Lock configuration of bucket {}: HTTP {status} {code} \
+                 {message} (the key needs s3:GetBucketObjectLockConfiguration)",
                 self.bucket
-            ),
-            _ => format!(
-                "the store does not support S3 Object Lock (HTTP {status}{}{})",
-                if code.is_empty() { "" } else { ", " },
-                if message.is_empty() { &code } else { &message }
-            ),
-        }))
+            ))),
+        }
+    }
+
+    /// Checks, once per start, that retention set here is reported back by `HEAD` (the store
+    /// must, and the key needs `s3:GetObjectRetention`): a probe object under `key` retained
+    /// for a second, read back, and its version deleted once the second passed.
+    ///
+    /// # Errors
+    /// The store's failures, or retention not reported.
+    pub async fn self_check(self: &std::sync::Arc<Self>, key: &str) -> Result<(), TierError> {
+        let url = self.object_url(key, "");
+        let (status, headers, body) = self
+            .send(http::Method::PUT, &url, Bytes::from_static(b"probe"), &[])
+            .await?;
+        if !status.is_success() {
+            let (code, message) = s3_error(&body);
+            return Err(TierError(format!(
+                "writing the object-lock probe {key}: HTTP {status} {code} {message}"
+            )));
+        }
+        let version = headers
+            .get("x-amz-version-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let until = coffer_proto::now_us() + 1_000_000;
+        self.retain(key, until).await?;
+        let seen = self.retention(key).await?;
+        let this = self.clone();
+        let k = key.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+            let q = version.map_or_else(String::new, |v| {
+                format!(
+                    "?versionId={}",
+                    percent_encoding::utf8_percent_encode(&v, KEY_SEGMENT)
+                )
+            });
+            let url = this.object_url(&k, &q);
+            if let Err(e) = this
+                .send(http::Method::DELETE, &url, Bytes::new(), &[])
+                .await
+            {
+                tracing::warn!(error = %e, "deleting the object-lock probe {k}");
+            }
+        });
+        match seen {
+            Some(r) if r.compliance && r.until_us >= until - 1_000_000 => Ok(()),
+            _ => Err(TierError(format!(
+                "the store does not report the retention it holds through HEAD (read back \
+                 {seen:?}): the key needs s3:GetObjectRetention; without it the GC cannot tell \
+                 which packs are retained"
+            ))),
+        }
     }
 
     /// The retention of the current version of `key` (its full name in the bucket); `None`

@@ -102,6 +102,10 @@ pub struct StorageConfig {
     /// An AWS shared-credentials file (`[default]` or `$AWS_PROFILE` section) read at each
     /// start; else `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`.
     pub credentials_file: Option<PathBuf>,
+    /// The bucket had S3 Object Lock when `init` or `attach` looked: a start that cannot confirm
+    /// it refuses to serve (the GC would take retained packs for free ones).
+    #[serde(default)]
+    pub object_lock: bool,
 }
 
 impl StorageConfig {
@@ -760,7 +764,25 @@ impl Tier {
                  checked before it is taken, but two appliances started within the same second \
                  could both take it (docs/deployment.md, \"One writer\")");
         }
-        let object_lock = rt.block_on(bucket.lock.support())?;
+        let object_lock = match (rt.block_on(bucket.lock.support())?, cfg.object_lock) {
+            (LockSupport::Enabled, _) => {
+                let probe = bucket
+                    .key(&format!("lease.lockprobe-{:016x}", rand::random::<u64>()))
+                    .to_string();
+                let lock = bucket.lock.clone();
+                rt.block_on(async move { lock.self_check(&probe).await })?;
+                LockSupport::Enabled
+            }
+            (LockSupport::Unavailable(why), true) => {
+                return Err(TierError(format!(
+                    "{} had S3 Object Lock when this repository was set up, but the store now \
+                     answers: {why}. Refusing to serve: the garbage collector would take \
+                     retained packs for free ones",
+                    bucket.url
+                )))
+            }
+            (u, false) => u,
+        };
         match &object_lock {
             LockSupport::Enabled => tracing::info!(bucket = %bucket.url,
                 "object lock enabled: the objects of locked snapshots get compliance retention"),
@@ -1379,15 +1401,18 @@ impl Tier {
             let mut found = Vec::new();
             while let Some(r) = s.next().await {
                 if let (id, Some(r)) = r? {
-                    found.push((id, r.until_us));
+                    found.push((id, r));
                 }
             }
             Ok::<_, TierError>(found)
         })?;
         let mut st = lock(&self.state);
-        for (id, until) in found {
-            st.retained.insert(Bucket::pack_name(&id), until);
-            if until > now {
+        for (id, r) in found {
+            // Any retention keeps the pack; only compliance retention counts as set by us.
+            if r.compliance {
+                st.retained.insert(Bucket::pack_name(&id), r.until_us);
+            }
+            if r.until_us > now {
                 out.insert(id);
             }
         }
@@ -1462,10 +1487,11 @@ impl Tier {
             .into_iter()
             .map(|l| l.name),
         );
-        // A journal object is replaced at each mirror: its retention is its version's only.
+        // These objects are replaced (the journal at each mirror, the keys at a password
+        // change): what is cached holds for the version seen then only.
         {
             let mut st = lock(&self.state);
-            st.retained.retain(|n, _| !n.starts_with("catalog/"));
+            st.retained.retain(|n, _| n.starts_with("packs/"));
         }
         self.retain(names, until_us)
     }
@@ -1572,6 +1598,15 @@ pub struct Published {
     pub object_lock: LockSupport,
 }
 
+/// Whether the bucket has S3 Object Lock (`attach` records it in `storage.json`).
+///
+/// # Errors
+/// The store's, or an answer that is neither yes nor a definite no.
+pub fn detect_object_lock(cfg: &StorageConfig) -> Result<LockSupport, TierError> {
+    let bucket = cfg.connect(Timeouts::default())?;
+    oneshot_runtime()?.block_on(bucket.lock.support())
+}
+
 /// Refuses a bucket prefix that already holds a repository (before `init` creates anything).
 ///
 /// # Errors
@@ -1598,6 +1633,10 @@ pub fn publish(paths: &RepoPaths, cfg: &StorageConfig) -> Result<Published, Tier
     let rt = oneshot_runtime()?;
     let conditional = rt.block_on(bucket.probe_conditional())?;
     let object_lock = rt.block_on(bucket.lock.support())?;
+    let cfg = &StorageConfig {
+        object_lock: object_lock == LockSupport::Enabled,
+        ..cfg.clone()
+    };
     let files =
         mirrored_files(paths).map_err(|e| TierError(format!("reading the repository: {e}")))?;
     rt.block_on(async {
@@ -1793,6 +1832,7 @@ mod tests {
             endpoint: None,
             region: "garage".into(),
             credentials_file: None,
+            object_lock: false,
         }
     }
 
