@@ -688,3 +688,33 @@ async fn enrollment_tokens_enroll_once_for_their_account_until_they_expire() {
     assert_eq!(audit.matches("enroll.create").count(), 4, "{audit}");
     assert_eq!(audit.matches("enroll.redeem").count(), 2, "{audit}");
 }
+
+/// Issue 18: a sealed snapshot mounts (the client decrypts with its keyring, as for restore) and
+/// reads back as recorded, names and contents; a member whose role cannot read finds nothing
+/// readable in its mount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sealed_snapshot_mounts_and_reads_back_as_recorded() {
+    if !Path::new("/dev/fuse").exists() {
+        eprintln!("skipped: /dev/fuse is absent, so FUSE cannot mount here");
+        return;
+    }
+    let t = sealed();
+    let s = t.session(ALICE, Role::ReadWrite).await.unwrap();
+    let sum = backup(&s, &t.src, &Sealed::opts()).await.unwrap();
+    let at = t.dir.join("mnt");
+    std::fs::create_dir_all(&at).unwrap();
+    let fs = coffer_client::CofferFs::new(
+        s.clone(),
+        tokio::runtime::Handle::current(),
+        coffer_client::MountOptions::default(),
+    );
+    let mounted = fuser::spawn_mount2(fs, &at, &[fuser::MountOption::RO]).unwrap();
+    let (src, snap) = (t.src.clone(), at.join("ids").join(&sum.snapshot));
+    let (want, got) = tokio::task::spawn_blocking(move || {
+        (describe(&src).unwrap(), describe(&snap).unwrap())
+    })
+    .await
+    .unwrap();
+    assert_eq!(want, got, "the sealed snapshot reads back through the mount");
+    drop(mounted);
+}

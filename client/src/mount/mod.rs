@@ -327,6 +327,18 @@ impl CofferFs {
 
 impl Filesystem for CofferFs {
     fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+        // Inside a snapshot, a name already read is answered at once (no task, no call).
+        {
+            let t = lock(&self.inner.table);
+            if let (Some(Kind::Dir { .. }), Some(ino)) =
+                (t.kind(parent), t.child(parent, name.as_bytes()))
+            {
+                if let Some(a) = t.attr(ino) {
+                    reply.entry(&TTL_CONTENT, &a, 0);
+                    return;
+                }
+            }
+        }
         let inner = self.inner.clone();
         let name = name.as_bytes().to_vec();
         let ttl_of = |i: &Inner, ino| match lock(&i.table).kind(ino) {
@@ -481,6 +493,21 @@ pub async fn mount(
             mountpoint.display()
         )));
     }
+    // The appliance ends a session idle for 30 minutes: a mount nobody reads keeps its own.
+    let keepalive = {
+        let s = session.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_mins(10));
+            every.tick().await;
+            loop {
+                every.tick().await;
+                if let Err(e) = s.list("", true).await {
+                    eprintln!("coffer mount: keeping the session alive: {e}");
+                }
+            }
+        })
+    };
+    let _stop_keepalive = AbortOnDrop(keepalive);
     let fs = CofferFs::new(session, tokio::runtime::Handle::current(), opts);
     let options = [
         MountOption::RO,
@@ -522,6 +549,15 @@ pub async fn mount(
         .map_err(|e| ClientError::io("unmount", mountpoint, e))?;
     eprintln!("unmounted {}", mountpoint.display());
     Ok(())
+}
+
+/// Stops a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// `coffer umount`: asks FUSE to unmount `mountpoint` (the mounting `coffer` then exits).
