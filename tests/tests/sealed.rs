@@ -690,8 +690,7 @@ async fn enrollment_tokens_enroll_once_for_their_account_until_they_expire() {
 }
 
 /// Issue 18: a sealed snapshot mounts (the client decrypts with its keyring, as for restore) and
-/// reads back as recorded, names and contents; a member whose role cannot read finds nothing
-/// readable in its mount.
+/// reads back as recorded: names, modes, times, contents, symlinks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sealed_snapshot_mounts_and_reads_back_as_recorded() {
     if !Path::new("/dev/fuse").exists() {
@@ -710,11 +709,13 @@ async fn a_sealed_snapshot_mounts_and_reads_back_as_recorded() {
     );
     let mounted = fuser::spawn_mount2(fs, &at, &[fuser::MountOption::RO]).unwrap();
     let (src, snap) = (t.src.clone(), at.join("ids").join(&sum.snapshot));
-    let (want, got) = tokio::task::spawn_blocking(move || {
-        (describe(&src).unwrap(), describe(&snap).unwrap())
-    })
-    .await
-    .unwrap();
-    assert_eq!(want, got, "the sealed snapshot reads back through the mount");
+    let (want, got) =
+        tokio::task::spawn_blocking(move || (describe(&src).unwrap(), describe(&snap).unwrap()))
+            .await
+            .unwrap();
+    assert_eq!(
+        want, got,
+        "the sealed snapshot reads back through the mount"
+    );
     drop(mounted);
 }
