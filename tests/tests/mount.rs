@@ -316,6 +316,8 @@ fn access_rules_apply_to_the_mount(app: &Appliance, dir: &Path, id: &str) {
         std::fs::read(bob_at.join("ids").join(id).join("small.txt")).unwrap(),
         b"hello, mount\n"
     );
+    // A file opened before the rule goes is refused after it.
+    let mut held = std::fs::File::open(bob_at.join("ids").join(id).join("a/text.log")).unwrap();
     admin(app, &["acl", "remove", &rule, "--delete"]);
     assert!(
         eventually(Duration::from_secs(10), || std::fs::read_dir(
@@ -326,6 +328,21 @@ fn access_rules_apply_to_the_mount(app: &Appliance, dir: &Path, id: &str) {
             == 0),
         "the snapshot stays in bob's mount after the rule is gone"
     );
+    assert!(
+        eventually(Duration::from_secs(10), || !bob_at
+            .join("ids")
+            .join(id)
+            .join("small.txt")
+            .exists()),
+        "a path into the revoked snapshot still resolves"
+    );
+    let mut b = vec![0; 4096];
+    let e = held
+        .read(&mut b)
+        .expect_err("a handle opened before the rule was removed still reads");
+    // EACCES: refused by the mount itself, not only by the appliance (which answers ENOENT).
+    assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+    drop(held);
     // `coffer umount` from outside: the mount process ends by itself.
     let (ok, out) = run(Command::new(bin("coffer")).arg("umount").arg(&bob_at));
     assert!(ok, "{out}");
@@ -368,6 +385,23 @@ fn a_large_file_reads_with_dd_and_matches() {
     let at = dir.path().join("mnt");
     let _m = Mount::start(&cfg, &at);
     let big = at.join("ids").join(&id).join("big");
+    // Random access first, before anything of the file is in the page cache: reads far into
+    // it, then back near the start, on one handle.
+    {
+        use std::os::unix::fs::FileExt;
+        let mounted = std::fs::File::open(&big).unwrap();
+        let source = std::fs::File::open(src.join("big")).unwrap();
+        for off in [(700 << 20) + 4097, (3 << 20) + 123, (1 << 30) - 50_000] {
+            let (mut got, mut want) = (vec![0; 100 << 10], vec![0; 100 << 10]);
+            let n = mounted.read_at(&mut got, off).unwrap();
+            assert_eq!(
+                n,
+                source.read_at(&mut want, off).unwrap(),
+                "length at {off}"
+            );
+            assert!(got[..n] == want[..n], "a read at {off} differs");
+        }
+    }
     let (ok, out) = run(Command::new("dd")
         .arg(format!("if={}", big.display()))
         .args(["of=/dev/null", "bs=1M"]));

@@ -61,10 +61,6 @@ impl Default for MountOptions {
     }
 }
 
-/// Attributes of snapshot contents never change: the kernel may keep them.
-const TTL_CONTENT: Duration = Duration::from_hours(1);
-/// The views change as snapshots come and go.
-const TTL_VIEW: Duration = Duration::from_secs(1);
 /// Chunks fetched together when a read reaches chunks not read yet (the kernel reads 128 KiB
 /// at a time; chunks average about 1 MiB).
 const READ_AHEAD: usize = 16;
@@ -111,6 +107,7 @@ struct Inner {
 /// An open file: its chunks (for a bundled file, the bundle) and where each starts, as far as
 /// known.
 struct OpenFile {
+    snap: SnapshotId,
     ids: Vec<ChunkId>,
     /// `starts[i]`: offset of chunk `i`; one more entry than chunks read in order so far.
     starts: Vec<u64>,
@@ -121,6 +118,13 @@ struct OpenFile {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A snapshot this user may no longer read (gone from the list since it was mounted).
+fn revoked() -> ClientError {
+    ClientError::Rpc(tonic::Status::permission_denied(
+        "this snapshot is no longer readable by this user",
+    ))
 }
 
 /// The errno for a failed call (logged once here: the kernel only passes the number on).
@@ -149,11 +153,21 @@ impl Inner {
         }
         let list = self.session.list("", true).await?;
         lock(&self.table).set_snapshots(&list);
+        // A snapshot no longer listed is opened again (and refused) if it comes back.
+        let listed: std::collections::HashSet<Vec<u8>> =
+            list.iter().map(|s| s.id.to_vec()).collect();
+        self.opened
+            .lock()
+            .await
+            .retain(|id| listed.contains(id.as_bytes().as_slice()));
         *s = (list, Some(Instant::now()));
         Ok(())
     }
 
     async fn open_snapshot(&self, id: &SnapshotId) -> Result<(), ClientError> {
+        if lock(&self.table).revoked(id) {
+            return Err(revoked());
+        }
         let mut opened = self.opened.lock().await;
         if !opened.contains(id) {
             self.session.open(id).await?;
@@ -203,6 +217,7 @@ impl Inner {
         self.open_snapshot(&snap).await?;
         let ids = node_chunk_ids(&self.session, &node).await?;
         let f = OpenFile {
+            snap,
             ids,
             starts: vec![0],
             bundle_offset: (!node.bundle.is_empty()).then_some(node.bundle_offset),
@@ -246,6 +261,8 @@ impl Inner {
             .cloned()
             .ok_or_else(|| ClientError::Protocol("read of a file handle not open".into()))?;
         let mut f = f.lock().await;
+        // Refused once the snapshot is revoked; opened again if access came back meanwhile.
+        self.open_snapshot(&f.snap).await?;
         let end = offset.saturating_add(u64::from(size)).min(f.size);
         if offset >= end {
             return Ok(Vec::new());
@@ -270,6 +287,15 @@ impl Inner {
                 f.starts.push(next);
             }
         }
+        if *f.starts.last().expect("non-empty") < end {
+            return Err(ClientError::Protocol(format!(
+                "a file of {} bytes whose chunks hold {}: damaged snapshot",
+                f.size,
+                f.starts.last().expect("non-empty")
+            )));
+        }
+        // Both below `ids.len()`: `starts` has one entry per chunk read plus its end, and the
+        // range ends inside what was read.
         let first = f.starts.partition_point(|&s| s <= offset) - 1;
         let last = f.starts.partition_point(|&s| s < end) - 1;
         let mut want: Vec<ChunkId> = f.ids[first..=last].to_vec();
@@ -316,13 +342,6 @@ impl CofferFs {
             }),
         }
     }
-
-    fn ttl(&self, ino: u64) -> Duration {
-        match lock(&self.inner.table).kind(ino) {
-            Some(Kind::Root | Kind::View | Kind::Group(_) | Kind::Latest(_)) => TTL_VIEW,
-            _ => TTL_CONTENT,
-        }
-    }
 }
 
 impl Filesystem for CofferFs {
@@ -330,28 +349,28 @@ impl Filesystem for CofferFs {
         // Inside a snapshot, a name already read is answered at once (no task, no call).
         {
             let t = lock(&self.inner.table);
-            if let (Some(Kind::Dir { .. }), Some(ino)) =
+            if let (Some(Kind::Dir { snap, .. }), Some(ino)) =
                 (t.kind(parent), t.child(parent, name.as_bytes()))
             {
+                if t.revoked(&snap) {
+                    reply.error(libc::EACCES);
+                    return;
+                }
                 if let Some(a) = t.attr(ino) {
-                    reply.entry(&TTL_CONTENT, &a, 0);
+                    reply.entry(&t.ttl(ino), &a, 0);
                     return;
                 }
             }
         }
         let inner = self.inner.clone();
         let name = name.as_bytes().to_vec();
-        let ttl_of = |i: &Inner, ino| match lock(&i.table).kind(ino) {
-            Some(Kind::Root | Kind::View | Kind::Group(_) | Kind::Latest(_)) => TTL_VIEW,
-            _ => TTL_CONTENT,
-        };
         self.inner.rt.spawn(async move {
             match inner.lookup(parent, &name).await {
                 Ok(None) => reply.error(libc::ENOENT),
                 Ok(Some(ino)) => {
-                    let attr = lock(&inner.table).attr(ino);
-                    match attr {
-                        Some(a) => reply.entry(&ttl_of(&inner, ino), &a, 0),
+                    let t = lock(&inner.table);
+                    match t.attr(ino) {
+                        Some(a) => reply.entry(&t.ttl(ino), &a, 0),
                         None => reply.error(libc::ENOENT),
                     }
                 }
@@ -361,9 +380,9 @@ impl Filesystem for CofferFs {
     }
 
     fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
-        let attr = lock(&self.inner.table).attr(ino);
-        match attr {
-            Some(a) => reply.attr(&self.ttl(ino), &a),
+        let t = lock(&self.inner.table);
+        match t.attr(ino) {
+            Some(a) => reply.attr(&t.ttl(ino), &a),
             None => reply.error(libc::ENOENT),
         }
     }
@@ -493,22 +512,24 @@ pub async fn mount(
             mountpoint.display()
         )));
     }
-    // The appliance ends a session idle for 30 minutes: a mount nobody reads keeps its own.
-    let keepalive = {
-        let s = session.clone();
+    let fs = CofferFs::new(session, tokio::runtime::Handle::current(), opts);
+    // The snapshot list is read every refresh interval even when nobody looks at the views:
+    // a revoked snapshot stops reading within it (a shell inside a snapshot never looks), and
+    // the session, which the appliance ends after 30 idle minutes, stays alive.
+    let refresher = {
+        let inner = fs.inner.clone();
         tokio::spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_mins(10));
-            every.tick().await;
+            let mut every = tokio::time::interval(inner.opts.refresh.max(Duration::from_secs(1)));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 every.tick().await;
-                if let Err(e) = s.list("", true).await {
-                    eprintln!("coffer mount: keeping the session alive: {e}");
+                if let Err(e) = inner.snapshots().await {
+                    eprintln!("coffer mount: reading the snapshot list: {e}");
                 }
             }
         })
     };
-    let _stop_keepalive = AbortOnDrop(keepalive);
-    let fs = CofferFs::new(session, tokio::runtime::Handle::current(), opts);
+    let _stop_refresher = AbortOnDrop(refresher);
     let options = [
         MountOption::RO,
         MountOption::FSName("coffer".into()),
@@ -516,8 +537,25 @@ pub async fn mount(
         MountOption::NoDev,
         MountOption::NoSuid,
     ];
-    let mut se = fuser::Session::new(fs, mountpoint, &options)
+    // Before the mount: a signal in between must unmount, not kill the process.
+    let sig = |k| {
+        tokio::signal::unix::signal(k)
+            .map_err(|e| ClientError::io("handle signals for", mountpoint, e))
+    };
+    let mut term = sig(tokio::signal::unix::SignalKind::terminate())?;
+    let mut hup = sig(tokio::signal::unix::SignalKind::hangup())?;
+    let mut int = sig(tokio::signal::unix::SignalKind::interrupt())?;
+    let at = std::fs::canonicalize(mountpoint)
+        .map_err(|e| ClientError::io("mount on", mountpoint, e))?;
+    let before = coffer_mounts(&at);
+    let mut se = fuser::Session::new(fs, &at, &options)
         .map_err(|e| ClientError::io("mount FUSE on", mountpoint, e))?;
+    // This mount's id: only it is ever checked or detached below, never a file system that was
+    // mounted at the same place before.
+    let ours: Vec<u64> = coffer_mounts(&at)
+        .into_iter()
+        .filter(|id| !before.contains(id))
+        .collect();
     let mut unmount = se.unmount_callable();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
@@ -527,8 +565,6 @@ pub async fn mount(
             let _ = done_tx.send(r);
         })
         .map_err(|e| ClientError::io("start the FUSE thread for", mountpoint, e))?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| ClientError::io("handle SIGTERM for", mountpoint, e))?;
     eprintln!(
         "mounted on {} (read-only); Ctrl-C or `coffer umount {}` unmounts",
         mountpoint.display(),
@@ -541,14 +577,74 @@ pub async fn mount(
                 .unwrap_or(Ok(()))
                 .map_err(|e| ClientError::io("serve FUSE on", mountpoint, e));
         }
-        _ = tokio::signal::ctrl_c() => {}
+        _ = int.recv() => {}
         _ = term.recv() => {}
+        _ = hup.recv() => {}
     }
-    unmount
-        .unmount()
-        .map_err(|e| ClientError::io("unmount", mountpoint, e))?;
+    let _ = unmount.unmount();
+    let still = || coffer_mounts(&at).iter().any(|id| ours.contains(id));
+    if still() {
+        // Busy (a shell inside it): detached now, gone once the last user leaves. (As another
+        // user, fuser's own unmount already ran `fusermount -u -z`.)
+        if rustix::process::geteuid().is_root() {
+            let _ = rustix::mount::unmount(&at, rustix::mount::UnmountFlags::DETACH);
+        }
+        if still() {
+            return Err(ClientError::Mount(format!(
+                "{} is still mounted (busy?): unmount it with `fusermount3 -u -z {}`",
+                at.display(),
+                at.display()
+            )));
+        }
+    }
     eprintln!("unmounted {}", mountpoint.display());
     Ok(())
+}
+
+/// The ids of the coffer FUSE mounts at `at` (canonical) now, from `/proc/self/mountinfo`.
+fn coffer_mounts(at: &Path) -> Vec<u64> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| mounts_at(&m, at))
+        .unwrap_or_default()
+}
+
+/// The ids of the `fuse.coffer` mounts at `at` in a mountinfo text (proc(5): fields separated
+/// by spaces; in paths, space, tab, newline and backslash written as `\ooo`).
+fn mounts_at(mountinfo: &str, at: &Path) -> Vec<u64> {
+    mountinfo
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let sep = f.iter().position(|x| *x == "-")?;
+            let point = unescape_octal(f.get(4)?);
+            (f.get(sep + 1) == Some(&"fuse.coffer") && Path::new(OsStr::from_bytes(&point)) == at)
+                .then(|| f[0].parse().ok())
+                .flatten()
+        })
+        .collect()
+}
+
+/// `\ooo` escapes undone (as the kernel writes them in `/proc/self/mountinfo`).
+fn unescape_octal(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let escape = bytes.get(at + 1..at + 4).filter(|digits| {
+            bytes[at] == b'\\' && digits.iter().all(|d| (b'0'..=b'7').contains(d))
+        });
+        if let Some(digits) = escape {
+            let v = digits
+                .iter()
+                .fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
+            out.push(u8::try_from(v).unwrap_or(b'?'));
+            at += 4;
+        } else {
+            out.push(bytes[at]);
+            at += 1;
+        }
+    }
+    out
 }
 
 /// Stops a task when dropped.
@@ -578,4 +674,26 @@ pub fn umount(mountpoint: &Path) -> Result<(), ClientError> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_coffer_mounts_at_the_mount_point_are_ours() {
+        let info = "\
+22 1 0:21 / / rw - ext4 /dev/vda rw
+40 22 0:35 / /mnt/a\\040b rw,relatime - ext4 /dev/vdb rw
+41 40 0:36 / /mnt/a\\040b ro,nosuid,nodev - fuse.coffer coffer ro,user_id=0
+42 22 0:37 / /mnt/other ro - fuse.coffer coffer ro
+";
+        assert_eq!(mounts_at(info, Path::new("/mnt/a b")), vec![41]);
+        assert_eq!(
+            mounts_at(info, Path::new("/mnt/a\\040b")),
+            Vec::<u64>::new()
+        );
+        assert_eq!(mounts_at(info, Path::new("/mnt/none")), Vec::<u64>::new());
+        assert_eq!(unescape_octal("x\\134y\\9"), b"x\\y\\9");
+    }
 }

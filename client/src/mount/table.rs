@@ -10,7 +10,7 @@
 //!   name not found below the last name read is known absent without reading further parts.
 //! * Members of one hard-link group of one snapshot share one inode.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -22,6 +22,12 @@ use crate::snapshot::tree::{next_part, MAX_TREE_PARTS};
 use crate::{ClientError, TreeError};
 
 pub(super) const ROOT: u64 = fuser::FUSE_ROOT_ID;
+
+/// Attributes of snapshot contents never change: the kernel may keep them.
+const TTL_CONTENT: Duration = Duration::from_hours(1);
+/// The views, and the snapshots in them, change as snapshots come and go (a snapshot whose
+/// access is revoked must stop resolving soon).
+const TTL_VIEW: Duration = Duration::from_secs(1);
 
 /// One `readdir` entry: inode, kind, name.
 pub(super) type DirEntry = (u64, FileType, Vec<u8>);
@@ -42,10 +48,12 @@ pub(super) enum Kind {
     Group(String),
     /// `latest`: the newest snapshot's name in its group.
     Latest(String),
-    /// A snapshot's root or a directory in it.
+    /// A snapshot's root or a directory in it; `path`: [`child_path`] of its path in the
+    /// snapshot (0 for the root), the same whichever view it is reached through.
     Dir {
         snap: SnapshotId,
         tree: ChunkId,
+        path: u64,
     },
     File {
         snap: SnapshotId,
@@ -75,8 +83,13 @@ pub(super) struct Table {
     entries: Vec<Entry>,
     /// (parent, name) -> inode, for what is listed now.
     names: HashMap<(u64, Vec<u8>), u64>,
-    /// (snapshot, hard-link group) -> inode.
-    links: HashMap<(SnapshotId, u64), u64>,
+    /// (snapshot, hard-link group) -> inode, and the [`child_path`] of each member seen (its
+    /// link count, whichever view they were seen through: two directories with identical
+    /// contents share a tree, but not a path).
+    links: HashMap<(SnapshotId, u64), (u64, HashSet<u64>)>,
+    /// Snapshots listed once and no longer: nothing in them resolves or reads any more.
+    revoked: HashSet<SnapshotId>,
+    listed: HashSet<SnapshotId>,
     uid: u32,
     gid: u32,
     mounted: SystemTime,
@@ -126,7 +139,32 @@ pub(super) fn path_name(path: &str) -> String {
         .strip_prefix('/')
         .filter(|p| !p.is_empty())
         .unwrap_or(path);
-    p.replace('%', "%25").replace('/', "%2F")
+    group_name(&p.replace('%', "%25").replace('/', "%2F"))
+}
+
+/// The identity of entry `name` of the directory whose identity is `dir` (0: a snapshot's
+/// root): a hash of its path in the snapshot.
+pub(super) fn child_path(dir: u64, name: &[u8]) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(&dir.to_le_bytes());
+    h.update(name);
+    let b = h.finalize();
+    u64::from_le_bytes(b.as_bytes()[..8].try_into().expect("8 of 32 bytes"))
+}
+
+/// A directory name for a host or an encoded path as recorded: never empty, never `.` or `..`,
+/// no `/` or NUL, at most 255 bytes (longer names are cut at a character boundary).
+pub(super) fn group_name(raw: &str) -> String {
+    let mut s = raw.replace('/', "%2F").replace('\0', "%00");
+    if s.is_empty() || s == "." || s == ".." {
+        s = format!("({})", if s.is_empty() { "none" } else { &s });
+    }
+    let mut cut = s.len().min(255);
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    s.truncate(cut);
+    s
 }
 
 /// A snapshot's name in its group: its local time, to the second.
@@ -145,6 +183,8 @@ impl Table {
             entries: Vec::new(),
             names: HashMap::new(),
             links: HashMap::new(),
+            revoked: HashSet::new(),
+            listed: HashSet::new(),
             uid,
             gid,
             mounted,
@@ -213,6 +253,30 @@ impl Table {
         self.entry(ino).map(|e| e.attr)
     }
 
+    /// Whether `snap` was listed once and is no longer (its access revoked, or deleted).
+    pub(super) fn revoked(&self, snap: &SnapshotId) -> bool {
+        self.revoked.contains(snap)
+    }
+
+    /// How long the kernel may keep what it learnt of `ino`: views and the snapshot
+    /// directories in them briefly, snapshot contents long.
+    pub(super) fn ttl(&self, ino: u64) -> Duration {
+        let Some(e) = self.entry(ino) else {
+            return TTL_VIEW;
+        };
+        let viewish = |k: &Kind| {
+            matches!(
+                k,
+                Kind::Root | Kind::View | Kind::Group(_) | Kind::Latest(_)
+            )
+        };
+        if viewish(&e.kind) || self.entry(e.parent).is_some_and(|p| viewish(&p.kind)) {
+            TTL_VIEW
+        } else {
+            TTL_CONTENT
+        }
+    }
+
     pub(super) fn child(&self, parent: u64, name: &[u8]) -> Option<u64> {
         self.names.get(&(parent, name.to_vec())).copied()
     }
@@ -252,7 +316,7 @@ impl Table {
         part: ChunkId,
         tree: Tree,
     ) -> Result<(), ClientError> {
-        let Some(Kind::Dir { snap, .. }) = self.kind(ino) else {
+        let Some(Kind::Dir { snap, path, .. }) = self.kind(ino) else {
             return Ok(());
         };
         let Some(l) = self.entry_mut(ino).and_then(|e| e.listing.as_mut()) else {
@@ -261,15 +325,18 @@ impl Table {
         if l.next != Some(part) {
             return Ok(());
         }
-        l.parts += 1;
-        if l.parts > MAX_TREE_PARTS {
+        // Checked whole before anything changes: a bad part leaves the listing as it was (and
+        // every later read of it fails the same way).
+        if l.parts >= MAX_TREE_PARTS {
             return Err(TreeError::TooManyParts(part.to_hex()).into());
         }
-        l.next = next_part(&part, &tree)?;
-        let mut last = l.children.last().map(|c| c.0.clone());
-        let mut added = Vec::with_capacity(tree.nodes.len());
-        for n in tree.nodes {
-            if last.as_ref().is_some_and(|p| p.as_slice() >= &n.name[..]) {
+        let next = next_part(&part, &tree)?;
+        let mut last = l.children.last().map(|c| &c.0[..]);
+        for n in &tree.nodes {
+            if n.kind == NodeKind::Dir as i32 && ChunkId::from_slice(&n.subtree).is_err() {
+                return Err(TreeError::BadFileEntry("subtree id").into());
+            }
+            if last.is_some_and(|p| p >= &n.name[..]) {
                 return Err(TreeError::Duplicate(
                     part.to_hex(),
                     format!(
@@ -279,9 +346,14 @@ impl Table {
                 )
                 .into());
             }
-            last = Some(n.name.to_vec());
+            last = Some(&n.name[..]);
+        }
+        l.parts += 1;
+        l.next = next;
+        let mut added = Vec::with_capacity(tree.nodes.len());
+        for n in tree.nodes {
             let name = n.name.to_vec();
-            let child = self.node_inode(ino, snap, n)?;
+            let child = self.node_inode(ino, snap, path, n)?;
             self.names.insert((ino, name.clone()), child);
             added.push((name, child));
         }
@@ -292,12 +364,22 @@ impl Table {
     }
 
     /// The inode of entry `n` of a snapshot's directory (a hard-link group's shared one).
-    fn node_inode(&mut self, parent: u64, snap: SnapshotId, n: Node) -> Result<u64, ClientError> {
+    fn node_inode(
+        &mut self,
+        parent: u64,
+        snap: SnapshotId,
+        dir_path: u64,
+        n: Node,
+    ) -> Result<u64, ClientError> {
         let kind = NodeKind::try_from(n.kind).unwrap_or(NodeKind::Unspecified);
+        let path = child_path(dir_path, &n.name);
         if kind == NodeKind::File && n.hardlink_group != 0 {
-            if let Some(&ino) = self.links.get(&(snap, n.hardlink_group)) {
+            if let Some((ino, members)) = self.links.get_mut(&(snap, n.hardlink_group)) {
+                let ino = *ino;
+                members.insert(path);
+                let count = u32::try_from(members.len()).unwrap_or(u32::MAX);
                 if let Some(e) = self.entry_mut(ino) {
-                    e.attr.nlink += 1;
+                    e.attr.nlink = count;
                 }
                 return Ok(ino);
             }
@@ -310,7 +392,7 @@ impl Table {
                 let tree = ChunkId::from_slice(&n.subtree)
                     .map_err(|_| TreeError::BadFileEntry("subtree id"))?;
                 (
-                    Kind::Dir { snap, tree },
+                    Kind::Dir { snap, tree, path },
                     attr(ino, FileType::Directory, 0, n.mode, owner, mtime),
                     Some(Listing {
                         next: Some(tree),
@@ -333,8 +415,9 @@ impl Table {
             _ => {
                 let group = n.hardlink_group;
                 let a = attr(ino, FileType::RegularFile, n.size, n.mode, owner, mtime);
-                if group != 0 {
-                    self.links.insert((snap, group), ino);
+                if group != 0 && kind == NodeKind::File {
+                    let members = HashSet::from([path]);
+                    self.links.insert((snap, group), (ino, members));
                 }
                 (
                     Kind::File {
@@ -428,6 +511,12 @@ impl Table {
 
     /// Rebuilds the views from the snapshot list.
     pub(super) fn set_snapshots(&mut self, list: &[Snapshot]) {
+        let now: HashSet<SnapshotId> = list
+            .iter()
+            .filter_map(|s| SnapshotId::from_slice(&s.id).ok())
+            .collect();
+        self.revoked = self.listed.difference(&now).copied().collect();
+        self.listed.extend(now);
         let mut list: Vec<&Snapshot> = list.iter().collect();
         list.sort_by_key(|s| (s.time_us, s.id.clone()));
         for (view_name, view) in [
@@ -454,18 +543,22 @@ impl Table {
                         let ino = self.view_child(
                             view_ino,
                             &name,
-                            Kind::Dir { snap: id, tree },
+                            Kind::Dir {
+                                snap: id,
+                                tree,
+                                path: 0,
+                            },
                             FileType::Directory,
                             Some(time_of_ns(s.time_us.saturating_mul(1000))),
                         );
                         children.push((name.into_bytes(), ino));
                     }
                     View::Hosts => groups
-                        .entry(if s.hostname.is_empty() {
-                            s.identity.clone()
+                        .entry(group_name(if s.hostname.is_empty() {
+                            &s.identity
                         } else {
-                            s.hostname.clone()
-                        })
+                            &s.hostname
+                        }))
                         .or_default()
                         .push(s),
                     View::Paths => groups.entry(path_name(&s.path)).or_default().push(s),
@@ -480,45 +573,53 @@ impl Table {
                     None,
                 );
                 children.push((g.into_bytes(), gino));
-                let mut inner: Vec<(Vec<u8>, u64)> = Vec::new();
-                let mut used = std::collections::HashSet::new();
-                for s in snaps {
-                    let (Ok(id), Ok(tree)) =
-                        (SnapshotId::from_slice(&s.id), ChunkId::from_slice(&s.root))
-                    else {
-                        continue;
-                    };
-                    let mut name = time_name(s.time_us);
-                    if !used.insert(name.clone()) {
-                        name = format!("{name}_{}", &id.to_hex()[..8]);
-                        used.insert(name.clone());
-                    }
-                    let ino = self.view_child(
-                        gino,
-                        &name,
-                        Kind::Dir { snap: id, tree },
-                        FileType::Directory,
-                        Some(time_of_ns(s.time_us.saturating_mul(1000))),
-                    );
-                    inner.push((name.into_bytes(), ino));
-                }
-                if let Some((newest, _)) = inner.last() {
-                    let target = String::from_utf8_lossy(newest).into_owned();
-                    let ino = self.view_child(
-                        gino,
-                        "latest",
-                        Kind::Latest(target),
-                        FileType::Symlink,
-                        None,
-                    );
-                    inner.push((b"latest".to_vec(), ino));
-                }
-                inner.sort();
-                self.set_listing(gino, inner);
+                self.set_group(gino, &snaps);
             }
             children.sort();
             self.set_listing(view_ino, children);
         }
+    }
+
+    /// Lists group `gino`: its snapshots (oldest first) by time, and `latest`.
+    fn set_group(&mut self, gino: u64, snaps: &[&Snapshot]) {
+        let mut inner: Vec<(Vec<u8>, u64)> = Vec::new();
+        let mut used = std::collections::HashSet::new();
+        for s in snaps {
+            let (Ok(id), Ok(tree)) = (SnapshotId::from_slice(&s.id), ChunkId::from_slice(&s.root))
+            else {
+                continue;
+            };
+            let mut name = time_name(s.time_us);
+            if !used.insert(name.clone()) {
+                name = format!("{name}_{}", &id.to_hex()[..8]);
+                used.insert(name.clone());
+            }
+            let ino = self.view_child(
+                gino,
+                &name,
+                Kind::Dir {
+                    snap: id,
+                    tree,
+                    path: 0,
+                },
+                FileType::Directory,
+                Some(time_of_ns(s.time_us.saturating_mul(1000))),
+            );
+            inner.push((name.into_bytes(), ino));
+        }
+        if let Some((newest, _)) = inner.last() {
+            let target = String::from_utf8_lossy(newest).into_owned();
+            let ino = self.view_child(
+                gino,
+                "latest",
+                Kind::Latest(target),
+                FileType::Symlink,
+                None,
+            );
+            inner.push((b"latest".to_vec(), ino));
+        }
+        inner.sort();
+        self.set_listing(gino, inner);
     }
 }
 
@@ -531,6 +632,10 @@ mod tests {
         assert_eq!(path_name("/home/alice"), "home%2Falice");
         assert_eq!(path_name("/"), "%2F");
         assert_eq!(path_name("/a%b/c"), "a%25b%2Fc");
+        assert_eq!(path_name(""), "(none)");
+        assert_eq!(group_name("a/b"), "a%2Fb");
+        assert_eq!(group_name(".."), "(..)");
+        assert_eq!(group_name(&"é".repeat(200)).len(), 254);
     }
 
     fn snap(n: u8, time_us: i64, host: &str, path: &str) -> Snapshot {
@@ -584,6 +689,7 @@ mod tests {
             t.attr(a_ino).is_some(),
             "an inode the kernel holds stays answerable"
         );
+        assert!(t.revoked(&SnapshotId::from_slice(&a.id).unwrap()));
         let b_hex = SnapshotId::from_slice(&b.id).unwrap().to_hex();
         let b_ino = t.child(ids, b_hex.as_bytes()).unwrap();
         t.set_snapshots(&[b]);
@@ -591,6 +697,83 @@ mod tests {
             t.child(ids, b_hex.as_bytes()),
             Some(b_ino),
             "inodes are stable"
+        );
+    }
+
+    fn node(name: &str, kind: NodeKind, subtree: &[u8], group: u64) -> Node {
+        Node {
+            name: name.as_bytes().to_vec().into(),
+            kind: kind as i32,
+            subtree: subtree.to_vec().into(),
+            hardlink_group: group,
+            ..Node::default()
+        }
+    }
+
+    /// A snapshot's root directory, through `ids/`.
+    fn root_of(t: &mut Table, s: &Snapshot) -> u64 {
+        t.set_snapshots(std::slice::from_ref(s));
+        let ids = t.child(ROOT, b"ids").unwrap();
+        let hex = SnapshotId::from_slice(&s.id).unwrap().to_hex();
+        t.child(ids, hex.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn hard_links_in_directories_with_identical_contents_count_apart() {
+        // `cp -al a a.bak`: both directories have one tree, holding the same group's member.
+        let mut t = Table::new(0, 0);
+        let s = snap(3, 1_700_000_000_000_000, "h", "/");
+        let root = root_of(&mut t, &s);
+        let sub = ChunkId::from_slice(&[7; 32]).unwrap();
+        let top = Tree {
+            nodes: vec![
+                node("a", NodeKind::Dir, sub.as_bytes(), 0),
+                node("a.bak", NodeKind::Dir, sub.as_bytes(), 0),
+            ],
+            ..Tree::default()
+        };
+        t.add_part(root, ChunkId::from_slice(&s.root).unwrap(), top)
+            .unwrap();
+        let inner = || Tree {
+            nodes: vec![node("f", NodeKind::File, &[], 9)],
+            ..Tree::default()
+        };
+        let a = t.child(root, b"a").unwrap();
+        let bak = t.child(root, b"a.bak").unwrap();
+        t.add_part(a, sub, inner()).unwrap();
+        let f = t.child(a, b"f").unwrap();
+        assert_eq!(t.attr(f).unwrap().nlink, 1);
+        t.add_part(bak, sub, inner()).unwrap();
+        assert_eq!(t.child(bak, b"f"), Some(f), "one inode per group");
+        assert_eq!(t.attr(f).unwrap().nlink, 2);
+        // The same links seen again (another view) count once.
+        t.add_part(a, sub, inner()).unwrap();
+        assert_eq!(t.attr(f).unwrap().nlink, 2);
+    }
+
+    #[test]
+    fn a_bad_part_leaves_the_listing_as_it_was() {
+        let mut t = Table::new(0, 0);
+        let s = snap(4, 1_700_000_000_000_000, "h", "/");
+        let root = root_of(&mut t, &s);
+        let part = ChunkId::from_slice(&s.root).unwrap();
+        let bad = Tree {
+            nodes: vec![
+                node("a", NodeKind::File, &[], 0),
+                node("b", NodeKind::Dir, b"short", 0),
+            ],
+            ..Tree::default()
+        };
+        assert!(t.add_part(root, part, bad).is_err());
+        assert_eq!(
+            t.child(root, b"a"),
+            None,
+            "nothing of the bad part is listed"
+        );
+        assert_eq!(
+            t.wants_part(root, None, 0),
+            Some(part),
+            "the part is read (and refused) again"
         );
     }
 }
