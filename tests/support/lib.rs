@@ -562,6 +562,24 @@ pub fn admin(app: &Appliance, args: &[&str]) -> String {
     text
 }
 
+/// Adds access rule `user ACCESS target` (`coffer-appliance acl add`); answers the rule's id.
+///
+/// # Panics
+/// When the command fails.
+#[allow(clippy::must_use_candidate)] // the id is only wanted to remove the rule again
+pub fn acl_add(app: &Appliance, user: &str, access: &str, target: &str) -> String {
+    let out = admin(
+        app,
+        &[
+            "acl", "add", "--user", user, "--access", access, "--target", target,
+        ],
+    );
+    out.split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// Runs the `coffer` client binary with `config` as its configuration; returns
 /// (exit code, stdout, stderr).
 ///

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime};
 
-use coffer_tests::{admin, bin, connect_client, create_snapshot, describe, eventually, Appliance};
+use coffer_tests::{
+    acl_add, admin, bin, connect_client, create_snapshot, describe, eventually, Appliance,
+};
 
 const ALICE: &str = "alice@laptop";
 const BOB: &str = "bob@desktop";
@@ -273,9 +275,11 @@ fn a_mounted_snapshot_reads_back_as_recorded_and_unmounts_cleanly() {
         assert_eq!(want, got, "{f} read in parallel");
     }
 
-    // SIGTERM unmounts and exits 0.
+    // SIGTERM unmounts and exits 0, even while a file inside is open (busy: detached lazily).
+    let busy = std::fs::File::open(snap.join("small.txt")).unwrap();
     assert_eq!(m.stop(), Some(0));
     assert!(!m.mounted(), "still mounted after SIGTERM");
+    drop(busy);
 
     access_rules_apply_to_the_mount(&app, dir.path(), &id);
 }
@@ -290,20 +294,7 @@ fn access_rules_apply_to_the_mount(app: &Appliance, dir: &Path, id: &str) {
     assert_eq!(std::fs::read_dir(bob_at.join("ids")).unwrap().count(), 0);
     assert!(!bob_at.join("ids").join(id).exists());
     admin(app, &["acl", "enable"]);
-    let out = admin(
-        app,
-        &[
-            "acl",
-            "add",
-            "--user",
-            "bob@*",
-            "--access",
-            "READ",
-            "--target",
-            "type=snapshot,username=alice",
-        ],
-    );
-    let rule = out.split_whitespace().next().unwrap().to_string();
+    let rule = acl_add(app, "bob@*", "READ", "type=snapshot,username=alice");
     assert!(
         eventually(Duration::from_secs(10), || bob_at
             .join("ids")

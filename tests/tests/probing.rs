@@ -13,8 +13,8 @@ use coffer_client::{ClientError, Frame, Session};
 use coffer_proto::v1::{self, coffer_client::CofferClient};
 use coffer_proto::{pack_ids, ChunkId, SnapshotId};
 use coffer_tests::{
-    admin, code, connect_client, create_snapshot, data, frame, node_referencing, snapshot_of,
-    tree_frame, Appliance,
+    acl_add, admin, code, connect_client, create_snapshot, data, frame, node_referencing,
+    snapshot_of, tree_frame, Appliance,
 };
 use tonic::Code;
 
@@ -218,20 +218,7 @@ fn revoking_access_ends_it_for_open_sessions_and_streams() {
     let snap = create_snapshot(&acfg, &src);
     let snap_id = SnapshotId::from_hex(snap["snapshot"].as_str().unwrap()).unwrap();
     admin(&app, &["acl", "enable"]);
-    let out = admin(
-        &app,
-        &[
-            "acl",
-            "add",
-            "--user",
-            "bob@*",
-            "--access",
-            "READ",
-            "--target",
-            "type=snapshot,username=alice",
-        ],
-    );
-    let rule = out.split_whitespace().next().unwrap().to_string();
+    let rule = acl_add(&app, "bob@*", "READ", "type=snapshot,username=alice");
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {

@@ -10,7 +10,8 @@ use bytes::Bytes;
 use coffer_client::{backup, restore, BackupOptions, Master, Member, Role, Session};
 use coffer_proto::{v1, ChunkId, SnapshotId};
 use coffer_tests::{
-    admin, assert_restores, code, coffer, create_snapshot, data, describe, Appliance, REPO_PASSWORD,
+    acl_add, admin, assert_restores, code, coffer, create_snapshot, data, describe, Appliance,
+    REPO_PASSWORD,
 };
 
 const ALICE: &str = "alice@laptop";
@@ -345,18 +346,11 @@ async fn log_only_members_list_and_read_nothing() {
     let a = t.session(ALICE, Role::ReadWrite).await.unwrap();
     let sum = backup(&a, &t.src, &Sealed::opts()).await.unwrap();
     let id = SnapshotId::from_hex(&sum.snapshot).unwrap();
-    admin(
+    acl_add(
         &t.app,
-        &[
-            "acl",
-            "add",
-            "--user",
-            LOGAN,
-            "--access",
-            "READ",
-            "--target",
-            "type=snapshot,username=alice,hostname=laptop",
-        ],
+        LOGAN,
+        "READ",
+        "type=snapshot,username=alice,hostname=laptop",
     );
     let l = t.session(LOGAN, Role::LogOnly).await.unwrap();
     let listed = l.list("", true).await.unwrap();

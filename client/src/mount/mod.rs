@@ -608,8 +608,9 @@ fn coffer_mounts(at: &Path) -> Vec<u64> {
         .unwrap_or_default()
 }
 
-/// The ids of the `fuse.coffer` mounts at `at` in a mountinfo text (proc(5): fields separated
-/// by spaces; in paths, space, tab, newline and backslash written as `\ooo`).
+/// The ids of the coffer mounts at `at` in a mountinfo text: file system type `fuse` (mounted by
+/// root) or `fuse.coffer` (by `fusermount3`), source `coffer` (proc(5): fields separated by
+/// spaces; in paths, space, tab, newline and backslash written as `\ooo`).
 fn mounts_at(mountinfo: &str, at: &Path) -> Vec<u64> {
     mountinfo
         .lines()
@@ -617,7 +618,10 @@ fn mounts_at(mountinfo: &str, at: &Path) -> Vec<u64> {
             let f: Vec<&str> = l.split(' ').collect();
             let sep = f.iter().position(|x| *x == "-")?;
             let point = unescape_octal(f.get(4)?);
-            (f.get(sep + 1) == Some(&"fuse.coffer") && Path::new(OsStr::from_bytes(&point)) == at)
+            let fstype = *f.get(sep + 1)?;
+            let ours = (fstype == "fuse" || fstype.starts_with("fuse."))
+                && f.get(sep + 2) == Some(&"coffer");
+            (ours && Path::new(OsStr::from_bytes(&point)) == at)
                 .then(|| f[0].parse().ok())
                 .flatten()
         })
@@ -687,8 +691,10 @@ mod tests {
 40 22 0:35 / /mnt/a\\040b rw,relatime - ext4 /dev/vdb rw
 41 40 0:36 / /mnt/a\\040b ro,nosuid,nodev - fuse.coffer coffer ro,user_id=0
 42 22 0:37 / /mnt/other ro - fuse.coffer coffer ro
+43 41 0:38 / /mnt/a\\040b ro - fuse coffer ro
+44 43 0:39 / /mnt/a\\040b ro - fuse sshfs ro
 ";
-        assert_eq!(mounts_at(info, Path::new("/mnt/a b")), vec![41]);
+        assert_eq!(mounts_at(info, Path::new("/mnt/a b")), vec![41, 43]);
         assert_eq!(
             mounts_at(info, Path::new("/mnt/a\\040b")),
             Vec::<u64>::new()

@@ -540,17 +540,7 @@ impl Table {
                 match view {
                     View::Ids => {
                         let name = id.to_hex();
-                        let ino = self.view_child(
-                            view_ino,
-                            &name,
-                            Kind::Dir {
-                                snap: id,
-                                tree,
-                                path: 0,
-                            },
-                            FileType::Directory,
-                            Some(time_of_ns(s.time_us.saturating_mul(1000))),
-                        );
+                        let ino = self.snapshot_dir(view_ino, &name, id, tree, s.time_us);
                         children.push((name.into_bytes(), ino));
                     }
                     View::Hosts => groups
@@ -580,6 +570,24 @@ impl Table {
         }
     }
 
+    /// A snapshot's root directory, `name` in `parent`.
+    fn snapshot_dir(
+        &mut self,
+        parent: u64,
+        name: &str,
+        snap: SnapshotId,
+        tree: ChunkId,
+        time_us: i64,
+    ) -> u64 {
+        let kind = Kind::Dir {
+            snap,
+            tree,
+            path: 0,
+        };
+        let mtime = time_of_ns(time_us.saturating_mul(1000));
+        self.view_child(parent, name, kind, FileType::Directory, Some(mtime))
+    }
+
     /// Lists group `gino`: its snapshots (oldest first) by time, and `latest`.
     fn set_group(&mut self, gino: u64, snaps: &[&Snapshot]) {
         let mut inner: Vec<(Vec<u8>, u64)> = Vec::new();
@@ -594,17 +602,7 @@ impl Table {
                 name = format!("{name}_{}", &id.to_hex()[..8]);
                 used.insert(name.clone());
             }
-            let ino = self.view_child(
-                gino,
-                &name,
-                Kind::Dir {
-                    snap: id,
-                    tree,
-                    path: 0,
-                },
-                FileType::Directory,
-                Some(time_of_ns(s.time_us.saturating_mul(1000))),
-            );
+            let ino = self.snapshot_dir(gino, &name, id, tree, s.time_us);
             inner.push((name.into_bytes(), ino));
         }
         if let Some((newest, _)) = inner.last() {
