@@ -35,11 +35,16 @@ struct Mount {
 
 impl Mount {
     fn start(cfg: &Path, at: &Path) -> Self {
+        Self::start_with(cfg, at, &[])
+    }
+
+    fn start_with(cfg: &Path, at: &Path, extra: &[&str]) -> Self {
         std::fs::create_dir_all(at).unwrap();
         let child = Command::new(bin("coffer"))
             .args(["--config"])
             .arg(cfg)
             .args(["mount", "--refresh", "1", "--cache-size", "64M"])
+            .args(extra)
             .arg(at)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -179,8 +184,11 @@ fn stat(p: &Path) -> String {
 }
 
 fn hash_file(p: &Path) -> blake3::Hash {
+    hash_open(std::fs::File::open(p).unwrap())
+}
+
+fn hash_open(mut f: std::fs::File) -> blake3::Hash {
     let mut h = blake3::Hasher::new();
-    let mut f = std::fs::File::open(p).unwrap();
     let mut buf = vec![0; 1 << 20];
     loop {
         let n = f.read(&mut buf).unwrap();
@@ -374,7 +382,8 @@ fn a_large_file_reads_with_dd_and_matches() {
         .unwrap()
         .to_string();
     let at = dir.path().join("mnt");
-    let _m = Mount::start(&cfg, &at);
+    let disk = dir.path().join("disk-cache");
+    let mut m = Mount::start_with(&cfg, &at, &["--disk-cache", disk.to_str().unwrap()]);
     let big = at.join("ids").join(&id).join("big");
     // Random access first, before anything of the file is in the page cache: reads far into
     // it, then back near the start, on one handle.
@@ -401,5 +410,55 @@ fn a_large_file_reads_with_dd_and_matches() {
         out.contains("1073741824 bytes"),
         "dd read everything: {out}"
     );
-    assert_eq!(hash_file(&big), hash_file(&src.join("big")));
+    let want = hash_file(&src.join("big"));
+    assert_eq!(hash_file(&big), want);
+
+    // The disk cache: every chunk read is on disk (sealed: no 4 KiB of the file in clear)...
+    let cached = || -> Vec<PathBuf> {
+        let mounts: Vec<PathBuf> = std::fs::read_dir(&disk)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(mounts.len(), 1, "one directory per mount: {mounts:?}");
+        std::fs::read_dir(&mounts[0])
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| !p.file_name().unwrap().as_bytes().starts_with(b"."))
+            .collect()
+    };
+    let size = |files: &[PathBuf]| -> u64 {
+        files
+            .iter()
+            .filter_map(|f| std::fs::metadata(f).ok())
+            .map(|m| m.len())
+            .sum()
+    };
+    assert!(
+        eventually(Duration::from_mins(1), || size(&cached()) > 1 << 30),
+        "the disk cache holds {} bytes",
+        size(&cached())
+    );
+    let head = std::fs::read(src.join("big")).unwrap()[..4096].to_vec();
+    for f in cached() {
+        let b = std::fs::read(&f).unwrap();
+        assert!(
+            !b.windows(4096).any(|w| w == head.as_slice()),
+            "{f:?} holds the file in clear"
+        );
+    }
+    // ...and with the appliance gone and the page cache dropped, the file still reads whole
+    // (64 MiB of memory cache: the rest comes from disk).
+    let opened = std::fs::File::open(&big).unwrap();
+    let (ok, out) = run(Command::new("dd")
+        .arg(format!("if={}", big.display()))
+        .args(["iflag=nocache", "count=0"]));
+    assert!(ok, "{out}");
+    app.stop().unwrap();
+    assert_eq!(hash_open(opened), want, "read back from the disk cache");
+    assert_eq!(m.stop(), Some(0));
+    assert_eq!(
+        std::fs::read_dir(&disk).unwrap().count(),
+        0,
+        "the disk cache is removed at unmount"
+    );
 }

@@ -700,7 +700,8 @@ async fn a_sealed_snapshot_mounts_and_reads_back_as_recorded() {
         s.clone(),
         tokio::runtime::Handle::current(),
         coffer_client::MountOptions::default(),
-    );
+    )
+    .unwrap();
     let mounted = fuser::spawn_mount2(fs, &at, &[fuser::MountOption::RO]).unwrap();
     let (src, snap) = (t.src.clone(), at.join("ids").join(&sum.snapshot));
     let (want, got) =

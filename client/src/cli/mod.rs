@@ -114,6 +114,13 @@ enum Cmd {
         /// How often the snapshot list is read again (seconds).
         #[arg(long, default_value_t = 10)]
         refresh: u64,
+        /// Also keep chunks read on local disk, in DIR (sealed under a key of this mount and
+        /// removed at unmount): reading a large working set again does not fetch it again.
+        #[arg(long, value_name = "DIR")]
+        disk_cache: Option<PathBuf>,
+        /// Disk for chunks read, with --disk-cache (e.g. 2G, 20G).
+        #[arg(long, default_value = "2G", value_parser = parse_size)]
+        disk_cache_size: u64,
     },
     /// Unmount a `coffer mount`.
     Umount { mountpoint: PathBuf },
@@ -208,6 +215,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             mountpoint,
             cache_size,
             refresh,
+            disk_cache,
+            disk_cache_size,
         } => {
             coffer_client::check_fuse()?;
             let cfg = ClientConfig::load(&cfg_path)?;
@@ -215,6 +224,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let opts = coffer_client::MountOptions {
                 cache_bytes: cache_size,
                 refresh: std::time::Duration::from_secs(refresh.max(1)),
+                disk_cache,
+                disk_cache_bytes: disk_cache_size,
             };
             let r = coffer_client::mount(s.clone(), &mountpoint, opts).await;
             s.end().await;

@@ -14,7 +14,9 @@
 //!   in strictly increasing name order across parts.
 //! * A file is read chunk by chunk on demand. Trees do not record chunk sizes, so a file's
 //!   chunk offsets are learnt as its chunks are read, in order, several at a time (read-ahead);
-//!   chunks stay in a bounded cache ([`cache::ChunkCache`]). Every request is answered from a
+//!   chunks stay in a bounded cache ([`cache::ChunkCache`]), and with `--disk-cache` also on
+//!   local disk, sealed under a key of this process ([`disk::DiskCache`]). Every request is
+//!   answered from a
 //!   task on the client's runtime, so readers of different files proceed in parallel.
 //! * Sealed repositories decrypt locally: chunks come through the same [`Session::get`].
 //!
@@ -22,11 +24,12 @@
 //! operation that would is refused by the kernel (`ro`) or not implemented.
 
 mod cache;
+mod disk;
 mod table;
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -41,6 +44,7 @@ use crate::net::Session;
 use crate::snapshot::node_chunk_ids;
 use crate::ClientError;
 use cache::ChunkCache;
+use disk::DiskCache;
 use table::{Kind, Table};
 
 /// How a mount behaves.
@@ -50,6 +54,10 @@ pub struct MountOptions {
     pub cache_bytes: u64,
     /// How old the snapshot list may get before a view reads it again.
     pub refresh: Duration,
+    /// A directory for the disk cache (off without one).
+    pub disk_cache: Option<PathBuf>,
+    /// Bytes of chunk files the disk cache holds at most.
+    pub disk_cache_bytes: u64,
 }
 
 impl Default for MountOptions {
@@ -57,6 +65,8 @@ impl Default for MountOptions {
         Self {
             cache_bytes: 256 << 20,
             refresh: Duration::from_secs(10),
+            disk_cache: None,
+            disk_cache_bytes: 2 << 30,
         }
     }
 }
@@ -94,6 +104,7 @@ struct Inner {
     rt: tokio::runtime::Handle,
     table: Mutex<Table>,
     cache: Mutex<ChunkCache>,
+    disk: Option<Arc<DiskCache>>,
     opts: MountOptions,
     /// The snapshot list and when it was read.
     snaps: tokio::sync::Mutex<(Vec<Snapshot>, Option<Instant>)>,
@@ -125,6 +136,15 @@ fn revoked() -> ClientError {
     ClientError::Rpc(tonic::Status::permission_denied(
         "this snapshot is no longer readable by this user",
     ))
+}
+
+/// Puts chunk `b` in every empty slot of `out` whose id (`ids`, same order) is `id`.
+fn fill(out: &mut [Option<bytes::Bytes>], ids: &[ChunkId], id: &ChunkId, b: &bytes::Bytes) {
+    for (slot, i) in out.iter_mut().zip(ids) {
+        if slot.is_none() && i == id {
+            *slot = Some(b.clone());
+        }
+    }
 }
 
 /// The errno for a failed call (logged once here: the kernel only passes the number on).
@@ -236,20 +256,38 @@ impl Inner {
             let mut c = lock(&self.cache);
             ids.iter().map(|id| c.get(id)).collect()
         };
-        let missing: Vec<ChunkId> = ids
+        let mut missing: Vec<ChunkId> = ids
             .iter()
             .zip(&out)
             .filter(|(_, b)| b.is_none())
             .map(|(id, _)| *id)
             .collect();
+        if let Some(disk) = &self.disk {
+            let mut from_disk = Vec::new();
+            for id in &missing {
+                if let Some(b) = disk.get(id).await {
+                    from_disk.push((*id, b));
+                }
+            }
+            let mut c = lock(&self.cache);
+            for (id, b) in from_disk {
+                fill(&mut out, ids, &id, &b);
+                missing.retain(|m| *m != id);
+                c.put(id, b.clone(), b.len() as u64);
+            }
+        }
         if !missing.is_empty() {
             let got = self.session.get(&missing).await?;
-            let mut c = lock(&self.cache);
-            let mut got = missing.iter().zip(got);
-            for slot in out.iter_mut().filter(|b| b.is_none()) {
-                let (id, b) = got.next().expect("one answer per missing id");
-                c.put(*id, b.clone());
-                *slot = Some(b);
+            let fetched: Vec<(ChunkId, bytes::Bytes)> = missing.into_iter().zip(got).collect();
+            {
+                let mut c = lock(&self.cache);
+                for (id, b) in &fetched {
+                    fill(&mut out, ids, id, b);
+                    c.put(*id, b.clone(), b.len() as u64);
+                }
+            }
+            if let Some(disk) = &self.disk {
+                disk.put_later(fetched).await;
             }
         }
         Ok(out.into_iter().map(|b| b.expect("filled")).collect())
@@ -322,25 +360,36 @@ pub struct CofferFs {
 
 impl CofferFs {
     /// A file system over `session`'s snapshots; requests run on `rt`.
-    #[must_use]
-    pub fn new(session: Session, rt: tokio::runtime::Handle, opts: MountOptions) -> Self {
+    ///
+    /// # Errors
+    /// The disk cache's directory cannot be created.
+    pub fn new(
+        session: Session,
+        rt: tokio::runtime::Handle,
+        opts: MountOptions,
+    ) -> Result<Self, ClientError> {
+        let disk = match &opts.disk_cache {
+            Some(dir) => Some(Arc::new(DiskCache::create(dir, opts.disk_cache_bytes)?)),
+            None => None,
+        };
         let (uid, gid) = (
             rustix::process::getuid().as_raw(),
             rustix::process::getgid().as_raw(),
         );
-        Self {
+        Ok(Self {
             inner: Arc::new(Inner {
                 session,
                 rt,
                 table: Mutex::new(Table::new(uid, gid)),
                 cache: Mutex::new(ChunkCache::new(opts.cache_bytes)),
+                disk,
                 opts,
                 snaps: tokio::sync::Mutex::new((Vec::new(), None)),
                 opened: tokio::sync::Mutex::new(std::collections::HashSet::new()),
                 files: Mutex::new(std::collections::HashMap::new()),
                 next_fh: std::sync::atomic::AtomicU64::new(1),
             }),
-        }
+        })
     }
 }
 
@@ -512,7 +561,12 @@ pub async fn mount(
             mountpoint.display()
         )));
     }
-    let fs = CofferFs::new(session, tokio::runtime::Handle::current(), opts);
+    let fs = CofferFs::new(session, tokio::runtime::Handle::current(), opts)?;
+    // Removed however the mount ends (its files cannot be read without this process anyway).
+    let _disk = fs.inner.disk.clone().map(RemoveOnDrop);
+    if let Some(d) = &fs.inner.disk {
+        eprintln!("disk cache in {} (removed at unmount)", d.dir().display());
+    }
     // The snapshot list is read every refresh interval even when nobody looks at the views:
     // a revoked snapshot stops reading within it (a shell inside a snapshot never looks), and
     // the session, which the appliance ends after 30 idle minutes, stays alive.
@@ -649,6 +703,15 @@ fn unescape_octal(text: &str) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Removes a disk cache's files when dropped.
+struct RemoveOnDrop(Arc<DiskCache>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        self.0.remove();
+    }
 }
 
 /// Stops a task when dropped.
