@@ -33,7 +33,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use coffer_proto::v1::Snapshot;
 use coffer_proto::{ChunkId, SnapshotId};
 use fuser::{
     FileType, Filesystem, MountOption, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen,
@@ -106,8 +105,8 @@ struct Inner {
     cache: Mutex<ChunkCache>,
     disk: Option<Arc<DiskCache>>,
     opts: MountOptions,
-    /// The snapshot list and when it was read.
-    snaps: tokio::sync::Mutex<(Vec<Snapshot>, Option<Instant>)>,
+    /// When the snapshot list was last read (held while it is read again).
+    listed_at: tokio::sync::Mutex<Option<Instant>>,
     /// Snapshots this session opened (the appliance serves only their chunks).
     opened: tokio::sync::Mutex<std::collections::HashSet<SnapshotId>>,
     /// Open files: chunk ids and the offsets learnt so far.
@@ -167,20 +166,19 @@ impl Inner {
     /// The snapshot list, read again when older than the refresh interval; the views rebuilt
     /// from it.
     async fn snapshots(self: &Arc<Self>) -> Result<(), ClientError> {
-        let mut s = self.snaps.lock().await;
-        if s.1.is_some_and(|t| t.elapsed() < self.opts.refresh) {
+        let mut read_at = self.listed_at.lock().await;
+        if read_at.is_some_and(|t| t.elapsed() < self.opts.refresh) {
             return Ok(());
         }
         let list = self.session.list("", true).await?;
-        lock(&self.table).set_snapshots(&list);
+        let revoked: Vec<SnapshotId> = {
+            let mut t = lock(&self.table);
+            t.set_snapshots(&list);
+            t.revoked_ids().copied().collect()
+        };
         // A snapshot no longer listed is opened again (and refused) if it comes back.
-        let listed: std::collections::HashSet<Vec<u8>> =
-            list.iter().map(|s| s.id.to_vec()).collect();
-        self.opened
-            .lock()
-            .await
-            .retain(|id| listed.contains(id.as_bytes().as_slice()));
-        *s = (list, Some(Instant::now()));
+        self.opened.lock().await.retain(|id| !revoked.contains(id));
+        *read_at = Some(Instant::now());
         Ok(())
     }
 
@@ -384,7 +382,7 @@ impl CofferFs {
                 cache: Mutex::new(ChunkCache::new(opts.cache_bytes)),
                 disk,
                 opts,
-                snaps: tokio::sync::Mutex::new((Vec::new(), None)),
+                listed_at: tokio::sync::Mutex::new(None),
                 opened: tokio::sync::Mutex::new(std::collections::HashSet::new()),
                 files: Mutex::new(std::collections::HashMap::new()),
                 next_fh: std::sync::atomic::AtomicU64::new(1),

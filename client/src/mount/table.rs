@@ -258,6 +258,11 @@ impl Table {
         self.revoked.contains(snap)
     }
 
+    /// The snapshots listed once and no longer.
+    pub(super) fn revoked_ids(&self) -> impl Iterator<Item = &SnapshotId> {
+        self.revoked.iter()
+    }
+
     /// How long the kernel may keep what it learnt of `ino`: views and the snapshot
     /// directories in them briefly, snapshot contents long.
     pub(super) fn ttl(&self, ino: u64) -> Duration {
